@@ -1,0 +1,1 @@
+"""neuroprobe: record, find and lesion concept cells in neural networks."""
