@@ -1,0 +1,240 @@
+"""Electrodes: the one hook mechanism of neuroprobe.
+
+An electrode is implanted at a :class:`~neuroprobe.subjects.base.Site` and either
+**reads** it (recording) or **edits** it (lesion, steering), or both (a lesioned
+run can be recorded).  Nothing else in the code base registers hooks.
+
+Every site is seen in one canonical shape, ``[batch, tokens, units]``, whatever its
+native layout (time-major XLNet tensors, convolution maps, pooled vectors), so a
+reader or an edit never has to know the architecture::
+
+    with Electrodes(subject.model, sites) as el:
+        subject.forward(batch)
+    el.data["encoder.layer.3.mlp"]          # [B, T, U]
+
+    def silence(x, site):                   # x: [B, T, U]
+        x = x.clone(); x[..., [7, 12]] = 0; return x
+    with Electrodes(subject.model, sites, read=False, edits={"encoder.layer.3.mlp": silence}):
+        subject.forward(batch)              # lesioned run; hooks are gone afterwards
+
+A module that fires more than once per forward pass is addressed by the site's
+``call`` index; if a site without a call index fires twice during one forward pass
+the electrode raises instead of silently overwriting the first value.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+
+from neuroprobe.errors import NeuroprobeError
+from neuroprobe.subjects.base import Site
+
+Edit = Callable[[torch.Tensor, Site], torch.Tensor]
+OnRead = Callable[[Site, torch.Tensor], None]
+
+
+def to_canonical(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """View a site's native tensor as ``[batch, tokens, units]``."""
+    if layout == "BTU":
+        return x
+    if layout == "TBU":
+        return x.transpose(0, 1)
+    if layout == "BU":
+        return x.unsqueeze(1)
+    if layout == "BCHW":
+        b, c = x.shape[:2]
+        return x.reshape(b, c, -1).transpose(1, 2)
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def from_canonical(y: torch.Tensor, layout: str, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`to_canonical`, shaped like the native tensor ``like``."""
+    if layout == "BTU":
+        return y
+    if layout == "TBU":
+        return y.transpose(0, 1)
+    if layout == "BU":
+        return y.squeeze(1)
+    if layout == "BCHW":
+        return y.transpose(1, 2).reshape(like.shape)
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def _get(obj: Any, index: int) -> torch.Tensor:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, (tuple, list)):
+        return obj[index]
+    # ModelOutput-like objects
+    if hasattr(obj, "to_tuple"):
+        return obj.to_tuple()[index]
+    raise TypeError(f"cannot find a tensor in {type(obj).__name__}")
+
+
+def _put(obj: Any, index: int, value: torch.Tensor) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return value
+    if isinstance(obj, tuple):
+        return obj[:index] + (value,) + obj[index + 1 :]
+    if isinstance(obj, list):
+        return obj[:index] + [value] + obj[index + 1 :]
+    if hasattr(obj, "to_tuple"):
+        key = list(obj.keys())[index]
+        obj[key] = value
+        return obj
+    raise TypeError(f"cannot replace a tensor in {type(obj).__name__}")
+
+
+class Electrodes:
+    """Implant electrodes at sites; read them, edit them, or both.
+
+    Parameters
+    ----------
+    model
+        The module the sites' paths refer to.
+    sites
+        The sites to implant (see :meth:`Subject.sites`).
+    read
+        Keep each site's canonical ``[B, T, U]`` tensor in :attr:`data` (detached).
+    edits
+        Site name -> function ``f(x, site) -> x'`` applied to the canonical view
+        before it is read; a list of functions is applied in order.  The edit must
+        return a tensor of the same shape; it should not modify ``x`` in place.
+    on_read
+        Called as ``on_read(site, x)`` with the canonical (edited) tensor right when
+        the site fires, instead of storing it; the recorder pools here so full
+        activations are never kept.
+    sites_to_read
+        Restrict reading to these site names (default: every site).
+
+    Notes
+    -----
+    Hooks exist only inside the ``with`` block; leaving it (also on error)
+    removes every hook, so the model is untouched outside the context.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        sites: Sequence[Site],
+        *,
+        read: bool = True,
+        edits: Mapping[str, Edit | Sequence[Edit]] | None = None,
+        on_read: OnRead | None = None,
+        sites_to_read: Iterable[str] | None = None,
+    ) -> None:
+        self.model = model
+        self.sites = list(sites)
+        names = [s.name for s in self.sites]
+        if len(set(names)) != len(names):
+            raise ValueError("site names must be unique")
+        by_name = {s.name: s for s in self.sites}
+        self.edits: dict[str, list[Edit]] = {}
+        for name, fn in (edits or {}).items():
+            if name not in by_name:
+                raise NeuroprobeError(f"cannot edit site {name!r}: it is not among the implanted sites.")
+            self.edits[name] = list(fn) if isinstance(fn, (list, tuple)) else [fn]
+        self.read = read or on_read is not None
+        self.on_read = on_read
+        self.reading = set(sites_to_read) if sites_to_read is not None else set(names)
+        self.data: dict[str, torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._calls: dict[tuple[str, str], int] = defaultdict(int)
+        self._fired: set[str] = set()
+
+    # ----------------------------------------------------------------- hooks
+    def _process(self, site_list: list[Site], key: tuple[str, str], native_obj: Any) -> Any:
+        call = self._calls[key]
+        self._calls[key] = call + 1
+        for site in site_list:
+            if site.call is not None and site.call != call:
+                continue
+            native = _get(native_obj, site.index)
+            x = to_canonical(native, site.layout)
+            fns = self.edits.get(site.name)
+            if fns:
+                y = x
+                for fn in fns:
+                    y = fn(y, site)
+                if y.shape != x.shape:
+                    raise RuntimeError(f"edit at {site.name} changed the shape {tuple(x.shape)} -> {tuple(y.shape)}")
+                native_obj = _put(native_obj, site.index, from_canonical(y, site.layout, native))
+                x = y
+            if self.read and site.name in self.reading:
+                if site.call is None and site.name in self._fired:
+                    raise NeuroprobeError(
+                        f"module {site.module!r} fired more than once in one forward pass; "
+                        f"declare its site pattern with calls=N so each call becomes its own site."
+                    )
+                self._fired.add(site.name)
+                if self.on_read is not None:
+                    self.on_read(site, x.detach())
+                else:
+                    self.data[site.name] = x.detach()
+        return native_obj
+
+    def reset(self) -> None:
+        """Forget call counts and stored data (called automatically at each top-level forward)."""
+        self._calls.clear()
+        self._fired.clear()
+        self.data = {}
+
+    def __enter__(self) -> "Electrodes":
+        groups: dict[tuple[str, str], list[Site]] = defaultdict(list)
+        for site in self.sites:
+            groups[(site.module, site.direction)].append(site)
+        try:
+            for (module_name, direction), site_list in groups.items():
+                try:
+                    module = self.model.get_submodule(module_name)
+                except AttributeError:
+                    raise NeuroprobeError(f"site module {module_name!r} does not exist in this model.") from None
+                key = (module_name, direction)
+                if direction == "output":
+
+                    def hook(mod, args, output, _sites=site_list, _key=key):
+                        return self._process(_sites, _key, output)
+
+                    self._handles.append(module.register_forward_hook(hook))
+                else:
+
+                    def pre_hook(mod, args, kwargs, _sites=site_list, _key=key):
+                        if args:
+                            new_args = self._process(_sites, _key, tuple(args))
+                            return new_args, kwargs
+                        # input passed by keyword: use the first tensor keyword argument
+                        k = next(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+                        new = self._process(_sites, _key, kwargs[k])
+                        kwargs = dict(kwargs)
+                        kwargs[k] = new
+                        return args, kwargs
+
+                    self._handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            # a new top-level forward pass starts a new count
+            self._handles.append(self.model.register_forward_pre_hook(lambda mod, args: self._new_pass()))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def _new_pass(self) -> None:
+        self._calls.clear()
+        self._fired.clear()
+
+    def remove(self) -> None:
+        """Remove every hook this object registered."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def record_once(model: torch.nn.Module, sites: Sequence[Site], run: Callable[[], Any]) -> dict[str, torch.Tensor]:
+    """Run ``run()`` with electrodes reading ``sites``; return their canonical tensors."""
+    with Electrodes(model, sites) as el:
+        run()
+    return el.data

@@ -1,0 +1,224 @@
+"""Probe batteries: stimulus sets kept as data in ``probes/<name>/``.
+
+A battery folder holds
+
+``battery.json``
+    ``{"name": ..., "description": ..., "concepts": {concept: {"prompt": ..., "names": [...]}}}``.
+    ``prompt`` is the text a zero-shot readout compares against; ``names`` are the
+    words that name the concept (used for ``concept-token`` pooling and readouts).
+``stimuli.csv``
+    One row per stimulus with columns
+
+    ============  ==============================================================
+    ``id``        unique stimulus id
+    ``concept``   the concept the stimulus shows (a key of ``concepts``)
+    ``modality``  ``text``, ``image`` or ``pair`` (an image with a text)
+    ``form``      e.g. ``photo``, ``drawing``, ``written-name``, ``text-name``
+    ``split``     ``screening`` (find cells) or ``testing`` (confirm them)
+    ``text``      the text (text and pair stimuli)
+    ``image``     image path relative to the folder (image and pair stimuli)
+    ``cloze``     optional: a sentence with ``{mask}`` where the concept word goes
+    ``target``    optional: the word that fills ``{mask}``
+    ============  ==============================================================
+
+Validation errors name the file and the row.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from neuroprobe.errors import BatteryError
+
+MODALITIES = ("text", "image", "pair")
+SPLITS = ("screening", "testing")
+REQUIRED = ("id", "concept", "modality", "form", "split")
+OPTIONAL = ("text", "image", "cloze", "target")
+
+
+def probes_root() -> Path:
+    """Folder holding the shipped batteries (``probes/`` of the repository or install)."""
+    here = Path(__file__).resolve().parents[2] / "probes"
+    return here
+
+
+@dataclass
+class Battery:
+    """A validated stimulus set.
+
+    Attributes
+    ----------
+    name
+        Battery name (folder name by default).
+    root
+        The battery folder.
+    table
+        One row per stimulus (columns as in the module docstring), in file order.
+    concepts
+        Concept -> metadata (``prompt``, ``names``) from ``battery.json``.
+    meta
+        The whole ``battery.json``.
+    """
+
+    name: str
+    root: Path
+    table: pd.DataFrame
+    concepts: dict[str, dict[str, Any]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ load
+    @classmethod
+    def load(cls, spec: str | Path) -> "Battery":
+        """Load and validate a battery by name (under ``probes/``) or by folder path."""
+        path = Path(spec)
+        if not path.exists():
+            candidate = probes_root() / str(spec)
+            if candidate.exists():
+                path = candidate
+            else:
+                known = ", ".join(sorted(p.name for p in probes_root().glob("*") if (p / "stimuli.csv").exists()))
+                raise BatteryError(
+                    f"battery {str(spec)!r} not found: give a folder with battery.json and stimuli.csv "
+                    f"or one of the shipped batteries ({known or 'none'})."
+                )
+        return cls._load_dir(path.resolve())
+
+    @classmethod
+    def _load_dir(cls, root: Path) -> "Battery":
+        meta_path, csv_path = root / "battery.json", root / "stimuli.csv"
+        for p in (meta_path, csv_path):
+            if not p.exists():
+                raise BatteryError(f"{p}: missing; a battery folder needs battery.json and stimuli.csv.")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise BatteryError(f"{meta_path}: not valid JSON ({err.msg} at line {err.lineno}).") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("concepts"), dict):
+            raise BatteryError(f"{meta_path}: needs an object with a 'concepts' mapping.")
+        try:
+            table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8")
+        except Exception as err:  # pandas parser errors name the line
+            raise BatteryError(f"{csv_path}: cannot be parsed as CSV ({err}).") from None
+        battery = cls(
+            name=str(meta.get("name", root.name)),
+            root=root,
+            table=table,
+            concepts={str(k): dict(v or {}) for k, v in meta["concepts"].items()},
+            meta=meta,
+        )
+        battery.validate()
+        return battery
+
+    @classmethod
+    def from_table(
+        cls, table: pd.DataFrame, concepts: dict[str, dict[str, Any]] | None = None, name: str = "custom", root: str | Path = "."
+    ) -> "Battery":
+        """Build a battery in memory (for paper code and tests); validated like a folder."""
+        table = table.copy()
+        for col in OPTIONAL:
+            if col not in table:
+                table[col] = ""
+        table = table.astype({c: str for c in REQUIRED + OPTIONAL})
+        if concepts is None:
+            concepts = {c: {"prompt": c, "names": [c]} for c in pd.unique(table["concept"])}
+        battery = cls(name=name, root=Path(root).resolve(), table=table.reset_index(drop=True), concepts=concepts, meta={"name": name, "concepts": concepts})
+        battery.validate()
+        return battery
+
+    # -------------------------------------------------------------- validate
+    def validate(self) -> None:
+        """Check columns, values, ids and image files; raise :class:`BatteryError` naming file and row."""
+        where = self.root / "stimuli.csv"
+        t = self.table
+        missing = [c for c in REQUIRED if c not in t.columns]
+        if missing:
+            raise BatteryError(f"{where}: missing column(s) {', '.join(missing)}; required are {', '.join(REQUIRED)}.")
+        for col in OPTIONAL:
+            if col not in t.columns:
+                t[col] = ""
+        if len(t) == 0:
+            raise BatteryError(f"{where}: has no stimuli.")
+        seen: dict[str, int] = {}
+        for i, row in enumerate(t.itertuples(index=False)):
+            line = i + 2  # header is line 1
+            r = row._asdict()
+            for col in REQUIRED:
+                if not str(r[col]).strip():
+                    raise BatteryError(f"{where}, row {line}: empty {col!r}.")
+            if r["id"] in seen:
+                raise BatteryError(f"{where}, row {line}: duplicate id {r['id']!r} (first on row {seen[r['id']]}).")
+            seen[r["id"]] = line
+            if r["modality"] not in MODALITIES:
+                raise BatteryError(f"{where}, row {line}: modality {r['modality']!r} is not one of {', '.join(MODALITIES)}.")
+            if r["split"] not in SPLITS:
+                raise BatteryError(f"{where}, row {line}: split {r['split']!r} is not one of {', '.join(SPLITS)}.")
+            if r["concept"] not in self.concepts:
+                raise BatteryError(f"{where}, row {line}: concept {r['concept']!r} is not declared in battery.json.")
+            if r["modality"] in ("text", "pair") and not str(r["text"]).strip():
+                raise BatteryError(f"{where}, row {line}: a {r['modality']} stimulus needs a 'text'.")
+            if r["modality"] in ("image", "pair"):
+                if not str(r["image"]).strip():
+                    raise BatteryError(f"{where}, row {line}: a {r['modality']} stimulus needs an 'image' path.")
+                if not (self.root / r["image"]).is_file():
+                    raise BatteryError(f"{where}, row {line}: image file {r['image']!r} does not exist.")
+            if r["cloze"] and "{mask}" not in r["cloze"]:
+                raise BatteryError(f"{where}, row {line}: cloze text must contain '{{mask}}'.")
+        for concept, info in self.concepts.items():
+            info.setdefault("prompt", concept)
+            info.setdefault("names", [concept])
+
+    # ----------------------------------------------------------------- access
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def concept_names(self) -> list[str]:
+        """Concepts in declaration order."""
+        return list(self.concepts)
+
+    def load_image(self, row_or_path: Any):
+        """Open a stimulus image as RGB (``PIL.Image.Image``)."""
+        from PIL import Image
+
+        rel = row_or_path["image"] if not isinstance(row_or_path, (str, Path)) else row_or_path
+        path = self.root / str(rel)
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except FileNotFoundError:
+            raise BatteryError(f"{path}: image file does not exist.") from None
+        except Exception as err:
+            raise BatteryError(f"{path}: cannot be read as an image ({err}).") from None
+
+    def content_hash(self) -> str:
+        """SHA-256 over the manifest, the table and every image file (provenance)."""
+        h = hashlib.sha256()
+        h.update(json.dumps(self.meta, sort_keys=True, ensure_ascii=False).encode())
+        h.update(self.table.to_csv(index=False).encode())
+        for rel in sorted(set(self.table["image"]) - {""}):
+            h.update(rel.encode())
+            h.update((self.root / rel).read_bytes())
+        return h.hexdigest()
+
+    def split(self, split: str) -> pd.DataFrame:
+        """Rows of one split (``screening`` or ``testing``)."""
+        return self.table[self.table["split"] == split]
+
+    def concept_words(self, concept: str) -> list[str]:
+        """Words that name ``concept`` (battery.json ``names``), longest first."""
+        return sorted(self.concepts[concept]["names"], key=len, reverse=True)
+
+    def concept_spans(self, text: str, concept: str) -> list[tuple[int, int]]:
+        """Character spans in ``text`` where a name of ``concept`` occurs (whole words, case-insensitive)."""
+        spans: list[tuple[int, int]] = []
+        for word in self.concept_words(concept):
+            for m in re.finditer(r"(?<!\w)" + re.escape(word) + r"(?!\w)", text, flags=re.IGNORECASE):
+                if not any(a < m.end() and m.start() < b for a, b in spans):
+                    spans.append((m.start(), m.end()))
+        return sorted(spans)
