@@ -19,6 +19,7 @@ Montages
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ class Architecture:
     readouts: tuple[str, ...]
     kind: str = "encoder"           # encoder | decoder | seq2seq | xlnet | clip
     cloze: dict[str, str] = field(default_factory=dict)  # seq2seq: encoder/decoder templates
+    subject_class: str = ""         # "module:Class" subclass of HFSubject for image-taking families
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -238,7 +240,11 @@ def load_hf_subject(
     if heads and arch and arch.head != arch.base:
         head_model = model
         model = model.base_model
-    subject = HFSubject(
+    subject_cls = HFSubject
+    if arch and arch.subject_class:
+        mod_name, cls_attr = arch.subject_class.split(":")
+        subject_cls = getattr(importlib.import_module(mod_name), cls_attr)
+    subject = subject_cls(
         spec.name, model, device=device, init=init, checkpoint=source if local else spec.checkpoint,
         revision=spec.revision if not local else "local", seed=seed,
     )
@@ -250,6 +256,7 @@ def load_hf_subject(
     subject.site_patterns = subject.arch.sites or _generic_sites(model)
     subject.readouts = {k: READOUTS[k] for k in subject.arch.readouts if k in READOUTS}
     subject.default_readout = next(iter(subject.readouts), None)
+    subject.setup(**options)
     return subject
 
 
@@ -276,6 +283,11 @@ class HFSubject(Subject):
     arch: Architecture
     tokenizer: Any
     head_model: torch.nn.Module | None
+
+    def setup(self, **options: Any) -> None:
+        """Finish loading (subclasses load processors, detectors...); options come from ``load_subject``."""
+        if options:
+            raise NeuroprobeError(f"subject {self.name!r} takes no options {', '.join(options)}.")
 
     # ---------------------------------------------------------------- encode
     def _tokenize(self, texts: list[str], concepts: list[str] | None, battery) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
