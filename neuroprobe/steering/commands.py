@@ -1,0 +1,80 @@
+"""``neuroprobe steer``: PPLM-steered and unsteered continuations side by side."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from neuroprobe.errors import NeuroprobeError
+
+
+def _class_label(text: Optional[str]) -> str | int | None:
+    if text is None:
+        return None
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``steer`` command to ``app``."""
+
+    @app.command("steer")
+    def steer_command(
+        prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
+        model: str = typer.Option("pplm", "--model", "-m", help="Subject to steer (GPT-2 family)."),
+        bag: Optional[str] = typer.Option(None, "--bag", "-b",
+                                          help="Bag of words: packaged name (space, kinship, ...) or a file."),
+        discrim: Optional[str] = typer.Option(None, "--discrim", "-d",
+                                              help="Discriminator: sentiment, clickbait, toxicity, or a .pt file."),
+        class_label: Optional[str] = typer.Option(None, "--class-label",
+                                                  help="Discriminator class (index or name, e.g. 2 or very_positive)."),
+        length: int = typer.Option(20, "--length", "-n", help="Tokens to generate."),
+        seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+        stepsize: float = typer.Option(0.02, "--stepsize", help="PPLM step size."),
+        num_iterations: int = typer.Option(3, "--num-iterations", help="Gradient steps per token."),
+        gamma: float = typer.Option(1.5, "--gamma", help="Gradient-norm exponent."),
+        gm_scale: float = typer.Option(0.9, "--gm-scale", help="Fusion weight of the steered distribution."),
+        kl_scale: float = typer.Option(0.01, "--kl-scale", help="Weight of the KL term."),
+        top_k: int = typer.Option(10, "--top-k", help="Sample among the k most probable tokens."),
+        window_length: int = typer.Option(0, "--window", help="Perturb only the last N positions (0: all)."),
+        weights: Optional[Path] = typer.Option(None, "--weights", help="Local directory with the model's files."),
+        init: str = typer.Option("pretrained", "--init", help="pretrained | random (untrained control)."),
+        device: str = typer.Option("cpu", "--device", help="torch device."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Write the per-step bag mass table (CSV)."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    ) -> None:
+        """Print a PPLM-steered and an unsteered continuation of PROMPT."""
+        from neuroprobe.steering.pplm import language_model, steer
+
+        if bag is None and discrim is None:
+            raise NeuroprobeError("steering needs an attribute: pass --bag NAME|FILE and/or --discrim NAME|FILE.")
+        try:
+            from neuroprobe.subjects import load_subject
+        except ImportError:
+            raise NeuroprobeError("the subject registry (neuroprobe.subjects.load_subject) is not available in this "
+                                  "installation; reinstall neuroprobe-cells.") from None
+        subject = load_subject(model, init=init, weights=weights, device=device, heads=True)
+        lm = language_model(subject)
+        result = steer(
+            lm, subject.tokenizer, prompt, bag=bag, discriminator=discrim, class_label=_class_label(class_label),
+            length=length, seed=seed, progress=not quiet, stepsize=stepsize, num_iterations=num_iterations,
+            gamma=gamma, gm_scale=gm_scale, kl_scale=kl_scale, top_k=top_k, window_length=window_length,
+        )
+        if result.bag is not None:
+            b = result.bag
+            typer.echo(f"bag {b.name}: {len(b)} single-token words" + (f" ({len(b.dropped)} dropped)" if b.dropped else ""))
+        if result.discriminator is not None:
+            typer.echo(f"discriminator {result.discriminator}, class {result.class_id}")
+        typer.echo("= unsteered =")
+        typer.echo(prompt + result.unsteered_text)
+        typer.echo("= steered =")
+        typer.echo(prompt + result.steered_text)
+        if result.bag is not None:
+            means = result.mean_mass()
+            typer.echo(f"mean bag probability mass per token: unsteered {means['unsteered']:.4f}, "
+                       f"steered {means['steered']:.4f}")
+        if out is not None:
+            try:
+                result.mass.to_csv(out, index=False)
+            except OSError as err:
+                raise NeuroprobeError(f"cannot write {str(out)!r} ({err.strerror}); choose a writable --out path.") from None
