@@ -19,6 +19,7 @@ Montages
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import os
@@ -207,6 +208,8 @@ def load_hf_subject(
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    if options.pop("quiet", False):
+        hf_logging.disable_progress_bar()
     source, local = _source(spec, weights)
     revision = None if local else spec.revision
     try:
@@ -253,11 +256,24 @@ def load_hf_subject(
     subject.tokenizer = tokenizer
     subject.head_model = head_model
     subject.modalities = spec.modalities
-    subject.site_patterns = subject.arch.sites or _generic_sites(model)
+    n_heads = _n_heads(model.config)
+    subject.site_patterns = {
+        montage: [dataclasses.replace(p, n_heads=p.n_heads or n_heads) if p.kind == "attn" else p for p in pats]
+        for montage, pats in (subject.arch.sites or _generic_sites(model)).items()
+    }
     subject.readouts = {k: READOUTS[k] for k in subject.arch.readouts if k in READOUTS}
     subject.default_readout = next(iter(subject.readouts), None)
     subject.setup(**options)
     return subject
+
+
+def _n_heads(config) -> int | None:
+    for key in ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    text = getattr(config, "text_config", None)
+    return _n_heads(text) if text is not None else None
 
 
 def _guess_arch(config) -> str:

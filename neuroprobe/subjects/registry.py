@@ -203,5 +203,6 @@ def load_subject(
         heads=heads,
         seed=seed,
         trust_remote_code=trust_remote_code,
+        **({"quiet": True} if quiet and spec.loader.endswith("load_hf_subject") else {}),
         **options,
     )

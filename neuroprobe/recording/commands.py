@@ -1,0 +1,69 @@
+"""``neuroprobe record`` and ``neuroprobe inspect``."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the recording commands to ``app``."""
+
+    @app.command()
+    def record(
+        model: str = typer.Option(..., "--model", "-m", help="Subject name (see `neuroprobe subjects`) or hf:<id|dir>."),
+        probe: str = typer.Option("kinship", "--probe", "-p", help="Battery name under probes/ or a battery folder."),
+        sites: str = typer.Option("mlp", "--sites", help="Montage: mlp, resid, attn, all, or comma-separated globs."),
+        pool: str = typer.Option("mean", "--pool", help="Pooling: mean, max, first, last, concept-token."),
+        tokens: bool = typer.Option(False, "--tokens", help="Also keep per-token traces (ragged, no padding)."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default recordings/<subject>_<battery>_<montage>.h5)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue an interrupted recording."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing recording."),
+        device: Optional[str] = typer.Option(None, "--device", help="cuda (default when available) or cpu."),
+        init: str = typer.Option("pretrained", "--init", help="pretrained, or random (the untrained control)."),
+        weights: Optional[Path] = typer.Option(None, "--weights", help="Local folder with the checkpoint files."),
+        batch_size: int = typer.Option(32, "--batch-size", help="Stimuli per forward pass."),
+        dtype: str = typer.Option("float32", "--dtype", help="Storage dtype: float32 or float16."),
+        compression: Optional[str] = typer.Option(None, "--compression", help="gzip or lzf (default none)."),
+        seed: int = typer.Option(0, "--seed", help="Seed (random init and anything stochastic)."),
+        trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let hf: models run their own code."),
+        detector_weights: Optional[Path] = typer.Option(None, "--detector-weights", help="LXMERT/VisualBERT/ViLBERT: Faster R-CNN folder."),
+        features: Optional[Path] = typer.Option(None, "--features", help="Precomputed region features (*_obj36.tsv or .h5)."),
+        trust_pickle: bool = typer.Option(False, "--trust-pickle", help="DALL-E: allow loading OpenAI's pickled dVAE."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    ) -> None:
+        """Record every unit at the chosen sites of a subject shown a battery."""
+        from neuroprobe.recording.recorder import Recorder
+        from neuroprobe.stimuli.battery import Battery
+        from neuroprobe.subjects.registry import load_subject
+
+        battery = Battery.load(probe)
+        options = {}
+        if detector_weights is not None:
+            options["detector_weights"] = detector_weights
+        if features is not None:
+            options["features"] = features
+        if trust_pickle:
+            options["trust_pickle"] = True
+        subject = load_subject(model, init=init, weights=weights, device=device, seed=seed,
+                               trust_remote_code=trust_remote_code, quiet=quiet, **options)
+        recorder = Recorder(subject, battery, montage=sites, pooling=pool, tokens=tokens, dtype=dtype,
+                            batch_size=batch_size, compression=compression, quiet=quiet,
+                            command=" ".join(["neuroprobe"] + sys.argv[1:]))
+        path = recorder.run(out, resume=resume, overwrite=overwrite)
+        if not quiet:
+            typer.echo(f"wrote {path} ({len(battery)} stimuli, {len(recorder.sites)} sites)")
+
+    @app.command()
+    def inspect(path: Path = typer.Argument(..., help="A recording (.h5).")) -> None:
+        """Print a recording's provenance and sites."""
+        from neuroprobe.recording.reader import open_recording
+
+        with open_recording(path) as rec:
+            typer.echo(repr(rec))
+            for k, v in rec.attrs.items():
+                if k != "sites_list":
+                    typer.echo(f"  {k}: {v}")
+            typer.echo(rec.sites.to_string(index=False))

@@ -1,0 +1,382 @@
+"""The Recorder: show a subject a battery and stream every unit's responses to HDF5.
+
+Electrodes pool each site's activations inside the hook (so full activations are
+never kept), the pooled batch goes to a writer thread, and progress is committed
+after every batch.  An interrupted recording is a valid file that ``resume=True``
+continues; the resumed file equals an uninterrupted one bit for bit because
+batches are cut at the same stimulus boundaries.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from neuroprobe.electrodes import Electrodes
+from neuroprobe.errors import NeuroprobeError, RecordingError
+from neuroprobe.recording import schema
+from neuroprobe.recording.pooling import pool
+from neuroprobe.recording.writer import BatchResult, RecordingWriter, ThreadedWriter
+from neuroprobe.stimuli.battery import Battery
+from neuroprobe.subjects.base import Site, Subject
+
+DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a recording depends on (provenance)."""
+    import h5py
+    import transformers
+
+    from neuroprobe import __version__
+
+    return {
+        "neuroprobe": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "h5py": h5py.__version__,
+        "hdf5": h5py.version.hdf5_version,
+    }
+
+
+def default_output(subject: Subject, battery: Battery, montage: str) -> Path:
+    """``recordings/<subject>[-random]_<battery>_<montage>.h5`` in the working directory."""
+    tag = subject.name.replace(":", "_").replace("/", "_")
+    if subject.init == "random":
+        tag += "-random"
+    mont = montage.replace(",", "+").replace("*", "x").replace("/", "_")
+    return Path("recordings") / f"{tag}_{battery.name}_{mont}.h5"
+
+
+class Recorder:
+    """Record a subject's responses to a battery.
+
+    Parameters
+    ----------
+    subject
+        A loaded :class:`~neuroprobe.subjects.base.Subject`.
+    battery
+        The stimuli.
+    montage
+        Which sites (``mlp``, ``resid``, ``attn``, ``all``, or glob patterns).
+    pooling
+        ``mean``, ``max``, ``first``, ``last`` or ``concept-token``.
+    tokens
+        Also keep per-token traces (ragged, padding never stored).
+    dtype
+        Storage dtype, ``float32`` or ``float16``.
+    batch_size
+        Stimuli per forward pass (also the commit unit).
+    compression
+        h5py compression filter (``gzip``, ``lzf``) or ``None``.
+    quiet
+        No progress bar.
+    command
+        Command line stored in provenance (the CLI passes ``sys.argv``).
+
+    Examples
+    --------
+    >>> rec = Recorder(load_subject("minilm"), Battery.load("kinship")).run("rec.h5")  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        subject: Subject,
+        battery: Battery,
+        *,
+        montage: str | Sequence[str] = "mlp",
+        pooling: str = "mean",
+        tokens: bool = False,
+        dtype: str = "float32",
+        batch_size: int = 32,
+        compression: str | None = None,
+        quiet: bool = False,
+        command: str | None = None,
+    ) -> None:
+        if pooling not in schema.POOLINGS:
+            raise NeuroprobeError(f"pooling {pooling!r} is not one of {', '.join(schema.POOLINGS)}.")
+        if dtype not in DTYPES:
+            raise NeuroprobeError(f"storage dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
+        if batch_size < 1:
+            raise NeuroprobeError("batch size must be at least 1.")
+        if compression not in (None, "gzip", "lzf"):
+            raise NeuroprobeError(f"compression {compression!r} is not one of gzip, lzf.")
+        subject.check_battery(battery)
+        self.subject = subject
+        self.battery = battery
+        self.montage = montage if isinstance(montage, str) else ",".join(montage)
+        self.sites: list[Site] = subject.sites(montage)
+        self.pooling = pooling
+        self.tokens = tokens
+        self.dtype = dtype
+        self.np_dtype = DTYPES[dtype]
+        self.torch_dtype = getattr(torch, dtype)
+        self.batch_size = batch_size
+        self.compression = compression
+        self.quiet = quiet
+        self.command = command if command is not None else "python: neuroprobe.record(...)"
+        self.split_by_modality = bool(getattr(subject, "split_by_modality", False))
+
+    # ---------------------------------------------------------------- identity
+    def identity(self) -> dict[str, Any]:
+        """Attributes that must match for ``--resume``."""
+        s = self.subject
+        return {
+            "subject": s.name,
+            "checkpoint": s.checkpoint,
+            "revision": s.revision,
+            "init": s.init,
+            "dtype": self.dtype,
+            "battery": self.battery.name,
+            "battery_hash": self.battery.content_hash(),
+            "montage": self.montage,
+            "pooling": self.pooling,
+            "tokens": self.tokens,
+            "batch_size": self.batch_size,
+            "seed": s.seed,
+            "sites_list": [x.name for x in self.sites],
+        }
+
+    def provenance(self) -> dict[str, Any]:
+        """Every root attribute written at creation."""
+        prov = self.identity()
+        prov.update(
+            format=schema.FORMAT,
+            format_version=schema.FORMAT_VERSION,
+            device=str(self.subject.device),
+            n_stimuli=len(self.battery),
+            library_versions=library_versions(),
+            command=self.command,
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            compression=self.compression or "none",
+        )
+        return prov
+
+    # ------------------------------------------------------------------- run
+    def run(self, out: str | Path | None = None, *, resume: bool = False, overwrite: bool = False) -> Path:
+        """Record the whole battery into ``out``; return its path.
+
+        Raises
+        ------
+        RecordingError
+            If ``out`` exists and neither ``resume`` nor ``overwrite`` is given, or
+            the file to resume was made with other settings.
+        """
+        path = Path(out) if out is not None else default_output(self.subject, self.battery, self.montage)
+        if resume and overwrite:
+            raise NeuroprobeError("give either --resume or --overwrite, not both.")
+        if path.exists() and not resume and not overwrite:
+            raise RecordingError(f"{path} already exists; pass --resume to continue it or --overwrite to replace it.")
+        if path.exists() and resume:
+            writer = RecordingWriter.resume(path, self.identity())
+        else:
+            if path.exists():
+                path.unlink()
+            counts = self._unit_counts()
+            pooling_per_site = {s.name: self._site_pooling(s) for s in self.sites}
+            writer = RecordingWriter.create(
+                path, self.provenance(), self.battery.table, [(s, counts[s.name]) for s in self.sites],
+                pooling_per_site=pooling_per_site, tokens=self.tokens, dtype=self.dtype,
+                compression=self.compression, chunk_rows=self.batch_size,
+            )
+        start = writer.n_done
+        n = len(self.battery)
+        threaded = ThreadedWriter(writer)
+        bar = tqdm(total=n, initial=start, unit="stim", desc=f"record {self.subject.name}", disable=self.quiet,
+                   dynamic_ncols=True)
+        try:
+            for offset in range(start, n, self.batch_size):
+                rows = self.battery.table.iloc[offset : offset + self.batch_size]
+                threaded.put(self._compute(rows, offset))
+                bar.update(len(rows))
+            threaded.close()
+            writer.finish()
+        except BaseException:
+            try:
+                threaded.close()  # batches already computed are still committed
+            except BaseException:  # noqa: BLE001 - the first error is the one to report
+                pass
+            raise
+        finally:
+            bar.close()
+            writer.close()
+        return path
+
+    # --------------------------------------------------------------- helpers
+    def _site_pooling(self, site: Site) -> str:
+        if self.pooling == "concept-token" and site.stream not in self._concept_streams():
+            return "mean"
+        return self.pooling
+
+    def _concept_streams(self) -> set[str]:
+        cached = getattr(self, "_cstreams", None)
+        if cached is None:
+            cached = set()
+            for rows in self._groups(self.battery.table.iloc[: min(len(self.battery), self.batch_size)]):
+                cached |= set(self.subject.encode(rows, self.battery).concept_masks)
+            self._cstreams = cached
+        return cached
+
+    def _groups(self, rows: pd.DataFrame) -> list[pd.DataFrame]:
+        if not self.split_by_modality:
+            return [rows]
+        return [g for _, g in rows.groupby("modality", sort=False)]
+
+    def _unit_counts(self) -> dict[str, int]:
+        """Units per site, from one stimulus of each modality in the battery."""
+        counts: dict[str, int] = {}
+        probes = self.battery.table.groupby("modality", sort=False).head(1)
+        groups = [probes.iloc[[i]] for i in range(len(probes))] if self.split_by_modality else [probes]
+
+        def on_read(site: Site, x: torch.Tensor) -> None:
+            counts[site.name] = int(x.shape[-1])
+
+        for rows in groups:
+            batch = self.subject.encode(rows, self.battery)
+            with torch.inference_mode(), Electrodes(self.subject.model, self.sites, on_read=on_read):
+                self.subject.forward(batch)
+        missing = [s.name for s in self.sites if s.name not in counts]
+        if missing:
+            raise NeuroprobeError(
+                f"site(s) {', '.join(missing[:5])} never fired for any stimulus of battery {self.battery.name!r}; "
+                f"choose a montage whose sites this battery reaches."
+            )
+        return counts
+
+    def _compute(self, rows: pd.DataFrame, offset: int) -> BatchResult:
+        n = len(rows)
+        pooled = {s.name: np.full((n, 0), np.nan, dtype=self.np_dtype) for s in self.sites}
+        position_of = {idx: i for i, idx in enumerate(rows.index)}
+        per_stim_tokens: dict[str, list[dict[str, np.ndarray]]] = {}
+        per_stim_site: dict[str, list[np.ndarray | None]] = {}
+        for group in self._groups(rows):
+            rows_pos = np.array([position_of[i] for i in group.index])
+            batch = self.subject.encode(group, self.battery)
+            results: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+
+            def on_read(site: Site, x: torch.Tensor, _batch=batch, _results=results) -> None:
+                mask = _batch.masks.get(site.stream)
+                if mask is None or mask.shape != x.shape[:2]:
+                    raise RuntimeError(
+                        f"site {site.name}: activations {tuple(x.shape)} do not match the "
+                        f"{site.stream!r} stream mask {None if mask is None else tuple(mask.shape)}"
+                    )
+                mask = mask.to(x.device)
+                cmask = _batch.concept_masks.get(site.stream)
+                p = pool(x, mask, self.pooling, cmask).to(self.torch_dtype).cpu().numpy()
+                toks = x[mask].to(self.torch_dtype).cpu().numpy() if self.tokens else None
+                _results[site.name] = (p, toks)
+
+            with torch.inference_mode(), Electrodes(self.subject.model, self.sites, on_read=on_read):
+                self.subject.forward(batch)
+            for site in self.sites:
+                if site.name not in results:
+                    continue
+                p, toks = results[site.name]
+                if pooled[site.name].shape[1] == 0:
+                    pooled[site.name] = np.full((n, p.shape[1]), np.nan, dtype=self.np_dtype)
+                pooled[site.name][rows_pos] = p
+            if self.tokens:
+                for stream, mask in batch.masks.items():
+                    m = mask.cpu()
+                    counts = m.sum(1).numpy().astype(np.int64)
+                    bounds = np.concatenate([[0], np.cumsum(counts)])
+                    ids = batch.token_ids[stream].cpu()[m].numpy().astype(np.int64)
+                    pos = torch.arange(m.shape[1]).expand_as(m)[m].numpy().astype(np.int64)
+                    lst = per_stim_tokens.setdefault(stream, [None] * n)  # type: ignore[list-item]
+                    for j, rp in enumerate(rows_pos):
+                        a, b = bounds[j], bounds[j + 1]
+                        lst[rp] = {"token_ids": ids[a:b], "position": pos[a:b], "count": counts[j]}
+                for site in self.sites:
+                    if site.name not in results:
+                        continue
+                    toks = results[site.name][1]
+                    counts = batch.masks[site.stream].sum(1).cpu().numpy()
+                    bounds = np.concatenate([[0], np.cumsum(counts)])
+                    lst2 = per_stim_site.setdefault(site.name, [None] * n)
+                    for j, rp in enumerate(rows_pos):
+                        lst2[rp] = toks[bounds[j] : bounds[j + 1]]
+        result = BatchResult(offset=offset, n=n, pooled=pooled)
+        if self.tokens:
+            for stream, lst in per_stim_tokens.items():
+                counts = np.array([0 if d is None else d["count"] for d in lst], dtype=np.int64)
+                ids = [d["token_ids"] for d in lst if d is not None]
+                pos = [d["position"] for d in lst if d is not None]
+                stim = [np.full(int(c), offset + i, dtype=np.int64) for i, c in enumerate(counts) if c]
+                result.stream_tokens[stream] = {
+                    "counts": counts,
+                    "token_ids": np.concatenate(ids) if ids else np.zeros(0, np.int64),
+                    "position": np.concatenate(pos) if pos else np.zeros(0, np.int64),
+                    "stimulus": np.concatenate(stim) if stim else np.zeros(0, np.int64),
+                }
+            for site in self.sites:
+                lst2 = per_stim_site.get(site.name)
+                stream_counts = result.stream_tokens.get(site.stream, {}).get("counts")
+                parts = []
+                for i in range(n):
+                    c = 0 if stream_counts is None else int(stream_counts[i])
+                    v = None if lst2 is None else lst2[i]
+                    if v is None:
+                        width = self._width(site, pooled)
+                        v = np.full((c, width), np.nan, dtype=self.np_dtype)
+                    parts.append(v)
+                result.site_tokens[site.name] = np.concatenate(parts) if parts else np.zeros((0, self._width(site, pooled)), self.np_dtype)
+        for site in self.sites:  # sites that did not fire for this batch: all NaN
+            if pooled[site.name].shape[1] == 0:
+                pooled[site.name] = np.full((n, self._width(site, pooled)), np.nan, dtype=self.np_dtype)
+        return result
+
+    def _width(self, site: Site, pooled: dict[str, np.ndarray]) -> int:
+        w = pooled[site.name].shape[1]
+        if w:
+            return w
+        if not hasattr(self, "_counts_cache"):
+            self._counts_cache = self._unit_counts()
+        return self._counts_cache[site.name]
+
+
+def record(
+    subject: Subject,
+    battery: Battery | str,
+    out: str | Path | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    **options: Any,
+):
+    """Record ``subject``'s responses to ``battery`` and open the result.
+
+    Parameters
+    ----------
+    subject
+        A loaded subject.
+    battery
+        A :class:`Battery` or the name/folder of one.
+    out
+        Output path (default ``recordings/<subject>_<battery>_<montage>.h5``).
+    resume, overwrite
+        What to do when ``out`` exists.
+    **options
+        :class:`Recorder` options (montage, pooling, tokens, dtype, batch_size, ...).
+
+    Returns
+    -------
+    Recording
+        The finished recording, opened for reading.
+    """
+    from neuroprobe.recording.reader import open_recording
+
+    if not isinstance(battery, Battery):
+        battery = Battery.load(battery)
+    path = Recorder(subject, battery, **options).run(out, resume=resume, overwrite=overwrite)
+    return open_recording(path)
