@@ -41,7 +41,14 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from neuroprobe.errors import NeuroprobeError
-from neuroprobe.steering.attributes import BagOfWords, ClassificationHead, Discriminator, load_bag, load_discriminator
+from neuroprobe.steering.attributes import (
+    BagOfWords,
+    ClassificationHead,
+    Discriminator,
+    bag_from_words,
+    load_bag,
+    load_discriminator,
+)
 
 #: Added to probabilities at or below it before taking logs (PPLM's constant).
 SMALL_CONST = 1e-15
@@ -646,8 +653,6 @@ def steer(
     resolved_bag: BagOfWords | None = None
     if bag is not None:
         if isinstance(bag, (list, tuple)):
-            from neuroprobe.steering.attributes import bag_from_words
-
             resolved_bag = bag_from_words(list(bag), tokenizer, name="custom")
         else:
             resolved_bag = load_bag(bag, tokenizer)  # type: ignore[arg-type]
@@ -655,26 +660,9 @@ def steer(
         if vocab is not None and max(resolved_bag.token_ids) >= vocab:
             raise NeuroprobeError(f"bag {resolved_bag.name!r} has token ids beyond the model's vocabulary; "
                                   f"use the subject's own tokenizer.")
-    disc: Discriminator | None = None
-    class_id: int | None = None
-    if discriminator is not None:
-        disc = load_discriminator(discriminator, device=device)
-        class_id = disc.class_id(class_label)
-        width = _hidden_size(model)
-        if width is not None and disc.head.embed_size != width:
-            raise NeuroprobeError(
-                f"discriminator {disc.name!r} reads {disc.head.embed_size}-wide hidden states but the model's are "
-                f"{width} wide; use a head trained on this model (PPLM's heads are for GPT-2 medium)."
-            )
-    elif class_label is not None:
+    if discriminator is None and class_label is not None:
         raise NeuroprobeError("a class label needs a discriminator; pass --discrim too.")
-
-    prompt_ids = torch.tensor([encode_prompt(tokenizer, prompt, hp.prepend_bos)], dtype=torch.long, device=device)
-    attr = _Attribute(
-        bag_ids=resolved_bag.ids_tensor(device) if resolved_bag is not None else None,
-        head=disc.head if disc is not None else None,
-        class_id=class_id,
-    )
+    prompt_list = encode_prompt(tokenizer, prompt, hp.prepend_bos)
 
     bar = None
     if progress:
@@ -686,12 +674,32 @@ def steer(
         if bar is not None:
             bar.update(1)
 
+    disc: Discriminator | None = None
+    class_id: int | None = None
     try:
-        with _frozen(model, attr.head), torch.inference_mode(False), torch.no_grad():
-            gen_u = torch.Generator(device=device).manual_seed(seed)
-            unsteered_ids, rows_u = _unsteered(model, tokenizer, prompt_ids, length, attr, hp, gen_u, on_forward, tick)
-            gen_s = torch.Generator(device=device).manual_seed(seed)
-            steered_ids, rows_s = _steered(model, tokenizer, prompt_ids, length, attr, hp, gen_s, on_forward, tick)
+        # Every tensor of the call is made here, outside inference mode, so that a caller
+        # inside torch.inference_mode() still gets a differentiable perturbation.
+        with torch.inference_mode(False):
+            if discriminator is not None:
+                disc = load_discriminator(discriminator, device=device)
+                class_id = disc.class_id(class_label)
+                width = _hidden_size(model)
+                if width is not None and disc.head.embed_size != width:
+                    raise NeuroprobeError(
+                        f"discriminator {disc.name!r} reads {disc.head.embed_size}-wide hidden states but the "
+                        f"model's are {width} wide; use a head trained on this model (PPLM's heads are for GPT-2 medium)."
+                    )
+            prompt_ids = torch.tensor([prompt_list], dtype=torch.long, device=device)
+            attr = _Attribute(
+                bag_ids=resolved_bag.ids_tensor(device) if resolved_bag is not None else None,
+                head=disc.head if disc is not None else None,
+                class_id=class_id,
+            )
+            with _frozen(model, attr.head), torch.no_grad():
+                gen_u = torch.Generator(device=device).manual_seed(seed)
+                unsteered_ids, rows_u = _unsteered(model, tokenizer, prompt_ids, length, attr, hp, gen_u, on_forward, tick)
+                gen_s = torch.Generator(device=device).manual_seed(seed)
+                steered_ids, rows_s = _steered(model, tokenizer, prompt_ids, length, attr, hp, gen_s, on_forward, tick)
     finally:
         if bar is not None:
             bar.close()
@@ -699,7 +707,7 @@ def steer(
     mass = pd.DataFrame(rows_s + rows_u)
     return SteeringResult(
         prompt=prompt,
-        prompt_ids=prompt_ids[0].tolist(),
+        prompt_ids=prompt_list,
         steered_ids=steered_ids,
         unsteered_ids=unsteered_ids,
         steered_text=tokenizer.decode(steered_ids),

@@ -1,0 +1,183 @@
+"""The ``dalle`` subject: DALL·E Mini / Mega (min-dalle) as a recorded, lesionable subject.
+
+Streams
+-------
+``text``
+    The encoder's 64 text positions (padding masked).
+``image``
+    The decoder's 256 positions: the start token then the first 255 image codes
+    (position ``t`` predicts code ``t``).
+
+Stimuli
+-------
+* text: the text is encoded; the decoder sees only its start token (position 0 is
+  the one real image position: what the subject "begins to draw" for the text).
+* image: the text is min-dalle's empty prompt (``<s> </s>``: its unconditioned
+  branch), the decoder reads the image's codes.
+* pair: the pair's text, and the image's codes.
+
+Image codes come from a codes file or a pixel-colour stand-in
+(:mod:`neuroprobe.subjects.dalle.codes`).
+
+Readouts
+--------
+``image_token_loglik``
+    Mean ``log p(code | text, earlier codes)`` over the 256 codes, teacher forced,
+    conditioned branch only (:mod:`neuroprobe.subjects.dalle.score`).  Text
+    stimuli score their concept's reference image given the stimulus text; image
+    stimuli score their own codes given the concept's prompt; pairs score their
+    image given their text.
+``image_token_pmi``
+    The same minus the score under the empty prompt: how much the text helps.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from neuroprobe.errors import NeuroprobeError
+from neuroprobe.subjects.base import Batch, SitePattern as P, Subject
+from neuroprobe.subjects.dalle.codes import ImageCodes
+from neuroprobe.subjects.dalle.load import DalleBundle, load_dalle
+from neuroprobe.subjects.dalle.score import decoder_inputs, score_image_tokens, unconditioned_text_tokens
+
+
+def dalle_site_patterns(head_count: int) -> dict[str, list[P]]:
+    """Site patterns of the DALL·E BART (module names of :class:`~neuroprobe.subjects.dalle.bart.DalleBart`)."""
+    return {
+        "mlp": [
+            P("encoder.layers.*.glu.fc2", "input", "mlp", "text", name="encoder.{0}.mlp"),
+            P("decoder.layers.*.glu.fc2", "input", "mlp", "image", name="decoder.{0}.mlp"),
+        ],
+        "resid": [
+            P("encoder.layers.*", "output", "resid", "text", name="encoder.{0}"),
+            P("decoder.layers.*", "output", "resid", "image", name="decoder.{0}"),
+        ],
+        "attn": [
+            P("encoder.layers.*.self_attn.out_proj", "input", "attn", "text", name="encoder.{0}.attn", n_heads=head_count),
+            P("decoder.layers.*.self_attn.out_proj", "input", "attn", "image", name="decoder.{0}.attn", n_heads=head_count),
+            P("decoder.layers.*.encoder_attn.out_proj", "input", "attn", "image", name="decoder.{0}.cross_attn",
+              n_heads=head_count),
+        ],
+    }
+
+
+def _condition_and_codes(subject: "DalleSubject", row: Any, battery) -> tuple[str, torch.Tensor]:
+    if row["modality"] == "text":
+        return str(row["text"]), subject.codes.for_concept(battery, row["concept"])
+    codes = subject.codes.for_image(battery, str(row["image"]))
+    if row["modality"] == "pair":
+        return str(row["text"]), codes
+    return str(battery.concepts[row["concept"]].get("prompt", row["concept"])), codes
+
+
+def _loglik(subject: "DalleSubject", stimuli: pd.DataFrame, battery, pmi: bool = False) -> np.ndarray:
+    texts, codes = [], []
+    for _, row in stimuli.iterrows():
+        text, c = _condition_and_codes(subject, row, battery)
+        texts.append(text)
+        codes.append(c)
+    cfg = subject.config
+    text_tokens = subject.tokenizer.batch(texts, cfg.text_token_count).to(subject.device)
+    image = torch.stack(codes).to(subject.device)
+    enc, dec = subject.model.encoder, subject.model.decoder
+    score = score_image_tokens(enc, dec, text_tokens, image)
+    if pmi:
+        empty = unconditioned_text_tokens(len(texts), cfg.text_token_count, cfg.text_bos_token, cfg.text_eos_token,
+                                          cfg.text_pad_token).to(subject.device)
+        score = score - score_image_tokens(enc, dec, empty, image)
+    return score.float().cpu().numpy()
+
+
+def image_token_loglik(subject: "DalleSubject", stimuli: pd.DataFrame, battery) -> np.ndarray:
+    """Readout: mean teacher-forced log-probability of the stimulus's image codes given its text."""
+    return _loglik(subject, stimuli, battery)
+
+
+def image_token_pmi(subject: "DalleSubject", stimuli: pd.DataFrame, battery) -> np.ndarray:
+    """Readout: :func:`image_token_loglik` minus the same under the empty prompt."""
+    return _loglik(subject, stimuli, battery, pmi=True)
+
+
+class DalleSubject(Subject):
+    """DALL·E Mini / Mega with text and image-code streams (see the module docstring)."""
+
+    modalities = ("text", "image", "pair")
+    readouts = {"image_token_loglik": image_token_loglik, "image_token_pmi": image_token_pmi}
+    default_readout = "image_token_loglik"
+
+    def __init__(self, name: str, bundle: DalleBundle, *, codes: str | Path | None = None, **kwargs: Any) -> None:
+        super().__init__(name, bundle.model, **kwargs)
+        self.bundle = bundle
+        self.config = bundle.config
+        self.tokenizer = bundle.tokenizer
+        self.site_patterns = dalle_site_patterns(bundle.config.head_count)
+        self.codes = ImageCodes(bundle.config.image_token_count, bundle.config.code_count, codes)
+
+    def encode(self, stimuli: pd.DataFrame, battery) -> Batch:
+        """Text ids (padded to 64) and decoder inputs (start token + codes) for a batch of stimuli."""
+        cfg = self.config
+        n, s, t = len(stimuli), cfg.text_token_count, cfg.image_token_count
+        text_ids = torch.full((n, s), cfg.text_pad_token, dtype=torch.long)
+        concept_mask = torch.zeros(n, s, dtype=torch.bool)
+        image_in = torch.full((n, t), cfg.bos_token, dtype=torch.long)
+        image_mask = torch.zeros(n, t, dtype=torch.bool)
+        for i, (_, row) in enumerate(stimuli.iterrows()):
+            text = str(row["text"]) if row["modality"] in ("text", "pair") else ""
+            enc = self.tokenizer.encode_with_spans(text)
+            ids = enc.ids[:s]
+            text_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            if text and row["concept"] in battery.concepts:
+                spans = battery.concept_spans(enc.text, row["concept"])
+                for j, span in enumerate(enc.spans[:s]):
+                    if span is not None and any(a < span[1] and span[0] < b for a, b in spans):
+                        concept_mask[i, j] = True
+            if row["modality"] in ("image", "pair"):
+                codes = self.codes.for_image(battery, str(row["image"]))
+                image_in[i] = decoder_inputs(codes.unsqueeze(0), cfg.bos_token)[0]
+                image_mask[i] = True
+            else:
+                image_mask[i, 0] = True
+        return Batch(
+            inputs={"text_tokens": text_ids, "image_tokens": image_in},
+            masks={"text": text_ids.ne(cfg.text_pad_token), "image": image_mask},
+            token_ids={"text": text_ids, "image": image_in},
+            concept_masks={"text": concept_mask, "image": torch.zeros(n, t, dtype=torch.bool)},
+        )
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Teacher-forced logits ``[B, 256, image_vocab_count + 1]``."""
+        inputs = batch.to(self.device).inputs
+        return self.model(inputs["text_tokens"], inputs["image_tokens"])
+
+
+def load_dalle_subject(
+    spec,
+    *,
+    init: str = "pretrained",
+    weights: Path | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    heads: bool = False,
+    seed: int = 0,
+    trust_remote_code: bool = False,
+    variant: str = "mega",
+    codes: str | Path | None = None,
+    **options: Any,
+) -> DalleSubject:
+    """Registry loader for ``dalle`` (options: ``variant`` = ``mega`` | ``mini``; ``codes`` = a codes file)."""
+    options.pop("quiet", None)
+    if options:
+        raise NeuroprobeError(f"subject 'dalle' takes the options variant and codes, not {', '.join(sorted(options))}.")
+    bundle = load_dalle(weights, variant=variant, init=init, device=device, dtype=dtype, seed=seed)
+    checkpoint = f"kuprel/min-dalle (DALL-E {variant})" if weights is None else str(weights)
+    subject = DalleSubject(
+        getattr(spec, "name", "dalle"), bundle, codes=codes, device=device, init=init, checkpoint=checkpoint,
+        revision="main" if weights is None else "local", seed=seed,
+    )
+    subject.spec = spec
+    return subject
