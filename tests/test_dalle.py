@@ -375,3 +375,33 @@ def test_codes_file_is_used_and_checked(tmp_path):
     write_codes_file(tmp_path / "bad.json", {"img/0.png": [99] * 16})
     with pytest.raises(NeuroprobeError, match="16 codes"):
         ImageCodes(16, 36, tmp_path / "bad.json").for_image(battery, "img/0.png")
+
+
+def test_subject_through_registry_records_and_lesions(tmp_path):
+    from neuroprobe.electrodes import Electrodes
+    from neuroprobe.subjects import load_subject
+
+    config, model = _tiny(seed=5)
+    weights = tmp_path / "w"
+    weights.mkdir()
+    torch.save(model.encoder.state_dict(), weights / "encoder.pt")
+    torch.save(model.decoder.state_dict(), weights / "decoder.pt")
+    _write_tokenizer(weights)
+    battery = _battery(tmp_path / "probe")
+    subject = load_subject("dalle", weights=weights, variant="tiny", device="cpu", quiet=True)
+    with pytest.warns(UserWarning):
+        batch = subject.encode(battery.table, battery)
+    sites = subject.sites("all")
+    with torch.no_grad(), Electrodes(subject.model, sites) as el:
+        subject.forward(batch)
+    n, s, t = len(battery), config.text_token_count, config.image_token_count
+    assert el.data["encoder.0.mlp"].shape == (n, s, config.glu_embed_count)
+    assert el.data["decoder.1.mlp"].shape == (n, t, config.glu_embed_count)
+    assert el.data["decoder.1.cross_attn"].shape == (n, t, config.embed_count)
+    assert el.data["decoder.1"].shape == (n, t, config.embed_count)
+    base = subject.readout(battery.table, battery)
+    site = next(x for x in sites if x.name == "decoder.1.mlp")
+    with Electrodes(subject.model, [site], read=False, edits={site.name: lambda x, _s: torch.zeros_like(x)}):
+        lesioned = subject.readout(battery.table, battery)
+    assert not np.allclose(base, lesioned)
+    assert np.allclose(subject.readout(battery.table, battery), base)
