@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -250,3 +251,180 @@ def test_random_init_is_seeded() -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["bert.encoder.c_layer.0.biattention.query1.weight"],
                            c["bert.encoder.c_layer.0.biattention.query1.weight"])
+
+
+# -------------------------------------------------------------------------- subject
+WORDS = ["a", "photo", "of", "the", "cat", "dog", "bird", "my", "is", "here", "what", "this", "?", "black", "small"]
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny saved ViLBERT, a tiny WordPiece tokenizer, a battery with images and a fake region source."""
+    from PIL import Image
+    from transformers import BertTokenizerFast
+
+    from neuroprobe.stimuli.battery import Battery
+
+    root = tmp_path_factory.mktemp("vilbert")
+    weights = root / "weights"
+    save_vilbert(load_vilbert(init="random", config=ViLBERTConfig.tiny(), seed=5), weights)
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    tok_dir = root / "tokenizer"
+    BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True).save_pretrained(tok_dir)
+    bat = root / "battery"
+    (bat / "img").mkdir(parents=True)
+    rows = []
+    for k, concept in enumerate(["cat", "dog", "bird"]):
+        for j in range(2):
+            name = f"img/{concept}{j}.png"
+            Image.new("RGB", (8, 6), (40 * k, 20 * j, 90)).save(bat / name)
+            rows.append(dict(id=f"{concept}-img{j}", concept=concept, modality="image", form="photo",
+                             split=["screening", "testing"][j], text="", image=name))
+        rows.append(dict(id=f"{concept}-txt", concept=concept, modality="text", form="text-name", split="screening",
+                         text=f"a photo of my {concept} here", image=""))
+        rows.append(dict(id=f"{concept}-pair", concept=concept, modality="pair", form="photo+caption",
+                         split="testing", text=f"the small black {concept}", image=f"img/{concept}0.png"))
+    concepts = {c: {"prompt": f"a photo of the {c}", "names": [c]} for c in ["cat", "dog", "bird"]}
+    battery = Battery.from_table(pd.DataFrame(rows), concepts, name="tiny", root=bat)
+    calls: list[str] = []
+
+    def regions(battery, image: str):
+        calls.append(image)
+        g = torch.Generator().manual_seed(sum(map(ord, image)))
+        n = 2 + len(image) % 3
+        xy = torch.rand(n, 2, generator=g) * 0.5
+        return torch.randn(n, ViLBERTConfig.tiny().v_feature_size, generator=g), torch.cat([xy, xy + 0.4], 1)
+
+    return dict(weights=weights, tokenizer=tok_dir, battery=battery, regions=regions, calls=calls)
+
+
+def _subject(setup, **kw):
+    from neuroprobe.subjects.registry import load_subject
+
+    return load_subject("vilbert", weights=setup["weights"], device="cpu", tokenizer=setup["tokenizer"],
+                        regions=setup["regions"], **kw)
+
+
+def test_site_patterns_cover_every_layer_once() -> None:
+    from neuroprobe.subjects.vilbert.subject import vilbert_site_patterns
+    from neuroprobe.subjects.base import Subject
+
+    cfg = ViLBERTConfig.base()
+    with torch.device("meta"):
+        model = ViLBERTModel(cfg)
+    subject = Subject("vilbert", model)
+    subject.site_patterns = vilbert_site_patterns(cfg)
+    for montage in ("mlp", "resid", "attn"):
+        sites = subject.sites(montage)
+        assert len(sites) == 12 + 6 + 2 * 6, montage
+        assert sum(s.stream == "text" for s in sites) == 12 + 6
+        assert len({s.module for s in sites}) == len(sites)
+    mlp = {s.name: s for s in subject.sites("mlp")}
+    assert mlp["text.3.mlp"].module == "bert.encoder.layer.3.output.dense" and mlp["text.3.mlp"].direction == "input"
+    assert mlp["co.5.image_mlp"].module == "bert.encoder.c_layer.5.v_output.dense"
+    attn = {s.name: s for s in subject.sites("attn")}
+    assert attn["co.0.text_xattn"].module == "bert.encoder.c_layer.0.biOutput.dense2" and attn["co.0.text_xattn"].n_heads == 8
+    assert attn["text.0.attn"].n_heads == 12 and attn["image.0.attn"].n_heads == 8
+
+
+def test_subject_records_every_site_with_matching_masks(tiny_setup) -> None:
+    from neuroprobe.electrodes import Electrodes
+
+    subject = _subject(tiny_setup)
+    battery = tiny_setup["battery"]
+    batch = subject.encode(battery.table, battery)
+    n = len(battery.table)
+    text_len = batch.inputs["input_ids"].shape[1]
+    assert batch.masks["text"].shape == (n, text_len + 1)  # task token
+    assert (batch.token_ids["text"][:, 1] == -1).all()
+    is_text = torch.as_tensor((battery.table["modality"] == "text").to_numpy(copy=True))
+    assert batch.masks["image"][is_text].sum(1).tolist() == [1] * int(is_text.sum())  # global region only
+    cm = batch.concept_masks["text"]
+    assert cm[torch.as_tensor((battery.table["modality"] == "image").to_numpy(copy=True))].sum() == 0
+    assert (cm[is_text].sum(1) == 1).all()
+    sites = subject.sites("all")
+    shapes: dict[str, tuple] = {}
+
+    def on_read(site, x):
+        assert x.shape[:2] == batch.masks[site.stream].shape, site.name
+        shapes[site.name] = tuple(x.shape)
+
+    with torch.inference_mode(), Electrodes(subject.model, sites, on_read=on_read):
+        subject.forward(batch)
+    cfg = subject.config
+    assert len(shapes) == len(sites) == 3 * (4 + 3 + 2 * 3)
+    assert shapes["text.0.mlp"][-1] == shapes["co.2.text_mlp"][-1] == cfg.intermediate_size
+    assert shapes["image.1.mlp"][-1] == cfg.v_intermediate_size
+    assert shapes["co.1.image_xattn"][-1] == shapes["co.1.text_xattn"][-1] == cfg.bi_hidden_size
+    assert shapes["co.0.image"][-1] == cfg.v_hidden_size and shapes["co.0.text"][-1] == cfg.hidden_size
+
+
+def test_alignment_readout_matches_direct_computation(tiny_setup) -> None:
+    subject = _subject(tiny_setup)
+    battery = tiny_setup["battery"]
+    stimuli = battery.table.iloc[[0, 2, 3]]  # cat image, cat text, cat pair
+    scores = subject.readout(stimuli, battery, "alignment")
+    assert scores.shape == (3,) and np.isfinite(scores).all() and (scores < 0).all()
+    prompts = [battery.concepts[c]["prompt"] for c in battery.concept_names]
+    regions = tiny_setup["regions"]
+
+    def match(text: str, image: str) -> float:
+        f, b = regions(battery, image)
+        feat, loc, mask = prepare_regions(f, b)
+        enc = subject.tokenizer([text], return_tensors="pt")
+        with torch.no_grad():
+            out = subject.model(enc["input_ids"], feat, loc, attention_mask=enc["attention_mask"],
+                                image_attention_mask=mask, task_ids=torch.tensor([7]), heads=["retrieval"])
+        return float(out.logits["retrieval"][0])
+
+    img = [match(p, "img/cat0.png") for p in prompts]
+    txt = [match("a photo of my cat here", f"img/{c}0.png") for c in battery.concept_names]
+    want = [torch.tensor(v).double().log_softmax(0)[0].item() for v in (img, txt, img)]
+    np.testing.assert_allclose(scores, want, rtol=1e-5, atol=1e-6)
+
+
+def test_vqa_readout_matches_direct_computation(tiny_setup) -> None:
+    answers = ["yes", "no", "dog", "cat", "bird", "red", "2", "white", "black", "man", "tree"]
+    subject = _subject(tiny_setup, answers=None)
+    assert "vqa" in subject.readouts
+    with pytest.raises(NeuroprobeError, match="answer list"):
+        subject.readout(tiny_setup["battery"].table.iloc[[0]], tiny_setup["battery"], "vqa")
+    subject.answers = answers
+    battery = tiny_setup["battery"]
+    stimuli = battery.table[battery.table["modality"] == "image"]
+    scores = subject.readout(stimuli, battery, "vqa")
+    f, b = zip(*(tiny_setup["regions"](battery, p) for p in stimuli["image"]))
+    feat, loc, mask = prepare_regions(list(f), list(b))
+    enc = subject.tokenizer(["what is this?"] * len(stimuli), return_tensors="pt")
+    with torch.no_grad():
+        out = subject.model(enc["input_ids"], feat, loc, image_attention_mask=mask,
+                            task_ids=torch.ones(len(stimuli), dtype=torch.long), heads=["vqa"])
+    logp = out.vqa.double().log_softmax(-1)
+    want = [logp[i, answers.index(c)].item() for i, c in enumerate(stimuli["concept"])]
+    np.testing.assert_allclose(scores, want, rtol=1e-6, atol=1e-8)
+    with pytest.raises(NeuroprobeError, match="image and pair"):
+        subject.readout(battery.table[battery.table["modality"] == "text"], battery, "vqa")
+
+
+def test_pretrained_flavour_subject_and_random_control(tiny_setup, tmp_path: Path) -> None:
+    save_vilbert(load_vilbert(init="random", config=ViLBERTConfig.tiny(), checkpoint="pretrained_model.bin"), tmp_path)
+    setup = dict(tiny_setup, weights=tmp_path)
+    subject = _subject(setup, checkpoint="pretrained_model.bin")
+    assert set(subject.readouts) == {"alignment"}
+    battery = setup["battery"]
+    batch = subject.encode(battery.table.iloc[:4], battery)
+    assert batch.masks["text"].shape == batch.inputs["input_ids"].shape  # no task token
+    scores = subject.readout(battery.table.iloc[:4], battery, "alignment")
+    assert np.isfinite(scores).all()
+    control = _subject(setup, init="random", checkpoint="pretrained_model.bin", config=ViLBERTConfig.tiny(), seed=9)
+    assert control.init == "random"
+    assert not torch.equal(control.model.bert.encoder.layer[0].output.dense.weight,
+                           subject.model.bert.encoder.layer[0].output.dense.weight)
+
+
+def test_subject_without_tokenizer_is_missing_weights(tiny_setup, tmp_path: Path) -> None:
+    from neuroprobe.subjects.vilbert.subject import load_tokenizer
+
+    with pytest.raises(MissingWeightsError, match="tokenizer"):
+        load_tokenizer(tmp_path)

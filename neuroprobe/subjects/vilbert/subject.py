@@ -1,0 +1,418 @@
+"""The ``vilbert`` subject: two-stream ViLBERT as a recorded, lesionable subject.
+
+Streams
+-------
+``text``
+    ``[CLS]``, the 12-in-1 task token (multi-task checkpoint only; token id ``-1`` in
+    recordings), the WordPiece tokens, ``[SEP]``; padding masked.
+``image``
+    The global region (mean of the kept regions; region index 0) then the detector
+    regions (index 1...); padding masked.  A text stimulus has no image: its image
+    stream is the single global region with a zero feature.
+
+Sites
+-----
+Every text layer (``bert.encoder.layer.<i>``), image layer (``bert.encoder.v_layer.<i>``)
+and co-attention layer (``bert.encoder.c_layer.<k>``, both directions) is a site
+(see :func:`vilbert_site_patterns`).
+
+Readouts
+--------
+``alignment``
+    Log-softmax over the battery's concepts of the image-text match score at the
+    stimulus's concept.  Image and pair stimuli: their image against every concept's
+    prompt; text stimuli: their text against every concept's reference image (the
+    first image of that concept in the battery).  The match score is the retrieval
+    logit (``vil_logit``, COCO retrieval task token) of the 12-in-1 model, or
+    ``log p(match)`` from ``cls.bi_seq_relationship`` for the pretrained model.
+``vqa`` (12-in-1 model only)
+    ``log p(answer)`` (softmax over the 3129 VQA answers) of the concept's best-scoring
+    name for "what is this?" (``battery.json`` key ``vqa_question`` overrides), image and
+    pair stimuli.  Needs the VQA answer list (``answers=`` a JSON list or text file).
+
+Image regions come from a region source ``fn(battery, image_path) -> (features [R, 2048],
+boxes [R, 4] normalised by width/height)``: :mod:`neuroprobe.subjects.region_features`
+when it is installed (``--features FILE`` or ``--detector-weights DIR``), or one passed in.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from neuroprobe.errors import MissingWeightsError, NeuroprobeError
+from neuroprobe.subjects.base import Batch, SitePattern as P, Subject
+from neuroprobe.subjects.vilbert.config import TASK_IDS, ViLBERTConfig
+from neuroprobe.subjects.vilbert.load import load_vilbert, prepare_regions, resolve_weights
+from neuroprobe.subjects.vilbert.model import ViLBERTModel, ViLBERTOutput
+
+#: fn(battery, image path relative to the battery) -> (features [R, D], boxes normalised [R, 4])
+RegionSource = Callable[[Any, str], tuple[Any, Any]]
+
+#: Hugging Face id of the tokenizer ViLBERT was trained with.
+TOKENIZER_ID = "bert-base-uncased"
+
+#: Image-text pairs per forward pass in the alignment readout.
+PAIRS_PER_PASS = 64
+
+
+def vilbert_site_patterns(config: ViLBERTConfig) -> dict[str, list[P]]:
+    """Site patterns of :class:`~neuroprobe.subjects.vilbert.model.ViLBERTModel` (``*`` = one path segment)."""
+    th, vh, bh = config.num_attention_heads, config.v_num_attention_heads, config.bi_num_attention_heads
+    enc = "bert.encoder"
+    return {
+        "mlp": [
+            P(f"{enc}.layer.*.output.dense", "input", "mlp", "text", name="text.{0}.mlp"),
+            P(f"{enc}.v_layer.*.output.dense", "input", "mlp", "image", name="image.{0}.mlp"),
+            P(f"{enc}.c_layer.*.t_output.dense", "input", "mlp", "text", name="co.{0}.text_mlp"),
+            P(f"{enc}.c_layer.*.v_output.dense", "input", "mlp", "image", name="co.{0}.image_mlp"),
+        ],
+        "resid": [
+            P(f"{enc}.layer.*", "output", "resid", "text", name="text.{0}"),
+            P(f"{enc}.v_layer.*", "output", "resid", "image", name="image.{0}"),
+            P(f"{enc}.c_layer.*.t_output", "output", "resid", "text", name="co.{0}.text"),
+            P(f"{enc}.c_layer.*.v_output", "output", "resid", "image", name="co.{0}.image"),
+        ],
+        "attn": [
+            P(f"{enc}.layer.*.attention.output.dense", "input", "attn", "text", name="text.{0}.attn", n_heads=th),
+            P(f"{enc}.v_layer.*.attention.output.dense", "input", "attn", "image", name="image.{0}.attn", n_heads=vh),
+            # co-attention: text queries over image keys (dense2), image queries over text keys (dense1)
+            P(f"{enc}.c_layer.*.biOutput.dense2", "input", "attn", "text", name="co.{0}.text_xattn", n_heads=bh),
+            P(f"{enc}.c_layer.*.biOutput.dense1", "input", "attn", "image", name="co.{0}.image_xattn", n_heads=bh),
+        ],
+    }
+
+
+# --------------------------------------------------------------------------- helpers
+def load_tokenizer(source: str | Path | None = None, weights: Path | None = None) -> Any:
+    """ViLBERT's tokenizer (``bert-base-uncased``) from ``source``, the weights folder, or the HF cache.
+
+    Raises
+    ------
+    MissingWeightsError
+        When it is nowhere to be found (no fallback vocabulary is ever built).
+    """
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if source is None and weights is not None:
+        folder = weights if weights.is_dir() else weights.parent
+        if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            source = folder
+    if source is None:
+        # the bert subject caches the same tokenizer under its current hub id
+        for ident in (TOKENIZER_ID, "google-bert/bert-base-uncased"):
+            try:
+                return AutoTokenizer.from_pretrained(ident, local_files_only=True)
+            except (OSError, ValueError, TypeError):
+                pass
+    source = source or TOKENIZER_ID
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError, TypeError):
+        raise MissingWeightsError(
+            f"ViLBERT's tokenizer {source} is not available offline; run once online, point HF_HOME at a cache "
+            f"that has {TOKENIZER_ID}, or save its tokenizer files into the --weights folder."
+        ) from None
+
+
+def read_answers(path: str | Path) -> list[str]:
+    """Read the VQA answer list (JSON list, JSON ``{label: answer}``/``{answer: label}``, or one answer per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise NeuroprobeError(f"VQA answer list {path} does not exist; give a JSON list or a text file of the 3129 answers.")
+    if path.suffix == ".pkl":
+        raise NeuroprobeError(
+            f"{path} is a pickle, which neuroprobe does not load; convert it once with "
+            f"python -c \"import pickle,json;json.dump(pickle.load(open('{path.name}','rb')),open('answers.json','w'))\"."
+        )
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        data = json.loads(text)
+        if isinstance(data, dict):
+            if all(str(k).isdigit() for k in data):
+                return [str(data[k]) for k in sorted(data, key=int)]
+            return [a for a, _ in sorted(data.items(), key=lambda kv: int(kv[1]))]
+        return [str(a) for a in data]
+    return [line.rstrip("\n") for line in text.splitlines() if line.strip()]
+
+
+def _region_source_from_options(features: Path | None, detector_weights: Path | None, device: torch.device) -> RegionSource:
+    """The region source of :mod:`neuroprobe.subjects.region_features`, or one that explains its absence."""
+    try:
+        from neuroprobe.subjects import region_features  # written alongside the Faster R-CNN port
+    except ImportError:
+        region_features = None
+    factory = getattr(region_features, "region_source", None) if region_features else None
+    if factory is not None:
+        return factory(features=features, detector_weights=detector_weights, device=device)
+
+    def unavailable(battery: Any, image: str) -> tuple[Any, Any]:
+        raise NeuroprobeError(
+            "ViLBERT needs Faster R-CNN region features for image stimuli and this installation has no region "
+            "extractor (neuroprobe.subjects.region_features); record a text battery or pass a region source."
+        )
+
+    return unavailable
+
+
+# --------------------------------------------------------------------------- subject
+class ViLBERTSubject(Subject):
+    """ViLBERT with text and image-region streams (see the module docstring)."""
+
+    modalities = ("text", "image", "pair")
+
+    def __init__(
+        self,
+        name: str,
+        model: ViLBERTModel,
+        tokenizer: Any,
+        *,
+        regions: RegionSource | None = None,
+        task: str = "retrieval_coco",
+        answers: list[str] | None = None,
+        max_length: int = 64,
+        max_regions: int = 100,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(name, model, **kwargs)
+        self.config: ViLBERTConfig = model.config
+        self.tokenizer = tokenizer
+        self.regions = regions or _region_source_from_options(None, None, self.device)
+        if task not in TASK_IDS:
+            raise NeuroprobeError(f"unknown ViLBERT task {task!r}; choose one of {', '.join(TASK_IDS)}.")
+        self.task = task
+        self.answers = answers
+        self.max_length = max_length
+        self.max_regions = max_regions
+        self.site_patterns = vilbert_site_patterns(self.config)
+        self.readouts = {"alignment": readout_alignment}
+        if self.config.task_heads:
+            self.readouts["vqa"] = readout_vqa
+        self.default_readout = "alignment"
+        self._region_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------ inputs
+    def image_regions(self, battery: Any, image: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Region features and normalised boxes of one battery image (cached per battery and path)."""
+        key = f"{battery.root}::{image}"
+        if key not in self._region_cache:
+            feats, boxes = self.regions(battery, image)
+            self._region_cache[key] = (torch.as_tensor(np.asarray(feats), dtype=torch.float32),
+                                       torch.as_tensor(np.asarray(boxes), dtype=torch.float32))
+        return self._region_cache[key]
+
+    def build_inputs(
+        self,
+        texts: list[str],
+        images: list[tuple[torch.Tensor, torch.Tensor] | None],
+        task: str | None = None,
+        concept_spans: list[list[tuple[int, int]]] | None = None,
+    ) -> Batch:
+        """Model inputs and stream masks for parallel lists of texts and region sets (``None`` = no image)."""
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt", return_offsets_mapping=True)
+        offsets = enc.pop("offset_mapping")
+        ids, amask = enc["input_ids"], enc["attention_mask"]
+        n = len(texts)
+        cmask = torch.zeros_like(ids, dtype=torch.bool)
+        if concept_spans is not None:
+            for i, spans in enumerate(concept_spans):
+                o = offsets[i]
+                for a, b in spans:
+                    cmask[i] |= (o[:, 0] < b) & (o[:, 1] > a) & (o[:, 1] > o[:, 0])
+        feat, loc, imask = self._image_batch(images)
+        inputs: dict[str, Any] = {
+            "input_ids": ids,
+            "token_type_ids": enc.get("token_type_ids", torch.zeros_like(ids)),
+            "attention_mask": amask,
+            "image_feat": feat,
+            "image_loc": loc,
+            "image_attention_mask": imask,
+        }
+        text_ids, text_mask = ids, amask.bool()
+        if self.config.task_specific_tokens:
+            inputs["task_ids"] = torch.full((n, 1), TASK_IDS[task or self.task], dtype=torch.long)
+            text_ids = torch.cat([ids[:, :1], torch.full((n, 1), -1, dtype=ids.dtype), ids[:, 1:]], dim=1)
+            text_mask = self.model.text_stream_mask(amask).bool()
+            cmask = torch.cat([cmask[:, :1], torch.zeros(n, 1, dtype=torch.bool), cmask[:, 1:]], dim=1)
+        region_ids = torch.arange(imask.shape[1]).expand(n, -1).clone()
+        return Batch(
+            inputs=inputs,
+            masks={"text": text_mask, "image": imask.bool()},
+            token_ids={"text": text_ids, "image": region_ids},
+            concept_masks={"text": cmask},
+        )
+
+    def _image_batch(self, images: list[tuple[torch.Tensor, torch.Tensor] | None]) -> tuple[torch.Tensor, ...]:
+        real = [i for i, im in enumerate(images) if im is not None]
+        n, dim = len(images), self.config.v_feature_size
+        if real:
+            feat_r, loc_r, mask_r = prepare_regions([images[i][0] for i in real], [images[i][1] for i in real],
+                                                    max_regions=self.max_regions)
+            if feat_r.shape[-1] != dim:
+                raise NeuroprobeError(f"region features are {feat_r.shape[-1]}-d but ViLBERT takes {dim}-d ones.")
+            width = feat_r.shape[1]
+        else:
+            width = 1
+        feat = torch.zeros(n, width, dim)
+        loc = torch.zeros(n, width, 5)
+        mask = torch.zeros(n, width, dtype=torch.long)
+        loc[:, 0] = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0])
+        mask[:, 0] = 1  # no image: the global region alone, with a zero feature
+        if real:
+            idx = torch.tensor(real)
+            feat[idx], loc[idx], mask[idx] = feat_r, loc_r, mask_r
+        return feat, loc, mask
+
+    def encode(self, stimuli: pd.DataFrame, battery: Any) -> Batch:
+        """Tokenize texts (concept words marked) and gather image regions for a batch of stimuli."""
+        texts, images, spans = [], [], []
+        for _, row in stimuli.iterrows():
+            has_text = row["modality"] in ("text", "pair")
+            text = str(row["text"]) if has_text else ""
+            texts.append(text)
+            spans.append(battery.concept_spans(text, row["concept"]) if has_text else [])
+            images.append(self.image_regions(battery, str(row["image"])) if row["modality"] in ("image", "pair") else None)
+        return self.build_inputs(texts, images, concept_spans=spans)
+
+    def forward(self, batch: Batch, heads: tuple[str, ...] = ()) -> ViLBERTOutput:
+        """Run both streams (and ``heads``, none by default) on an encoded batch."""
+        return self.model(**batch.to(self.device).inputs, heads=heads)
+
+    # ------------------------------------------------------------ readout helpers
+    def match_scores(self, texts: list[str], images: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Image-text match score per pair (retrieval logit, or log p(match) for the pretrained model)."""
+        out = []
+        for start in range(0, len(texts), PAIRS_PER_PASS):
+            t, im = texts[start : start + PAIRS_PER_PASS], images[start : start + PAIRS_PER_PASS]
+            if self.config.task_heads:
+                res = self.forward(self.build_inputs(t, im, task="retrieval_coco"), heads=("retrieval",))
+                out.append(res.logits["retrieval"].float())
+            else:
+                res = self.forward(self.build_inputs(t, im), heads=("alignment",))
+                out.append(res.logits["alignment"].float().log_softmax(-1)[:, 0])
+        return torch.cat(out).cpu()
+
+    def reference_image(self, battery: Any, concept: str) -> str:
+        """The first image (image or pair stimulus) of ``concept`` in the battery."""
+        t = battery.table
+        rows = t[(t["concept"] == concept) & t["modality"].isin(["image", "pair"])]
+        if rows.empty:
+            raise NeuroprobeError(
+                f"the alignment readout scores text stimuli against each concept's image, but concept {concept!r} "
+                f"has no image stimulus in battery {battery.name!r}; add one or score image stimuli only."
+            )
+        return str(rows.iloc[0]["image"])
+
+
+# --------------------------------------------------------------------------- readouts
+def readout_alignment(subject: ViLBERTSubject, stimuli: pd.DataFrame, battery: Any) -> np.ndarray:
+    """Log-softmax over concepts of the image-text match score, at the stimulus's concept."""
+    concepts = battery.concept_names
+    prompts = [str(battery.concepts[c].get("prompt", c)) for c in concepts]
+    texts: list[str] = []
+    images: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for _, row in stimuli.iterrows():
+        if row["modality"] == "text":
+            texts += [str(row["text"])] * len(concepts)
+            images += [subject.image_regions(battery, subject.reference_image(battery, c)) for c in concepts]
+        else:
+            im = subject.image_regions(battery, str(row["image"]))
+            texts += prompts
+            images += [im] * len(concepts)
+    scores = subject.match_scores(texts, images).reshape(len(stimuli), len(concepts))
+    logp = scores.double().log_softmax(-1)
+    idx = torch.tensor([concepts.index(c) for c in stimuli["concept"]])
+    return logp[torch.arange(len(idx)), idx].numpy()
+
+
+def readout_vqa(subject: ViLBERTSubject, stimuli: pd.DataFrame, battery: Any) -> np.ndarray:
+    """log p(best name of the concept) among the VQA answers, for "what is this?" about the stimulus's image."""
+    if subject.answers is None:
+        raise NeuroprobeError(
+            "the vqa readout needs ViLBERT's VQA answer list; pass answers=FILE (a JSON list of the 3129 answers, "
+            "or answers.json/answers.txt in the --weights folder)."
+        )
+    if (stimuli["modality"] == "text").any():
+        raise NeuroprobeError("the vqa readout asks about images: it scores image and pair stimuli; use the alignment readout for text.")
+    lookup = {a.strip().lower(): i for i, a in enumerate(subject.answers)}
+    targets: list[list[int]] = []
+    for concept in stimuli["concept"]:
+        ids = [lookup[w.lower()] for w in battery.concept_words(concept) if w.lower() in lookup]
+        if not ids:
+            raise NeuroprobeError(
+                f"no name of concept {concept!r} is among the VQA answers; add an answer word to its 'names' in "
+                f"battery.json or use the alignment readout."
+            )
+        targets.append(ids)
+    question = str(battery.meta.get("vqa_question", "what is this?"))
+    images = [subject.image_regions(battery, str(row["image"])) for _, row in stimuli.iterrows()]
+    res = subject.forward(subject.build_inputs([question] * len(images), images, task="vqa"), heads=("vqa",))
+    logp = res.logits["vqa"].double().log_softmax(-1).cpu()
+    return np.array([float(logp[i, ids].max()) for i, ids in enumerate(targets)])
+
+
+# --------------------------------------------------------------------------- loader
+def _find_answers(answers: str | Path | None, weights: Path | None) -> list[str] | None:
+    if answers is not None:
+        return read_answers(answers)
+    if weights is not None:
+        folder = weights if weights.is_dir() else weights.parent
+        for name in ("answers.json", "answers.txt", "trainval_label2ans.json"):
+            if (folder / name).is_file():
+                return read_answers(folder / name)
+    return None
+
+
+def load_vilbert_subject(
+    spec: Any,
+    *,
+    init: str = "pretrained",
+    weights: Path | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    heads: bool = False,
+    seed: int = 0,
+    trust_remote_code: bool = False,
+    checkpoint: str = "multi_task_model.bin",
+    tokenizer: str | Path | None = None,
+    features: Path | None = None,
+    detector_weights: Path | None = None,
+    regions: RegionSource | None = None,
+    answers: str | Path | None = None,
+    task: str = "retrieval_coco",
+    config: ViLBERTConfig | None = None,
+    **options: Any,
+) -> ViLBERTSubject:
+    """Registry loader for ``vilbert``.
+
+    Options: ``checkpoint`` (``multi_task_model.bin`` | ``pretrained_model.bin``), ``tokenizer``
+    (folder or id; default ``bert-base-uncased``), ``features`` / ``detector_weights`` (region
+    features), ``regions`` (a region source), ``answers`` (VQA answer list), ``task`` (task token
+    used when recording, default ``retrieval_coco``), ``config`` (architecture).
+    """
+    options.pop("quiet", None)
+    if options:
+        raise NeuroprobeError(f"subject 'vilbert' does not take the option(s) {', '.join(sorted(options))}.")
+    weights = Path(weights) if weights is not None else None
+    tok = load_tokenizer(tokenizer, weights)
+    model = load_vilbert(weights, checkpoint=checkpoint, init=init, config=config, device=device, dtype=dtype, seed=seed)
+    if init == "pretrained":
+        source = str(resolve_weights(weights, checkpoint, download=False))
+    else:
+        source = f"vilbert-multi-task ({checkpoint}, random init)"
+    if regions is None:
+        regions = _region_source_from_options(features, detector_weights, torch.device(device))
+    subject = ViLBERTSubject(
+        getattr(spec, "name", "vilbert"), model, tok, regions=regions, task=task,
+        answers=_find_answers(answers, weights), device=device, init=init, checkpoint=source,
+        revision="local" if weights is not None else "dl.fbaipublicfiles.com", seed=seed,
+    )
+    subject.spec = spec
+    return subject
