@@ -8,6 +8,19 @@ from typing import Optional
 import typer
 
 
+def parse_options(items: list[str]) -> dict[str, str]:
+    """Turn repeated ``--option KEY=VALUE`` into a dict (one clear error for a malformed item)."""
+    from neuroprobe.errors import NeuroprobeError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise NeuroprobeError(f"--option expects KEY=VALUE, got {item!r}.")
+        out[key.strip().replace("-", "_")] = value
+    return out
+
+
 def register(app: typer.Typer) -> None:
     """Add the recording commands to ``app``."""
 
@@ -32,6 +45,7 @@ def register(app: typer.Typer) -> None:
         detector_weights: Optional[Path] = typer.Option(None, "--detector-weights", help="LXMERT/VisualBERT/ViLBERT: Faster R-CNN folder."),
         features: Optional[Path] = typer.Option(None, "--features", help="Precomputed region features (*_obj36.tsv or .h5)."),
         trust_pickle: bool = typer.Option(False, "--trust-pickle", help="DALL-E: allow loading OpenAI's pickled dVAE."),
+        option: list[str] = typer.Option([], "--option", "-O", help="Subject-specific KEY=VALUE (e.g. variant=mini, codes=FILE); repeatable."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:
         """Record every unit at the chosen sites of a subject shown a battery."""
@@ -47,6 +61,7 @@ def register(app: typer.Typer) -> None:
             options["features"] = features
         if trust_pickle:
             options["trust_pickle"] = True
+        options.update(parse_options(option))
         subject = load_subject(model, init=init, weights=weights, device=device, seed=seed,
                                trust_remote_code=trust_remote_code, quiet=quiet, **options)
         recorder = Recorder(subject, battery, montage=sites, pooling=pool, tokens=tokens, dtype=dtype,

@@ -273,6 +273,12 @@ def head_from_state_dict(state: dict[str, torch.Tensor]) -> ClassificationHead:
     return head
 
 
+def _copy_head(head: ClassificationHead, device: torch.device | str) -> ClassificationHead:
+    """A frozen copy of a head (so the caller's module is never touched, even if made under inference mode)."""
+    state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+    return head_from_state_dict(state).to(device)
+
+
 def load_discriminator(
     name_or_path: str | Path | Discriminator | ClassificationHead,
     device: torch.device | str = "cpu",
@@ -295,9 +301,10 @@ def load_discriminator(
     Discriminator
     """
     if isinstance(name_or_path, Discriminator):
-        return name_or_path
+        given = name_or_path
+        return Discriminator(given.name, _copy_head(given.head, device), dict(given.class_vocab), given.default_class)
     if isinstance(name_or_path, ClassificationHead):
-        return Discriminator("custom", name_or_path.to(device).eval(), dict(class_vocab or {}), None)
+        return Discriminator("custom", _copy_head(name_or_path, device), dict(class_vocab or {}), None)
     text = str(name_or_path)
     if text in DISCRIMINATORS:
         meta = DISCRIMINATORS[text]

@@ -285,7 +285,7 @@ def _forward(
 @contextlib.contextmanager
 def _frozen(*modules: torch.nn.Module | None) -> Iterator[None]:
     """Eval mode and ``requires_grad=False`` on every parameter, restored on exit."""
-    saved_grad: list[tuple[torch.nn.Parameter, bool]] = []
+    saved_grad: list[torch.nn.Parameter] = []
     saved_mode: list[tuple[torch.nn.Module, bool]] = []
     try:
         for module in modules:
@@ -295,12 +295,15 @@ def _frozen(*modules: torch.nn.Module | None) -> Iterator[None]:
                 saved_mode.append((sub, sub.training))
                 sub.training = False
             for p in module.parameters():
-                saved_grad.append((p, p.requires_grad))
-                p.requires_grad_(False)
+                if p.requires_grad:
+                    saved_grad.append(p)
+                    p.requires_grad_(False)
         yield
     finally:
-        for p, flag in saved_grad:
-            p.requires_grad_(flag)
+        for p in saved_grad:
+            # a parameter made under inference mode may only regain requires_grad there
+            with torch.inference_mode() if p.is_inference() else contextlib.nullcontext():
+                p.requires_grad_(True)
         for sub, flag in saved_mode:
             sub.training = flag
 
