@@ -117,7 +117,8 @@ def steering_cell_responses(
         raise NeuroprobeError(f"no concept cell of {concept!r} in the cells table; pick a concept that has cells.")
     the_bag = _concept_bag(subject, concept, bag)
     sites = _sites_by_name(subject, chosen["site"])
-    units_at = {name: chosen.loc[chosen["site"] == name, "unit"].to_numpy(dtype=np.int64) for name in sites}
+    units_at = {name: chosen.loc[chosen["site"] == name, "unit"].astype(int).tolist() for name in sites}
+    index_at = {name: torch.tensor(units, dtype=torch.long) for name, units in units_at.items()}
     concept_of = {(r.site, int(r.unit)): r.concept for r in chosen.itertuples(index=False)}
 
     rows: list[dict[str, Any]] = []
@@ -134,7 +135,7 @@ def steering_cell_responses(
                 run = state["phase"]
                 if run not in RUNS:
                     return
-                value = x[0, -1, torch.as_tensor(units_at[site.name])].double().cpu().numpy()
+                value = x[0, -1, index_at[site.name].to(x.device)].double().cpu().numpy()
                 key = (run, site.name)
                 sums[key] = sums.get(key, 0.0) + value
                 counts[key] += 1

@@ -149,12 +149,17 @@ def load_detector(weights: str | Path | None = None, hub_id: str = DEFAULT_HUB_I
             if name.endswith("num_batches_tracked"):
                 buf.zero_()
     state = _normalise_state_dict(state, model)
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        own = model.state_dict()
+        missing = sorted(set(own) - set(state))[:3]
+        unexpected = sorted(set(state) - set(own))[:3]
+        wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)
+                 and not (own[k].dim() == 0 and state[k].numel() == 1)][:3]
         raise NeuroprobeError(
-            f"The detector weights {bin_path} do not fit the architecture of {config_path} "
-            f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}); "
-            "use the config.yaml that came with the weights.")
+            f"The detector weights {bin_path} do not fit the architecture of {config_path} (missing {missing}, "
+            f"unexpected {unexpected}, wrong shape {wrong}); use the config.yaml that came with the weights.") from err
     return model.to(device).eval()
 
 
