@@ -11,6 +11,11 @@ from __future__ import annotations
 import torch
 
 
+def _masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over real tokens as one batched matmul (no [B, T, U] temporary)."""
+    return torch.bmm(mask.to(x.dtype).unsqueeze(1), x).squeeze(1)
+
+
 def pool(x: torch.Tensor, mask: torch.Tensor, how: str, concept_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Pool ``x [B, T, U]`` over real tokens (``mask [B, T]``) into ``[B, U]`` (float32).
 
@@ -33,11 +38,9 @@ def pool(x: torch.Tensor, mask: torch.Tensor, how: str, concept_mask: torch.Tens
         else:
             cm = concept_mask.to(x.device) & mask
             n = cm.sum(1, keepdim=True)
-            out = (x * cm.unsqueeze(-1)).sum(1) / n.clamp_min(1)
-            return out.masked_fill(n == 0, float("nan"))
+            return (_masked_sum(x, cm) / n.clamp_min(1)).masked_fill(n == 0, float("nan"))
     if how == "mean":
-        m = mask.unsqueeze(-1).to(x.dtype)
-        return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return _masked_sum(x, mask) / mask.sum(1, keepdim=True).clamp_min(1).to(x.dtype)
     if how == "max":
         return x.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
     if how in ("first", "last"):

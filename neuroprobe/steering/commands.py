@@ -48,6 +48,14 @@ def register(app: typer.Typer) -> None:
 
         if bag is None and discrim is None:
             raise NeuroprobeError("steering needs an attribute: pass --bag NAME|FILE and/or --discrim NAME|FILE.")
+        # resolve the attribute files before the (slow) model load, so a typo fails at once
+        from neuroprobe.steering.attributes import DISCRIMINATORS, bag_path
+
+        if bag is not None:
+            bag_path(bag)
+        if discrim is not None and discrim not in DISCRIMINATORS and not Path(discrim).expanduser().is_file():
+            raise NeuroprobeError(f"discriminator {discrim!r} is neither a packaged head ({', '.join(DISCRIMINATORS)}) "
+                                  f"nor an existing file; pass one of those names or a path to a head's state dict.")
         try:
             from neuroprobe.subjects import load_subject
         except ImportError:

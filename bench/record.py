@@ -1,0 +1,249 @@
+"""Benchmark: recording all six MLP sites of the real MiniLM, side by side with peers.
+
+Run by hand (``pip install -e ".[bench]"`` first)::
+
+    python bench/record.py [--n 1024] [--batch-size 32] [--repeats 2] [--append bench/RESULTS.md]
+
+Every contender processes the same 1024 sentences in the same batches on the same
+model, in one process, interleaved over ``--repeats`` rounds; times are reported as
+ratios to the bare forward pass measured in the same run.  Peak memory is the RSS
+high-water mark of a fresh subprocess per contender (``--memory``), so one contender's
+allocations do not hide another's.
+
+Contenders
+----------
+bare            model forward only (inference mode), no hooks
+neuroprobe-pool neuroprobe Recorder, mean pooling, float32, writer thread
+neuroprobe-tok  neuroprobe Recorder, per-token traces + pooled, float32
+neuroprobe-tok16 same in float16
+torch-h5py      plain torch forward hooks; per-token activations copied to numpy and
+                appended to h5py datasets in the main thread after each batch
+nnsight-save    nnsight ``model.trace`` + ``.save()`` of each MLP input, then h5py
+nnsight-cache   nnsight ``tracer.cache`` of the MLP modules, then h5py
+tlens           TransformerLens ``run_with_cache`` (if it can load this architecture)
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+
+import neuroprobe as npb
+from neuroprobe.stimuli.battery import Battery
+
+SITES = [f"encoder.layer.{i}.output.dense" for i in range(6)]
+
+
+def sentences(n: int) -> pd.DataFrame:
+    base = Battery.load("kinship").table
+    rows = []
+    for i in range(n):
+        r = base.iloc[i % len(base)].to_dict()
+        r["id"] = f"s{i}"
+        r["text"] = f"{r['text']} ({i})" if i >= len(base) else r["text"]
+        rows.append(r)
+    return pd.DataFrame(rows)
+
+
+def bare(subject, table, bs, out):
+    with torch.inference_mode():
+        for a in range(0, len(table), bs):
+            enc = subject.tokenizer(table["text"].iloc[a : a + bs].tolist(), padding=True, return_tensors="pt")
+            subject.model(**enc)
+
+
+def neuro(tokens: bool, dtype: str):
+    def run(subject, table, bs, out):
+        battery = Battery.from_table(table, concepts=Battery.load("kinship").concepts, name="bench")
+        npb.Recorder(subject, battery, montage="mlp", tokens=tokens, dtype=dtype, batch_size=bs, quiet=True).run(out, overwrite=True)
+    return run
+
+
+def torch_h5py(subject, table, bs, out):
+    with h5py.File(out, "w") as f:
+        ds = {s: f.create_dataset(s, shape=(0, 1536), maxshape=(None, 1536), dtype="f4", chunks=(1024, 1536)) for s in SITES}
+        store = {}
+        handles = [subject.model.get_submodule(s).register_forward_pre_hook(
+            lambda m, args, _s=s: store.__setitem__(_s, args[0].detach())) for s in SITES]
+        try:
+            with torch.inference_mode():
+                for a in range(0, len(table), bs):
+                    enc = subject.tokenizer(table["text"].iloc[a : a + bs].tolist(), padding=True, return_tensors="pt")
+                    subject.model(**enc)
+                    m = enc["attention_mask"].bool()
+                    for s in SITES:
+                        x = store[s][m].numpy()
+                        d = ds[s]
+                        n0 = d.shape[0]
+                        d.resize((n0 + len(x), 1536))
+                        d[n0:] = x
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _nnsight_model(subject):
+    from nnsight import NNsight
+
+    return NNsight(subject.model)
+
+
+def nnsight_save(subject, table, bs, out):
+    model = _nnsight_model(subject)
+    with h5py.File(out, "w") as f:
+        ds = {s: f.create_dataset(s, shape=(0, 1536), maxshape=(None, 1536), dtype="f4", chunks=(1024, 1536)) for s in SITES}
+        for a in range(0, len(table), bs):
+            enc = subject.tokenizer(table["text"].iloc[a : a + bs].tolist(), padding=True, return_tensors="pt")
+            saved = {}
+            with torch.inference_mode(), model.trace(**enc):
+                for i, s in enumerate(SITES):
+                    saved[s] = model.encoder.layer[i].output.dense.input.save()
+            m = enc["attention_mask"].bool()
+            for s in SITES:
+                v = saved[s]
+                v = getattr(v, "value", v)
+                x = v[m].numpy()
+                d = ds[s]
+                n0 = d.shape[0]
+                d.resize((n0 + len(x), 1536))
+                d[n0:] = x
+
+
+def nnsight_cache(subject, table, bs, out):
+    model = _nnsight_model(subject)
+    with h5py.File(out, "w") as f:
+        ds = {s: f.create_dataset(s, shape=(0, 1536), maxshape=(None, 1536), dtype="f4", chunks=(1024, 1536)) for s in SITES}
+        for a in range(0, len(table), bs):
+            enc = subject.tokenizer(table["text"].iloc[a : a + bs].tolist(), padding=True, return_tensors="pt")
+            with torch.inference_mode(), model.trace(**enc) as tracer:
+                cache = tracer.cache(modules=[model.encoder.layer[i].output.dense for i in range(6)], include_inputs=True).save()
+            m = enc["attention_mask"].bool()
+            for i, s in enumerate(SITES):
+                entry = cache[f"model.encoder.layer.{i}.output.dense"]
+                x = entry.inputs[0][0] if isinstance(entry.inputs, tuple) else entry.input
+                x = x[m].numpy()
+                d = ds[s]
+                n0 = d.shape[0]
+                d.resize((n0 + len(x), 1536))
+                d[n0:] = x
+
+
+def tlens(subject, table, bs, out):
+    from transformer_lens import HookedEncoder
+
+    model = HookedEncoder.from_pretrained("bert-base-cased", hf_model=subject.model, tokenizer=subject.tokenizer,
+                                          device="cpu")
+    with h5py.File(out, "w") as f:
+        for a in range(0, len(table), bs):
+            enc = subject.tokenizer(table["text"].iloc[a : a + bs].tolist(), padding=True, return_tensors="pt")
+            _, cache = model.run_with_cache(enc["input_ids"], one_zero_attention_mask=enc["attention_mask"])
+            for i in range(6):
+                f.create_dataset(f"{a}/{i}", data=cache[f"blocks.{i}.mlp.hook_post"][enc["attention_mask"].bool()].numpy())
+
+
+CONTENDERS = {
+    "bare": bare,
+    "neuroprobe-pool": neuro(False, "float32"),
+    "neuroprobe-tok": neuro(True, "float32"),
+    "neuroprobe-tok16": neuro(True, "float16"),
+    "torch-h5py": torch_h5py,
+    "nnsight-save": nnsight_save,
+    "nnsight-cache": nnsight_cache,
+    "tlens": tlens,
+}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def one(name: str, n: int, bs: int, out: str) -> dict:
+    """Run one contender once in this process; return seconds, peak RSS and file size."""
+    subject = npb.load_subject("minilm", device="cpu", quiet=True)
+    table = sentences(n)
+    base = peak_rss_mb()
+    t = time.perf_counter()
+    CONTENDERS[name](subject, table, bs, out)
+    dt = time.perf_counter() - t
+    size = os.path.getsize(out) / 2**20 if os.path.exists(out) else 0.0
+    return {"seconds": dt, "peak_rss_mb": peak_rss_mb(), "rss_before_mb": base, "file_mb": size}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--only", default="")
+    ap.add_argument("--memory", action="store_true", help="also measure peak RSS in a fresh subprocess per contender")
+    ap.add_argument("--child", default="")
+    ap.add_argument("--append", default="")
+    args = ap.parse_args()
+    if args.child:
+        with tempfile.TemporaryDirectory() as d:
+            print(json.dumps(one(args.child, args.n, args.batch_size, f"{d}/out.h5")))
+        return
+    names = [c for c in CONTENDERS if not args.only or c in args.only.split(",")]
+    subject = npb.load_subject("minilm", device="cpu", quiet=True)
+    table = sentences(args.n)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    errors: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as d:
+        CONTENDERS["bare"](subject, table.iloc[:64], args.batch_size, f"{d}/warm.h5")  # warm-up
+        for r in range(args.repeats):
+            for name in names:
+                if name in errors:
+                    continue
+                gc.collect()
+                t = time.perf_counter()
+                try:
+                    CONTENDERS[name](subject, table, args.batch_size, f"{d}/{name}.h5")
+                except Exception as err:  # a peer that cannot run this model is reported, not fatal
+                    errors[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+                    continue
+                times[name].append(time.perf_counter() - t)
+                print(f"round {r} {name:18s} {times[name][-1]:.2f}s", file=sys.stderr)
+    bare_t = min(times["bare"])
+    rows = []
+    for name in names:
+        if name in errors:
+            rows.append({"contender": name, "seconds": np.nan, "x_bare": np.nan, "note": errors[name]})
+            continue
+        best = min(times[name])
+        rows.append({"contender": name, "seconds": round(best, 2), "x_bare": round(best / bare_t, 3), "note": ""})
+    if args.memory:
+        for row in rows:
+            if row["note"]:
+                continue
+            res = subprocess.run([sys.executable, __file__, "--child", row["contender"], "--n", str(args.n),
+                                  "--batch-size", str(args.batch_size)], capture_output=True, text=True)
+            try:
+                m = json.loads(res.stdout.strip().splitlines()[-1])
+                row["peak_rss_mb"] = round(m["peak_rss_mb"])
+                row["file_mb"] = round(m["file_mb"], 1)
+            except Exception:
+                row["peak_rss_mb"] = np.nan
+    df = pd.DataFrame(rows)
+    text = df.to_string(index=False)
+    print(text)
+    if args.append:
+        head = (f"\n### bench/record.py — {time.strftime('%Y-%m-%d')}, n={args.n}, batch {args.batch_size}, "
+                f"best of {args.repeats} interleaved rounds, torch {torch.__version__}, {os.cpu_count()} CPU cores\n\n")
+        with open(args.append, "a") as fh:
+            fh.write(head + df.to_string(index=False) + "\n")
+
+
+if __name__ == "__main__":
+    main()
