@@ -109,7 +109,7 @@ def nnsight_save(subject, table, bs, out):
             saved = {}
             with torch.inference_mode(), model.trace(**enc):
                 for i, s in enumerate(SITES):
-                    saved[s] = model.encoder.layer[i].output.dense.input.save()
+                    saved[s] = model.encoder.layer[i].E_output.dense.input.save()
             m = enc["attention_mask"].bool()
             for s in SITES:
                 v = saved[s]
@@ -128,7 +128,7 @@ def nnsight_cache(subject, table, bs, out):
         for a in range(0, len(table), bs):
             enc = subject.tokenizer(table["text"].iloc[a : a + bs].tolist(), padding=True, return_tensors="pt")
             with torch.inference_mode(), model.trace(**enc) as tracer:
-                cache = tracer.cache(modules=[model.encoder.layer[i].output.dense for i in range(6)], include_inputs=True).save()
+                cache = tracer.cache(modules=[model.encoder.layer[i].E_output.dense for i in range(6)], include_inputs=True).save()
             m = enc["attention_mask"].bool()
             for i, s in enumerate(SITES):
                 entry = cache[f"model.encoder.layer.{i}.output.dense"]
@@ -141,16 +141,25 @@ def nnsight_cache(subject, table, bs, out):
 
 
 def tlens(subject, table, bs, out):
-    from transformer_lens import HookedEncoder
+    # TransformerLens 4 boots BERT through its bridge (it builds the masked-LM head too)
+    from transformer_lens.model_bridge import TransformerBridge
 
-    model = HookedEncoder.from_pretrained("bert-base-cased", hf_model=subject.model, tokenizer=subject.tokenizer,
-                                          device="cpu")
+    model = TransformerBridge.boot_transformers(subject.checkpoint, tokenizer=subject.tokenizer, device="cpu")
+    names = [f"blocks.{i}.mlp.hook_post" for i in range(6)]
     with h5py.File(out, "w") as f:
+        ds = {s: f.create_dataset(s, shape=(0, 1536), maxshape=(None, 1536), dtype="f4", chunks=(1024, 1536)) for s in SITES}
         for a in range(0, len(table), bs):
             enc = subject.tokenizer(table["text"].iloc[a : a + bs].tolist(), padding=True, return_tensors="pt")
-            _, cache = model.run_with_cache(enc["input_ids"], one_zero_attention_mask=enc["attention_mask"])
-            for i in range(6):
-                f.create_dataset(f"{a}/{i}", data=cache[f"blocks.{i}.mlp.hook_post"][enc["attention_mask"].bool()].numpy())
+            with torch.inference_mode():
+                _, cache = model.run_with_cache(enc["input_ids"], attention_mask=enc["attention_mask"],
+                                                names_filter=lambda n: n in names)
+            m = enc["attention_mask"].bool()
+            for i, s in enumerate(SITES):
+                x = cache[names[i]][m].numpy()
+                d = ds[s]
+                n0 = d.shape[0]
+                d.resize((n0 + len(x), 1536))
+                d[n0:] = x
 
 
 CONTENDERS = {
