@@ -93,7 +93,7 @@ REGISTRY: dict[str, SubjectSpec] = {
         SubjectSpec("visualbert", "uclanlp/visualbert-vqa-coco-pre", "main", "unspecified (research)", "112M", _HF,
                     "visualbert", modalities=("text", "image", "pair"),
                     description="VisualBERT single-stream (Li et al. 2019)"),
-        SubjectSpec("vilbert", "vilbert-multi-task (multi_task_model.bin)", "", "MIT", "270M",
+        SubjectSpec("vilbert", "vilbert-multi-task (multi_task_model.bin)", "f22b84a", "MIT", "268M",
                     "neuroprobe.subjects.vilbert.subject:load_vilbert_subject",
                     modalities=("text", "image", "pair"),
                     description="ViLBERT two-stream (Lu et al. 2019), 12-in-1 multi-task weights"),
