@@ -121,7 +121,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             "attn": [P("text_model.encoder.layers.*.self_attn.out_proj", "input", "attn", "text", name="text.{0}.attn"),
                      P("vision_model.encoder.layers.*.self_attn.out_proj", "input", "attn", "image", name="vision.{0}.attn")],
         },
-        ("zero_shot",), kind="clip",
+        ("zero_shot",), kind="clip", subject_class="neuroprobe.subjects.vision_language:CLIPSubject",
     ),
     "lxmert": Architecture(
         "LxmertModel", "LxmertForPreTraining",
@@ -136,16 +136,20 @@ ARCHITECTURES: dict[str, Architecture] = {
                       P("encoder.x_layers.*", "output", "resid", "image", index=1, name="cross.{0}.visn")],
             "attn": [P("encoder.layer.*.attention.output.dense", "input", "attn", "text", name="lang.{0}.attn"),
                      P("encoder.r_layers.*.attention.output.dense", "input", "attn", "image", name="visn.{0}.attn"),
-                     # the cross-attention module is shared by both directions: two calls, two sites
+                     # the cross-attention module is shared by both directions: two calls, two sites;
+                     # call 0 = language queries over regions (text positions), call 1 = regions over language
                      P("encoder.x_layers.*.visual_attention.output.dense", "input", "attn", "text|image", calls=2,
-                       name="cross.{0}.xattn")],
+                       name="cross.{0}.xattn"),
+                     P("encoder.x_layers.*.lang_self_att.output.dense", "input", "attn", "text", name="cross.{0}.lang_attn"),
+                     P("encoder.x_layers.*.visn_self_att.output.dense", "input", "attn", "image", name="cross.{0}.visn_attn")],
         },
-        ("matching", "vqa", "masked_lm"), kind="lxmert",
+        ("matching", "vqa", "masked_lm"), kind="lxmert", subject_class="neuroprobe.subjects.vision_language:LxmertSubject",
     ),
     "visualbert": Architecture(
         "VisualBertModel", "VisualBertForPreTraining",
         {k: [P(p.glob, p.direction, p.kind, "joint", name=p.name) for p in v] for k, v in _BERT_LIKE.items()},
         ("matching", "masked_lm"), kind="visualbert",
+        subject_class="neuroprobe.subjects.vision_language:VisualBertSubject",
     ),
 }
 

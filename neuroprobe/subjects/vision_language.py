@@ -1,0 +1,662 @@
+"""Image-taking transformers subjects: CLIP, LXMERT and VisualBERT.
+
+All three are :class:`~neuroprobe.subjects.hf.HFSubject` subclasses, built by
+``load_subject("clip" | "lxmert" | "visualbert")`` through the ``subject_class`` of
+their :data:`~neuroprobe.subjects.hf.ARCHITECTURES` entry; site patterns live there.
+
+CLIP (:class:`CLIPSubject`)
+    Streams ``text`` (tokens, padding masked) and ``image`` (the class token then
+    the patches; every position real).  Text and image go through separate towers,
+    so a batch is one modality (:attr:`CLIPSubject.split_by_modality`: the Recorder
+    groups each batch by modality and the sites of the other tower simply do not
+    fire for that group); a pair stimulus runs both towers.  Images are
+    preprocessed by :class:`~neuroprobe.stimuli.images.ClipPreprocess`.
+    Readout ``zero_shot``: log-softmax over the battery's concept prompts of CLIP's
+    logits (``logit_scale · cos``) at the stimulus's concept; image and pair
+    stimuli score their image against the prompts, text stimuli their text
+    (text-to-text similarity to the same prompt prototypes).
+
+LXMERT (:class:`LxmertSubject`)
+    Streams ``text`` and ``image`` (the regions).  Regions (2048-d features and
+    boxes normalised by the image size) come from a precomputed features file
+    (``features=``: an LXMERT ``*_obj36.tsv`` or a region-feature HDF5 file, looked
+    up by the image's file stem) or from the bottom-up-attention Faster R-CNN
+    (``detector_weights=DIR`` or the hub copy ``unc-nlp/frcnn-vg-finetuned``), 36
+    per image.  The detector is preprocessing: it is pretrained even for
+    ``init="random"``.  Text of an image-only stimulus: ``image_text`` (default the
+    empty text, i.e. ``[CLS] [SEP]``; ``"{prompt}"`` uses the concept prompt) — the
+    empty default keeps concept words out of image stimuli, so text units cannot
+    answer to a concept through a caption the stimulus does not have.  Visual input
+    of a text-only stimulus: one blank region (zero feature, whole-image box
+    ``0, 0, 1, 1``), because LXMERT cannot run without regions.
+    The shared cross-attention module ``visual_attention`` fires twice per layer:
+    call 0 is language queries over image keys (text positions), call 1 image
+    queries over language keys (region positions).
+
+VisualBERT (:class:`VisualBertSubject`)
+    One ``joint`` stream: the text tokens then the regions (same sources as LXMERT;
+    features must have the config's ``visual_embedding_dim``).  Text-only stimuli
+    have no regions (VisualBERT runs on text alone).  Token ids of regions in
+    recordings are ``-(r + 1)`` for region ``r``.
+
+Readouts of LXMERT and VisualBERT
+    ``matching``: log-softmax over the battery's concepts of the image–text match
+    log-odds (LXMERT ``cross_relationship_score``, label 1 = match; VisualBERT
+    ``seq_relationship_logits``, label 0 = match) at the stimulus's concept.  Image
+    and pair stimuli: their image against every concept prompt; text stimuli: their
+    text against every concept's reference image (its first image stimulus that is
+    not a written name).
+    ``masked_lm``: log p of the cloze target's tokens with the stimulus's image as
+    visual input (text stimuli: the visual input above).
+    ``vqa`` (LXMERT): log-softmax over the answer vocabulary, at the concept's names
+    (log-sum-exp when several are answers), for the pair's question or the battery's
+    ``vqa_question`` ("What is in the picture?"); the vocabulary is chosen by the
+    head's size: 3129 VQA, 1842 GQA, 9500 pre-training answers (``neuroprobe/data/lxmert``).
+    A readout that does not apply to a stimulus gives NaN for it (``vqa`` and the
+    contrast of ``matching`` for text stimuli without reference images).
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from neuroprobe.errors import MissingWeightsError, NeuroprobeError
+from neuroprobe.stimuli.images import ClipPreprocess
+from neuroprobe.subjects.base import Batch
+from neuroprobe.subjects.hf import HFSubject, _cloze_parts
+
+#: Question asked of image stimuli by the ``vqa`` readout (``battery.json`` key ``vqa_question`` overrides).
+DEFAULT_QUESTION = "What is in the picture?"
+
+#: Image–text pairs per forward pass in the ``matching`` readout.
+PAIRS_PER_PASS = 64
+
+#: Answer vocabularies by head size (files under ``neuroprobe/data/lxmert``).
+ANSWER_FILES = {3129: "vqa/trainval_label2ans.json", 1842: "gqa/trainval_label2ans.json", 9500: "lxmert/all_ans.json"}
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "lxmert"
+
+
+def _rows_with(stimuli: pd.DataFrame, *modalities: str) -> np.ndarray:
+    return np.flatnonzero(stimuli["modality"].isin(modalities).to_numpy())
+
+
+# ============================================================================ CLIP
+
+
+class CLIPSubject(HFSubject):
+    """CLIP's two towers as one subject (see the module docstring)."""
+
+    split_by_modality = True
+
+    def setup(self, **options: Any) -> None:
+        """Read the image preprocessing settings; CLIP takes no options."""
+        super().setup(**options)
+        self.modalities = ("text", "image", "pair")
+        vision = self.model.config.vision_config
+        self.preprocess = ClipPreprocess.from_source(
+            self.checkpoint, int(vision.image_size), None if self.revision == "local" else self.revision
+        )
+        self.readouts = {"zero_shot": readout_zero_shot}
+        self.default_readout = "zero_shot"
+        self._prompt_cache: tuple[tuple[str, ...], torch.Tensor] | None = None
+
+    @property
+    def n_image_positions(self) -> int:
+        """Class token plus patches."""
+        return int(self.model.vision_model.embeddings.num_positions)
+
+    # ---------------------------------------------------------------- encode
+    def encode(self, stimuli: pd.DataFrame, battery) -> Batch:
+        """One modality per batch: text tokens, image pixels, or both for pairs."""
+        kinds = set(stimuli["modality"])
+        if len(kinds) != 1:
+            raise NeuroprobeError(
+                f"subject {self.name!r} encodes one modality per batch but got {', '.join(sorted(kinds))}; "
+                f"group the stimuli by modality (the Recorder does this for CLIP)."
+            )
+        kind = kinds.pop()
+        batch = Batch(inputs={})
+        if kind in ("text", "pair"):
+            enc, cmask = self._tokenize(stimuli["text"].tolist(), stimuli["concept"].tolist(), battery)
+            batch.inputs.update(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            batch.masks["text"] = enc["attention_mask"].bool()
+            batch.token_ids["text"] = enc["input_ids"]
+            batch.concept_masks["text"] = cmask
+        if kind in ("image", "pair"):
+            images = [battery.load_image(row) for _, row in stimuli.iterrows()]
+            batch.inputs["pixel_values"] = self.preprocess(images)
+            B, T = len(images), self.n_image_positions
+            batch.masks["image"] = torch.ones(B, T, dtype=torch.bool)
+            batch.token_ids["image"] = torch.arange(T).expand(B, T).clone()
+        return batch
+
+    # --------------------------------------------------------------- forward
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Run the towers the batch needs; returns ``text_embeds`` and/or ``image_embeds`` (projected)."""
+        inputs = batch.to(self.device).inputs
+        out: dict[str, torch.Tensor] = {}
+        if "input_ids" in inputs:
+            t = self.model.text_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            out["text_embeds"] = self.model.text_projection(t.pooler_output)
+        if "pixel_values" in inputs:
+            dtype = next(self.model.parameters()).dtype
+            v = self.model.vision_model(pixel_values=inputs["pixel_values"].to(dtype))
+            out["image_embeds"] = self.model.visual_projection(v.pooler_output)
+        return out
+
+    def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
+        """Unit-norm projected text embeddings ``[N, E]`` (float32)."""
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
+        out = self.forward(Batch(inputs={"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}))
+        return torch.nn.functional.normalize(out["text_embeds"].float(), dim=-1)
+
+    def image_embeddings(self, images: Sequence[Any]) -> torch.Tensor:
+        """Unit-norm projected image embeddings ``[N, E]`` (float32) of PIL images."""
+        out = self.forward(Batch(inputs={"pixel_values": self.preprocess(list(images))}))
+        return torch.nn.functional.normalize(out["image_embeds"].float(), dim=-1)
+
+    # --------------------------------------------------------------- readout
+    def prompt_embeddings(self, battery) -> tuple[list[str], torch.Tensor]:
+        """The battery's concepts and their prompt embeddings (from :meth:`prepare_readout` if it ran)."""
+        concepts = battery.concept_names
+        prompts = tuple(str(battery.concepts[c]["prompt"]) for c in concepts)
+        if self._prompt_cache is not None and self._prompt_cache[0] == prompts:
+            return concepts, self._prompt_cache[1]
+        with torch.inference_mode():
+            return concepts, self.text_embeddings(prompts)
+
+    def prepare_readout(self, battery, name: str | None = None) -> None:
+        """Embed the concept prompts with the intact model, so a lesion is scored against them."""
+        concepts = battery.concept_names
+        prompts = tuple(str(battery.concepts[c]["prompt"]) for c in concepts)
+        self._prompt_cache = None
+        with torch.inference_mode():
+            self._prompt_cache = (prompts, self.text_embeddings(prompts))
+
+
+def readout_zero_shot(subject: CLIPSubject, stimuli: pd.DataFrame, battery) -> np.ndarray:
+    """log-softmax over concepts of ``logit_scale · cos(stimulus, prompt)`` at the stimulus's concept."""
+    concepts, protos = subject.prompt_embeddings(battery)
+    scale = subject.model.logit_scale.exp().float()
+    out = np.full(len(stimuli), np.nan)
+    emb = torch.zeros(len(stimuli), protos.shape[1], device=protos.device)
+    img = _rows_with(stimuli, "image", "pair")
+    txt = _rows_with(stimuli, "text")
+    if len(img):
+        emb[img] = subject.image_embeddings([battery.load_image(stimuli.iloc[i]) for i in img]).to(emb.device)
+    if len(txt):
+        emb[txt] = subject.text_embeddings(stimuli["text"].iloc[txt].tolist()).to(emb.device)
+    logp = (scale * emb @ protos.T).log_softmax(-1)
+    idx = torch.tensor([concepts.index(c) for c in stimuli["concept"]], device=logp.device)
+    out[:] = logp[torch.arange(len(idx)), idx].cpu().numpy()
+    return out
+
+
+# ================================================================== region sources
+
+
+class RegionSource:
+    """Image regions (features, normalised boxes) for LXMERT-style subjects.
+
+    Parameters
+    ----------
+    features
+        A precomputed file (``*_obj36.tsv`` or HDF5, see
+        :mod:`neuroprobe.subjects.region_features`); looked up by the image path,
+        file name or stem.
+    detector_weights
+        A folder with the Faster R-CNN's ``config.yaml`` and ``pytorch_model.bin``;
+        ``None`` takes them from the Hugging Face cache (``unc-nlp/frcnn-vg-finetuned``).
+    device
+        Where the detector runs.
+    n_regions
+        Regions per image (36 for LXMERT).
+    subject
+        Name used in messages.
+
+    Notes
+    -----
+    With a features file, images missing from it go to the detector only when
+    ``detector_weights`` is also given.  The detector is loaded at its first use.
+    """
+
+    def __init__(
+        self,
+        *,
+        features: str | Path | None = None,
+        detector_weights: str | Path | None = None,
+        device: torch.device | str = "cpu",
+        n_regions: int = 36,
+        subject: str = "lxmert",
+    ) -> None:
+        from neuroprobe.subjects.region_features import RegionFeatureSource
+
+        self.features = RegionFeatureSource(features) if features is not None else None
+        self.detector_weights = Path(detector_weights) if detector_weights is not None else None
+        if self.detector_weights is not None and not self.detector_weights.exists():
+            raise MissingWeightsError(
+                f"--detector-weights {self.detector_weights} does not exist; give the folder holding the Faster R-CNN's "
+                f"config.yaml and pytorch_model.bin (unc-nlp/frcnn-vg-finetuned)."
+            )
+        self.device = torch.device(device)
+        self.n_regions = n_regions
+        self.subject = subject
+        self._detector = None
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def detector(self):
+        """The Faster R-CNN, loaded on first use."""
+        if self._detector is None:
+            from neuroprobe.subjects.frcnn import DEFAULT_HUB_ID, load_detector
+
+            try:
+                self._detector = load_detector(self.detector_weights, device=self.device)
+            except MissingWeightsError:
+                where = f"{self.detector_weights}" if self.detector_weights else f"the Hugging Face cache ({DEFAULT_HUB_ID})"
+                raise MissingWeightsError(
+                    f"{self.subject} sees images as Faster R-CNN regions and the detector {DEFAULT_HUB_ID} "
+                    f"(config.yaml + pytorch_model.bin) is not in {where}; download it once online, pass "
+                    f"--detector-weights DIR with a local copy, or pass --features FILE with precomputed "
+                    f"*_obj36.tsv / HDF5 region features."
+                ) from None
+        return self._detector
+
+    def __call__(self, battery, images: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Regions of battery images (paths relative to the battery): ``[(features [R, D], boxes [R, 4])]``."""
+        keys = [f"{battery.root}::{rel}" for rel in images]
+        todo = [(k, rel) for k, rel in dict(zip(keys, images)).items() if k not in self._cache]
+        to_detect = []
+        for key, rel in todo:
+            if self.features is not None and (rel in self.features or self.detector_weights is None):
+                feats, boxes = self.features[rel]  # raises naming the file when the image is missing
+                n = min(len(feats), self.n_regions)
+                self._cache[key] = (torch.as_tensor(feats[:n], dtype=torch.float32),
+                                    torch.as_tensor(boxes[:n], dtype=torch.float32))
+            else:
+                to_detect.append((key, rel))
+        if to_detect:
+            from neuroprobe.subjects.frcnn import extract_regions
+
+            detector = self.detector
+            pil = [battery.load_image(rel) for _, rel in to_detect]
+            out = extract_regions(detector, pil, n_regions=self.n_regions)
+            for i, (key, _) in enumerate(to_detect):
+                n = int(out["num_regions"][i])
+                self._cache[key] = (out["features"][i, :n].float().cpu(), out["boxes"][i, :n].float().cpu())
+        return [self._cache[k] for k in keys]
+
+
+# ============================================================ LXMERT and VisualBERT
+
+
+class _RegionSubject(HFSubject):
+    """Shared machinery of the region-based subjects (regions, texts, readouts)."""
+
+    split_by_modality = False
+    #: index of the "image and text match" class of the matching head
+    match_label = 1
+    #: whether a text-only stimulus gets one blank region (LXMERT) or none (VisualBERT)
+    blank_region = True
+
+    def setup(
+        self,
+        detector_weights: str | Path | None = None,
+        features: str | Path | None = None,
+        image_text: str = "",
+        n_regions: int = 36,
+        regions: RegionSource | None = None,
+        **options: Any,
+    ) -> None:
+        """Set up the region source and readouts.
+
+        Parameters
+        ----------
+        detector_weights
+            Faster R-CNN folder (``--detector-weights``).
+        features
+            Precomputed region features (``--features``).
+        image_text
+            Text of image-only stimuli; ``{prompt}`` and ``{name}`` are replaced by the
+            concept's prompt and first name.
+        n_regions
+            Regions per image.
+        regions
+            A ready :class:`RegionSource` (overrides the two paths).
+        """
+        super().setup(**options)
+        self.modalities = ("text", "image", "pair")
+        self.regions = regions or RegionSource(features=features, detector_weights=detector_weights, device=self.device,
+                                               n_regions=n_regions, subject=self.name)
+        self.image_text = image_text
+        self.feature_dim = self._feature_dim()
+
+    def _feature_dim(self) -> int:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------- inputs
+    def stimulus_texts(self, stimuli: pd.DataFrame, battery) -> list[str]:
+        """The text of each stimulus (image-only stimuli: :attr:`image_text`)."""
+        out = []
+        for _, row in stimuli.iterrows():
+            if row["modality"] == "image":
+                info = battery.concepts[row["concept"]]
+                names = battery.concept_words(row["concept"])
+                out.append(self.image_text.format(prompt=info["prompt"], name=names[-1] if names else row["concept"]))
+            else:
+                out.append(str(row["text"]))
+        return out
+
+    def visual_inputs(self, images: Sequence[str | None], battery) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Padded regions of images (``None`` = a text-only stimulus): features, boxes, mask ``[B, R]``."""
+        paths = [p for p in images if p]
+        found = dict(zip(paths, self.regions(battery, paths))) if paths else {}
+        per: list[tuple[torch.Tensor, torch.Tensor]] = []
+        D = self.feature_dim
+        for p in images:
+            if p:
+                feats, boxes = found[p]
+                if feats.shape[1] != D:
+                    raise NeuroprobeError(
+                        f"region features of {p} have {feats.shape[1]} dimensions but {self.name} takes {D}; "
+                        f"use features from the detector the model was trained with."
+                    )
+                per.append((feats, boxes))
+            elif self.blank_region:
+                per.append((torch.zeros(1, D), torch.tensor([[0.0, 0.0, 1.0, 1.0]])))
+            else:
+                per.append((torch.zeros(0, D), torch.zeros(0, 4)))
+        R = max((len(f) for f, _ in per), default=0)
+        feats = torch.zeros(len(per), R, D)
+        boxes = torch.zeros(len(per), R, 4)
+        mask = torch.zeros(len(per), R, dtype=torch.bool)
+        for i, (f, b) in enumerate(per):
+            feats[i, : len(f)], boxes[i, : len(f)], mask[i, : len(f)] = f, b, True
+        return feats, boxes, mask
+
+    def model_inputs(self, texts: Sequence[str], visual: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+        """Keyword arguments of the model (and its heads) for texts with visual inputs."""
+        raise NotImplementedError
+
+    def _image_column(self, stimuli: pd.DataFrame) -> list[str | None]:
+        return [str(r["image"]) if r["modality"] in ("image", "pair") else None for _, r in stimuli.iterrows()]
+
+    # ------------------------------------------------------------ running
+    def forward(self, batch: Batch) -> Any:
+        """Run the base model on an encoded batch."""
+        return self.model(**batch.to(self.device).inputs)
+
+    def head_outputs(self, texts: Sequence[str], visual) -> Any:
+        """Run the pre-training head on texts with visual inputs (a readout's forward pass)."""
+        head = self.require_head()
+        inputs = self.model_inputs(texts, visual)
+        return head(**{k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()})
+
+    def match_logodds(self, texts: Sequence[str], images: Sequence[str], battery) -> torch.Tensor:
+        """log-odds that each (text, image) pair matches, ``[N]``."""
+        out = []
+        for start in range(0, len(texts), PAIRS_PER_PASS):
+            t, im = list(texts[start : start + PAIRS_PER_PASS]), list(images[start : start + PAIRS_PER_PASS])
+            logits = self._match_logits(self.head_outputs(t, self.visual_inputs(im, battery))).float()
+            out.append(logits[:, self.match_label] - logits[:, 1 - self.match_label])
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def _match_logits(self, outputs: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _lm_logits(self, outputs: Any) -> torch.Tensor:
+        return outputs.prediction_logits
+
+    def reference_images(self, battery) -> dict[str, str]:
+        """Each concept's reference image: its first image stimulus that is not a written name."""
+        t = battery.table
+        imgs = t[t["modality"] == "image"]
+        out: dict[str, str] = {}
+        for concept in battery.concept_names:
+            rows = imgs[imgs["concept"] == concept]
+            preferred = rows[rows["form"] != "written-name"]
+            pick = preferred if len(preferred) else rows
+            if len(pick):
+                out[concept] = str(pick["image"].iloc[0])
+        return out
+
+
+def readout_matching(subject: _RegionSubject, stimuli: pd.DataFrame, battery) -> np.ndarray:
+    """log-softmax over concepts of the image–text match log-odds, at the stimulus's concept."""
+    concepts = battery.concept_names
+    prompts = [str(battery.concepts[c]["prompt"]) for c in concepts]
+    refs = subject.reference_images(battery)
+    texts: list[str] = []
+    images: list[str] = []
+    usable = []
+    for _, row in stimuli.iterrows():
+        if row["modality"] in ("image", "pair"):
+            texts += prompts
+            images += [str(row["image"])] * len(concepts)
+            usable.append(True)
+        elif len(refs) == len(concepts):
+            texts += [str(row["text"])] * len(concepts)
+            images += [refs[c] for c in concepts]
+            usable.append(True)
+        else:
+            usable.append(False)
+    out = np.full(len(stimuli), np.nan)
+    if not texts:
+        return out
+    scores = subject.match_logodds(texts, images, battery).view(-1, len(concepts)).log_softmax(-1).cpu()
+    k = 0
+    for i, (ok, concept) in enumerate(zip(usable, stimuli["concept"])):
+        if ok:
+            out[i] = float(scores[k, concepts.index(concept)])
+            k += 1
+    return out
+
+
+def readout_masked_lm(subject: _RegionSubject, stimuli: pd.DataFrame, battery) -> np.ndarray:
+    """Sum of log p(cloze target tokens) with the stimulus's image as visual input."""
+    tok = subject.tokenizer
+    texts, targets = [], []
+    for _, row in stimuli.iterrows():
+        prefix, target, suffix = _cloze_parts(row)
+        ids = tok((" " if prefix.endswith(" ") else "") + target, add_special_tokens=False)["input_ids"]
+        texts.append(prefix + tok.mask_token * len(ids) + suffix)
+        targets.append(ids)
+    visual = subject.visual_inputs(subject._image_column(stimuli), battery)
+    outputs = subject.head_outputs(texts, visual)
+    logp = subject._lm_logits(outputs).float().log_softmax(-1).cpu()
+    ids = tok(texts, padding=True, truncation=True, return_tensors="pt")["input_ids"]
+    out = np.full(len(stimuli), np.nan)
+    for i, target in enumerate(targets):
+        pos = (ids[i] == tok.mask_token_id).nonzero().flatten()
+        k = min(len(pos), len(target))
+        out[i] = float(logp[i, pos[:k], torch.tensor(target[:k], dtype=torch.long)].sum())
+    return out
+
+
+# ------------------------------------------------------------------------ LXMERT
+
+
+def load_answers(n_labels: int) -> list[str]:
+    """The answer vocabulary of an LXMERT answer head with ``n_labels`` outputs (label order)."""
+    if n_labels not in ANSWER_FILES:
+        raise NeuroprobeError(
+            f"the LXMERT answer head has {n_labels} answers, which matches none of the shipped vocabularies "
+            f"(VQA 3129, GQA 1842, pre-training 9500); use an LXMERT checkpoint with one of those heads."
+        )
+    data = json.loads((DATA / ANSWER_FILES[n_labels]).read_text(encoding="utf-8"))
+    answers = [a["ans"] if isinstance(a, dict) else str(a) for a in data]
+    if len(answers) != n_labels:
+        raise NeuroprobeError(f"{DATA / ANSWER_FILES[n_labels]} has {len(answers)} answers, expected {n_labels}; reinstall neuroprobe.")
+    return answers
+
+
+class LxmertSubject(_RegionSubject):
+    """LXMERT with text and region streams (see the module docstring)."""
+
+    match_label = 1
+    blank_region = True
+
+    def setup(self, **options: Any) -> None:  # noqa: D102 - see _RegionSubject.setup
+        super().setup(**options)
+        self.readouts = {"matching": readout_matching, "vqa": readout_vqa, "masked_lm": readout_masked_lm}
+        self.default_readout = "matching"
+        self._answers: list[str] | None = None
+
+    def _feature_dim(self) -> int:
+        return int(self.model.config.visual_feat_dim)
+
+    def encode(self, stimuli: pd.DataFrame, battery) -> Batch:
+        """Tokens of the texts and the padded regions of the images (see the module docstring)."""
+        texts = self.stimulus_texts(stimuli, battery)
+        enc, cmask = self._tokenize(texts, stimuli["concept"].tolist(), battery)
+        feats, boxes, vmask = self.visual_inputs(self._image_column(stimuli), battery)
+        inputs = dict(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                      visual_feats=feats, visual_pos=boxes, visual_attention_mask=vmask.long())
+        if "token_type_ids" in enc:
+            inputs["token_type_ids"] = enc["token_type_ids"]
+        R = vmask.shape[1]
+        return Batch(
+            inputs=inputs,
+            masks={"text": enc["attention_mask"].bool(), "image": vmask},
+            token_ids={"text": enc["input_ids"], "image": torch.arange(R).expand(len(texts), R).clone()},
+            concept_masks={"text": cmask},
+        )
+
+    def model_inputs(self, texts: Sequence[str], visual) -> dict[str, Any]:  # noqa: D102
+        feats, boxes, vmask = visual
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
+        dtype = next(self.model.parameters()).dtype
+        inputs = dict(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], visual_feats=feats.to(dtype),
+                      visual_pos=boxes.to(dtype), visual_attention_mask=vmask.long())
+        if "token_type_ids" in enc:
+            inputs["token_type_ids"] = enc["token_type_ids"]
+        return inputs
+
+    def forward(self, batch: Batch) -> Any:  # noqa: D102
+        inputs = dict(batch.to(self.device).inputs)
+        dtype = next(self.model.parameters()).dtype
+        inputs["visual_feats"] = inputs["visual_feats"].to(dtype)
+        inputs["visual_pos"] = inputs["visual_pos"].to(dtype)
+        return self.model(**inputs)
+
+    def _head(self, need: str) -> torch.nn.Module:
+        head = self.require_head()
+        if need == "cls" and not hasattr(head, "cls"):
+            raise NeuroprobeError(
+                f"this readout needs LXMERT's pre-training heads but {self.checkpoint} has only a question-answering "
+                f"head; use the vqa readout or the pre-trained checkpoint unc-nlp/lxmert-base-uncased."
+            )
+        return head
+
+    def head_outputs(self, texts: Sequence[str], visual) -> Any:  # noqa: D102
+        head = self.require_head()
+        inputs = self.model_inputs(texts, visual)
+        return head(**{k: v.to(self.device) for k, v in inputs.items()})
+
+    def _match_logits(self, outputs: Any) -> torch.Tensor:
+        self._head("cls")
+        return outputs.cross_relationship_score
+
+    def _lm_logits(self, outputs: Any) -> torch.Tensor:
+        self._head("cls")
+        return outputs.prediction_logits
+
+    @property
+    def answers(self) -> list[str]:
+        """The answer vocabulary of the loaded answer head."""
+        if self._answers is None:
+            head = self.require_head()
+            if not hasattr(head, "answer_head"):
+                raise NeuroprobeError(
+                    f"{self.checkpoint} has no question-answering head (config task_qa is off); the vqa readout needs "
+                    f"an LXMERT checkpoint trained with QA, such as unc-nlp/lxmert-base-uncased or unc-nlp/lxmert-vqa-uncased."
+                )
+            self._answers = load_answers(int(head.answer_head.logit_fc[-1].out_features))
+        return self._answers
+
+
+def readout_vqa(subject: LxmertSubject, stimuli: pd.DataFrame, battery) -> np.ndarray:
+    """log p(concept's name) among the answers, for the pair's question or the battery's ``vqa_question``."""
+    answers = subject.answers
+    index = {a.lower(): i for i, a in enumerate(answers)}
+    default_q = str(battery.meta.get("vqa_question") or DEFAULT_QUESTION)
+    out = np.full(len(stimuli), np.nan)
+    rows = _rows_with(stimuli, "image", "pair")
+    if not len(rows):
+        return out
+    sub = stimuli.iloc[rows]
+    questions = [str(r["text"]) if r["modality"] == "pair" and str(r["text"]).strip().endswith("?") else default_q
+                 for _, r in sub.iterrows()]
+    visual = subject.visual_inputs(subject._image_column(sub), battery)
+    logp = subject.head_outputs(questions, visual).question_answering_score.float().log_softmax(-1).cpu()
+    missing = set()
+    for j, (i, concept) in enumerate(zip(rows, sub["concept"])):
+        ids = [index[n.lower()] for n in battery.concept_words(concept) if n.lower() in index]
+        if not ids:
+            missing.add(concept)
+            continue
+        out[i] = float(torch.logsumexp(logp[j, ids], 0))
+    if missing:
+        warnings.warn(f"vqa readout: concept(s) {', '.join(sorted(missing))} have no name among the {len(answers)} "
+                      f"answers; their stimuli score NaN.", stacklevel=2)
+    return out
+
+
+# -------------------------------------------------------------------- VisualBERT
+
+
+class VisualBertSubject(_RegionSubject):
+    """VisualBERT with one joint stream of text tokens then regions (see the module docstring)."""
+
+    match_label = 0
+    blank_region = False
+
+    def setup(self, **options: Any) -> None:  # noqa: D102 - see _RegionSubject.setup
+        super().setup(**options)
+        self.readouts = {"matching": readout_matching, "masked_lm": readout_masked_lm}
+        self.default_readout = "matching"
+
+    def _feature_dim(self) -> int:
+        return int(self.model.config.visual_embedding_dim)
+
+    def encode(self, stimuli: pd.DataFrame, battery) -> Batch:
+        """Tokens then regions in one ``joint`` stream with one joint mask."""
+        texts = self.stimulus_texts(stimuli, battery)
+        enc, cmask = self._tokenize(texts, stimuli["concept"].tolist(), battery)
+        visual = self.visual_inputs(self._image_column(stimuli), battery)
+        inputs = self._inputs_from(enc, visual)
+        vmask = visual[2]
+        B, R = vmask.shape
+        joint = torch.cat([enc["attention_mask"].bool(), vmask], dim=1)
+        region_ids = -(torch.arange(R) + 1).expand(B, R)
+        return Batch(
+            inputs=inputs,
+            masks={"joint": joint},
+            token_ids={"joint": torch.cat([enc["input_ids"], region_ids], dim=1)},
+            concept_masks={"joint": torch.cat([cmask, torch.zeros(B, R, dtype=torch.bool)], dim=1)},
+        )
+
+    def _inputs_from(self, enc, visual) -> dict[str, Any]:
+        feats, _, vmask = visual
+        inputs: dict[str, Any] = dict(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        if "token_type_ids" in enc:
+            inputs["token_type_ids"] = enc["token_type_ids"]
+        if vmask.shape[1]:
+            dtype = next(self.model.parameters()).dtype
+            inputs.update(visual_embeds=feats.to(dtype), visual_attention_mask=vmask.long(),
+                          visual_token_type_ids=torch.ones(vmask.shape, dtype=torch.long))
+        return inputs
+
+    def model_inputs(self, texts: Sequence[str], visual) -> dict[str, Any]:  # noqa: D102
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
+        return self._inputs_from(enc, visual)
+
+    def _match_logits(self, outputs: Any) -> torch.Tensor:
+        return outputs.seq_relationship_logits
