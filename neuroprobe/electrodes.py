@@ -143,6 +143,7 @@ class Electrodes:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._calls: dict[tuple[str, str], int] = defaultdict(int)
         self._fired: set[str] = set()
+        self._depth = 0  # how many modules on the way to a site are running
 
     # ----------------------------------------------------------------- hooks
     def _process(self, site_list: list[Site], key: tuple[str, str], native_obj: Any) -> Any:
@@ -179,9 +180,11 @@ class Electrodes:
         """Forget call counts and stored data (called automatically at each top-level forward)."""
         self._calls.clear()
         self._fired.clear()
+        self._depth = 0
         self.data = {}
 
     def __enter__(self) -> "Electrodes":
+        self._depth = 0
         groups: dict[tuple[str, str], list[Site]] = defaultdict(list)
         for site in self.sites:
             groups[(site.module, site.direction)].append(site)
@@ -212,12 +215,32 @@ class Electrodes:
                         return args, kwargs
 
                     self._handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
-            # a new top-level forward pass starts a new count
-            self._handles.append(self.model.register_forward_pre_hook(lambda mod, args: self._new_pass()))
+            self._track_passes()
         except BaseException:
             self.remove()
             raise
         return self
+
+    def _track_passes(self) -> None:
+        # A forward pass starts when the outermost of the modules on the way to a site
+        # starts (the model itself, or a sub-model such as CLIP's text tower called by
+        # get_text_features); call counts restart there.
+        names = {""}
+        for site in self.sites:
+            parts = site.module.split(".")
+            names.update(".".join(parts[:i]) for i in range(len(parts) + 1))
+        for name in sorted(names):
+            module = self.model.get_submodule(name) if name else self.model
+            self._handles.append(module.register_forward_pre_hook(self._enter, prepend=True))
+            self._handles.append(module.register_forward_hook(self._leave, always_call=True))
+
+    def _enter(self, module: torch.nn.Module, args: Any) -> None:
+        if self._depth == 0:
+            self._new_pass()
+        self._depth += 1
+
+    def _leave(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        self._depth = max(self._depth - 1, 0)
 
     def _new_pass(self) -> None:
         self._calls.clear()

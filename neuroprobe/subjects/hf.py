@@ -78,7 +78,9 @@ ARCHITECTURES: dict[str, Architecture] = {
         {
             # XLNet keeps tensors time-major; with a target mapping it runs two streams
             # (content h and query g) through the same modules, so each is two sites.
-            "mlp": [P("layer.*.ff.layer_2", "input", "mlp", "text|query", "TBU", calls=2, name="layer.{0}.mlp")],
+            # XLNetLayer runs its feed-forward on the query stream g first, then on h:
+            # call 0 (layer.N.mlp#0) is the query stream, call 1 (layer.N.mlp#1) the text.
+            "mlp": [P("layer.*.ff.layer_2", "input", "mlp", "query|text", "TBU", calls=2, name="layer.{0}.mlp")],
             "resid": [P("layer.*", "output", "resid", "text", "TBU", name="layer.{0}"),
                       P("layer.*", "output", "resid", "query", "TBU", index=1, name="layer.{0}.query")],
         },
@@ -226,6 +228,8 @@ def load_hf_subject(
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as err:
         raise _missing(spec, source, local, err) from None
+    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no padding token; padded positions are masked anyway
     cls_name = (arch.head if heads else arch.base) if arch else None
     cls = _transformers_class(cls_name) if cls_name else AutoModel
     try:
@@ -471,7 +475,8 @@ def _readout_seq2seq(subject: HFSubject, stimuli: pd.DataFrame, battery) -> np.n
         enc = tok(enc_text, return_tensors="pt").to(subject.device)
         dec = tok(dec_text, return_tensors="pt", return_offsets_mapping=True)
         offsets = dec.pop("offset_mapping")[0]
-        a = dec_text.find(target)
+        # the target's slot in the template (the prefix may name the concept too)
+        a = len(fmt["decoder"].split("{target}")[0].format(**parts))
         b = a + len(target)
         labels = dec["input_ids"].to(subject.device)
         lp = head(**enc, labels=labels).logits.float().log_softmax(-1)[0]
