@@ -273,6 +273,11 @@ def make_tiny(arch: str, directory: Path, seed: int = 0) -> Path:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = cls(config).eval()
+            base = model.base_model
+            if getattr(base, "pooler", False) is None:
+                # masked-LM heads drop the pooler, but published checkpoints keep it: so do we,
+                # so that the base model loads every weight it has
+                base.pooler = type(base)(config).pooler
         model.save_pretrained(directory)
         tok.save_pretrained(directory)
         if arch == "clip":

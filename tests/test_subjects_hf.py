@@ -496,3 +496,43 @@ def test_meena_prints_its_stand_in_note(tiny_dir, capsys) -> None:
     assert subject.arch.kind == "seq2seq"
     load_subject("meena", weights=tiny_dir("blenderbot"), device="cpu", quiet=True)
     assert "meena:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", TEXT_ARCHS)
+def test_concept_masks_mark_the_concept_word(arch: str, subject_for) -> None:
+    subject = subject_for(arch)
+    batch = subject.encode(BATTERY.table, BATTERY)
+    ids, cmask, mask = batch.token_ids["text"], batch.concept_masks["text"], batch.masks["text"]
+    assert not (cmask & ~mask).any(), "padding marked as concept"
+    for i, row in BATTERY.table.iterrows():
+        names = {n.lower() for n in BATTERY.concepts[row["concept"]]["names"]}
+        word = subject.tokenizer.decode(ids[i][cmask[i]].tolist()).strip(" .,").lower()
+        assert word in names, (row["text"], word)
+    if "decoder" in batch.concept_masks:  # the decoder stream sees the text shifted by one
+        assert torch.equal(batch.concept_masks["decoder"][:, 1:], cmask[:, :-1])
+        assert torch.equal(batch.token_ids["decoder"][:, 1:][cmask[:, :-1]], ids[:, :-1][cmask[:, :-1]])
+
+
+def test_hf_prefix_loads_any_local_folder(tiny_dir) -> None:
+    subject = load_subject(f"hf:{tiny_dir('bert')}", device="cpu", quiet=True)
+    assert subject.arch.kind == "encoder"
+    assert [s.name for s in subject.sites("mlp")] == [f"encoder.layer.{i}.mlp" for i in range(LAYERS)]
+    batch = subject.encode(BATTERY.table, BATTERY)
+    recorded = _record(subject, subject.sites("mlp"), batch)
+    assert recorded["encoder.layer.0.mlp"].shape == (len(BATTERY), batch.masks["text"].shape[1], FFN)
+
+
+@pytest.mark.parametrize("arch", sorted(SUBJECT_FOR_ARCH))
+def test_tiny_folder_loads_base_and_head_without_missing_weights(arch: str, tiny_dir) -> None:
+    import transformers
+
+    from neuroprobe.subjects.hf import ARCHITECTURES
+
+    spec = ARCHITECTURES["t5" if arch == "t5-gated" else arch]
+    folder = tiny_dir(arch)
+    for cls_name in {spec.base, spec.head}:
+        model, info = getattr(transformers, cls_name).from_pretrained(folder, output_loading_info=True)
+        assert not info["missing_keys"], (cls_name, info["missing_keys"])
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    assert len(tok) <= model.config.get_text_config().vocab_size
+    assert tok.pad_token is not None or arch == "gpt2"
