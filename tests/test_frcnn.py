@@ -338,6 +338,21 @@ def test_tiny_detector_end_to_end():
         extract_regions(det, _scene(), method="nope")
 
 
+def test_random_init_is_seeded_and_keeps_activations_of_order_one():
+    cfg = FrcnnConfig.tiny(blocks_per_stage=[3, 4, 6])
+    a, b, c = (load_detector(init="random", config=cfg, seed=s) for s in (0, 0, 1))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.backbone.res4[0].conv2.weight, c.backbone.res4[0].conv2.weight)
+    rng = np.random.RandomState(0)
+    blocky = Image.fromarray((np.kron(rng.rand(6, 8, 3), np.ones((16, 16, 1))) * 255).astype(np.uint8))
+    for image in (_scene(), blocky):
+        with torch.no_grad():
+            res4 = a.backbone(preprocess_images([image], cfg).tensor)
+        assert 0.05 < float(res4.std()) < 20.0
+    props = a.proposal_generator(res4, preprocess_images([blocky], cfg).image_sizes)[0][0]
+    assert len(props) > 0 and bool(ops.nonempty_boxes(props).all())
+
+
 def test_default_36_regions_are_padded_when_fewer_exist():
     det = load_detector(init="random", config=FrcnnConfig.tiny(rpn_post_nms_topk=20), seed=2)
     regions = extract_regions(det, _scene(), n_regions=36)

@@ -101,7 +101,6 @@ def select_regions(detector: Detector, out: DetectorOutput, prep: PreprocessedIm
 
     Returns one dict per image with unpadded ``[k, ...]`` tensors (k <= ``n_regions``).
     """
-    cfg = detector.config
     results = []
     for i, parts in enumerate(out.split()):
         proposals = parts["proposals"]

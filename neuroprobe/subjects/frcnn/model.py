@@ -37,9 +37,19 @@ RES4_STRIDE = 16
 
 
 class FrozenBatchNorm2d(nn.BatchNorm2d):
-    """Batch norm that always normalises with its running statistics."""
+    """Batch norm that always normalises with its running statistics.
+
+    While ``calibrating`` is set, it first overwrites those statistics with the mean and
+    variance of its current input (used once by :meth:`Detector.init_weights`).
+    """
+
+    calibrating: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if self.calibrating:
+            with torch.no_grad():
+                self.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+                self.running_var.copy_(x.var(dim=(0, 2, 3), unbiased=False))
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                             training=False, momentum=0.0, eps=self.eps)
 
@@ -342,13 +352,26 @@ class Detector(nn.Module):
         return DetectorOutput(proposals, scores, attrs, deltas, pooled, image_sizes)
 
     def init_weights(self, seed: int = 0) -> "Detector":
-        """Random initialisation as detectron2 does it (the untrained control), from ``seed``."""
+        """Random initialisation (the untrained control), deterministic in ``seed``.
+
+        Weights are filled as detectron2 does (MSRA fill for the ResNet convolutions,
+        N(0, 0.01) for the RPN and the class scores, N(0, 0.001) for the box deltas), with
+        the last batch-norm scale of every residual branch set to zero (Goyal et al. 2017),
+        and the frozen batch norms get their statistics from one pass over a fixed
+        synthetic batch (smooth random blobs plus grain in pixel range, drawn from
+        ``seed``).  Without this, frozen unit statistics let activations grow to ~1e6
+        through the 100-odd layers and every proposal becomes an empty box.
+        """
+        cfg = self.config
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for module in self.modules():
                 if isinstance(module, ConvNorm):
                     nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
                     module.norm.reset_parameters()
+            for module in self.modules():
+                if isinstance(module, Bottleneck):  # zero-gamma residual branches (Goyal et al. 2017)
+                    nn.init.zeros_(module.conv3.norm.weight)
             head = self.proposal_generator.rpn_head
             for layer in (head.conv, head.objectness_logits, head.anchor_deltas):
                 nn.init.normal_(layer.weight, std=0.01)
@@ -362,6 +385,25 @@ class Detector(nn.Module):
                 pred.cls_embedding.reset_parameters()
                 pred.fc_attr.reset_parameters()
                 pred.attr_score.reset_parameters()
+            device = next(self.parameters()).device
+            if device.type != "meta":
+                side = max(64, cfg.min_size_test // 2)
+                mean = torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1)
+                std = torch.tensor(cfg.pixel_std).view(1, 3, 1, 1)
+                # smooth noise (random blobs at 1/16 resolution, bilinear) plus fine grain: image-like
+                coarse = torch.rand(2, 3, side // 16 + 1, (side + side // 2) // 16 + 1)
+                x = F.interpolate(coarse, (side, side + side // 2), mode="bilinear", align_corners=False)
+                x = (0.8 * x + 0.2 * torch.rand_like(x)) * 255.0
+                x = ((x - mean) / std).to(device)
+                norms = [m for m in self.modules() if isinstance(m, FrozenBatchNorm2d)]
+                for m in norms:
+                    m.calibrating = True
+                try:
+                    with torch.no_grad():
+                        self.roi_heads.res5(self.backbone(x))
+                finally:
+                    for m in norms:
+                        m.calibrating = False
         return self
 
     def train(self, mode: bool = True) -> "Detector":
