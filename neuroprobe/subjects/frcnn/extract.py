@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from neuroprobe.errors import NeuroprobeError
 from neuroprobe.subjects.frcnn.model import Detector, DetectorOutput
-from neuroprobe.subjects.frcnn.ops import BoxCoder, clip_boxes_, multiclass_nms_shared_boxes, nms
+from neuroprobe.subjects.frcnn.ops import clip_boxes_, multiclass_nms_shared_boxes, nms
 from neuroprobe.subjects.frcnn.preprocess import ImageLike, PreprocessedImages, preprocess_images
 
 __all__ = ["METHODS", "extract_regions", "select_regions"]
@@ -162,7 +162,7 @@ def _hf(proposals: torch.Tensor, probs: torch.Tensor, deltas: torch.Tensor, size
     """``ROIOutputs.inference`` of the HF reference: indices, boxes, scores, classes."""
     cfg = detector.config
     r = len(proposals)
-    boxes = BoxCoder(cfg.roi_bbox_reg_weights).apply_deltas(deltas, proposals)
+    boxes = detector.box_coder.apply_deltas(deltas, proposals)
     n_reg = boxes.shape[1] // 4
     boxes = clip_boxes_(boxes.reshape(-1, 4), size_hw).view(r, n_reg, 4)
     if r == 0:
