@@ -475,12 +475,24 @@ def test_missing_weights_offline_is_one_sentence(tmp_path: Path) -> None:
     assert "google-bert/bert-base-uncased" in message and "--weights" in message and "config.json" in message
 
 
-def test_weights_folder_that_is_not_a_folder_raises(tmp_path: Path) -> None:
-    with pytest.raises(MissingWeightsError):
+def test_incomplete_weights_folder_names_the_missing_files(tmp_path: Path, tiny_dir) -> None:
+    with pytest.raises(MissingWeightsError, match="not a folder"):
         load_subject("bert", weights=tmp_path / "nowhere", device="cpu", quiet=True)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(MissingWeightsError, match="empty"):
+    with pytest.raises(MissingWeightsError) as err:
         load_subject("bert", weights=tmp_path / "empty", device="cpu", quiet=True)
+    message = str(err.value)
+    assert "config.json" in message and "model.safetensors" in message and "tokenizer" in message
+    assert "\n" not in message and message.endswith(".")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for f in tiny_dir("bert").iterdir():
+        if f.name != "model.safetensors":
+            (partial / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(MissingWeightsError) as err:
+        load_subject("bert", weights=partial, device="cpu", quiet=True)
+    message = str(err.value)
+    assert "model.safetensors" in message and "config.json" not in message and "tokenizer" not in message
 
 
 def test_unknown_subject_raises() -> None:

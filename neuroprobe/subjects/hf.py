@@ -183,11 +183,34 @@ def _source(spec: SubjectSpec, weights: Path | None) -> tuple[str, bool]:
     return ident, Path(ident).is_dir()
 
 
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+
+
+def _missing_files(folder: Path) -> list[str]:
+    """Which of the files a transformers checkpoint needs are absent from ``folder``."""
+    have = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    missing = [] if "config.json" in have else ["config.json"]
+    if not have & set(_WEIGHT_FILES):
+        missing.append("model.safetensors (or pytorch_model.bin)")
+    if not have & set(_TOKENIZER_FILES):
+        missing.append("the tokenizer files (tokenizer.json or the vocabulary)")
+    return missing
+
+
 def _missing(spec: SubjectSpec, source: str, local: bool, err: Exception) -> MissingWeightsError:
     if local:
+        missing = _missing_files(Path(source))
+        if missing:
+            return MissingWeightsError(
+                f"{source} lacks {' and '.join([', '.join(missing[:-1])] + missing[-1:]) if len(missing) > 1 else missing[0]} "
+                f"for subject {spec.name!r}; copy the checkpoint {spec.checkpoint} there (e.g. `hf download "
+                f"{spec.checkpoint} --local-dir DIR` on a machine with internet) or pass --weights DIR pointing at a complete copy."
+            )
+        reason = str(err).strip().splitlines()[0][:200].rstrip(".").replace(". ", "; ") if str(err).strip() else type(err).__name__
         return MissingWeightsError(
-            f"{source} does not hold a loadable {spec.name} checkpoint (config.json, tokenizer files and "
-            f"model.safetensors or pytorch_model.bin are needed): {str(err).splitlines()[0][:200]}"
+            f"{source} does not hold a loadable {spec.name} checkpoint ({reason}); pass --weights DIR pointing at a "
+            f"complete copy of {spec.checkpoint}."
         )
     offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
     how = "the hub is offline (HF_HUB_OFFLINE)" if offline else "it is not in the local Hugging Face cache and could not be downloaded"
