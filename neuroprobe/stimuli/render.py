@@ -572,7 +572,9 @@ def build_battery(
         img.quantize(colors=64, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(out / rel, optimize=True)
         return rel
 
-    for ci, c in enumerate(concepts):
+    order = list(DRAWINGS)
+    for c in concepts:
+        ci = order.index(c) if c in order else len(order)  # fixed per concept, so subsets render identically
         a = _article(c)
         meta_concepts[c] = {"prompt": f"a drawing of {a} {c}", "names": [c]}
         cloze_img = f"This is a picture of {a} {{mask}}."
