@@ -548,3 +548,16 @@ def test_tiny_folder_loads_base_and_head_without_missing_weights(arch: str, tiny
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     assert len(tok) <= model.config.get_text_config().vocab_size
     assert tok.pad_token is not None or arch == "gpt2"
+
+
+@pytest.mark.parametrize("arch", TEXT_ARCHS)
+def test_half_precision_records_or_says_why_not(arch: str, tiny_dir) -> None:
+    name = SUBJECT_FOR_ARCH[arch]
+    if arch == "xlnet":
+        with pytest.raises(NeuroprobeError, match="float32 only"):
+            load_subject(name, weights=tiny_dir(arch), dtype="bfloat16", device="cpu", quiet=True)
+        return
+    subject = load_subject(name, weights=tiny_dir(arch), dtype="bfloat16", device="cpu", quiet=True)
+    batch = subject.encode(BATTERY.table, BATTERY)
+    recorded = _record(subject, _text_sites(subject, "resid"), batch)
+    assert recorded and all(v.dtype == torch.bfloat16 and torch.isfinite(v.float()).all() for v in recorded.values())

@@ -67,6 +67,7 @@ class Architecture:
     kind: str = "encoder"           # encoder | decoder | seq2seq | xlnet | clip
     cloze: dict[str, str] = field(default_factory=dict)  # seq2seq: encoder/decoder templates
     subject_class: str = ""         # "module:Class" subclass of HFSubject for image-taking families
+    float32_only: bool = False      # transformers' implementation fails in half precision
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -84,7 +85,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             "resid": [P("layer.*", "output", "resid", "text", "TBU", name="layer.{0}"),
                       P("layer.*", "output", "resid", "query", "TBU", index=1, name="layer.{0}.query")],
         },
-        ("next_token",), kind="xlnet",
+        ("next_token",), kind="xlnet", float32_only=True,
     ),
     "bart": Architecture("BartModel", "BartForConditionalGeneration", _seq2seq("fc2", "out_proj"), ("seq2seq",),
                          kind="seq2seq", cloze={"encoder": "{prefix}<mask>{suffix}", "decoder": "{prefix}{target}{suffix}"}),
@@ -253,6 +254,11 @@ def load_hf_subject(
         raise _missing(spec, source, local, err) from None
     if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no padding token; padded positions are masked anyway
+    if arch and arch.float32_only and dtype != torch.float32:
+        raise NeuroprobeError(
+            f"subject {spec.name!r} runs in float32 only (transformers' {arch.base} mixes float32 position "
+            f"encodings into half-precision weights); load it with dtype float32."
+        )
     cls_name = (arch.head if heads else arch.base) if arch else None
     cls = _transformers_class(cls_name) if cls_name else AutoModel
     try:
@@ -391,7 +397,10 @@ class HFSubject(Subject):
 
     def forward(self, batch: Batch) -> Any:
         """Run the base model (text families) on an encoded batch."""
-        inputs = {k: v for k, v in batch.to(self.device).inputs.items()}
+        dtype = _model_dtype(self.model)
+        # float inputs (XLNet's perm_mask and target_mapping) follow the model's dtype
+        inputs = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                  for k, v in batch.to(self.device).inputs.items()}
         if self.arch.kind == "clip":
             return self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         inputs = {k: v for k, v in inputs.items() if k != "token_type_ids" or "token_type_ids" in _forward_args(self.model)}
@@ -410,6 +419,10 @@ class HFSubject(Subject):
                 f"this readout needs {self.name}'s task head ({self.arch.head}); load the subject with heads=True."
             )
         return self.head_model
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _forward_args(model: torch.nn.Module) -> set[str]:
@@ -468,9 +481,10 @@ def _readout_next_token(subject: HFSubject, stimuli: pd.DataFrame, battery) -> n
         if subject.arch.kind == "xlnet":
             ids = torch.tensor([p_ids + t_ids], device=subject.device)
             T, n = ids.shape[1], len(t_ids)
-            perm = torch.zeros(1, T, T, device=subject.device)
+            dtype = _model_dtype(head)
+            perm = torch.zeros(1, T, T, device=subject.device, dtype=dtype)
             perm[:, :, T - n :] = 1.0  # nobody sees the targets
-            tm = torch.zeros(1, n, T, device=subject.device)
+            tm = torch.zeros(1, n, T, device=subject.device, dtype=dtype)
             tm[0, torch.arange(n), torch.arange(T - n, T)] = 1.0
             lp = head(input_ids=ids, perm_mask=perm, target_mapping=tm).logits.float().log_softmax(-1)
             out.append(float(lp[0, torch.arange(n), torch.tensor(t_ids, device=lp.device)].sum()))
