@@ -520,9 +520,32 @@ def test_concept_masks_mark_the_concept_word(arch: str, subject_for) -> None:
         names = {n.lower() for n in BATTERY.concepts[row["concept"]]["names"]}
         word = subject.tokenizer.decode(ids[i][cmask[i]].tolist()).strip(" .,").lower()
         assert word in names, (row["text"], word)
-    if "decoder" in batch.concept_masks:  # the decoder stream sees the text shifted by one
-        assert torch.equal(batch.concept_masks["decoder"][:, 1:], cmask[:, :-1])
-        assert torch.equal(batch.token_ids["decoder"][:, 1:][cmask[:, :-1]], ids[:, :-1][cmask[:, :-1]])
+    if "decoder" in batch.concept_masks:  # the decoder reads the text shifted right by one
+        dec, dmask = batch.token_ids["decoder"], batch.concept_masks["decoder"]
+        assert torch.equal(batch.inputs["decoder_input_ids"], dec)
+        for i, row in BATTERY.table.iterrows():
+            real = dec[i][batch.masks["decoder"][i]]
+            assert real[0] == subject.model.config.decoder_start_token_id
+            assert torch.equal(real[1:], ids[i][mask[i]][:-1])
+            names = {n.lower() for n in BATTERY.concepts[row["concept"]]["names"]}
+            assert subject.tokenizer.decode(dec[i][dmask[i]].tolist()).strip(" .,").lower() in names
+
+
+@pytest.mark.parametrize("arch", TEXT_ARCHS)
+def test_padding_never_changes_a_stimulus_values(arch: str, subject_for) -> None:
+    # each stimulus recorded alone equals its unpadded positions recorded in a padded batch
+    subject = subject_for(arch)
+    sites = _text_sites(subject, "all")
+    batch = subject.encode(BATTERY.table, BATTERY)
+    together = _record(subject, sites, batch)
+    for i in range(len(BATTERY)):
+        alone_batch = subject.encode(BATTERY.table.iloc[i : i + 1], BATTERY)
+        alone = _record(subject, sites, alone_batch)
+        for site in sites:
+            padded = together[site.name][i][batch.masks[site.stream][i]]
+            single = alone[site.name][0][alone_batch.masks[site.stream][0]]
+            assert padded.shape == single.shape, site.name
+            torch.testing.assert_close(padded, single, rtol=1e-4, atol=1e-5, msg=site.name)
 
 
 def test_hf_prefix_loads_any_local_folder(tiny_dir) -> None:

@@ -371,15 +371,21 @@ class HFSubject(Subject):
             start = self.model.config.decoder_start_token_id
             if start is None:
                 start = self.tokenizer.pad_token_id
+            # teacher forcing on the stimulus itself: the decoder reads <start> + its tokens but the
+            # last, in the same (unpadded) positions as the encoder, so a stimulus's decoder stream
+            # never depends on how much padding its batch needed
             ids = enc["input_ids"]
-            dec = torch.cat([torch.full_like(ids[:, :1], start), ids[:, :-1]], dim=1)
-            dmask = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], dim=1)
-            dec = dec.masked_fill(~dmask, self.tokenizer.pad_token_id)
+            dec = torch.full_like(ids, self.tokenizer.pad_token_id)
+            dec_concept = torch.zeros_like(cmask)
+            for i in range(ids.shape[0]):
+                real = ids[i][mask[i]]
+                dec[i, mask[i]] = torch.cat([real.new_tensor([start]), real[:-1]])
+                dec_concept[i, mask[i]] = torch.cat([cmask[i, mask[i]].new_zeros(1), cmask[i, mask[i]][:-1]])
             batch.inputs["decoder_input_ids"] = dec
-            batch.inputs["decoder_attention_mask"] = dmask.long()
-            batch.masks["decoder"] = dmask
+            batch.inputs["decoder_attention_mask"] = mask.long()
+            batch.masks["decoder"] = mask.clone()
             batch.token_ids["decoder"] = dec
-            batch.concept_masks["decoder"] = torch.cat([torch.zeros_like(cmask[:, :1]), cmask[:, :-1]], dim=1)
+            batch.concept_masks["decoder"] = dec_concept
         elif kind == "xlnet":
             # predict the last real token through the query stream: this makes XLNet run both streams
             B, T = mask.shape
