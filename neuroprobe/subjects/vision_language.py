@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -224,8 +225,12 @@ class RegionSource:
     Notes
     -----
     With a features file, images missing from it go to the detector only when
-    ``detector_weights`` is also given.  The detector is loaded at its first use.
+    ``detector_weights`` is also given.  The detector is loaded at its first use;
+    its regions of the last :attr:`cache_size` images are kept (a features file is
+    read again each time: that is cheap).
     """
+
+    cache_size = 512
 
     def __init__(
         self,
@@ -249,7 +254,7 @@ class RegionSource:
         self.n_regions = n_regions
         self.subject = subject
         self._detector = None
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     @property
     def detector(self):
@@ -271,27 +276,32 @@ class RegionSource:
 
     def __call__(self, battery, images: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Regions of battery images (paths relative to the battery): ``[(features [R, D], boxes [R, 4])]``."""
-        keys = [f"{battery.root}::{rel}" for rel in images]
-        todo = [(k, rel) for k, rel in dict(zip(keys, images)).items() if k not in self._cache]
+        found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         to_detect = []
-        for key, rel in todo:
+        for rel in dict.fromkeys(images):
+            key = f"{battery.root}::{rel}"
             if self.features is not None and (rel in self.features or self.detector_weights is None):
                 feats, boxes = self.features[rel]  # raises naming the file when the image is missing
                 n = min(len(feats), self.n_regions)
-                self._cache[key] = (torch.as_tensor(feats[:n], dtype=torch.float32),
-                                    torch.as_tensor(boxes[:n], dtype=torch.float32))
+                found[rel] = (torch.as_tensor(feats[:n], dtype=torch.float32),
+                              torch.as_tensor(boxes[:n], dtype=torch.float32))
+            elif key in self._cache:
+                self._cache.move_to_end(key)
+                found[rel] = self._cache[key]
             else:
                 to_detect.append((key, rel))
         if to_detect:
             from neuroprobe.subjects.frcnn import extract_regions
 
             detector = self.detector
-            pil = [battery.load_image(rel) for _, rel in to_detect]
-            out = extract_regions(detector, pil, n_regions=self.n_regions)
-            for i, (key, _) in enumerate(to_detect):
+            out = extract_regions(detector, [battery.load_image(rel) for _, rel in to_detect], n_regions=self.n_regions)
+            for i, (key, rel) in enumerate(to_detect):
                 n = int(out["num_regions"][i])
-                self._cache[key] = (out["features"][i, :n].float().cpu(), out["boxes"][i, :n].float().cpu())
-        return [self._cache[k] for k in keys]
+                found[rel] = (out["features"][i, :n].float().cpu(), out["boxes"][i, :n].float().cpu())
+                self._cache[key] = found[rel]
+                if len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        return [found[rel] for rel in images]
 
 
 # ============================================================ LXMERT and VisualBERT
