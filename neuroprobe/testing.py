@@ -93,32 +93,59 @@ def _wordpiece(folder: Path):
     return BertTokenizerFast(vocab=str(path), model_max_length=MAX_POSITIONS)
 
 
-def _bpe(specials: list[str], *, clip: bool = False, size: int = 420) -> tuple[dict[str, int], list[str]]:
-    """Train a byte-level BPE (GPT-2 style, or CLIP style with ``</w>``); return vocab and merges."""
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+def _bpe(specials: list[str], *, clip: bool = False, merges: int = 160) -> tuple[dict[str, int], list[str]]:
+    """Learn a byte-level BPE (GPT-2 style, or CLIP style with ``</w>``); return vocab and merges.
 
-    suffix = "</w>" if clip else None
-    tok = Tokenizer(models.BPE(**({"end_of_word_suffix": suffix} if suffix else {})))
+    The ``tokenizers`` library pre-tokenizes the corpus exactly as the model's tokenizer
+    will; the merges are learnt here (most frequent pair, ties broken by the pair
+    itself) so the result is the same on every run.
+    """
+    from collections import Counter
+
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
     if clip:
-        tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+        normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
         split = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(split), behavior="removed", invert=True),
-             pre_tokenizers.ByteLevel(add_prefix_space=False)]
-        )
+        pre = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="removed", invert=True),
+                                       pre_tokenizers.ByteLevel(add_prefix_space=False)])
     else:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        normalizer = None
+        pre = pre_tokenizers.ByteLevel(add_prefix_space=True)
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    trainer = trainers.BpeTrainer(vocab_size=size, min_frequency=1, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=alphabet, **({"end_of_word_suffix": suffix} if suffix else {}))
-    tok.train_from_iterator(corpus(), trainer)
-    state = json.loads(tok.to_str())["model"]
-    vocab: dict[str, int] = dict(state["vocab"])
-    merges = [m if isinstance(m, str) else " ".join(m) for m in state["merges"]]
-    if clip:  # every byte must also exist as a word end, as in CLIP's own vocabulary
-        for ch in alphabet:
-            vocab.setdefault(ch + "</w>", len(vocab))
-    return vocab, merges
+    words: Counter[tuple[str, ...]] = Counter()
+    for line in corpus():
+        text = normalizer.normalize_str(line) if normalizer else line
+        for piece, _ in pre.pre_tokenize_str(text):
+            symbols = list(piece)
+            if clip:
+                symbols[-1] += "</w>"
+            words[tuple(symbols)] += 1
+    learnt: list[tuple[str, str]] = []
+    for _ in range(merges):
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        learnt.append(best)
+        merged: Counter[tuple[str, ...]] = Counter()
+        for word, count in words.items():
+            out, k = [], 0
+            while k < len(word):
+                if k + 1 < len(word) and (word[k], word[k + 1]) == best:
+                    out.append(word[k] + word[k + 1])
+                    k += 2
+                else:
+                    out.append(word[k])
+                    k += 1
+            merged[tuple(out)] += count
+        words = merged
+    tokens = specials + alphabet + ([ch + "</w>" for ch in alphabet] if clip else []) + [a + b for a, b in learnt]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+    return vocab, [f"{a} {b}" for a, b in learnt]
 
 
 def _save_bpe_files(folder: Path, vocab: dict[str, int], merges: list[str]) -> tuple[str, str]:

@@ -584,3 +584,14 @@ def test_half_precision_records_or_says_why_not(arch: str, tiny_dir) -> None:
     batch = subject.encode(BATTERY.table, BATTERY)
     recorded = _record(subject, _text_sites(subject, "resid"), batch)
     assert recorded and all(v.dtype == torch.bfloat16 and torch.isfinite(v.float()).all() for v in recorded.values())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5", "clip"])
+def test_make_tiny_is_deterministic(arch: str, tmp_path: Path, tiny_dir) -> None:
+    from neuroprobe.testing import make_tiny
+
+    again = make_tiny(arch, tmp_path / arch)
+    other = make_tiny(arch, tmp_path / f"{arch}-1", seed=1)
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (again / name).read_bytes() == (tiny_dir(arch) / name).read_bytes(), name
+    assert (other / "model.safetensors").read_bytes() != (again / "model.safetensors").read_bytes()
