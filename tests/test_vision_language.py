@@ -55,16 +55,26 @@ def small(pictures: Battery) -> Battery:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
-    """Tiny saved models; LXMERT gets the 9500-answer pre-training QA head."""
+    """Tiny saved models, re-initialised with large weights so that readouts differ between concepts
+    (at the usual 0.02 scale every score is -log(n_concepts) to five digits); LXMERT gets the
+    9500-answer pre-training QA head."""
     import transformers as tf
 
     root = tmp_path_factory.mktemp("vl-models")
-    out = {arch: make_tiny(arch, root / arch) for arch in ("clip", "lxmert", "visualbert")}
-    cfg = tf.LxmertConfig.from_pretrained(out["lxmert"])
-    cfg.num_qa_labels = 9500
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        tf.LxmertForPreTraining(cfg).save_pretrained(out["lxmert"])
+    out = {}
+    for arch, cls in (("clip", tf.CLIPModel), ("lxmert", tf.LxmertForPreTraining), ("visualbert", tf.VisualBertForPreTraining)):
+        out[arch] = make_tiny(arch, root / arch)
+        cfg = tf.AutoConfig.from_pretrained(out[arch])
+        if arch == "clip":
+            for c in (cfg, cfg.text_config, cfg.vision_config):
+                c.initializer_factor = 20.0
+        else:
+            cfg.initializer_range = 0.5
+        if arch == "lxmert":
+            cfg.num_qa_labels = 9500
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            cls(cfg).save_pretrained(out[arch])
     return out
 
 
