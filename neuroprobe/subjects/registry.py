@@ -84,7 +84,7 @@ REGISTRY: dict[str, SubjectSpec] = {
                     description="open-domain chatbot; stand-in for Meena (Adiwardana et al. 2020)",
                     note="meena: Meena's weights were never released; using the BlenderBot-400M-distill stand-in."),
         SubjectSpec("clip", "openai/clip-vit-base-patch32", "main", "MIT", "151M", _HF, "clip",
-                    modalities=("text", "image"),
+                    modalities=("text", "image", "pair"),
                     description="CLIP ViT-B/32 dual encoder (Radford et al. 2021)"),
         SubjectSpec("lxmert", "unc-nlp/lxmert-base-uncased", "main", "MIT", "228M", _HF, "lxmert",
                     modalities=("text", "image", "pair"),
