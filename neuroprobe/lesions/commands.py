@@ -1,0 +1,159 @@
+"""``neuroprobe lesion``: lesion a concept's units and print what the subject forgets."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+TABLE_COLUMNS = ["concept", "mode", "k", "target_change", "other_change", "specificity", "random_target_change",
+                 "random_target_sd", "p_random", "p_random_specific", "bottom_target_change", "most_hit_other"]
+
+
+def _ints(text: str, what: str) -> list[int]:
+    from neuroprobe.errors import NeuroprobeError
+
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise NeuroprobeError(f"{what} expects comma-separated positive integers such as 1,2,4,8,16, not {text!r}.") from None
+    if not values or min(values) < 1:
+        raise NeuroprobeError(f"{what} expects comma-separated positive integers such as 1,2,4,8,16, not {text!r}.")
+    return values
+
+
+def default_out(subject_name: str, init: str, battery: str) -> Path:
+    """``lesions/<subject>[-random]_<battery>`` in the working directory."""
+    tag = subject_name.replace(":", "_").replace("/", "_") + ("-random" if init == "random" else "")
+    return Path("lesions") / f"{tag}_{battery}"
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``lesion`` to ``app``."""
+
+    @app.command()
+    def lesion(
+        model: str = typer.Option(..., "--model", "-m", help="Subject name (see `neuroprobe subjects`) or hf:<id|dir>."),
+        concept: str = typer.Option(..., "--concept", "-c", help="Concept(s) whose units to lesion, comma-separated."),
+        cells: Optional[Path] = typer.Option(None, "--cells", help="Cells table (CSV from `neuroprobe cells`) or a recording (.h5); "
+                                             "default: rank units by d' on the screening split here."),
+        k: str = typer.Option("1,2,4,8,16", "--k", help="Numbers of units to lesion (dose-response), comma-separated."),
+        mode: str = typer.Option("zero,mean", "--mode", help="Lesion mode(s): zero, mean, resample, scale (comma-separated)."),
+        factor: Optional[float] = typer.Option(None, "--factor", help="Scale factor for --mode scale (>1 amplifies)."),
+        random_draws: int = typer.Option(100, "--random-draws", help="Random lesions per k (same count per site, active units)."),
+        keep_draws: int = typer.Option(10, "--keep-draws", help="Random keep-only-k complements per k (0 to skip)."),
+        probe: str = typer.Option("kinship", "--probe", "-p", help="Battery name under probes/ or a battery folder."),
+        readout: Optional[str] = typer.Option(None, "--readout", help="Readout name (default: the subject's default)."),
+        sites: Optional[str] = typer.Option(None, "--sites", help="Montage or site globs to lesion (default: the cells' sites, or mlp)."),
+        matrix: bool = typer.Option(True, "--matrix/--no-matrix", help="Also the lesioned x tested concept forgetting matrix."),
+        matrix_k: Optional[int] = typer.Option(None, "--matrix-k", help="Units per concept in the matrix (default: the largest k)."),
+        importance: int = typer.Option(0, "--importance", help="Single-unit lesions of N top + 3N random units per site (selectivity vs importance); 0 skips."),
+        split: str = typer.Option("testing", "--split", help="Evaluation split (units are ranked on the other)."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default lesions/<subject>_<battery>)."),
+        site_col: str = typer.Option("site", "--site-col", help="Cells table: site column."),
+        unit_col: str = typer.Option("unit", "--unit-col", help="Cells table: unit column."),
+        concept_col: Optional[str] = typer.Option(None, "--concept-col", help="Cells table: concept column (default concept or best_concept)."),
+        score_col: Optional[str] = typer.Option(None, "--score-col", help="Cells table: ranking score column (default dprime or similar)."),
+        device: Optional[str] = typer.Option(None, "--device", help="cuda (default when available) or cpu."),
+        init: str = typer.Option("pretrained", "--init", help="pretrained, or random (the untrained control)."),
+        weights: Optional[Path] = typer.Option(None, "--weights", help="Local folder with the checkpoint files."),
+        seed: int = typer.Option(0, "--seed", help="Seed of random lesions and resample draws."),
+        batch_size: int = typer.Option(32, "--batch-size", help="Stimuli per forward pass."),
+        option: list[str] = typer.Option([], "--option", "-O", help="Subject-specific KEY=VALUE; repeatable."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    ) -> None:
+        """Lesion a concept's units; print the forgetting table; write CSVs and figures."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import pandas as pd
+
+        from neuroprobe.errors import NeuroprobeError
+        from neuroprobe.lesions.figures import plot_dose_response, plot_forgetting_matrix
+        from neuroprobe.lesions.forgetting import LesionStudy, importance_summary, summarize
+        from neuroprobe.lesions.lesion import MODES
+        from neuroprobe.recording.commands import parse_options
+        from neuroprobe.stimuli.battery import Battery
+        from neuroprobe.subjects.registry import load_subject
+
+        ks = _ints(k, "--k")
+        modes = [m.strip() for m in mode.split(",") if m.strip()]
+        bad = [m for m in modes if m not in MODES]
+        if bad or not modes:
+            raise NeuroprobeError(f"--mode {mode!r}: use one or more of {', '.join(MODES)}, comma-separated.")
+        if "scale" in modes and factor is None:
+            raise NeuroprobeError("--mode scale needs --factor (0.5 halves, 2 amplifies).")
+        if random_draws < 0 or keep_draws < 0:
+            raise NeuroprobeError("--random-draws and --keep-draws must be >= 0.")
+        concepts = [c.strip() for c in concept.split(",") if c.strip()]
+        battery = Battery.load(probe)
+        columns = {"site": site_col, "unit": unit_col}
+        if concept_col:
+            columns["concept"] = concept_col
+        if score_col:
+            columns["score"] = score_col
+        # heads: readouts that score words need the task head; encoders without one ignore it
+        subject = load_subject(model, init=init, weights=weights, device=device, seed=seed, heads=True, quiet=quiet,
+                               **parse_options(option))
+        study = LesionStudy(subject, battery, cells, sites=sites, readout=readout, split=split,
+                            rank_split="screening" if split == "testing" else "testing", columns=columns, seed=seed,
+                            quiet=quiet, batch_size=batch_size)
+        for c in concepts:
+            study.check_concept(c)
+        out_dir = out or default_out(subject.name, subject.init, battery.name)
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+        orders = ["top", "bottom", "random", "keep_top"] + (["keep_random"] if keep_draws else [])
+        doses = []
+        for c in concepts:
+            dose = study.dose_response(c, ks, modes, random_draws=random_draws, keep_draws=keep_draws, orders=orders,
+                                       factor=factor)
+            doses.append(dose)
+            fig = plot_dose_response(dose)
+            fig.savefig(out_dir / f"dose_response_{_slug(c)}.png", dpi=130)
+            plt.close(fig)
+        dose_all = pd.concat(doses, ignore_index=True)
+        table = summarize(dose_all)
+        dose_all.to_csv(out_dir / "dose_response.csv", index=False)
+        table.to_csv(out_dir / "forgetting.csv", index=False)
+
+        with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
+            typer.echo(f"{subject.name} ({subject.init}) x {battery.name}: readout {study.readout!r}, "
+                       f"units ranked on {study.rank_split!r}, evaluated on {study.split!r} "
+                       f"({len(study.test)} stimuli); change = lesioned - intact, per concept")
+            typer.echo(table[[c for c in TABLE_COLUMNS if c in table.columns]].to_string(index=False))
+
+        if matrix:
+            mk = matrix_k or max(ks)
+            mats = []
+            for m in modes:
+                mat = study.forgetting_matrix(None, mk, m, factor=factor)
+                mat.to_csv(out_dir / f"forgetting_matrix_{m}.csv")
+                mats.append((f"{m} ablation, top-{mk} units", mat))
+                diag = pd.Series({c: mat.loc[c, c] for c in mat.index})
+                off = mat.where(~pd.DataFrame(mat.index.to_numpy()[:, None] == mat.columns.to_numpy()[None, :],
+                                              index=mat.index, columns=mat.columns)).mean(axis=1)
+                if not quiet:
+                    typer.echo(f"forgetting matrix ({m}, k={mk}): mean diagonal {diag.mean():.4g}, "
+                               f"mean off-diagonal {off.mean():.4g}; "
+                               f"{int((diag < off).sum())}/{int(diag.notna().sum())} concepts lose most on themselves")
+            fig = plot_forgetting_matrix(mats)
+            fig.savefig(out_dir / "forgetting_matrix.png", dpi=130)
+            plt.close(fig)
+
+        if importance > 0:
+            parts = [study.selectivity_vs_importance(c, modes[0], n_top=importance, n_random=3 * importance, factor=factor)
+                     for c in concepts]
+            units = pd.concat(parts, ignore_index=True)
+            units.to_csv(out_dir / "importance.csv", index=False)
+            summary = importance_summary(units)
+            summary.to_csv(out_dir / "importance_summary.csv", index=False)
+            with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3g}".format):
+                typer.echo(summary.to_string(index=False))
+        if not quiet:
+            typer.echo(f"wrote {out_dir}/ (forgetting.csv, dose_response.csv, figures)")
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in text).strip("-") or "concept"

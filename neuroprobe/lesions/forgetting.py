@@ -1,0 +1,640 @@
+"""Forgetting: what a subject's behaviour loses when units are lesioned, with controls.
+
+A :class:`LesionStudy` holds what every lesion experiment on one subject and
+battery shares: the intact readout on the evaluation split (``testing``), the
+units' responses on the ranking split (``screening``: they rank units, tell active
+from dead units, and give mean/resample ablation its reference values), and the
+ranking of units per concept (from a cells table, a recording, or d′ computed
+here; see :mod:`neuroprobe.lesions.ranking`).
+
+Readout change is ``lesioned - intact`` per evaluation stimulus (the readout's
+own units, e.g. nats for log-probability readouts; negative = forgotten), then
+averaged per tested concept.  For a lesion aimed at concept ``c``:
+
+``target_change``
+    the mean change over ``c``'s stimuli;
+``other_change``
+    the mean over every other concept of its mean change (each concept weighs the same);
+``specificity``
+    target drop over non-target drop, ``-target_change / max(-other_change, floor)``
+    with ``floor`` = :data:`SPECIFICITY_FLOOR` (> 1: the target lost more than
+    the others; negative: the target gained).  The floor keeps the ratio finite
+    and sign-stable when the other concepts do not move at all (numerical noise
+    of either sign); a specificity near ``-target_change / floor`` means "the
+    others did not measurably change";
+``gap``
+    ``target_change - other_change`` (negative: the lesion hit the target harder);
+``p_random``
+    ``(1 + #{random lesions with target_change <= observed}) / (1 + n)``: random
+    lesions of the same number of units at the same sites (the same count per
+    site), drawn from units that are active on the ranking split;
+``p_random_specific``
+    the same for ``gap``.
+
+Orders of a dose-response (``k`` units each):
+
+``top``          the ``k`` best-ranked units for the concept;
+``bottom``       the ``k`` least selective active units (smallest ``|d′|`` on the
+                 ranking split), with top-``k``'s count per site;
+``random``       ``random_draws`` random active units with top-``k``'s count per site;
+``keep_top``     every unit of top-``k``'s sites is lesioned except the top ``k``
+                 (does the concept survive on its cells alone?);
+``keep_random``  the same keeping random active units instead.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from neuroprobe.errors import NeuroprobeError
+from neuroprobe.lesions.lesion import count_units, lesion, resolve_sites, site_responses
+from neuroprobe.lesions.ranking import active_mask, cells_ranking, dprime, rank_units
+from neuroprobe.subjects.base import Subject
+
+if TYPE_CHECKING:  # pragma: no cover
+    from neuroprobe.stimuli.battery import Battery
+
+ORDERS = ("top", "bottom", "random", "keep_top", "keep_random")
+DEFAULT_K = 8
+#: non-target drops below this (in readout units) count as this in ``specificity``
+SPECIFICITY_FLOOR = 1e-3
+
+
+def _load_cells(cells: Any) -> Any:
+    if isinstance(cells, (str, Path)):
+        path = Path(cells)
+        if not path.exists():
+            raise NeuroprobeError(f"cells file {path} does not exist; give a CSV from `neuroprobe cells` or a recording (.h5).")
+        if path.suffix in (".h5", ".hdf5"):
+            from neuroprobe.recording.reader import open_recording
+
+            return open_recording(path)
+        try:
+            return pd.read_csv(path)
+        except Exception as err:  # pandas names the problem
+            raise NeuroprobeError(f"cells file {path} cannot be read as CSV ({err}).") from None
+    return cells
+
+
+class LesionStudy:
+    """Lesion experiments on one subject and battery, sharing baseline and rankings.
+
+    Parameters
+    ----------
+    subject
+        The subject (its readouts score behaviour).
+    battery
+        Stimuli; the ``split`` rows are evaluated, the ``rank_split`` rows rank units.
+    cells
+        Where the ranking comes from: a cells DataFrame (or its CSV path), a
+        recording (or its ``.h5`` path: d′ on ``rank_split``), or ``None`` (d′ of
+        the subject's own responses on ``rank_split`` at ``sites``).
+    sites
+        Montage or site globs to lesion (default: the sites of the cells table or
+        recording; ``mlp`` when ranking here).
+    readout
+        Readout name (default: the subject's default readout).
+    split, rank_split
+        Evaluation and ranking splits; they must differ (no double dipping).
+    columns
+        Column names of a cells table: keys ``site``, ``unit``, ``concept``, ``score``.
+    seed
+        Seeds random lesions and resample draws.
+    quiet
+        No progress bars.
+    batch_size
+        Stimuli per forward pass.
+    """
+
+    def __init__(
+        self,
+        subject: Subject,
+        battery: "Battery",
+        cells: Any = None,
+        *,
+        sites: str | Sequence[str] | None = None,
+        readout: str | None = None,
+        split: str = "testing",
+        rank_split: str = "screening",
+        columns: Mapping[str, str] | None = None,
+        seed: int = 0,
+        quiet: bool = False,
+        batch_size: int = 32,
+    ) -> None:
+        if split == rank_split:
+            raise NeuroprobeError(
+                f"units must be ranked on one split and lesions evaluated on the other; both are {split!r}."
+            )
+        subject.check_battery(battery)
+        self.subject = subject
+        self.battery = battery
+        self.cells = _load_cells(cells)
+        self.columns = dict(columns or {})
+        self.seed = int(seed)
+        self.quiet = quiet
+        self.batch_size = batch_size
+        self.split, self.rank_split = split, rank_split
+        self.readout = readout or subject.default_readout
+        if self.readout not in subject.readouts:
+            raise NeuroprobeError(
+                f"subject {subject.name!r} has no readout {self.readout!r}; it has {', '.join(subject.readouts) or 'none'}."
+            )
+        self.test = battery.split(split)
+        self.rank_rows = battery.split(rank_split)
+        if len(self.test) == 0 or len(self.rank_rows) == 0:
+            raise NeuroprobeError(f"battery {battery.name!r} needs both {rank_split!r} and {split!r} stimuli for lesion studies.")
+        self.site_names = self._choose_sites(sites)
+        # the readout's intact state (e.g. concept prototypes) comes from the unlesioned model
+        prepare = getattr(subject, "prepare_readout", None)
+        if prepare is not None:
+            prepare(battery, self.readout)
+        self.screen = site_responses(subject, battery, self.rank_rows, self.site_names, batch_size=batch_size)
+        self.n_units = {s: r.shape[1] for s, r in self.screen.items()}
+        self.active = {s: active_mask(r) for s, r in self.screen.items()}
+        self.baseline = self._score()
+        self.test_concepts = self.test["concept"].to_numpy()
+        self.concepts = [c for c in battery.concept_names if c in set(self.test_concepts)]
+        self._selectivity: dict[str, pd.DataFrame] = {}
+        self._top: dict[str, pd.DataFrame] = {}
+
+    # ------------------------------------------------------------- set-up
+    def _choose_sites(self, sites: str | Sequence[str] | None) -> list[str]:
+        cells = self.cells
+        if isinstance(cells, pd.DataFrame):
+            col = self.columns.get("site", "site")
+            if col not in cells.columns:
+                raise NeuroprobeError(f"the cells table has no {col!r} column; name it with --site-col.")
+            names = list(dict.fromkeys(cells[col].astype(str)))
+        elif cells is not None and hasattr(cells, "site_names"):
+            names = list(cells.site_names)
+        else:
+            names = [s.name for s in self.subject.sites(sites or "mlp")]
+            sites = None
+        resolve_sites(self.subject, names)  # one clear error for a site the subject lacks
+        if sites is not None:
+            wanted = {s.name for s in self.subject.sites(sites)}
+            names = [n for n in names if n in wanted]
+            if not names:
+                raise NeuroprobeError(f"no site of the cells is in montage {sites!r}; widen --sites.")
+        return names
+
+    def _score(self) -> np.ndarray:
+        return self.subject.readout(self.test, self.battery, self.readout, batch_size=self.batch_size)
+
+    def check_concept(self, concept: str) -> None:
+        """Raise a clear error for a concept the battery cannot test."""
+        if concept not in self.battery.concepts:
+            raise NeuroprobeError(
+                f"concept {concept!r} is not in battery {self.battery.name!r}; it has {', '.join(self.battery.concept_names)}."
+            )
+        if concept not in self.concepts:
+            raise NeuroprobeError(f"concept {concept!r} has no {self.split!r} stimuli in battery {self.battery.name!r}.")
+
+    # ------------------------------------------------------------- rankings
+    def selectivity(self, concept: str) -> pd.DataFrame:
+        """d′ of every unit at the study's sites for ``concept`` on the ranking split."""
+        if concept not in self._selectivity:
+            labels = self.rank_rows["concept"].to_numpy()
+            parts = []
+            for s in self.site_names:
+                parts.append(pd.DataFrame({"site": s, "unit": np.arange(self.n_units[s]),
+                                           "dprime": dprime(self.screen[s], labels == concept), "active": self.active[s]}))
+            self._selectivity[concept] = pd.concat(parts, ignore_index=True)
+        return self._selectivity[concept]
+
+    def ranking(self, concept: str) -> pd.DataFrame:
+        """Active units at the study's sites, best for ``concept`` first (``site, unit, score``)."""
+        self.check_concept(concept)
+        if concept in self._top:
+            return self._top[concept]
+        cells = self.cells
+        if isinstance(cells, pd.DataFrame):
+            order = cells_ranking(cells, concept, columns=self.columns)[["site", "unit", "score"]]
+            if order.empty:
+                raise NeuroprobeError(f"the cells table lists no units for concept {concept!r}; choose another --concept.")
+        elif cells is not None and hasattr(cells, "responses"):
+            r = rank_units(cells, concept, split=self.rank_split, sites=self.site_names)
+            order = r.rename(columns={"dprime": "score"})[["site", "unit", "score"]]
+        else:
+            r = self.selectivity(concept).sort_values("dprime", ascending=False, kind="mergesort")
+            order = r.rename(columns={"dprime": "score"})[["site", "unit", "score"]]
+        order = order[order["site"].isin(self.site_names)]
+        for s, g in order.groupby("site"):
+            bad = g["unit"][g["unit"] >= self.n_units[s]]
+            if len(bad):
+                raise NeuroprobeError(f"unit {int(bad.iloc[0])} of the cells is out of range for site {s!r} ({self.n_units[s]} units).")
+        keep = np.array([self.active[s][u] for s, u in zip(order["site"], order["unit"])], dtype=bool)
+        order = order[keep].reset_index(drop=True)
+        self._top[concept] = order
+        return order
+
+    def top(self, concept: str, k: int) -> dict[str, np.ndarray] | None:
+        """The ``k`` best-ranked units (``None`` when fewer are ranked)."""
+        order = self.ranking(concept)
+        if k > len(order):
+            return None
+        return _group(order.iloc[:k])
+
+    def bottom(self, concept: str, template: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The least selective active units (smallest ``|d′|``), with ``template``'s count per site."""
+        sel = self.selectivity(concept)
+        out = {}
+        for s, units in template.items():
+            g = sel[(sel["site"] == s) & sel["active"]]
+            g = g.assign(a=g["dprime"].abs()).sort_values(["a", "unit"], kind="mergesort")
+            out[s] = np.sort(g["unit"].to_numpy()[: len(units)])
+        return out
+
+    def random(self, template: Mapping[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Random active units with ``template``'s count per site."""
+        out = {}
+        for s, units in template.items():
+            pool = np.flatnonzero(self.active[s])
+            if len(units) > len(pool):
+                raise NeuroprobeError(f"site {s!r} has only {len(pool)} active units; cannot draw {len(units)} at random.")
+            out[s] = np.sort(rng.choice(pool, size=len(units), replace=False))
+        return out
+
+    def complement(self, kept: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every unit of ``kept``'s sites except the kept ones."""
+        return {s: np.setdiff1d(np.arange(self.n_units[s]), units) for s, units in kept.items()}
+
+    # ----------------------------------------------------------- evaluation
+    def evaluate(self, units: Mapping[str, np.ndarray], mode: str = "zero", *, factor: float | None = None) -> pd.Series:
+        """Mean readout change per tested concept under a lesion (``lesioned - intact``)."""
+        if count_units(units) == 0:
+            return pd.Series(0.0, index=self.concepts)
+        ref = self.screen if mode in ("mean", "resample") else None
+        with lesion(self.subject, units, mode, factor=factor if mode == "scale" else None, reference=ref, seed=self.seed):
+            scores = self._score()
+        change = pd.Series(scores - self.baseline).groupby(self.test_concepts).mean()
+        return change.reindex(self.concepts)
+
+    def _row(self, concept: str, change: pd.Series, **extra: Any) -> dict[str, Any]:
+        others = change.drop(concept)
+        worst = others.idxmin() if len(others) else None
+        return dict(concept=concept, **extra, target_change=float(change[concept]),
+                    other_change=float(others.mean()) if len(others) else np.nan,
+                    most_hit_other=worst, most_hit_other_change=float(others.min()) if len(others) else np.nan)
+
+    # ------------------------------------------------------------ experiments
+    def dose_response(
+        self,
+        concept: str,
+        ks: Iterable[int] = (1, 2, 4, 8, 16),
+        modes: str | Sequence[str] = ("zero", "mean"),
+        *,
+        random_draws: int = 100,
+        keep_draws: int = 10,
+        orders: Sequence[str] = ORDERS,
+        factor: float | None = None,
+    ) -> pd.DataFrame:
+        """Readout change for top-, bottom-, random-``k`` lesions and keep-only-``k`` complements.
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per evaluated lesion: ``concept, mode, order, k, draw`` (-1 for
+            deterministic orders), ``n_units, n_sites, units`` (top only),
+            ``target_change, other_change, most_hit_other, most_hit_other_change``.
+        """
+        modes = [modes] if isinstance(modes, str) else list(modes)
+        bad = set(orders) - set(ORDERS)
+        if bad:
+            raise NeuroprobeError(f"unknown lesion order(s) {', '.join(sorted(bad))}; use {', '.join(ORDERS)}.")
+        ks = sorted({int(k) for k in ks})
+        if not ks or ks[0] < 1:
+            raise NeuroprobeError("k must be positive integers, e.g. --k 1,2,4,8,16.")
+        order = self.ranking(concept)
+        usable = [k for k in ks if k <= len(order)]
+        if not usable:
+            raise NeuroprobeError(f"only {len(order)} active unit(s) are ranked for {concept!r}; choose k <= {len(order)}.")
+        if len(usable) < len(ks):
+            warnings.warn(f"{concept}: only {len(order)} ranked units; skipping k = {[k for k in ks if k > len(order)]}.", stacklevel=2)
+        per_k = sum(1 for o in ("top", "bottom", "keep_top") if o in orders)
+        per_k += random_draws * ("random" in orders) + keep_draws * ("keep_random" in orders)
+        bar = tqdm(total=per_k * len(usable) * len(modes), unit="lesion", desc=f"lesion {concept}", disable=self.quiet,
+                   dynamic_ncols=True)
+        rows = []
+        try:
+            for k in usable:
+                top = self.top(concept, k)
+                assert top is not None
+                plans: list[tuple[str, int, dict[str, np.ndarray]]] = []
+                if "top" in orders:
+                    plans.append(("top", -1, top))
+                if "bottom" in orders:
+                    plans.append(("bottom", -1, self.bottom(concept, top)))
+                if "keep_top" in orders:
+                    plans.append(("keep_top", -1, self.complement(top)))
+                rng = np.random.default_rng([self.seed, k])  # the same random lesions for every mode
+                if "random" in orders:
+                    plans += [("random", d, self.random(top, rng)) for d in range(random_draws)]
+                if "keep_random" in orders:
+                    plans += [("keep_random", d, self.complement(self.random(top, rng))) for d in range(keep_draws)]
+                for mode in modes:
+                    for name, draw, units in plans:
+                        change = self.evaluate(units, mode, factor=factor)
+                        rows.append(self._row(
+                            concept, change, mode=mode, order=name, k=k, draw=draw, n_units=count_units(units),
+                            n_sites=len(units), units=_describe(units) if name == "top" else "",
+                        ))
+                        bar.update(1)
+        finally:
+            bar.close()
+        return pd.DataFrame(rows)
+
+    def forgetting_matrix(self, concepts: Sequence[str] | None = None, k: int = DEFAULT_K, mode: str = "zero",
+                          *, factor: float | None = None) -> pd.DataFrame:
+        """Readout change of every tested concept (columns) when each concept's top-``k`` is lesioned (rows)."""
+        concepts = list(concepts or self.concepts)
+        rows = {}
+        for c in tqdm(concepts, desc=f"matrix {mode}", unit="concept", disable=self.quiet, dynamic_ncols=True):
+            try:
+                top = self.top(c, k)
+            except NeuroprobeError:  # the cells table has no units for this concept
+                top = None
+            if top is None:
+                warnings.warn(f"{c}: fewer than {k} ranked units; its row of the forgetting matrix is left empty.", stacklevel=2)
+                rows[c] = pd.Series(np.nan, index=self.concepts)
+                continue
+            rows[c] = self.evaluate(top, mode, factor=factor)
+        m = pd.DataFrame(rows).T.reindex(columns=self.concepts)
+        m.index.name, m.columns.name = "lesioned", "tested"
+        return m
+
+    def selectivity_vs_importance(self, concept: str, mode: str = "zero", *, n_top: int = 8, n_random: int = 24,
+                                  factor: float | None = None) -> pd.DataFrame:
+        """Single-unit lesions per site: each unit's d′ beside what its removal costs.
+
+        At every site the ``n_top`` most selective active units and ``n_random``
+        other active units (seeded) are lesioned one at a time.
+        """
+        self.check_concept(concept)
+        sel = self.selectivity(concept)
+        rng = np.random.default_rng([self.seed, 7919])
+        chosen = []
+        for s in self.site_names:
+            g = sel[(sel["site"] == s) & sel["active"]].sort_values("dprime", ascending=False, kind="mergesort")
+            top = g["unit"].to_numpy()[:n_top]
+            rest = np.setdiff1d(g["unit"].to_numpy(), top)
+            rand = rng.choice(rest, size=min(n_random, len(rest)), replace=False) if len(rest) else np.array([], int)
+            chosen += [(s, int(u), "top") for u in top] + [(s, int(u), "random") for u in np.sort(rand)]
+        d = sel.set_index(["site", "unit"])["dprime"]
+        rows = []
+        for s, u, how in tqdm(chosen, desc=f"single units {concept}", unit="lesion", disable=self.quiet, dynamic_ncols=True):
+            change = self.evaluate({s: np.array([u])}, mode, factor=factor)
+            rows.append(self._row(concept, change, mode=mode, site=s, unit=u, chosen=how, dprime=float(d[(s, u)])))
+        return pd.DataFrame(rows)
+
+
+def _group(df: pd.DataFrame) -> dict[str, np.ndarray]:
+    out: dict[str, list[int]] = {}
+    for s, u in zip(df["site"], df["unit"]):
+        out.setdefault(str(s), []).append(int(u))
+    return {s: np.sort(np.asarray(v, dtype=np.int64)) for s, v in out.items()}
+
+
+def _describe(units: Mapping[str, np.ndarray]) -> str:
+    return ";".join(f"{s}:{','.join(map(str, u))}" for s, u in units.items())
+
+
+# ---------------------------------------------------------------- summaries
+
+
+def specificity(target_change: float, other_change: float, floor: float = SPECIFICITY_FLOOR) -> float:
+    """Target drop over non-target drop (the latter floored at ``floor``); see the module docstring."""
+    return float(-target_change / max(-other_change, floor))
+
+
+def summarize(dose: pd.DataFrame) -> pd.DataFrame:
+    """The forgetting table: each top-``k`` lesion against its controls.
+
+    Parameters
+    ----------
+    dose
+        Output of :meth:`LesionStudy.dose_response` (needs ``top`` and ``random`` rows).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per ``(concept, mode, k)``: ``target_change, other_change,
+        specificity, gap, most_hit_other(_change)``, the random lesions' mean and SD
+        of ``target_change`` and mean ``other_change``, ``p_random``,
+        ``p_random_specific``, ``n_random``, and when present ``bottom_target_change``,
+        ``keep_top_target_change``/``keep_top_other_change`` and
+        ``keep_random_target_change``; plus ``units`` (the top-``k`` lesion).
+    """
+    rows = []
+    for (concept, mode, k), g in dose.groupby(["concept", "mode", "k"], sort=False):
+        top = g[g["order"] == "top"]
+        if top.empty:
+            continue
+        t = top.iloc[0]
+        rnd = g[g["order"] == "random"]
+        gap = t.target_change - t.other_change
+        row = dict(concept=concept, mode=mode, k=int(k), target_change=t.target_change, other_change=t.other_change,
+                   specificity=specificity(t.target_change, t.other_change), gap=gap,
+                   most_hit_other=t.most_hit_other, most_hit_other_change=t.most_hit_other_change)
+        n = len(rnd)
+        if n:
+            rgap = rnd["target_change"] - rnd["other_change"]
+            row.update(random_target_change=rnd["target_change"].mean(), random_target_sd=rnd["target_change"].std(ddof=1) if n > 1 else np.nan,
+                       random_other_change=rnd["other_change"].mean(),
+                       p_random=(1 + int((rnd["target_change"] <= t.target_change).sum())) / (1 + n),
+                       p_random_specific=(1 + int((rgap <= gap).sum())) / (1 + n), n_random=n)
+        else:
+            row.update(random_target_change=np.nan, random_target_sd=np.nan, random_other_change=np.nan,
+                       p_random=np.nan, p_random_specific=np.nan, n_random=0)
+        for order in ("bottom", "keep_top", "keep_random"):
+            sub = g[g["order"] == order]
+            if len(sub):
+                row[f"{order}_target_change"] = sub["target_change"].mean()
+                row[f"{order}_other_change"] = sub["other_change"].mean()
+        row["units"] = t["units"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def importance_summary(units: pd.DataFrame) -> pd.DataFrame:
+    """Per site: does a unit's selectivity predict what its removal costs?
+
+    Spearman correlation between d′ and the target drop (``-target_change``) of
+    single-unit lesions (output of :meth:`LesionStudy.selectivity_vs_importance`),
+    and the same for the selective drop (``other_change - target_change``).
+    """
+    from scipy.stats import spearmanr
+
+    rows = []
+    for (concept, mode, site), g in units.groupby(["concept", "mode", "site"], sort=False):
+        drop = -g["target_change"]
+        sel_drop = g["other_change"] - g["target_change"]
+        ok = len(g) >= 3 and g["dprime"].nunique() > 1
+        rho, p = spearmanr(g["dprime"], drop) if ok and drop.nunique() > 1 else (np.nan, np.nan)
+        rho2, p2 = spearmanr(g["dprime"], sel_drop) if ok and sel_drop.nunique() > 1 else (np.nan, np.nan)
+        top, rnd = g[g["chosen"] == "top"], g[g["chosen"] == "random"]
+        rows.append(dict(concept=concept, mode=mode, site=site, n_units=len(g), spearman_drop=rho, p_drop=p,
+                         spearman_selective_drop=rho2, p_selective_drop=p2,
+                         top_mean_target_change=top["target_change"].mean(), random_mean_target_change=rnd["target_change"].mean()))
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------- public calls
+
+
+def _study(subject, battery, cells, **kw) -> LesionStudy:
+    study = kw.pop("study", None)
+    return study if study is not None else LesionStudy(subject, battery, cells, **kw)
+
+
+def _default_k(cells: Any, concept: str, columns: Mapping[str, str] | None) -> int:
+    if isinstance(cells, pd.DataFrame) and "is_cell" in cells.columns:
+        r = cells_ranking(cells, concept, columns=columns)
+        return max(1, int(r["is_cell"].sum()))
+    return DEFAULT_K
+
+
+def forgetting(
+    subject: Subject,
+    battery: "Battery",
+    cells: Any = None,
+    concept: str | None = None,
+    *,
+    k: int | Sequence[int] | None = None,
+    mode: str | Sequence[str] = ("zero", "mean"),
+    factor: float | None = None,
+    random_draws: int = 100,
+    split: str = "testing",
+    rank_split: str = "screening",
+    sites: str | Sequence[str] | None = None,
+    readout: str | None = None,
+    columns: Mapping[str, str] | None = None,
+    seed: int = 0,
+    quiet: bool = False,
+    study: LesionStudy | None = None,
+) -> pd.DataFrame:
+    """Lesion a concept's top-ranked units and measure what the subject forgets.
+
+    Parameters
+    ----------
+    subject, battery
+        The subject and the battery (units ranked on ``rank_split``, evaluated on ``split``).
+    cells
+        A cells table (DataFrame or CSV path), a recording, or ``None`` (rank by d′ here).
+    concept
+        The concept whose units are lesioned.
+    k
+        Units lesioned (an int or several); default: the table's cells for the
+        concept when it flags ``is_cell``, else 8.
+    mode
+        Lesion mode(s): ``zero``, ``mean``, ``resample``, ``scale`` (with ``factor``).
+        Zero and mean by default: zeroing shifts every embedding, so both are reported.
+    random_draws
+        Random lesions of the same count per site (active units only) for the p-value.
+    split, rank_split, sites, readout, columns, seed, quiet
+        See :class:`LesionStudy`.
+    study
+        Reuse an existing :class:`LesionStudy` (its subject, battery and ranking).
+
+    Returns
+    -------
+    pandas.DataFrame
+        The forgetting table (see :func:`summarize`), one row per mode and ``k``.
+    """
+    if concept is None:
+        raise NeuroprobeError("give the concept whose units to lesion.")
+    s = _study(subject, battery, cells, study=study, sites=sites, readout=readout, split=split, rank_split=rank_split,
+               columns=columns, seed=seed, quiet=quiet)
+    ks = [k] if isinstance(k, (int, np.integer)) else (list(k) if k is not None else [_default_k(s.cells, concept, columns)])
+    dose = s.dose_response(concept, ks, mode, random_draws=random_draws, orders=("top", "random"), factor=factor)
+    return summarize(dose)
+
+
+def dose_response(
+    subject: Subject,
+    battery: "Battery",
+    cells: Any = None,
+    concept: str | None = None,
+    *,
+    ks: Iterable[int] = (1, 2, 4, 8, 16),
+    mode: str | Sequence[str] = ("zero", "mean"),
+    factor: float | None = None,
+    random_draws: int = 100,
+    keep_draws: int = 10,
+    orders: Sequence[str] = ORDERS,
+    split: str = "testing",
+    rank_split: str = "screening",
+    sites: str | Sequence[str] | None = None,
+    readout: str | None = None,
+    columns: Mapping[str, str] | None = None,
+    seed: int = 0,
+    quiet: bool = False,
+    study: LesionStudy | None = None,
+) -> pd.DataFrame:
+    """Dose-response over ``k`` for top-, bottom- and random-``k`` lesions and keep-only-top-``k``.
+
+    Returns one row per evaluated lesion (see :meth:`LesionStudy.dose_response`);
+    :func:`summarize` turns it into the forgetting table and
+    :func:`~neuroprobe.lesions.figures.plot_dose_response` into the figure.
+    """
+    if concept is None:
+        raise NeuroprobeError("give the concept whose units to lesion.")
+    s = _study(subject, battery, cells, study=study, sites=sites, readout=readout, split=split, rank_split=rank_split,
+               columns=columns, seed=seed, quiet=quiet)
+    return s.dose_response(concept, ks, mode, random_draws=random_draws, keep_draws=keep_draws, orders=orders, factor=factor)
+
+
+def forgetting_matrix(
+    subject: Subject,
+    battery: "Battery",
+    cells: Any = None,
+    concepts: Sequence[str] | None = None,
+    *,
+    k: int = DEFAULT_K,
+    mode: str = "zero",
+    factor: float | None = None,
+    split: str = "testing",
+    rank_split: str = "screening",
+    sites: str | Sequence[str] | None = None,
+    readout: str | None = None,
+    columns: Mapping[str, str] | None = None,
+    seed: int = 0,
+    quiet: bool = False,
+    study: LesionStudy | None = None,
+) -> pd.DataFrame:
+    """Lesioned-concept × tested-concept matrix of mean readout change (top-``k`` lesions).
+
+    A diagonal more negative than its row means the lesions are concept-specific.
+    """
+    s = _study(subject, battery, cells, study=study, sites=sites, readout=readout, split=split, rank_split=rank_split,
+               columns=columns, seed=seed, quiet=quiet)
+    return s.forgetting_matrix(concepts, k, mode, factor=factor)
+
+
+def selectivity_vs_importance(
+    subject: Subject,
+    battery: "Battery",
+    concept: str,
+    cells: Any = None,
+    *,
+    mode: str = "zero",
+    n_top: int = 8,
+    n_random: int = 24,
+    factor: float | None = None,
+    split: str = "testing",
+    rank_split: str = "screening",
+    sites: str | Sequence[str] | None = None,
+    readout: str | None = None,
+    seed: int = 0,
+    quiet: bool = False,
+    study: LesionStudy | None = None,
+) -> pd.DataFrame:
+    """Single-unit lesions per site, d′ beside cost (see :func:`importance_summary` for the per-site relation)."""
+    s = _study(subject, battery, cells, study=study, sites=sites, readout=readout, split=split, rank_split=rank_split,
+               seed=seed, quiet=quiet)
+    return s.selectivity_vs_importance(concept, mode, n_top=n_top, n_random=n_random, factor=factor)
