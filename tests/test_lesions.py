@@ -295,6 +295,7 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           cwd=cwd, timeout=600)
 
 
+@pytest.mark.slow  # loads MiniLM in a subprocess and runs ~40 lesioned evaluations (20-40 s)
 def test_cli_lesion_minilm(minilm, tiny_kinship, tmp_path):
     cells = pd.DataFrame({"site": ["encoder.layer.3.mlp", "encoder.layer.3.mlp", "encoder.layer.5.mlp", "encoder.layer.1.mlp"],
                           "unit": [11, 700, 42, 5], "best_concept": ["mother", "mother", "mother", "dog"],
@@ -324,7 +325,9 @@ def test_cli_lesion_minilm(minilm, tiny_kinship, tmp_path):
     assert row["target_change"] == pytest.approx(per["mother"], abs=1e-6)
     assert row["other_change"] == pytest.approx(per.drop("mother").mean(), abs=1e-6)
     assert 0 < row["p_random"] <= 1 and row["n_random"] == 4
-    # a concept the battery lacks: one clear line, non-zero exit
+
+
+def test_cli_lesion_rejects_unknown_concept(tiny_kinship, tmp_path):
     bad = cli("lesion", "--model", "minilm", "--device", "cpu", "--concept", "unicorn", "--probe", str(tiny_kinship),
               "--quiet", "--out", "out2", cwd=tmp_path)
     assert bad.returncode == 2

@@ -88,6 +88,12 @@ def register(app: typer.Typer) -> None:
             raise NeuroprobeError("--random-draws and --keep-draws must be >= 0.")
         concepts = [c.strip() for c in concept.split(",") if c.strip()]
         battery = Battery.load(probe)
+        unknown = [c for c in concepts if c not in battery.concepts]
+        if unknown or not concepts:
+            raise NeuroprobeError(
+                f"concept {', '.join(map(repr, unknown)) or '(none)'} is not in battery {battery.name!r}; "
+                f"it has {', '.join(battery.concept_names)}."
+            )
         columns = {"site": site_col, "unit": unit_col}
         if concept_col:
             columns["concept"] = concept_col
