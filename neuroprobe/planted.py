@@ -110,7 +110,7 @@ def make_planted(
     hidden: int = 64,
     d_in: int = 32,
     noise: float = 0.15,
-    weak_gain: float = 0.6,
+    weak_gain: float = 0.75,
     seed: int = 0,
     init: str = "pretrained",
 ) -> Planted:
@@ -130,7 +130,10 @@ def make_planted(
     noise
         Standard deviation of per-stimulus input noise.
     weak_gain
-        Strength of the weak cells' tuning relative to the invariant cells'.
+        Strength of the weak cells' tuning relative to the invariant cells' (their
+        noise readout has the invariant cells' expected size, fixed, so the weak
+        cells sit reliably between k = 5 and the invariant cells: about 7 SD
+        against about 8.6 SD on either split at the default 0.75).
     seed
         Seed for weights, directions and noise.
     init
@@ -147,7 +150,8 @@ def make_planted(
         raise ValueError("d_in too small for the concept and form directions")
     basis = np.linalg.qr(rng.standard_normal((d_in, d_in)))[0]
     concept_vecs = 2.0 * basis[:n_concepts]
-    form_vecs = {f: 1.0 * basis[n_concepts + i] for i, (f, _) in enumerate(FORMS)}
+    # forms are strong directions so that an image-only cell can gate on modality with a wide margin
+    form_vecs = {f: 3.0 * basis[n_concepts + i] for i, (f, _) in enumerate(FORMS)}
     image_dir = sum(basis[n_concepts + i] for i, (_, m) in enumerate(FORMS) if m == "image")
     rows, placeholder = [], "images/placeholder.png"
     Image.new("RGB", (4, 4), (128, 128, 128)).save(root / placeholder)
@@ -185,9 +189,14 @@ def make_planted(
                 # tuned units also read noise dimensions, so their baseline is active and noisy
                 w1[inv] = 2.0 * cdir + 0.5 * (torch.randn(noise_dirs.shape[0], generator=torch_gen) @ noise_dirs)
                 b1[inv] = 1.0
-                w1[img] = 1.5 * cdir + 3.0 * torch.tensor(image_dir / np.linalg.norm(image_dir), dtype=torch.float32)
-                b1[img] = -2.5
-                w1[weak] = 2.0 * weak_gain * cdir + 0.7 * (torch.randn(noise_dirs.shape[0], generator=torch_gen) @ noise_dirs)
+                # an AND of concept and image modality: ~5 SD above zero for the concept's images,
+                # >= 3 SD below zero for its text stimuli and for other concepts' images
+                w1[img] = 2.5 * cdir + 3.0 * torch.tensor(image_dir / np.linalg.norm(image_dir), dtype=torch.float32)
+                b1[img] = -7.0
+                # a fixed-size noise readout: the weak effect is weak in amplitude, not erratic across seeds
+                r = torch.randn(noise_dirs.shape[0], generator=torch_gen)
+                r = r / r.norm() * float(np.sqrt(noise_dirs.shape[0]))
+                w1[weak] = 2.0 * weak_gain * cdir + 0.5 * (r @ noise_dirs)
                 b1[weak] = 1.0
                 w2[i, inv] = 3.0
                 w2[i, img] = 1.0

@@ -1,0 +1,369 @@
+"""Controls for every concept-cell claim, one call each.
+
+* :func:`rotation_control` — rotate each site's basis at random and look for cells
+  again.  Concept information that is spread across units survives a rotation;
+  single-unit (axis-aligned) tuning does not.  A claim about *units* needs more
+  cells than the rotated site gives.
+* :func:`untrained_control` — the same criterion on the untrained subject
+  (``init="random"``): how many "cells" architecture and stimuli alone produce.
+* :func:`label_shuffle_control` — concept labels permuted among stimuli (within
+  split and form): every cell found is a false discovery, so this measures the
+  criterion's false-positive count on this recording.
+* :func:`bootstrap_ci` — confidence intervals of the cells' indices over stimuli.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from neuroprobe.analysis.criterion import concept_cells
+from neuroprobe.analysis.design import Design
+from neuroprobe.analysis.indices import (
+    auc_from_u, class_means, d_prime, group_medians, group_stats, lifetime_sparseness, midranks, morcos_si, nonneg,
+    rank_sum, selectivity_index,
+)
+from neuroprobe.analysis.scan import as_recording, battery_concepts, site_order
+from neuroprobe.errors import NeuroprobeError
+from neuroprobe.recording import schema
+from neuroprobe.recording.reader import Recording, open_recording
+
+#: Sites up to this many units get a dense Haar rotation; wider sites a block-diagonal one.
+MAX_DENSE_ROTATION = 4096
+_ROW_BYTES = 64 << 20
+
+
+# ---------------------------------------------------------------- rotation
+def random_rotation(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A Haar-random orthogonal ``[n, n]`` matrix (QR of a Gaussian matrix, signs fixed)."""
+    from threadpoolctl import threadpool_limits
+
+    g = rng.standard_normal((n, n))
+    # OpenBLAS's threaded Householder QR spins badly on a busy machine (8x slower on 2 shared
+    # cores); one thread is fast and predictable
+    with threadpool_limits(limits=1, user_api="blas"):
+        q, r = np.linalg.qr(g)
+    return q * np.sign(np.diag(r))
+
+
+def rotate_recording(
+    rec: Recording | str | Path,
+    out: str | Path,
+    *,
+    seed: int = 0,
+    sites: Sequence[str] | None = None,
+    max_dense: int = MAX_DENSE_ROTATION,
+) -> Path:
+    """Write a copy of ``rec`` whose every site is expressed in a random orthonormal basis.
+
+    Each site's responses are centred (per-unit mean over the stimuli it fired for) and
+    multiplied by a Haar-random rotation; stimuli the site did not fire for stay NaN.
+    Sites wider than ``max_dense`` units are rotated by random orthogonal blocks of
+    ``max_dense`` units after a random permutation of the units (memory O(max_dense^2)).
+    Streams over stimuli: memory is one slab of rows plus the rotation.
+
+    Returns
+    -------
+    Path
+        ``out``, a valid recording (root attribute ``control = "rotation"``).
+    """
+    rec = as_recording(rec)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    names = site_order(rec) if sites is None else list(sites)
+    rng = np.random.default_rng(seed)
+    with h5py.File(rec.path, "r") as src, h5py.File(out, "w", track_order=True) as dst:
+        for key, v in src.attrs.items():
+            dst.attrs[key] = v
+        dst.attrs["control"] = "rotation"
+        dst.attrs["rotation_seed"] = seed
+        dst.attrs["rotation_of"] = str(rec.path)
+        dst.attrs["sites_list"] = json.dumps(names)
+        src.copy(src[schema.STIMULI], dst, name=schema.STIMULI)
+        for site in names:
+            sds = src[schema.site_path(site)][schema.RESPONSES]
+            n, u = sds.shape
+            g = dst.create_group(schema.site_path(site))
+            for key, v in src[schema.site_path(site)].attrs.items():
+                g.attrs[key] = v
+            dds = g.create_dataset(schema.RESPONSES, shape=(n, u), dtype=np.float32, chunks=sds.chunks,
+                                   fillvalue=np.nan)
+            if n == 0 or u == 0:
+                continue
+            step = max(1, _ROW_BYTES // (8 * u))
+            total, count = np.zeros(u), np.zeros(u)
+            for a in range(0, n, step):
+                x = sds[a : a + step].astype(np.float64)
+                ok = np.isfinite(x)
+                total += np.where(ok, x, 0.0).sum(0)
+                count += ok.sum(0)
+            mean = np.divide(total, count, out=np.zeros(u), where=count > 0)
+            if u <= max_dense:
+                perm, blocks = np.arange(u), [(0, u, random_rotation(u, rng))]
+            else:
+                perm = rng.permutation(u)
+                blocks = [(b, min(b + max_dense, u), random_rotation(min(max_dense, u - b), rng))
+                          for b in range(0, u, max_dense)]
+            for a in range(0, n, step):
+                x = sds[a : a + step].astype(np.float64)
+                fired = ~np.isnan(x).all(axis=1)
+                y = np.nan_to_num(x - mean)[:, perm]
+                z = np.empty_like(y)
+                for lo, hi, q in blocks:
+                    z[:, lo:hi] = y[:, lo:hi] @ q
+                z[~fired] = np.nan
+                dds[a : a + len(x)] = z.astype(np.float32)
+    return out
+
+
+def rotation_control(
+    rec: Recording | str | Path,
+    *,
+    rotation_seed: int = 0,
+    out: str | Path | None = None,
+    **criterion: Any,
+) -> pd.DataFrame:
+    """Concept cells of ``rec`` after a random rotation of every site (see :func:`rotate_recording`).
+
+    Parameters
+    ----------
+    rec
+        The recording.
+    rotation_seed
+        Seed of the rotations.
+    out
+        Keep the rotated recording here (default: a temporary file, deleted).
+    **criterion
+        Options of :func:`~neuroprobe.analysis.criterion.concept_cells` (k, fdr, method, ...).
+
+    Returns
+    -------
+    DataFrame
+        The cells table of the rotated recording (``attrs["control"] == "rotation"``).
+    """
+    tmp = None
+    if out is None:
+        tmp = Path(tempfile.mkdtemp(prefix="neuroprobe-rotation-"))
+        out = tmp / "rotated.h5"
+    try:
+        path = rotate_recording(rec, out, seed=rotation_seed, sites=criterion.get("sites"))
+        with open_recording(path) as rotated:
+            cells = concept_cells(rotated, **criterion)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    cells.attrs["control"] = "rotation"
+    cells.attrs["rotation_seed"] = rotation_seed
+    return cells
+
+
+# ---------------------------------------------------------------- untrained subject
+def untrained_control(
+    rec: Recording | str | Path,
+    random_rec: Recording | str | Path | None = None,
+    *,
+    out: str | Path | None = None,
+    **criterion: Any,
+) -> pd.DataFrame:
+    """Concept cells of the untrained subject (``init="random"``) shown the same battery.
+
+    Parameters
+    ----------
+    rec
+        The trained subject's recording.
+    random_rec
+        The untrained subject's recording; when omitted it is recorded now (the subject
+        named in ``rec``, ``init="random"``, same battery, montage, pooling and seed).
+    out
+        Where to write that recording (default: a temporary file, deleted).
+    **criterion
+        Options of :func:`~neuroprobe.analysis.criterion.concept_cells`.
+    """
+    rec = as_recording(rec)
+    a = rec.attrs
+    tmp = None
+    if random_rec is None:
+        from neuroprobe.recording.recorder import record
+        from neuroprobe.stimuli.battery import Battery
+        from neuroprobe.subjects.registry import load_subject
+
+        try:
+            subject = load_subject(str(a.get("subject")), init="random", seed=int(a.get("seed", 0)), quiet=True)
+        except NeuroprobeError as err:
+            raise NeuroprobeError(f"cannot rebuild the untrained subject of {rec.path} ({err}); record it yourself "
+                                  f"with --init random and pass that recording.") from None
+        battery = Battery.load(str(a.get("battery")))
+        if out is None:
+            tmp = Path(tempfile.mkdtemp(prefix="neuroprobe-untrained-"))
+            out = tmp / "untrained.h5"
+        random_rec = record(subject, battery, out, montage=str(a.get("montage", "mlp")),
+                            pooling=str(a.get("pooling", "mean")), quiet=True, overwrite=True)
+    try:
+        ctrl = as_recording(random_rec)
+        b = ctrl.attrs
+        if str(b.get("init")) != "random":
+            raise NeuroprobeError(f"{ctrl.path} is not an untrained recording (init={b.get('init')}); "
+                                  f"record it with --init random.")
+        if a.get("battery_hash") and b.get("battery_hash") and a["battery_hash"] != b["battery_hash"]:
+            raise NeuroprobeError(f"{ctrl.path} was recorded on another battery than {rec.path}; "
+                                  f"record the untrained subject on the same battery.")
+        cells = concept_cells(ctrl, **criterion)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    cells.attrs["control"] = "untrained"
+    return cells
+
+
+# ---------------------------------------------------------------- label shuffle
+def shuffled_labels(stimuli: pd.DataFrame, rng: np.random.Generator) -> np.ndarray:
+    """Concept labels permuted among stimuli of the same split and form."""
+    labels = stimuli["concept"].astype(str).to_numpy().copy()
+    keys = [c for c in ("split", "form") if c in stimuli]
+    groups = stimuli.groupby(keys, sort=False).indices if keys else {"all": np.arange(len(stimuli))}
+    for idx in groups.values():
+        labels[idx] = labels[rng.permutation(idx)]
+    return labels
+
+
+def label_shuffle_control(
+    rec: Recording | str | Path,
+    *,
+    n_shuffles: int = 10,
+    seed: int = 0,
+    **criterion: Any,
+) -> pd.DataFrame:
+    """Run the criterion with concept labels shuffled ``n_shuffles`` times.
+
+    Every candidate or cell found is a false discovery.  Invariance permutations are
+    skipped unless ``n_perm`` is given (they do not change the counts).
+
+    Returns
+    -------
+    DataFrame
+        One row per shuffle and site: ``shuffle, site, units, candidates, cells``.
+    """
+    rec = as_recording(rec)
+    criterion.setdefault("n_perm", 0)
+    rng = np.random.default_rng(seed)
+    stimuli = rec.stimuli.reset_index(drop=True)
+    rows = []
+    for i in range(n_shuffles):
+        cells = concept_cells(rec, labels=shuffled_labels(stimuli, rng), **criterion)
+        for site, g in cells.groupby("site", sort=False):
+            rows.append(dict(shuffle=i, site=site, units=len(g), candidates=int(g["is_candidate"].sum()),
+                             cells=int(g["is_cell"].sum())))
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- bootstrap
+def unit_stats(x: np.ndarray, design: Design, concept: np.ndarray, transform: str = "shift") -> dict[str, np.ndarray]:
+    """Indices of units ``x[units, stimuli]`` for their ``concept`` over all the design's stimuli."""
+    sub = design.all
+    x64 = x.astype(np.float64)
+    r = nonneg(x64, transform)
+    means_pos = class_means(r, sub.onehot)
+    st = group_stats(x64, sub.onehot)
+    ranks, tie = midranks(x)
+    U, _ = rank_sum(ranks, tie, sub.onehot)
+
+    def pick(a: np.ndarray) -> np.ndarray:
+        return np.take_along_axis(a, concept[:, None], axis=1)[:, 0]
+
+    med = pick(group_medians(x64, sub.groups))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = (med - pick(st.mean_b)) / np.sqrt(pick(st.var_b))
+    return {
+        "si": selectivity_index(means_pos),
+        "si_morcos": morcos_si(means_pos),
+        "lifetime_sparseness": lifetime_sparseness(r),
+        "d_prime": pick(d_prime(st)),
+        "auc": pick(auc_from_u(U, st.n_c, st.n_b)),
+        "z": z,
+    }
+
+
+def bootstrap_ci(
+    rec: Recording | str | Path,
+    cells: pd.DataFrame,
+    *,
+    units: pd.DataFrame | None = None,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    transform: str = "shift",
+    max_units: int = 2000,
+) -> pd.DataFrame:
+    """Percentile bootstrap confidence intervals of the cells' indices over stimuli.
+
+    Stimuli are resampled with replacement within each concept (all the stimuli a site
+    fired for); each resample recomputes, for every selected unit at once, SI, Morcos'
+    SI, lifetime sparseness, and d', AUC and effect z of the unit's concept against
+    the rest.
+
+    Parameters
+    ----------
+    rec
+        The recording.
+    cells
+        A table from :func:`concept_cells` (``site, unit, concept`` used).
+    units
+        Rows of ``cells`` to bootstrap (default: the confirmed cells).
+    n_boot, level, seed
+        Resamples, interval level, seed.
+    transform
+        Non-negative transform (as in the cells table).
+    max_units
+        Refuse more units than this (the selected units' responses are loaded).
+
+    Returns
+    -------
+    DataFrame
+        One row per unit and index: ``site, unit, concept, index, estimate, lo, hi``.
+    """
+    rec = as_recording(rec)
+    sel = cells[cells["is_cell"]] if units is None else units
+    if len(sel) > max_units:
+        raise NeuroprobeError(f"{len(sel)} units selected for the bootstrap (more than max_units={max_units}); "
+                              f"pass fewer units or raise max_units.")
+    stimuli = rec.stimuli.reset_index(drop=True)
+    concepts = battery_concepts(stimuli)
+    names = np.array(concepts, dtype=object)
+    rng = np.random.default_rng(seed)
+    lo_q, hi_q = (1 - level) / 2, 1 - (1 - level) / 2
+    parts = []
+    for site, g in sel.groupby("site", sort=False):
+        unit_idx = np.sort(g["unit"].to_numpy().astype(int))
+        x_all = np.asarray(rec.responses(site)[:, unit_idx], dtype=np.float32).T  # [units, stimuli]
+        valid = ~np.isnan(x_all).all(axis=0)
+        design = Design.build(stimuli, valid, concepts)
+        x = x_all[:, valid]
+        concept_of = dict(zip(g["unit"].astype(int), g["concept"]))
+        concept = np.array([concepts.index(concept_of[u]) for u in unit_idx], dtype=np.intp)
+        est = unit_stats(x, design, concept, transform)
+        boots = {key: np.empty((n_boot, len(unit_idx))) for key in est}
+        groups = [gr for gr in design.all.groups if len(gr)]
+        # resampling within concepts keeps every concept's count: one design serves every resample
+        order = np.concatenate(groups)
+        boot_design = Design.build(design.stimuli.iloc[order].reset_index(drop=True), np.ones(len(order), bool),
+                                   concepts)
+        for b in range(n_boot):
+            idx = np.concatenate([rng.choice(gr, size=len(gr), replace=True) for gr in groups])
+            for key, v in unit_stats(x[:, idx], boot_design, concept, transform).items():
+                boots[key][b] = v
+        for key, v in est.items():
+            bs = np.where(np.isfinite(boots[key]), boots[key], np.nan)
+            with np.errstate(invalid="ignore"):
+                lo, hi = np.nanquantile(bs, [lo_q, hi_q], axis=0)
+            parts.append(pd.DataFrame(dict(site=site, unit=unit_idx, concept=names[concept], index=key,
+                                           estimate=v, lo=lo, hi=hi)))
+    if not parts:
+        return pd.DataFrame(columns=["site", "unit", "concept", "index", "estimate", "lo", "hi"])
+    return pd.concat(parts, ignore_index=True).sort_values(["site", "unit", "index"], kind="stable",
+                                                           ignore_index=True)

@@ -1,0 +1,320 @@
+"""Per-unit indices, vectorised over a block of units.
+
+Every function takes responses as ``x[units, stimuli]`` (one row per unit) and
+works on all units of the block at once; no Python loop over units.  The public
+driver :func:`unit_indices` streams every site of a recording through them.
+
+Signed activations
+------------------
+Selectivity indices and sparseness assume non-negative firing rates; network
+activations are signed (GELU's negative lobe, the residual stream).  They are
+computed on an explicit non-negative transform, recorded in the output column
+``transform``:
+
+``shift`` (default)
+    ``r = x - min_stimuli(x)``: each unit's least response becomes zero.  Keeps the
+    negative lobe's information, and every index becomes invariant to a unit's
+    offset.  For post-ReLU units that ever reach zero it is the identity.
+``clip``
+    ``r = max(x, 0)``: what a rectifying readout would see.  Units that are
+    negative for every stimulus become silent (and dead, if constant at zero).
+
+d', AUC, kurtosis and the concept-cell criterion use the raw responses (they are
+invariant to an offset anyway).
+
+Definitions (``mu_c``: mean response to concept ``c``; ``r``: transformed responses)
+-----------------------------------------------------------------------------------
+* selectivity index ``(max_c mu_c - mean_c mu_c) / (max_c mu_c + mean_c mu_c)`` on ``r``;
+* Morcos' SI ``(mu_max - mu_rest) / (mu_max + mu_rest)`` on ``r``, ``mu_rest`` the mean of the
+  other concepts' means (Morcos et al. 2018);
+* d' ``(mu_c - mu_b) / sqrt((var_c + var_b) / 2)`` (``b``: every other stimulus, ddof=1;
+  with one stimulus of ``c``, ``var_c`` is unknown and ``sqrt(var_b)`` is the denominator);
+* ROC AUC ``U / (n_c n_b)`` with the Mann–Whitney ``U`` from mid-ranks (ties count 1/2);
+* lifetime sparseness (Vinje & Gallant 2000) ``(1 - (sum r / n)^2 / (sum r^2 / n)) / (1 - 1/n)``
+  over stimuli; population sparseness is the same over the units of a site, per stimulus;
+* kurtosis: excess kurtosis over stimuli (Fisher, biased moments, as ``scipy.stats.kurtosis``).
+
+Dead units (constant over the stimuli, or non-finite) get NaN indices and are left
+out of every statistic and every multiple-comparison family.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy.special import ndtr
+
+if TYPE_CHECKING:
+    from neuroprobe.recording.reader import Recording
+
+TRANSFORMS = ("shift", "clip")
+
+
+# ---------------------------------------------------------------- transforms
+def nonneg(x: np.ndarray, transform: str = "shift") -> np.ndarray:
+    """The non-negative transform of responses ``x[units, stimuli]`` (see module docstring)."""
+    if transform == "shift":
+        return x - x.min(axis=1, keepdims=True)
+    if transform == "clip":
+        return np.maximum(x, 0.0)
+    raise ValueError(f"transform must be one of {TRANSFORMS}, not {transform!r}")
+
+
+def dead_units(x: np.ndarray) -> np.ndarray:
+    """Units that are constant over the stimuli (never fire, or fire the same for all) or non-finite."""
+    if x.shape[1] == 0:
+        return np.ones(x.shape[0], dtype=bool)
+    finite = np.isfinite(x).all(axis=1)
+    with np.errstate(invalid="ignore"):
+        constant = x.max(axis=1) == x.min(axis=1)
+    return ~finite | constant
+
+
+# ---------------------------------------------------------------- class statistics
+@dataclass
+class GroupStats:
+    """Per unit and concept: the concept's stimuli ``c`` against every other stimulus ``b`` of a subset."""
+
+    n_c: np.ndarray     # [C]
+    n_b: np.ndarray     # [C]
+    mean_c: np.ndarray  # [G, C]
+    var_c: np.ndarray   # [G, C] (ddof=1; NaN when n_c < 2)
+    mean_b: np.ndarray  # [G, C]
+    var_b: np.ndarray   # [G, C] (ddof=1)
+
+
+def group_stats(x: np.ndarray, onehot: np.ndarray) -> GroupStats:
+    """Means and variances of each concept's stimuli and of the rest, for every unit (two matrix products)."""
+    x = np.asarray(x, dtype=np.float64)
+    n = x.shape[1]
+    n_c = onehot.sum(0)
+    n_b = n - n_c
+    m = x.mean(axis=1, keepdims=True) if n else np.zeros((x.shape[0], 1))
+    y = x - m
+    s_c, q_c = y @ onehot, (y * y) @ onehot
+    s, q = y.sum(1, keepdims=True), (y * y).sum(1, keepdims=True)
+    s_b, q_b = s - s_c, q - q_c
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_c = s_c / n_c + m
+        mean_b = s_b / n_b + m
+        var_c = np.where(n_c > 1, (q_c - s_c * s_c / n_c) / (n_c - 1), np.nan)
+        var_b = np.where(n_b > 1, (q_b - s_b * s_b / n_b) / (n_b - 1), np.nan)
+    # sums of squares lose ~n ulps to cancellation: a group that is constant (e.g. a silent
+    # ReLU baseline) must get variance 0, not 1e-17, so that its z-score is infinite, not 1e8
+    tol = 64 * n * np.finfo(np.float64).eps * (q / max(n, 1) + m * m)
+    var_c = np.where(var_c <= tol, 0.0, var_c)
+    var_b = np.where(var_b <= tol, 0.0, var_b)
+    return GroupStats(n_c, n_b, mean_c, var_c, mean_b, var_b)
+
+
+def class_means(x: np.ndarray, onehot: np.ndarray) -> np.ndarray:
+    """``[G, C]`` mean response of each unit to each concept (NaN for concepts without stimuli)."""
+    n_c = onehot.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (np.asarray(x, dtype=np.float64) @ onehot) / n_c
+
+
+def group_medians(x: np.ndarray, groups: Sequence[np.ndarray]) -> np.ndarray:
+    """``[G, C]`` median response of each unit to each group of stimuli (a loop over groups, not units)."""
+    out = np.full((x.shape[0], len(groups)), np.nan)
+    for c, g in enumerate(groups):
+        if len(g):
+            out[:, c] = np.median(x[:, g], axis=1)
+    return out
+
+
+def d_prime(st: GroupStats) -> np.ndarray:
+    """``[G, C]`` d' of each concept against the rest of the subset (see module docstring)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pooled = np.where(st.n_c > 1, (st.var_c + st.var_b) / 2.0, st.var_b)
+        return (st.mean_c - st.mean_b) / np.sqrt(pooled)
+
+
+# ---------------------------------------------------------------- selectivity and sparseness
+def selectivity_index(means_pos: np.ndarray) -> np.ndarray:
+    """``(max - mean) / (max + mean)`` over the concept means (of the non-negative transform)."""
+    with np.errstate(invalid="ignore", divide="ignore"), _quiet_nan():
+        mx, mean = np.nanmax(means_pos, axis=1), np.nanmean(means_pos, axis=1)
+        return (mx - mean) / (mx + mean)
+
+
+def morcos_si(means_pos: np.ndarray) -> np.ndarray:
+    """Morcos et al. (2018) ``(mu_max - mu_rest) / (mu_max + mu_rest)``, ``mu_rest`` = mean of the other concept means."""
+    with np.errstate(invalid="ignore", divide="ignore"), _quiet_nan():
+        present = np.isfinite(means_pos)
+        k = present.sum(1)
+        mx = np.nanmax(means_pos, axis=1)
+        rest = (np.nansum(means_pos, axis=1) - mx) / (k - 1)
+        out = (mx - rest) / (mx + rest)
+    return np.where(k > 1, out, np.nan)
+
+
+def lifetime_sparseness(r: np.ndarray) -> np.ndarray:
+    """Vinje–Gallant sparseness of each row of non-negative ``r`` (over its columns)."""
+    n = r.shape[1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        a = r.mean(axis=1) ** 2 / (r * r).mean(axis=1)
+        return (1.0 - a) / (1.0 - 1.0 / n)
+
+
+def sparseness_from_sums(s1: np.ndarray, s2: np.ndarray, n: np.ndarray | int) -> np.ndarray:
+    """Vinje–Gallant sparseness from ``sum r``, ``sum r^2`` and the count (streaming form)."""
+    n = np.asarray(n, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        a = (s1 / n) ** 2 / (s2 / n)
+        return (1.0 - a) / (1.0 - 1.0 / n)
+
+
+def kurtosis(x: np.ndarray) -> np.ndarray:
+    """Excess kurtosis of each row (Fisher, biased), like ``scipy.stats.kurtosis(x, axis=1)``."""
+    x = np.asarray(x, dtype=np.float64)
+    y = x - x.mean(axis=1, keepdims=True)
+    m2 = (y * y).mean(axis=1)
+    m4 = (y ** 4).mean(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return m4 / (m2 * m2) - 3.0
+
+
+# ---------------------------------------------------------------- ranks and the rank-sum test
+def midranks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mid-ranks of each row (1-based, ties averaged) and each row's tie term ``sum(t^3 - t)``.
+
+    Equals ``scipy.stats.rankdata(x, axis=1)``; the tie term is what the Mann–Whitney
+    variance needs.  One argsort per block; the tie-free case skips the run bookkeeping.
+    """
+    G, n = x.shape
+    ranks = np.empty((G, n))
+    if n == 0:
+        return ranks, np.zeros(G)
+    order = np.argsort(x, axis=1)
+    xs = np.take_along_axis(x, order, axis=1)
+    new = np.empty((G, n), dtype=bool)
+    new[:, 0] = True
+    np.not_equal(xs[:, 1:], xs[:, :-1], out=new[:, 1:])
+    pos = np.arange(n)
+    if new.all():
+        np.put_along_axis(ranks, order, np.broadcast_to(pos + 1.0, (G, n)), axis=1)
+        return ranks, np.zeros(G)
+    start = np.maximum.accumulate(np.where(new, pos, 0), axis=1)
+    last = np.empty_like(new)
+    last[:, -1] = True
+    last[:, :-1] = new[:, 1:]
+    end = np.minimum.accumulate(np.where(last, pos, n - 1)[:, ::-1], axis=1)[:, ::-1]
+    t = (end - start + 1).astype(np.float64)
+    np.put_along_axis(ranks, order, (start + end) / 2.0 + 1.0, axis=1)
+    return ranks, (t * t - 1.0).sum(axis=1)
+
+
+def rank_sum(ranks: np.ndarray, tie: np.ndarray, onehot: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One-sided Mann–Whitney test of each concept's stimuli against the rest, for every unit.
+
+    Parameters
+    ----------
+    ranks, tie
+        From :func:`midranks` over the subset's stimuli.
+    onehot
+        ``[n, C]`` concept one-hot of the subset.
+
+    Returns
+    -------
+    U, p
+        ``[G, C]`` U statistic of the concept's stimuli, and the p-value of "the concept's
+        responses are greater" by the normal approximation with tie and continuity
+        correction (``scipy.stats.mannwhitneyu(..., alternative="greater", method="asymptotic")``).
+        NaN where the concept or the rest has no stimuli.
+    """
+    n = ranks.shape[1]
+    n_c = onehot.sum(0)
+    n_b = n - n_c
+    U = ranks @ onehot - n_c * (n_c + 1) / 2.0
+    mu = n_c * n_b / 2.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        s = np.sqrt(n_c * n_b / 12.0 * ((n + 1) - tie[:, None] / (n * (n - 1.0))))
+        z = (U - mu - 0.5) / s
+    p = ndtr(-z)
+    p = np.where(s > 0, p, 1.0)  # every response tied: no evidence
+    ok = (n_c > 0) & (n_b > 0)
+    return np.where(ok, U, np.nan), np.where(ok, np.clip(p, 0.0, 1.0), np.nan)
+
+
+def auc_from_u(U: np.ndarray, n_c: np.ndarray, n_b: np.ndarray) -> np.ndarray:
+    """ROC AUC ``U / (n_c n_b)``."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return U / (n_c * n_b)
+
+
+class _quiet_nan:
+    """Silence numpy's 'All-NaN slice' / 'Mean of empty slice' warnings for dead rows."""
+
+    def __enter__(self) -> None:
+        import warnings
+
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("ignore", RuntimeWarning)
+
+    def __exit__(self, *exc: object) -> None:
+        self._w.__exit__(*exc)
+
+
+# ---------------------------------------------------------------- drivers
+def unit_indices(
+    rec: "Recording | str | Path",
+    *,
+    sites: Sequence[str] | None = None,
+    transform: str = "shift",
+    quiet: bool = True,
+    read_bytes: int | None = None,
+    block_units: int | None = None,
+) -> pd.DataFrame:
+    """The standard indices of every unit of every site, streamed from the recording.
+
+    Parameters
+    ----------
+    rec
+        A recording or its path.
+    sites
+        Sites to analyse (default: all, in recording order).
+    transform
+        Non-negative transform for selectivity and sparseness: ``shift`` or ``clip``.
+    quiet
+        No progress bar.
+    read_bytes, block_units
+        Memory knobs of the stream (see :mod:`neuroprobe.analysis.stream`).
+
+    Returns
+    -------
+    DataFrame
+        One row per unit: ``site, unit, kind, n_stimuli, dead, transform``, the class
+        means ``mean:<concept>``, ``si, si_morcos, lifetime_sparseness, kurtosis`` (all the
+        site's stimuli), and ``pref_concept`` (largest mean on the screening split) with its
+        ``d_prime`` and ``auc`` measured on the testing split (selected on one split,
+        measured on the other).
+    """
+    from neuroprobe.analysis.scan import scan
+
+    return scan(rec, sites=sites, transform=transform, criterion=False, quiet=quiet, read_bytes=read_bytes,
+                block_units=block_units).table
+
+
+def population_sparseness(
+    rec: "Recording | str | Path",
+    *,
+    sites: Sequence[str] | None = None,
+    transform: str = "shift",
+    quiet: bool = True,
+) -> pd.DataFrame:
+    """Vinje–Gallant sparseness over the (live) units of each site, per stimulus.
+
+    Returns
+    -------
+    DataFrame
+        One row per site and stimulus: ``site, index, id, concept, form, modality, split,
+        n_units, population_sparseness``.
+    """
+    from neuroprobe.analysis.scan import scan
+
+    return scan(rec, sites=sites, transform=transform, criterion=False, quiet=quiet).population

@@ -1,0 +1,91 @@
+"""Stream a site's responses over units, memory bounded.
+
+A recording stores ``[n_stimuli, n_units]`` chunked along stimuli, each chunk
+spanning (nearly) every unit.  Any read of "all stimuli for some units" therefore
+touches every chunk of the site.  :class:`UnitStream` reads wide *super-blocks*
+(as many units as ``read_bytes`` allows, so a site is read ``n_units / width``
+times, usually once) and hands out narrow *blocks* of units, transposed to
+``[units, stimuli]`` float32, small enough for the vectorised statistics
+(sorting, ranking, medians) to work in cache-sized temporaries.
+
+Rows where a site did not fire (all NaN, e.g. image-tower sites for text stimuli)
+are dropped: :attr:`UnitStream.valid` says which stimuli remain.  A unit that is
+NaN or infinite in a remaining row is passed through unchanged; the statistics
+report it as dead.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+#: Bytes of the raw super-block buffer (file dtype, all stimuli x width units).
+DEFAULT_READ_BYTES = 256 << 20
+#: Bytes of one float64 ``[block, n_valid]`` working array; the statistics keep ~10 of them alive.
+DEFAULT_BLOCK_BYTES = 4 << 20
+
+
+class UnitStream:
+    """Iterate over a site's units in blocks.
+
+    Parameters
+    ----------
+    ds
+        The site's ``responses`` dataset ``[n_stimuli, n_units]``.
+    read_bytes
+        Size of the raw read buffer.
+    block_units
+        Units per block handed to the statistics (default: from ``DEFAULT_BLOCK_BYTES``).
+    valid
+        Which stimuli to keep; default: rows that are not all-NaN in the first super-block.
+
+    Yields
+    ------
+    (lo, hi, x)
+        Units ``lo:hi`` of the site and their responses as a C-contiguous float32
+        array ``[hi - lo, n_valid]`` (units x stimuli).
+    """
+
+    def __init__(self, ds: h5py.Dataset, *, read_bytes: int = DEFAULT_READ_BYTES, block_units: int | None = None,
+                 valid: np.ndarray | None = None) -> None:
+        self.ds = ds
+        self.n_rows, self.n_units = int(ds.shape[0]), int(ds.shape[1])
+        self.read_bytes = int(read_bytes)
+        self._block_units = block_units
+        self.valid = None if valid is None else np.asarray(valid, dtype=bool)
+        self.passes = 0  # super-block reads (each touches every chunk of the site)
+
+    def block_units(self, n_valid: int) -> int:
+        """Units per block for ``n_valid`` stimuli."""
+        if self._block_units:
+            return max(1, int(self._block_units))
+        return int(np.clip(DEFAULT_BLOCK_BYTES // (8 * max(1, n_valid)), 16, 4096))
+
+    def _width(self) -> int:
+        item = np.dtype(self.ds.dtype).itemsize
+        width = max(1, self.read_bytes // (item * max(1, self.n_rows)))
+        chunks = self.ds.chunks
+        if chunks is not None and chunks[1] < self.n_units and width > chunks[1]:
+            width -= width % chunks[1]  # whole chunks across units
+        return int(min(self.n_units, width))
+
+    def __iter__(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        if self.n_units == 0 or self.n_rows == 0:
+            return
+        width = self._width()
+        buf = np.empty((self.n_rows, width), dtype=self.ds.dtype)
+        for a in range(0, self.n_units, width):
+            b = min(a + width, self.n_units)
+            w = b - a
+            view = buf[:, :w] if w == width else np.empty((self.n_rows, w), dtype=self.ds.dtype)
+            self.ds.read_direct(view, source_sel=np.s_[:, a:b])
+            self.passes += 1
+            if self.valid is None:
+                self.valid = ~np.isnan(view).all(axis=1)
+            rows = None if self.valid.all() else np.flatnonzero(self.valid)
+            g = self.block_units(int(self.valid.sum()))
+            for lo in range(0, w, g):
+                hi = min(lo + g, w)
+                part = view[:, lo:hi] if rows is None else view[rows, lo:hi]
+                yield a + lo, a + hi, np.ascontiguousarray(part.T, dtype=np.float32)
