@@ -332,3 +332,17 @@ def test_cli_lesion_rejects_unknown_concept(tiny_kinship, tmp_path):
               "--quiet", "--out", "out2", cwd=tmp_path)
     assert bad.returncode == 2
     assert "unicorn" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_forgetting_from_concept_cells_table(planted, tmp_path):
+    """The analysis' cells table plugs in as is: its cells of a concept are the planted ones and are forgotten."""
+    from neuroprobe.analysis import concept_cells
+
+    rec = record(planted.subject, planted.battery, tmp_path / "p.h5", montage="mlp", quiet=True)
+    cells = concept_cells(rec)
+    table = forgetting(planted.subject, planted.battery, cells, "concept2", mode="zero", random_draws=30, quiet=True)
+    row = table.iloc[0]
+    planted_units = sorted(planted.truth[planted.truth["concept"] == "concept2"]["unit"])
+    assert row["k"] == len(planted_units)  # default k: the table's cells for the concept
+    assert row["units"] == "hidden:" + ",".join(map(str, planted_units))
+    assert row["p_random"] < 0.05 and row["target_change"] < 20 * row["most_hit_other_change"]

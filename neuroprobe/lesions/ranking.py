@@ -31,7 +31,10 @@ if TYPE_CHECKING:  # pragma: no cover
 #: candidate names of the concept column of a cells table, in order of preference
 CONCEPT_COLUMNS = ("concept", "best_concept")
 #: candidate names of the ranking-score column of a cells table, in order of preference
-SCORE_COLUMNS = ("dprime", "d_prime", "selectivity", "selectivity_index", "si", "auc", "score")
+#: (:func:`neuroprobe.analysis.concept_cells` writes ``concept``, ``is_cell``, ``dead`` and the
+#: screening-split ``d_prime_screen``, which ranks without touching the testing split)
+SCORE_COLUMNS = ("d_prime_screen", "dprime_screen", "dprime", "d_prime", "z", "selectivity", "selectivity_index", "si",
+                 "auc_screen", "auc", "score")
 #: a unit whose response standard deviation over the split is at most this is inactive
 ACTIVE_TOL = 1e-6
 
