@@ -259,6 +259,8 @@ def test_own_ranking_finds_planted_cells_and_random_draws_skip_dead_units(plante
     r = rank_units(rec, "concept2")
     own = study.selectivity("concept2").set_index("unit")["dprime"]
     np.testing.assert_allclose(r.set_index("unit")["dprime"].sort_index(), own.sort_index(), rtol=1e-5, atol=1e-6)
+    from_rec = LesionStudy(planted.subject, planted.battery, rec, quiet=True)
+    assert from_rec.ranking("concept2")["unit"].tolist() == study.ranking("concept2")["unit"].tolist()
 
 
 def test_forgetting_matrix_diagonal_on_planted(planted):
