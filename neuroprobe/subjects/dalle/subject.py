@@ -29,6 +29,15 @@ Readouts
     image given their text.
 ``image_token_pmi``
     The same minus the score under the empty prompt: how much the text helps.
+
+Loading
+-------
+``neuroprobe record --model dalle [--weights DIR] [--option variant=mega|mini|tiny]
+[--option codes=FILE] [--option dvae=encoder.pkl --trust-pickle]``: min-dalle's files come
+from ``DIR`` or the Hugging Face cache of ``kuprel/min-dalle`` (see
+:mod:`neuroprobe.subjects.dalle.load`); ``--init random`` needs only the tokenizer files.
+The ``tiny`` variant (:meth:`~neuroprobe.subjects.dalle.config.DalleConfig.tiny`) is the
+same architecture at test size, from a local folder only.
 """
 from __future__ import annotations
 
@@ -117,6 +126,8 @@ class DalleSubject(Subject):
         self.tokenizer = bundle.tokenizer
         self.site_patterns = dalle_site_patterns(bundle.config.head_count)
         self.codes = ImageCodes(bundle.config.image_token_count, bundle.config.code_count, codes)
+        #: OpenAI's dVAE encoder when loaded (``dvae`` option with ``trust_pickle``), else ``None``
+        self.dvae: torch.nn.Module | None = None
 
     def encode(self, stimuli: pd.DataFrame, battery) -> Batch:
         """Text ids (padded to 64) and decoder inputs (start token + codes) for a batch of stimuli."""
@@ -154,6 +165,26 @@ class DalleSubject(Subject):
         inputs = batch.to(self.device).inputs
         return self.model(inputs["text_tokens"], inputs["image_tokens"])
 
+    def dvae_tokens(self, battery, image: str) -> torch.Tensor:
+        """OpenAI dVAE tokens ``[1024]`` of a battery image (needs the ``dvae`` option; not scored by this decoder)."""
+        if self.dvae is None:
+            raise NeuroprobeError("no dVAE is loaded; pass --option dvae=encoder.pkl together with --trust-pickle.")
+        from neuroprobe.subjects.dalle.dvae import encode_image_dvae
+
+        return encode_image_dvae(self.dvae, battery.load_image(image))
+
+
+def _flag(value: Any, name: str) -> bool:
+    """A boolean option given as a bool or as text (``--option trust_pickle=yes``)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise NeuroprobeError(f"option {name} must be true or false, not {value!r}.")
+
 
 def load_dalle_subject(
     spec,
@@ -167,17 +198,44 @@ def load_dalle_subject(
     trust_remote_code: bool = False,
     variant: str = "mega",
     codes: str | Path | None = None,
+    dvae: str | Path | None = None,
+    trust_pickle: bool | str = False,
     **options: Any,
 ) -> DalleSubject:
-    """Registry loader for ``dalle`` (options: ``variant`` = ``mega`` | ``mini``; ``codes`` = a codes file)."""
+    """Registry loader for ``dalle``.
+
+    Options (``--option KEY=VALUE`` on the command line)
+    ----------------------------------------------------
+    variant
+        ``mega`` (default), ``mini``, or ``tiny`` (a few-thousand-parameter model of the same
+        architecture for tests: needs ``--weights DIR`` with a ``vocab.json``/``merges.txt``
+        whose ids fit its 64-row text table, plus ``encoder.pt``/``decoder.pt`` unless
+        ``--init random``).
+    codes
+        A codes file (see :mod:`neuroprobe.subjects.dalle.codes`); default the battery's
+        ``dalle_codes.json``, else the pixel-colour stand-in (with a warning).
+    dvae
+        OpenAI's dVAE ``encoder.pkl``, attached as :attr:`DalleSubject.dvae` (an image
+        tokenizer for OpenAI-style tokens; they are not what this decoder scores).  It is a
+        pickled module: it loads only with ``trust_pickle`` (``--trust-pickle``).
+    trust_pickle
+        Allow unpickling ``dvae``; nothing pickled is ever loaded otherwise.
+    """
     options.pop("quiet", None)
     if options:
-        raise NeuroprobeError(f"subject 'dalle' takes the options variant and codes, not {', '.join(sorted(options))}.")
-    bundle = load_dalle(weights, variant=variant, init=init, device=device, dtype=dtype, seed=seed)
+        raise NeuroprobeError(
+            f"subject 'dalle' takes the options variant, codes, dvae and trust_pickle, not {', '.join(sorted(options))}."
+        )
+    trust = _flag(trust_pickle, "trust_pickle")
+    bundle = load_dalle(weights, variant=str(variant), init=init, device=device, dtype=dtype, seed=seed)
     checkpoint = f"kuprel/min-dalle (DALL-E {variant})" if weights is None else str(weights)
     subject = DalleSubject(
         getattr(spec, "name", "dalle"), bundle, codes=codes, device=device, init=init, checkpoint=checkpoint,
         revision="main" if weights is None else "local", seed=seed,
     )
+    if dvae is not None:
+        from neuroprobe.subjects.dalle.dvae import load_dvae
+
+        subject.dvae = load_dvae(dvae, trust_pickle=trust, device=device)
     subject.spec = spec
     return subject

@@ -161,7 +161,8 @@ def load_vilbert(
     init
         ``"pretrained"`` or ``"random"`` (same architecture, BERT-style init from ``seed``).
     config
-        Architecture; default ``config.json`` next to the weights, else :meth:`ViLBERTConfig.base`.
+        Architecture; default ``config.json`` next to the weights (for ``init="random"`` too),
+        else :meth:`ViLBERTConfig.base`.
     device, dtype
         Where and in what precision the model lives.
     seed
@@ -179,6 +180,11 @@ def load_vilbert(
     if checkpoint not in CHECKPOINTS:
         raise NeuroprobeError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, not {checkpoint!r}.")
     if init == "random":
+        if config is None and weights is not None:
+            folder = Path(weights).expanduser()
+            folder = folder if folder.is_dir() else folder.parent
+            if (folder / "config.json").is_file():
+                config = config_from_file(folder / "config.json")
         cfg = (config or ViLBERTConfig.base()).for_checkpoint(checkpoint)
         model = ViLBERTModel(cfg)
         model.init_weights(torch.Generator().manual_seed(seed))

@@ -30,15 +30,33 @@ Readouts
     name for "what is this?" (``battery.json`` key ``vqa_question`` overrides), image and
     pair stimuli.  Needs the VQA answer list (``answers=`` a JSON list or text file).
 
-Image regions come from a region source ``fn(battery, image_path) -> (features [R, 2048],
-boxes [R, 4] normalised by width/height)``: :mod:`neuroprobe.subjects.region_features`
-when it is installed (``--features FILE`` or ``--detector-weights DIR``), or one passed in.
+Regions
+-------
+Image regions come from the same :class:`~neuroprobe.subjects.vision_language.RegionSource`
+LXMERT and VisualBERT use: a precomputed features file (``--features FILE``: an LXMERT
+``*_obj36.tsv`` or a region-feature HDF5 file, looked up by the image's file stem) or the
+bottom-up-attention Faster R-CNN (``--detector-weights DIR``, else the Hugging Face cache of
+``unc-nlp/frcnn-vg-finetuned``), up to ``max_regions`` (100) per image.  ViLBERT was
+trained on regions of a different Visual Genome detector (ResNeXt-152, 10-100 boxes per
+image); the BUTD ResNet-101 regions have the same size (2048-d) but are a stand-in: for
+the published model's exact input pass its features with ``--features``.  A plain
+function ``regions=fn(battery, image_path) -> (features [R, D], boxes [R, 4] normalised)``
+may be passed instead (library use).
+
+Files
+-----
+``--weights DIR`` holds ``multi_task_model.bin`` or ``pretrained_model.bin`` and
+optionally ``config.json`` (the architecture; read for ``--init random`` too, which is how
+tiny test models are built) and the tokenizer: ``tokenizer.json``/``tokenizer_config.json``
+files or a bare WordPiece ``vocab.txt`` (lower-cased, as ``bert-base-uncased``).  Without
+tokenizer files there, ``bert-base-uncased`` comes from the Hugging Face cache.
 """
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -46,12 +64,13 @@ import torch
 
 from neuroprobe.errors import MissingWeightsError, NeuroprobeError
 from neuroprobe.subjects.base import Batch, SitePattern as P, Subject
-from neuroprobe.subjects.vilbert.config import TASK_IDS, ViLBERTConfig
+from neuroprobe.subjects.vilbert.config import CHECKPOINTS, TASK_IDS, ViLBERTConfig
 from neuroprobe.subjects.vilbert.load import load_vilbert, prepare_regions, resolve_weights
 from neuroprobe.subjects.vilbert.model import ViLBERTModel, ViLBERTOutput
+from neuroprobe.subjects.vision_language import RegionSource
 
-#: fn(battery, image path relative to the battery) -> (features [R, D], boxes normalised [R, 4])
-RegionSource = Callable[[Any, str], tuple[Any, Any]]
+#: A plain region function: fn(battery, image path relative to the battery) -> (features [R, D], boxes [R, 4])
+RegionFn = Callable[[Any, str], tuple[Any, Any]]
 
 #: Hugging Face id of the tokenizer ViLBERT was trained with.
 TOKENIZER_ID = "bert-base-uncased"
@@ -88,8 +107,34 @@ def vilbert_site_patterns(config: ViLBERTConfig) -> dict[str, list[P]]:
 
 
 # --------------------------------------------------------------------------- helpers
+#: Files that make a folder a saved transformers tokenizer.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def _local_tokenizer(path: Path) -> Any | None:
+    """A tokenizer from a folder (saved tokenizer files, else a bare ``vocab.txt``) or a ``vocab.txt`` file."""
+    from transformers import AutoTokenizer, BertTokenizerFast
+
+    folder = path if path.is_dir() else path.parent
+    if path.is_dir() and any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        return AutoTokenizer.from_pretrained(str(folder))
+    vocab = path if path.is_file() and path.suffix == ".txt" else folder / "vocab.txt"
+    if vocab.is_file():
+        tok = BertTokenizerFast(str(vocab), do_lower_case=True)  # positional: vocab_file (v4) / vocab (v5)
+        lines = len({line for line in vocab.read_text(encoding="utf-8").splitlines() if line})
+        if len(tok) < lines:  # a keyword the installed transformers ignores would leave only the specials
+            raise NeuroprobeError(f"{vocab} has {lines} tokens but the tokenizer built from it has {len(tok)}; "
+                                  f"save the tokenizer with save_pretrained into that folder instead.")
+        return tok
+    return None
+
+
 def load_tokenizer(source: str | Path | None = None, weights: Path | None = None) -> Any:
-    """ViLBERT's tokenizer (``bert-base-uncased``) from ``source``, the weights folder, or the HF cache.
+    """ViLBERT's WordPiece tokenizer (``bert-base-uncased``).
+
+    Looked up in this order: ``source`` (a folder, a ``vocab.txt`` or a hub id); the
+    weights folder (saved tokenizer files, else a bare ``vocab.txt``, lower-cased); the
+    Hugging Face cache of ``bert-base-uncased``; a download when online.
 
     Raises
     ------
@@ -100,10 +145,24 @@ def load_tokenizer(source: str | Path | None = None, weights: Path | None = None
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    local = [Path(source).expanduser()] if source is not None and Path(source).expanduser().exists() else []
     if source is None and weights is not None:
-        folder = weights if weights.is_dir() else weights.parent
-        if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            source = folder
+        local.append(Path(weights))
+    for path in local:
+        try:
+            tok = _local_tokenizer(path)
+        except (OSError, ValueError, TypeError) as err:
+            raise MissingWeightsError(
+                f"the tokenizer files in {path} cannot be read ({type(err).__name__}); save bert-base-uncased's "
+                f"tokenizer there again or remove them."
+            ) from None
+        if tok is not None:
+            return tok
+    if source is not None and local:
+        raise MissingWeightsError(
+            f"{source} holds no tokenizer (tokenizer.json/tokenizer_config.json or vocab.txt); save "
+            f"{TOKENIZER_ID}'s tokenizer files there."
+        )
     if source is None:
         # the bert subject caches the same tokenizer under its current hub id
         for ident in (TOKENIZER_ID, "google-bert/bert-base-uncased"):
@@ -117,7 +176,7 @@ def load_tokenizer(source: str | Path | None = None, weights: Path | None = None
     except (OSError, ValueError, TypeError):
         raise MissingWeightsError(
             f"ViLBERT's tokenizer {source} is not available offline; run once online, point HF_HOME at a cache "
-            f"that has {TOKENIZER_ID}, or save its tokenizer files into the --weights folder."
+            f"that has {TOKENIZER_ID}, or put its vocab.txt (or tokenizer files) into the --weights folder."
         ) from None
 
 
@@ -142,25 +201,6 @@ def read_answers(path: str | Path) -> list[str]:
     return [line.rstrip("\n") for line in text.splitlines() if line.strip()]
 
 
-def _region_source_from_options(features: Path | None, detector_weights: Path | None, device: torch.device) -> RegionSource:
-    """The region source of :mod:`neuroprobe.subjects.region_features`, or one that explains its absence."""
-    try:
-        from neuroprobe.subjects import region_features  # written alongside the Faster R-CNN port
-    except ImportError:
-        region_features = None
-    factory = getattr(region_features, "region_source", None) if region_features else None
-    if factory is not None:
-        return factory(features=features, detector_weights=detector_weights, device=device)
-
-    def unavailable(battery: Any, image: str) -> tuple[Any, Any]:
-        raise NeuroprobeError(
-            "ViLBERT needs Faster R-CNN region features for image stimuli and this installation has no region "
-            "extractor (neuroprobe.subjects.region_features); record a text battery or pass a region source."
-        )
-
-    return unavailable
-
-
 # --------------------------------------------------------------------------- subject
 class ViLBERTSubject(Subject):
     """ViLBERT with text and image-region streams (see the module docstring)."""
@@ -173,7 +213,7 @@ class ViLBERTSubject(Subject):
         model: ViLBERTModel,
         tokenizer: Any,
         *,
-        regions: RegionSource | None = None,
+        regions: RegionSource | RegionFn | None = None,
         task: str = "retrieval_coco",
         answers: list[str] | None = None,
         max_length: int = 64,
@@ -183,29 +223,53 @@ class ViLBERTSubject(Subject):
         super().__init__(name, model, **kwargs)
         self.config: ViLBERTConfig = model.config
         self.tokenizer = tokenizer
-        self.regions = regions or _region_source_from_options(None, None, self.device)
+        if len(tokenizer) > self.config.vocab_size:
+            raise NeuroprobeError(
+                f"the tokenizer has {len(tokenizer)} tokens but this ViLBERT's vocabulary has {self.config.vocab_size}; "
+                f"use the tokenizer the model was trained with ({TOKENIZER_ID})."
+            )
+        self.max_regions = max_regions
+        self.regions = regions or RegionSource(device=self.device, n_regions=max_regions, subject=name)
         if task not in TASK_IDS:
             raise NeuroprobeError(f"unknown ViLBERT task {task!r}; choose one of {', '.join(TASK_IDS)}.")
         self.task = task
         self.answers = answers
-        self.max_length = max_length
-        self.max_regions = max_regions
+        # positions beyond the position table do not exist (tiny configs have few)
+        self.max_length = min(max_length, self.config.max_position_embeddings)
         self.site_patterns = vilbert_site_patterns(self.config)
         self.readouts = {"alignment": readout_alignment}
         if self.config.task_heads:
             self.readouts["vqa"] = readout_vqa
         self.default_readout = "alignment"
-        self._region_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._region_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     # ------------------------------------------------------------ inputs
+    def regions_of(self, battery: Any, images: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Region features and normalised boxes of battery images (paths relative to the battery).
+
+        A :class:`~neuroprobe.subjects.vision_language.RegionSource` gets all the images at
+        once (it runs the detector on the uncached ones and keeps its own bounded cache);
+        a plain region function is called once per image and its results are cached here.
+        """
+        if isinstance(self.regions, RegionSource):
+            return [(f.float(), b.float()) for f, b in self.regions(battery, list(images))]
+        out = []
+        for image in images:
+            key = f"{battery.root}::{image}"
+            if key in self._region_cache:
+                self._region_cache.move_to_end(key)
+            else:
+                feats, boxes = self.regions(battery, image)
+                self._region_cache[key] = (torch.as_tensor(np.asarray(feats), dtype=torch.float32),
+                                           torch.as_tensor(np.asarray(boxes), dtype=torch.float32))
+                if len(self._region_cache) > RegionSource.cache_size:
+                    self._region_cache.popitem(last=False)
+            out.append(self._region_cache[key])
+        return out
+
     def image_regions(self, battery: Any, image: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Region features and normalised boxes of one battery image (cached per battery and path)."""
-        key = f"{battery.root}::{image}"
-        if key not in self._region_cache:
-            feats, boxes = self.regions(battery, image)
-            self._region_cache[key] = (torch.as_tensor(np.asarray(feats), dtype=torch.float32),
-                                       torch.as_tensor(np.asarray(boxes), dtype=torch.float32))
-        return self._region_cache[key]
+        """Region features and normalised boxes of one battery image."""
+        return self.regions_of(battery, [image])[0]
 
     def build_inputs(
         self,
@@ -272,13 +336,16 @@ class ViLBERTSubject(Subject):
 
     def encode(self, stimuli: pd.DataFrame, battery: Any) -> Batch:
         """Tokenize texts (concept words marked) and gather image regions for a batch of stimuli."""
-        texts, images, spans = [], [], []
+        texts, paths, spans = [], [], []
         for _, row in stimuli.iterrows():
             has_text = row["modality"] in ("text", "pair")
             text = str(row["text"]) if has_text else ""
             texts.append(text)
             spans.append(battery.concept_spans(text, row["concept"]) if has_text else [])
-            images.append(self.image_regions(battery, str(row["image"])) if row["modality"] in ("image", "pair") else None)
+            paths.append(str(row["image"]) if row["modality"] in ("image", "pair") else None)
+        wanted = [p for p in paths if p is not None]
+        found = dict(zip(wanted, self.regions_of(battery, wanted))) if wanted else {}
+        images = [found[p] if p is not None else None for p in paths]
         return self.build_inputs(texts, images, concept_spans=spans)
 
     def forward(self, batch: Batch, heads: tuple[str, ...] = ()) -> ViLBERTOutput:
@@ -317,15 +384,17 @@ def readout_alignment(subject: ViLBERTSubject, stimuli: pd.DataFrame, battery: A
     concepts = battery.concept_names
     prompts = [str(battery.concepts[c].get("prompt", c)) for c in concepts]
     texts: list[str] = []
-    images: list[tuple[torch.Tensor, torch.Tensor]] = []
+    paths: list[str] = []
     for _, row in stimuli.iterrows():
         if row["modality"] == "text":
             texts += [str(row["text"])] * len(concepts)
-            images += [subject.image_regions(battery, subject.reference_image(battery, c)) for c in concepts]
+            paths += [subject.reference_image(battery, c) for c in concepts]
         else:
-            im = subject.image_regions(battery, str(row["image"]))
             texts += prompts
-            images += [im] * len(concepts)
+            paths += [str(row["image"])] * len(concepts)
+    unique = list(dict.fromkeys(paths))
+    found = dict(zip(unique, subject.regions_of(battery, unique)))
+    images = [found[p] for p in paths]
     scores = subject.match_scores(texts, images).reshape(len(stimuli), len(concepts))
     logp = scores.double().log_softmax(-1)
     idx = torch.tensor([concepts.index(c) for c in stimuli["concept"]])
@@ -352,7 +421,7 @@ def readout_vqa(subject: ViLBERTSubject, stimuli: pd.DataFrame, battery: Any) ->
             )
         targets.append(ids)
     question = str(battery.meta.get("vqa_question", "what is this?"))
-    images = [subject.image_regions(battery, str(row["image"])) for _, row in stimuli.iterrows()]
+    images = subject.regions_of(battery, [str(row["image"]) for _, row in stimuli.iterrows()])
     res = subject.forward(subject.build_inputs([question] * len(images), images, task="vqa"), heads=("vqa",))
     logp = res.logits["vqa"].double().log_softmax(-1).cpu()
     return np.array([float(logp[i, ids].max()) for i, ids in enumerate(targets)])
@@ -370,6 +439,46 @@ def _find_answers(answers: str | Path | None, weights: Path | None) -> list[str]
     return None
 
 
+def _config_option(config: ViLBERTConfig | str | Path | None, weights: Path | None) -> ViLBERTConfig | None:
+    """The architecture: a config, a JSON file, else ``config.json`` in the weights folder (``None``: base)."""
+    from neuroprobe.subjects.vilbert.load import config_from_file
+
+    if isinstance(config, ViLBERTConfig):
+        return config
+    if config is not None:
+        path = Path(config).expanduser()
+        if not path.is_file():
+            raise NeuroprobeError(f"ViLBERT config {path} does not exist; give a JSON config such as bert_base_6layer_6conect.json.")
+        return config_from_file(path)
+    if weights is not None:
+        folder = weights if weights.is_dir() else weights.parent
+        if (folder / "config.json").is_file():
+            return config_from_file(folder / "config.json")
+    return None
+
+
+def _checkpoint_option(checkpoint: str | None, weights: Path | None, config: ViLBERTConfig | None) -> str:
+    """Which released layout to build: the option, else the one file in the weights folder, else the config's."""
+    if checkpoint is not None:
+        return checkpoint
+    if weights is not None:
+        if weights.is_file():
+            return weights.name if weights.name in CHECKPOINTS else CHECKPOINTS[0]
+        present = [name for name in CHECKPOINTS if (weights / name).is_file()]
+        if len(present) == 1:
+            return present[0]
+    if config is not None and not config.task_heads:
+        return "pretrained_model.bin"
+    return "multi_task_model.bin"
+
+
+def _int_option(value: Any, name: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise NeuroprobeError(f"option {name} must be an integer, not {value!r}.") from None
+
+
 def load_vilbert_subject(
     spec: Any,
     *,
@@ -380,37 +489,51 @@ def load_vilbert_subject(
     heads: bool = False,
     seed: int = 0,
     trust_remote_code: bool = False,
-    checkpoint: str = "multi_task_model.bin",
+    checkpoint: str | None = None,
     tokenizer: str | Path | None = None,
     features: Path | None = None,
     detector_weights: Path | None = None,
-    regions: RegionSource | None = None,
+    regions: RegionSource | RegionFn | None = None,
     answers: str | Path | None = None,
     task: str = "retrieval_coco",
-    config: ViLBERTConfig | None = None,
+    config: ViLBERTConfig | str | Path | None = None,
+    max_regions: int | str = 100,
     **options: Any,
 ) -> ViLBERTSubject:
     """Registry loader for ``vilbert``.
 
-    Options: ``checkpoint`` (``multi_task_model.bin`` | ``pretrained_model.bin``), ``tokenizer``
-    (folder or id; default ``bert-base-uncased``), ``features`` / ``detector_weights`` (region
-    features), ``regions`` (a region source), ``answers`` (VQA answer list), ``task`` (task token
-    used when recording, default ``retrieval_coco``), ``config`` (architecture).
+    Options (``--option KEY=VALUE`` on the command line): ``checkpoint``
+    (``multi_task_model.bin`` | ``pretrained_model.bin``; default the one in the weights
+    folder, else the 12-in-1 model), ``tokenizer`` (folder, ``vocab.txt`` or hub id; default
+    the weights folder's, else ``bert-base-uncased`` from the cache), ``features`` /
+    ``detector_weights`` (where regions come from), ``regions`` (a ready region source),
+    ``answers`` (VQA answer list), ``task`` (task token used when recording, default
+    ``retrieval_coco``), ``config`` (a :class:`ViLBERTConfig` or JSON file; default
+    ``config.json`` in the weights folder, else the released architecture, also for
+    ``init="random"``), ``max_regions`` (detector regions per image, default 100).
     """
     options.pop("quiet", None)
     if options:
         raise NeuroprobeError(f"subject 'vilbert' does not take the option(s) {', '.join(sorted(options))}.")
-    weights = Path(weights) if weights is not None else None
-    tok = load_tokenizer(tokenizer, weights)
-    model = load_vilbert(weights, checkpoint=checkpoint, init=init, config=config, device=device, dtype=dtype, seed=seed)
+    weights = Path(weights).expanduser() if weights is not None else None
+    cfg = _config_option(config, weights)
+    checkpoint = _checkpoint_option(checkpoint, weights, cfg)
+    if checkpoint not in CHECKPOINTS:
+        raise NeuroprobeError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, not {checkpoint!r}.")
+    max_regions = _int_option(max_regions, "max_regions")
     if init == "pretrained":
-        source = str(resolve_weights(weights, checkpoint, download=False))
+        # the checkpoint first: a missing download is the first thing to say
+        path = resolve_weights(weights, checkpoint)
+        source = str(path)
     else:
-        source = f"vilbert-multi-task ({checkpoint}, random init)"
+        path, source = weights, f"vilbert-multi-task ({checkpoint}, random init)"
+    tok = load_tokenizer(tokenizer, weights)
+    model = load_vilbert(path, checkpoint=checkpoint, init=init, config=cfg, device=device, dtype=dtype, seed=seed)
     if regions is None:
-        regions = _region_source_from_options(features, detector_weights, torch.device(device))
+        regions = RegionSource(features=features, detector_weights=detector_weights, device=device,
+                               n_regions=max_regions, subject=getattr(spec, "name", "vilbert"))
     subject = ViLBERTSubject(
-        getattr(spec, "name", "vilbert"), model, tok, regions=regions, task=task,
+        getattr(spec, "name", "vilbert"), model, tok, regions=regions, task=task, max_regions=max_regions,
         answers=_find_answers(answers, weights), device=device, init=init, checkpoint=source,
         revision="local" if weights is not None else "dl.fbaipublicfiles.com", seed=seed,
     )
