@@ -182,6 +182,29 @@ def test_vilbert_cli_records_the_pictures_battery_from_region_features(vilbert_d
     assert subject.n_parameters < 200_000
 
 
+def test_vilbert_regions_come_from_the_shared_region_source(vilbert_dir, region_file, pictures):
+    """ViLBERT reads --features through LXMERT's RegionSource: the file's first max_regions regions after the global one."""
+    from neuroprobe.subjects.region_features import RegionFeatureSource
+    from neuroprobe.subjects.vision_language import RegionSource
+
+    # options arrive from `--option max_regions=4` as text
+    subject = load_subject("vilbert", weights=vilbert_dir, init="random", device="cpu", quiet=True,
+                           features=region_file, max_regions="4")
+    assert isinstance(subject.regions, RegionSource)
+    t = pictures.table
+    rows = t[t["modality"].isin(["image", "pair"])].iloc[:6]
+    batch = subject.encode(rows, pictures)
+    with RegionFeatureSource(region_file) as source:
+        for i, rel in enumerate(rows["image"]):
+            feats, boxes = source[rel]
+            k = min(len(feats), 4)
+            assert int(batch.inputs["image_attention_mask"][i].sum()) == 1 + k
+            got = batch.inputs["image_feat"][i]
+            np.testing.assert_allclose(got[1 : 1 + k].numpy(), feats[:k], rtol=1e-6)
+            np.testing.assert_allclose(got[0].numpy(), feats[:k].mean(0), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(batch.inputs["image_loc"][i, 1 : 1 + k, :4].numpy(), boxes[:k], rtol=1e-6)
+
+
 def test_vilbert_cli_records_with_the_detector_and_equals_a_direct_pass(vilbert_dir, detector_dir, pictures, tmp_path):
     """--init pretrained loads the saved tiny weights; regions from a tiny Faster R-CNN (--detector-weights)."""
     out = tmp_path / "vilbert-det.h5"
