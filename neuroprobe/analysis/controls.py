@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -359,7 +360,8 @@ def bootstrap_ci(
                 boots[key][b] = v
         for key, v in est.items():
             bs = np.where(np.isfinite(boots[key]), boots[key], np.nan)
-            with np.errstate(invalid="ignore"):
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (e.g. z with a silent baseline)
                 lo, hi = np.nanquantile(bs, [lo_q, hi_q], axis=0)
             parts.append(pd.DataFrame(dict(site=site, unit=unit_idx, concept=names[concept], index=key,
                                            estimate=v, lo=lo, hi=hi)))

@@ -156,8 +156,9 @@ def plot_invariance(cells: pd.DataFrame) -> "Figure":
     if not cols:
         raise NeuroprobeError("the cells table has no per-form AUC columns (auc_form:<form>).")
     sel = cells[cells["is_cell"]]
-    long = sel.melt(id_vars=["site", "unit", "concept", "invariant"], value_vars=cols, var_name="form",
-                    value_name="auc").dropna(subset=["auc"])
+    long = sel[["site", "unit", "concept", "invariant"] + cols].melt(
+        id_vars=["site", "unit", "concept", "invariant"], value_vars=cols, var_name="form", value_name="auc"
+    ).dropna(subset=["auc"])
     long["form"] = long["form"].str.removeprefix("auc_form:")
     fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(cols) + 2), 4))
     if len(long):
