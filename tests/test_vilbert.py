@@ -271,7 +271,7 @@ def tiny_setup(tmp_path_factory: pytest.TempPathFactory):
     vocab = root / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
     tok_dir = root / "tokenizer"
-    BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True).save_pretrained(tok_dir)
+    BertTokenizerFast(str(vocab), do_lower_case=True).save_pretrained(tok_dir)
     bat = root / "battery"
     (bat / "img").mkdir(parents=True)
     rows = []
