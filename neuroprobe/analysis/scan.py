@@ -77,17 +77,18 @@ def _z(med: np.ndarray, mean_b: np.ndarray, sd_b: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(z) & (med == mean_b), 0.0, z)
 
 
-def concept_tests(x: np.ndarray, sub: Subset, k: float) -> dict[str, np.ndarray]:
+def concept_tests(x: np.ndarray, sub: Subset, k: float, medians: bool = True) -> dict[str, np.ndarray]:
     """Criterion statistics of every unit x concept on one subset (screening or testing).
 
     Returns ``[G, C]`` arrays: ``median``, ``mean_b``, ``sd_b`` (baseline = the subset's other
     stimuli), ``z = (median - mean_b) / sd_b``, ``effect = median > mean_b + k sd_b``,
-    ``U``, ``p`` (one-sided rank-sum), ``auc``, ``d_prime``.
+    ``U``, ``p`` (one-sided rank-sum), ``auc``, ``d_prime``.  ``medians=False`` skips the
+    medians (and the effect size) when only d' and AUC are wanted.
     """
     xs = x[:, sub.idx]
     x64 = xs.astype(np.float64)
     st = group_stats(x64, sub.onehot)
-    med = group_medians(x64, sub.groups)
+    med = group_medians(x64, sub.groups) if medians else np.full(st.mean_c.shape, np.nan)
     sd_b = np.sqrt(st.var_b)
     ranks, tie = midranks(xs)
     U, p = rank_sum(ranks, tie, sub.onehot)
@@ -229,7 +230,10 @@ def _block(x: np.ndarray, design: Design, *, transform: str, criterion: bool, k:
     r = nonneg(x64, transform)
     out: dict[str, np.ndarray] = {"dead": dead, "_r": r}
     out["means"] = class_means(x64, design.all.onehot)
-    means_pos = class_means(r, design.all.onehot)
+    if transform == "shift":  # the transform is a per-unit offset: shift the class means, no second product
+        means_pos = out["means"] - x64.min(axis=1, keepdims=True)
+    else:
+        means_pos = class_means(r, design.all.onehot)
     out["si"] = selectivity_index(means_pos)
     out["si_morcos"] = morcos_si(means_pos)
     out["lifetime_sparseness"] = lifetime_sparseness(r)
@@ -241,7 +245,7 @@ def _block(x: np.ndarray, design: Design, *, transform: str, criterion: bool, k:
     else:
         pref = np.zeros(G, dtype=np.intp)
     out["pref"] = pref
-    test = concept_tests(x, design.testing, k) if design.testing.n else None
+    test = concept_tests(x, design.testing, k, medians=criterion) if design.testing.n else None
     out["d_prime"] = _pick(test["d_prime"], pref) if test else np.full(G, np.nan)
     out["auc"] = _pick(test["auc"], pref) if test else np.full(G, np.nan)
     if criterion:
@@ -275,15 +279,15 @@ def _site_table(site: str, kind: str, design: Design, a: dict[str, np.ndarray], 
         v[dead] = np.nan
         return v
 
-    df = pd.DataFrame({"site": site, "unit": a["unit"], "kind": kind, "n_stimuli": design.all.n, "dead": dead,
-                       "transform": transform})
+    df: dict[str, object] = {"site": site, "unit": a["unit"], "kind": kind, "n_stimuli": design.all.n,
+                             "dead": dead, "transform": transform}
     for c, name in enumerate(design.concepts):
         df[f"mean:{name}"] = a["means"][:, c]
     df["pref_concept"] = np.where(dead, None, concepts[a["pref"]])
     for name in ("si", "si_morcos", "lifetime_sparseness", "kurtosis", "d_prime", "auc"):
         df[name] = live(a[name])
     if not criterion:
-        return df
+        return pd.DataFrame(df)
     df["concept"] = np.where(dead, None, concepts[a["best"]])
     df["z"] = live(_pick(a["z_scr"].astype(np.float64), a["best"]))
     df["median"] = live(a["median_scr_best"])
@@ -326,7 +330,7 @@ def _site_table(site: str, kind: str, design: Design, a: dict[str, np.ndarray], 
         df["n_modalities"] = np.where(dead, 0, len(design.modalities))
         df["p_modality_max"] = np.nan
         df["effect_all_modalities"] = False
-    return df
+    return pd.DataFrame(df)
 
 
 def _reduce(v: np.ndarray, present: np.ndarray, fn) -> np.ndarray:

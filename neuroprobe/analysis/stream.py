@@ -23,7 +23,7 @@ import numpy as np
 #: Bytes of the raw super-block buffer (file dtype, all stimuli x width units).
 DEFAULT_READ_BYTES = 256 << 20
 #: Bytes of one float64 ``[block, n_valid]`` working array; the statistics keep ~10 of them alive.
-DEFAULT_BLOCK_BYTES = 4 << 20
+DEFAULT_BLOCK_BYTES = 16 << 20
 
 
 class UnitStream:
