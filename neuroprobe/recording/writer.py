@@ -109,17 +109,17 @@ class RecordingWriter:
             for site, n_units in sites:
                 sg = f.create_group(schema.site_path(site.name))
                 rows = max(1, min(chunk_rows, n))
-                # keep a chunk near 1 MiB at most
-                width = max(1, n_units)
+                # chunks: a batch of stimuli by at most 4096 units (so unit-block reads stay cheap), <= ~1 MiB
+                width = max(1, min(n_units, 4096))
                 rows = max(1, min(rows, (1 << 20) // (4 * width) or 1))
                 sg.create_dataset(
-                    schema.RESPONSES, shape=(n, n_units), dtype=dtype, chunks=(rows, n_units),
+                    schema.RESPONSES, shape=(n, n_units), dtype=dtype, chunks=(rows, width),
                     fillvalue=np.nan, **comp,
                 )
                 if tokens:
                     trow = max(1, min(4096, (1 << 20) // (4 * width)))
                     sg.create_dataset(schema.SITE_TOKENS, shape=(0, n_units), maxshape=(None, n_units), dtype=dtype,
-                                      chunks=(trow, n_units), **comp)
+                                      chunks=(trow, width), **comp)
                 attrs = dict(module=site.module, direction=site.direction, kind=site.kind, stream=site.stream,
                              layout=site.layout, call=-1 if site.call is None else site.call, index=site.index,
                              n_heads=site.n_heads or 0, pooling=pooling_per_site[site.name], n_units=n_units)
