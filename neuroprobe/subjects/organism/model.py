@@ -168,6 +168,9 @@ class OrganismModel(nn.Module):
         self.config = cfg or OrganismConfig()
         self.image = ImageTower(self.config)
         self.text = TextTower(self.config)
+        # the shared embedding space: both towers' projections pass through this one
+        # (parameter-free) module, so its units are one site that sees images and texts alike
+        self.embed = nn.Identity()
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
 
     def forward(
@@ -177,13 +180,20 @@ class OrganismModel(nn.Module):
         text_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Unit-norm embeddings ``(image [Bi, D] or None, text [Bt, D] or None)``."""
-        img = txt = None
+        parts = []
         if images is not None and len(images):
-            img = nn.functional.normalize(self.image(images), dim=-1)
+            parts.append(self.image(images))
         if text_ids is not None and len(text_ids):
             if text_mask is None:
                 text_mask = torch.ones_like(text_ids, dtype=torch.bool)
-            txt = nn.functional.normalize(self.text(text_ids, text_mask), dim=-1)
+            parts.append(self.text(text_ids, text_mask))
+        if not parts:
+            return None, None
+        # one call of the shared embedding for the whole batch: images first, then texts
+        joint = nn.functional.normalize(self.embed(torch.cat(parts) if len(parts) > 1 else parts[0]), dim=-1)
+        n_img = len(images) if images is not None and len(images) else 0
+        img = joint[:n_img] if n_img else None
+        txt = joint[n_img:] if len(joint) > n_img else None
         return img, txt
 
     def scale(self) -> torch.Tensor:

@@ -66,6 +66,8 @@ def _site_patterns(cfg: OrganismConfig) -> dict[str, list[SitePattern]]:
             SitePattern("text.layers.*", "output", "resid", "text", "BTU"),
             SitePattern("image.proj", "output", "embed", "image", "BU"),
             SitePattern("text.proj", "output", "embed", "text-pooled", "BU"),
+            # the shared embedding space (one module for both towers): where multimodal cells can live
+            SitePattern("embed", "output", "embed", "joint", "BU", name="joint.embed"),
         ],
         "attn": [
             SitePattern("text.layers.*.attn.heads", "output", "attn", "text", "BTU", n_heads=cfg.text_heads),
@@ -94,11 +96,17 @@ class OrganismSubject(Subject):
 
         size = self.config.image_size
         out = np.zeros((len(rows), 1, size, size), np.float32)
+        cache = self.__dict__.setdefault("_image_cache", {})  # decoded pixels: readouts revisit the same stimuli
         for k, (_, row) in enumerate(rows.iterrows()):
-            im = battery.load_image(row).convert("L")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.Resampling.BILINEAR)
-            out[k, 0] = np.asarray(im, np.float32) / 255.0
+            key = (str(battery.root), str(row["image"]))
+            if key not in cache:
+                im = battery.load_image(row).convert("L")
+                if im.size != (size, size):
+                    im = im.resize((size, size), Image.Resampling.BILINEAR)
+                if len(cache) > 50_000:
+                    cache.clear()
+                cache[key] = np.asarray(im, np.float32) / 255.0
+            out[k, 0] = cache[key]
         return torch.from_numpy(out)
 
     def encode(self, stimuli: pd.DataFrame, battery: "Battery") -> Batch:
@@ -131,7 +139,13 @@ class OrganismSubject(Subject):
             masks["text"], token_ids["text"] = mask, ids
             masks["text-pooled"] = torch.ones(n, 1, dtype=torch.bool)
             token_ids["text-pooled"] = torch.zeros(n, 1, dtype=torch.long)
-            concept_masks["text"] = self._concept_bytes(txt_rows, battery, ids.shape[1])
+        if len(stimuli):
+            # the shared embedding sees the batch's images first, then its texts (the recorder
+            # splits batches by modality, so there its rows are the stimuli in order)
+            masks["joint"] = torch.ones(len(stimuli), 1, dtype=torch.bool)
+            token_ids["joint"] = torch.zeros(len(stimuli), 1, dtype=torch.long)
+        if len(txt_rows):
+            concept_masks["text"] = self._concept_bytes(txt_rows, battery, inputs["text_ids"].shape[1])
         return Batch(inputs=inputs, masks=masks, token_ids=token_ids, concept_masks=concept_masks)
 
     def _concept_bytes(self, rows: pd.DataFrame, battery: "Battery", width: int) -> torch.Tensor:
