@@ -52,7 +52,8 @@ def main() -> None:
     for init, c in cells.items():
         c.to_csv(out / f"cells_{init}.csv", index=False)
     print(f"[{time.perf_counter() - t0:5.1f}s] concept cells per site (trained | untrained):")
-    table = summarize(cells["pretrained"], by="site").join(summarize(cells["random"], by="site"), rsuffix=" (untrained)")
+    table = summarize(cells["pretrained"], by="site").merge(
+        summarize(cells["random"], by="site"), left_index=True, right_index=True, suffixes=("", " (untrained)"))
     print(table.to_string())
     print("\nconfirmed cells per concept (trained):")
     print(summarize(cells["pretrained"], by="concept").to_string())
@@ -76,9 +77,9 @@ def main() -> None:
         "cells_per_layer": cell_figures.plot_cells_per_layer(cells["pretrained"], cells["random"]),
         f"dose_response_{args.concept}": lesion_figures.plot_dose_response(dose),
     }
-    best = cells["pretrained"].query("is_cell and best_concept == @args.concept")
+    best = cells["pretrained"].query("is_cell and concept == @args.concept")
     if len(best):
-        top = best.sort_values("dprime", ascending=False).iloc[0]
+        top = best.sort_values("d_prime", ascending=False).iloc[0]
         figs["concept_cell"] = cell_figures.plot_unit(recs["pretrained"], top["site"], int(top["unit"]))
     for name, fig in figs.items():
         fig.savefig(out / f"{name}.png", dpi=120, bbox_inches="tight")
