@@ -222,7 +222,7 @@ def test_planted_cells_forgotten_specifically_and_beat_random(planted):
             assert len(rnd) == 100
             assert (rnd["target_change"] <= top["target_change"]).mean() < 0.05
         table = summarize(dose)
-        assert (table["p_random"] < 0.05).all()
+        assert (table["p_random"] < 0.05).all() and (table["target_rank"] == 1).all()
 
 
 def test_forgetting_table_matches_direct_computation(planted):

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 TABLE_COLUMNS = ["concept", "mode", "k", "target_change", "other_change", "specificity", "random_target_change",
-                 "random_target_sd", "p_random", "p_random_specific", "bottom_target_change", "most_hit_other"]
+                 "random_target_sd", "p_random", "p_random_specific", "bottom_target_change", "target_rank", "most_hit_other"]
 
 
 def _ints(text: str, what: str) -> list[int]:

@@ -29,7 +29,10 @@ averaged per tested concept.  For a lesion aimed at concept ``c``:
     lesions of the same number of units at the same sites (the same count per
     site), drawn from units that are active on the ranking split;
 ``p_random_specific``
-    the same for ``gap``.
+    the same for ``gap``;
+``target_rank``
+    1 when the target lost more than every other concept (2 when one other
+    concept lost more, ...); ``most_hit_other`` names the other concept that lost most.
 
 Orders of a dose-response (``k`` units each):
 
@@ -280,7 +283,8 @@ class LesionStudy:
         worst = others.idxmin() if len(others) else None
         return dict(concept=concept, **extra, target_change=float(change[concept]),
                     other_change=float(others.mean()) if len(others) else np.nan,
-                    most_hit_other=worst, most_hit_other_change=float(others.min()) if len(others) else np.nan)
+                    most_hit_other=worst, most_hit_other_change=float(others.min()) if len(others) else np.nan,
+                    target_rank=1 + int((others < change[concept]).sum()))
 
     # ------------------------------------------------------------ experiments
     def dose_response(
@@ -301,7 +305,7 @@ class LesionStudy:
         pandas.DataFrame
             One row per evaluated lesion: ``concept, mode, order, k, draw`` (-1 for
             deterministic orders), ``n_units, n_sites, units`` (top only),
-            ``target_change, other_change, most_hit_other, most_hit_other_change``.
+            ``target_change, other_change, most_hit_other, most_hit_other_change, target_rank``.
         """
         modes = [modes] if isinstance(modes, str) else list(modes)
         bad = set(orders) - set(ORDERS)
@@ -424,7 +428,7 @@ def summarize(dose: pd.DataFrame) -> pd.DataFrame:
     -------
     pandas.DataFrame
         One row per ``(concept, mode, k)``: ``target_change, other_change,
-        specificity, gap, most_hit_other(_change)``, the random lesions' mean and SD
+        specificity, gap, most_hit_other(_change), target_rank``, the random lesions' mean and SD
         of ``target_change`` and mean ``other_change``, ``p_random``,
         ``p_random_specific``, ``n_random``, and when present ``bottom_target_change``,
         ``keep_top_target_change``/``keep_top_other_change`` and
@@ -440,7 +444,8 @@ def summarize(dose: pd.DataFrame) -> pd.DataFrame:
         gap = t.target_change - t.other_change
         row = dict(concept=concept, mode=mode, k=int(k), target_change=t.target_change, other_change=t.other_change,
                    specificity=specificity(t.target_change, t.other_change), gap=gap,
-                   most_hit_other=t.most_hit_other, most_hit_other_change=t.most_hit_other_change)
+                   most_hit_other=t.most_hit_other, most_hit_other_change=t.most_hit_other_change,
+                   target_rank=int(t.target_rank))
         n = len(rnd)
         if n:
             rgap = rnd["target_change"] - rnd["other_change"]
