@@ -28,8 +28,8 @@ from neuroprobe.lesions.forgetting import LesionStudy  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--concept", default="seven")
-    ap.add_argument("--k", default="2,8", help="lesion sizes (units)")
-    ap.add_argument("--random-draws", type=int, default=30, help="random lesions per size (100 for a paper)")
+    ap.add_argument("--k", default="2,8,16", help="lesion sizes (units)")
+    ap.add_argument("--random-draws", type=int, default=50, help="random lesions of each size (the p-value null; 100+ for a paper)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default="figures/quickstart")
     ap.add_argument("--quiet", action="store_true")
@@ -63,7 +63,7 @@ def main() -> None:
     ks = [int(x) for x in args.k.split(",")]
     study = LesionStudy(subject, battery, cells["pretrained"], quiet=args.quiet, batch_size=256)
     dose = study.dose_response(args.concept, ks, ("zero", "mean"), random_draws=args.random_draws,
-                               orders=("top", "random"))
+                               orders=("top", "bottom", "random"))
     dose.to_csv(out / f"dose_response_{args.concept}.csv", index=False)
     from neuroprobe.lesions import summarize as lesion_summary
 
