@@ -32,6 +32,9 @@ def __getattr__(name: str):
         "unit_indices": "neuroprobe.analysis",
         "lesion": "neuroprobe.lesions",
         "forgetting": "neuroprobe.lesions",
+        "dose_response": "neuroprobe.lesions",
+        "forgetting_matrix": "neuroprobe.lesions",
+        "steer": "neuroprobe.steering",
     }
     if name in lazy:
         import importlib
