@@ -216,9 +216,11 @@ class Battery:
 
     def concept_spans(self, text: str, concept: str) -> list[tuple[int, int]]:
         """Character spans in ``text`` where a name of ``concept`` occurs (whole words, case-insensitive)."""
-        spans: list[tuple[int, int]] = []
-        for word in self.concept_words(concept):
-            for m in re.finditer(r"(?<!\w)" + re.escape(word) + r"(?!\w)", text, flags=re.IGNORECASE):
-                if not any(a < m.end() and m.start() < b for a, b in spans):
-                    spans.append((m.start(), m.end()))
-        return sorted(spans)
+        # one compiled alternation per concept, longest name first (regex alternation is ordered),
+        # so overlapping names ("grandma" in "grandmother") yield the longest match only
+        cache = self.__dict__.setdefault("_span_patterns", {})
+        rx = cache.get(concept)
+        if rx is None:
+            words = "|".join(re.escape(w) for w in self.concept_words(concept))
+            rx = cache[concept] = re.compile(r"(?<!\w)(?:" + words + r")(?!\w)", flags=re.IGNORECASE)
+        return [m.span() for m in rx.finditer(text)]
