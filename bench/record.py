@@ -57,6 +57,13 @@ def sentences(n: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _append(d: h5py.Dataset, x: np.ndarray) -> None:
+    """Append rows to a resizable dataset (what the peers' recording loops do per batch)."""
+    n0 = d.shape[0]
+    d.resize((n0 + len(x), d.shape[1]))
+    d[n0:] = x
+
+
 def bare(subject, table, bs, out):
     with torch.inference_mode():
         for a in range(0, len(table), bs):
@@ -85,10 +92,7 @@ def torch_h5py(subject, table, bs, out):
                     m = enc["attention_mask"].bool()
                     for s in SITES:
                         x = store[s][m].numpy()
-                        d = ds[s]
-                        n0 = d.shape[0]
-                        d.resize((n0 + len(x), 1536))
-                        d[n0:] = x
+                        _append(ds[s], x)
         finally:
             for h in handles:
                 h.remove()
@@ -120,10 +124,7 @@ def nnsight_save(subject, table, bs, out):
                 v = saved[s]
                 v = getattr(v, "value", v)
                 x = v[m].numpy()
-                d = ds[s]
-                n0 = d.shape[0]
-                d.resize((n0 + len(x), 1536))
-                d[n0:] = x
+                _append(ds[s], x)
 
 
 def nnsight_cache(subject, table, bs, out):
@@ -139,10 +140,7 @@ def nnsight_cache(subject, table, bs, out):
                 entry = cache[f"model.encoder.layer.{i}.output.dense"]
                 x = entry.inputs[0][0] if isinstance(entry.inputs, tuple) else entry.input
                 x = x[m].numpy()
-                d = ds[s]
-                n0 = d.shape[0]
-                d.resize((n0 + len(x), 1536))
-                d[n0:] = x
+                _append(ds[s], x)
 
 
 def tlens(subject, table, bs, out):
@@ -163,10 +161,7 @@ def tlens(subject, table, bs, out):
             m = enc["attention_mask"].bool()
             for i, s in enumerate(SITES):
                 x = cache[names[i]][m].numpy()
-                d = ds[s]
-                n0 = d.shape[0]
-                d.resize((n0 + len(x), 1536))
-                d[n0:] = x
+                _append(ds[s], x)
 
 
 CONTENDERS = {
