@@ -259,7 +259,10 @@ class Recorder:
         position_of = {idx: i for i, idx in enumerate(rows.index)}
         per_stim_tokens: dict[str, list[dict[str, np.ndarray]]] = {}
         per_stim_site: dict[str, list[np.ndarray | None]] = {}
-        for group in self._groups(rows):
+        groups = self._groups(rows)
+        direct_tokens: dict[str, dict[str, np.ndarray]] = {}
+        direct_sites: dict[str, np.ndarray] = {}
+        for group in groups:
             rows_pos = np.array([position_of[i] for i in group.index])
             batch = self.subject.encode(group, self.battery)
             results: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
@@ -286,7 +289,21 @@ class Recorder:
                 if pooled[site.name].shape[1] == 0:
                     pooled[site.name] = np.full((n, p.shape[1]), np.nan, dtype=self.np_dtype)
                 pooled[site.name][rows_pos] = p
-            if self.tokens:
+            if self.tokens and len(groups) == 1:
+                # one group: the rows are the batch in order, so the traces are already in place
+                for stream, mask in batch.masks.items():
+                    m = mask.cpu()
+                    counts = m.sum(1).numpy().astype(np.int64)
+                    direct_tokens[stream] = {
+                        "counts": counts,
+                        "token_ids": batch.token_ids[stream].cpu()[m].numpy().astype(np.int64),
+                        "position": torch.arange(m.shape[1]).expand_as(m)[m].numpy().astype(np.int64),
+                        "stimulus": np.repeat(np.arange(offset, offset + n, dtype=np.int64), counts),
+                    }
+                for site in self.sites:
+                    if site.name in results:
+                        direct_sites[site.name] = results[site.name][1]
+            elif self.tokens:
                 for stream, mask in batch.masks.items():
                     m = mask.cpu()
                     counts = m.sum(1).numpy().astype(np.int64)
@@ -307,7 +324,15 @@ class Recorder:
                     for j, rp in enumerate(rows_pos):
                         lst2[rp] = toks[bounds[j] : bounds[j + 1]]
         result = BatchResult(offset=offset, n=n, pooled=pooled)
-        if self.tokens:
+        if self.tokens and len(groups) == 1:
+            result.stream_tokens = direct_tokens
+            for site in self.sites:
+                arr = direct_sites.get(site.name)
+                if arr is None:  # did not fire for this batch
+                    c = int(direct_tokens.get(site.stream, {"counts": np.zeros(1, np.int64)})["counts"].sum())
+                    arr = np.full((c, self._width(site, pooled)), np.nan, dtype=self.np_dtype)
+                result.site_tokens[site.name] = arr
+        elif self.tokens:
             for stream, lst in per_stim_tokens.items():
                 counts = np.array([0 if d is None else d["count"] for d in lst], dtype=np.int64)
                 ids = [d["token_ids"] for d in lst if d is not None]
