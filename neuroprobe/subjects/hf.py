@@ -387,9 +387,12 @@ class HFSubject(Subject):
             batch.token_ids["decoder"] = dec
             batch.concept_masks["decoder"] = dec_concept
         elif kind == "xlnet":
-            # predict the last real token through the query stream: this makes XLNet run both streams
+            # predict the last real *content* token (XLNet appends <sep><cls>) through the query
+            # stream: this makes XLNet run both streams, and the query stream answers at a word
             B, T = mask.shape
-            last = _last_index(mask)
+            special = torch.tensor(sorted(set(self.tokenizer.all_special_ids)), dtype=enc["input_ids"].dtype)
+            content = mask & ~torch.isin(enc["input_ids"], special)
+            last = torch.where(content.any(1), _last_index(content), _last_index(mask))
             tm = torch.zeros(B, 1, T)
             tm[torch.arange(B), 0, last] = 1.0
             perm = torch.zeros(B, T, T)
