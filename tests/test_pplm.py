@@ -437,7 +437,7 @@ def subject(model, tok):
     sites = {s.name: s for s in _mlp_sites(prefix="")}
     return SimpleNamespace(
         name="tiny", model=model.transformer, head_model=model, tokenizer=tok,
-        sites=lambda names: [sites[n] for n in names],
+        sites=lambda names: list(sites.values()) if names == "all" else [sites[n] for n in names],
     )
 
 

@@ -61,18 +61,6 @@ def _sites_by_name(subject: Any, names: Iterable[str]) -> dict[str, Any]:
     return sites
 
 
-def zero_units(units: Sequence[int]):
-    """An electrode edit that silences ``units`` (sets them to zero) at every token."""
-    index = torch.as_tensor(sorted(set(int(u) for u in units)), dtype=torch.long)
-
-    def edit(x: torch.Tensor, site: Any) -> torch.Tensor:
-        y = x.clone()
-        y[..., index.to(x.device)] = 0
-        return y
-
-    return edit
-
-
 def steering_cell_responses(
     subject: Any,
     cells: pd.DataFrame,
@@ -186,7 +174,9 @@ def lesion_steering(
         ``lesion``, ``random``), ``draw``, ``n_units``, ``prompt``, ``seed``,
         ``steered_mass``, ``unsteered_mass`` and ``gain`` (their difference).
     """
-    from neuroprobe.electrodes import Electrodes
+    from contextlib import nullcontext
+
+    from neuroprobe.lesions import lesion
 
     table = _cells_table(cells)
     target = table[table["is_cell"].astype(bool) & (table["concept"] == concept)]
@@ -211,11 +201,10 @@ def lesion_steering(
     rows: list[dict[str, Any]] = []
     for condition, draw, units in conditions:
         n_units = int(sum(len(u) for u in units.values()))
-        edits = {name: zero_units(u) for name, u in units.items()}
-        used = [sites[name] for name in units]
         for prompt in prompts:
             for seed in seeds:
-                with Electrodes(subject.model, used, read=False, edits=edits):
+                # the project's lesion (zero ablation through Electrodes); the intact run has none
+                with lesion(subject, units, "zero") if units else nullcontext():
                     result = steer(language_model(subject), subject.tokenizer, prompt, bag=the_bag, length=length, seed=seed,
                                    **hyperparameters)
                 means = result.mean_mass()
