@@ -458,24 +458,35 @@ def _cloze_parts(row) -> tuple[str, str, str]:
     return prefix, target, suffix
 
 
+def masked_cloze(tok, stimuli: pd.DataFrame) -> tuple[list[str], list[list[int]]]:
+    """Cloze texts with the target replaced by as many mask tokens as it has, and the target ids."""
+    texts, targets = [], []
+    for _, row in stimuli.iterrows():
+        prefix, target, suffix = _cloze_parts(row)
+        ids = tok((" " if prefix.endswith(" ") else "") + target, add_special_tokens=False)["input_ids"]
+        texts.append(prefix + tok.mask_token * len(ids) + suffix)
+        targets.append(ids)
+    return texts, targets
+
+
+def masked_target_logprob(logp: torch.Tensor, input_ids: torch.Tensor, mask_id: int, targets: list[list[int]]) -> np.ndarray:
+    """Sum over each row's mask positions of log p(target token) (``logp``: [B, T, V] log-softmax)."""
+    out = np.full(len(targets), np.nan)
+    for i, target in enumerate(targets):
+        pos = (input_ids[i] == mask_id).nonzero().flatten().to(logp.device)
+        k = min(len(pos), len(target))
+        out[i] = float(logp[i, pos[:k], torch.tensor(target[:k], dtype=torch.long, device=logp.device)].sum())
+    return out
+
+
 def _readout_masked_lm(subject: HFSubject, stimuli: pd.DataFrame, battery) -> np.ndarray:
     """Sum of log p(target tokens) with the target replaced by as many mask tokens."""
     head = subject.require_head()
     tok = subject.tokenizer
-    texts, spans = [], []
-    for _, row in stimuli.iterrows():
-        prefix, target, suffix = _cloze_parts(row)
-        target_ids = tok((" " if prefix.endswith(" ") else "") + target, add_special_tokens=False)["input_ids"]
-        texts.append(prefix + tok.mask_token * len(target_ids) + suffix)
-        spans.append(target_ids)
+    texts, targets = masked_cloze(tok, stimuli)
     enc = tok(texts, padding=True, return_tensors="pt").to(subject.device)
     logits = head(**enc).logits.float().log_softmax(-1)
-    out = []
-    for i, target_ids in enumerate(spans):
-        pos = (enc["input_ids"][i] == tok.mask_token_id).nonzero().flatten()
-        k = min(len(pos), len(target_ids))
-        out.append(float(logits[i, pos[:k], torch.tensor(target_ids[:k], device=logits.device)].sum()))
-    return np.array(out)
+    return masked_target_logprob(logits, enc["input_ids"], tok.mask_token_id, targets)
 
 
 def _readout_next_token(subject: HFSubject, stimuli: pd.DataFrame, battery) -> np.ndarray:

@@ -70,7 +70,7 @@ import torch
 from neuroprobe.errors import MissingWeightsError, NeuroprobeError
 from neuroprobe.stimuli.images import ClipPreprocess
 from neuroprobe.subjects.base import Batch
-from neuroprobe.subjects.hf import HFSubject, _cloze_parts
+from neuroprobe.subjects.hf import HFSubject, masked_cloze, masked_target_logprob
 
 #: Question asked of image stimuli by the ``vqa`` readout (``battery.json`` key ``vqa_question`` overrides).
 DEFAULT_QUESTION = "What is in the picture?"
@@ -472,22 +472,12 @@ def readout_matching(subject: _RegionSubject, stimuli: pd.DataFrame, battery) ->
 def readout_masked_lm(subject: _RegionSubject, stimuli: pd.DataFrame, battery) -> np.ndarray:
     """Sum of log p(cloze target tokens) with the stimulus's image as visual input."""
     tok = subject.tokenizer
-    texts, targets = [], []
-    for _, row in stimuli.iterrows():
-        prefix, target, suffix = _cloze_parts(row)
-        ids = tok((" " if prefix.endswith(" ") else "") + target, add_special_tokens=False)["input_ids"]
-        texts.append(prefix + tok.mask_token * len(ids) + suffix)
-        targets.append(ids)
+    texts, targets = masked_cloze(tok, stimuli)
     visual = subject.visual_inputs(subject._image_column(stimuli), battery)
     outputs = subject.head_outputs(texts, visual)
     logp = subject._lm_logits(outputs).float().log_softmax(-1).cpu()
     ids = tok(texts, padding=True, truncation=True, return_tensors="pt")["input_ids"]
-    out = np.full(len(stimuli), np.nan)
-    for i, target in enumerate(targets):
-        pos = (ids[i] == tok.mask_token_id).nonzero().flatten()
-        k = min(len(pos), len(target))
-        out[i] = float(logp[i, pos[:k], torch.tensor(target[:k], dtype=torch.long)].sum())
-    return out
+    return masked_target_logprob(logp, ids, tok.mask_token_id, targets)
 
 
 # ------------------------------------------------------------------------ LXMERT
