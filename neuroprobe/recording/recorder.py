@@ -9,9 +9,7 @@ batches are cut at the same stimulus boundaries.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import platform
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
