@@ -51,11 +51,16 @@ def library_versions() -> dict[str, str]:
 
 def default_output(subject: Subject, battery: Battery, montage: str) -> Path:
     """``recordings/<subject>[-random]_<battery>_<montage>.h5`` in the working directory."""
-    tag = subject.name.replace(":", "_").replace("/", "_")
-    if subject.init == "random":
+    return default_output_for(subject.name, subject.init, battery.name, montage)
+
+
+def default_output_for(subject: str, init: str, battery: str, montage: str) -> Path:
+    """:func:`default_output` from names (so the CLI can check the path before loading the model)."""
+    tag = subject.replace(":", "_").replace("/", "_")
+    if init == "random":
         tag += "-random"
     mont = montage.replace(",", "+").replace("*", "x").replace("/", "_")
-    return Path("recordings") / f"{tag}_{battery.name}_{mont}.h5"
+    return Path("recordings") / f"{tag}_{battery}_{mont}.h5"
 
 
 def check_output(path: Path, *, resume: bool = False, overwrite: bool = False) -> None:
