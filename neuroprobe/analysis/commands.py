@@ -152,6 +152,7 @@ def register(app: typer.Typer) -> None:
         _check_range("--dpi", dpi, low=1, high=2400)
         with open_recording(recording) as rec:  # refuse a bad recording before drawing anything
             _note(rec.require_complete(allow_incomplete))
+            _require_finite(rec)
         table = load_cells(cells_table)
         untrained = untrained or (_sibling(cells_table, "untrained") if _sibling(cells_table, "untrained").exists() else None)
         rotation = rotation or (_sibling(cells_table, "rotation") if _sibling(cells_table, "rotation").exists() else None)
