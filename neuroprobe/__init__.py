@@ -30,6 +30,7 @@ def __getattr__(name: str):
     lazy = {
         "concept_cells": "neuroprobe.analysis",
         "unit_indices": "neuroprobe.analysis",
+        "power": "neuroprobe.analysis",
         "lesion": "neuroprobe.lesions",
         "forgetting": "neuroprobe.lesions",
         "dose_response": "neuroprobe.lesions",

@@ -11,12 +11,14 @@ from __future__ import annotations
 from neuroprobe.analysis.controls import (
     bootstrap_ci, label_shuffle_control, rotate_recording, rotation_control, untrained_control,
 )
-from neuroprobe.analysis.criterion import concept_cells, fdr_qvalues, load_cells, save_cells, summarize
+from neuroprobe.analysis.criterion import (
+    concept_cells, design_check, fdr_qvalues, load_cells, power, save_cells, summarize,
+)
 from neuroprobe.analysis.indices import population_sparseness, unit_indices
 from neuroprobe.analysis.population import decode_concepts, rdm
 
 __all__ = [
-    "bootstrap_ci", "concept_cells", "decode_concepts", "fdr_qvalues", "label_shuffle_control", "load_cells",
-    "population_sparseness", "rdm", "rotate_recording", "rotation_control", "save_cells", "summarize",
+    "bootstrap_ci", "concept_cells", "decode_concepts", "design_check", "fdr_qvalues", "label_shuffle_control", "load_cells",
+    "population_sparseness", "power", "rdm", "rotate_recording", "rotation_control", "save_cells", "summarize",
     "unit_indices", "untrained_control",
 ]
