@@ -112,5 +112,7 @@
       var root = document.getElementById(id);
       if (root) CellTable(root, specs[id]);
     });
+    /* how long the page took to become usable (read by bench/atlas.py from the rendered DOM) */
+    document.body.setAttribute("data-ready-ms", String(Math.round(performance.now())));
   });
 })();
