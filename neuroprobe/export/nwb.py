@@ -183,8 +183,8 @@ def export_nwb(
         device = nwb.create_device(
             name=str(a.get("subject")) or "model",
             description=(f"artificial neural network {a.get('subject')}: checkpoint {a.get('checkpoint') or '-'}, "
-                         f"revision {a.get('revision') or '-'}, init {a.get('init')}, dtype {a.get('dtype')}"),
-            manufacturer="neuroprobe electrodes (forward hooks)")
+                         f"revision {a.get('revision') or '-'}, init {a.get('init')}, dtype {a.get('dtype')}; "
+                         "recorded by neuroprobe electrodes (forward hooks)"))
         groups = {}
         nwb.add_electrode_column("site", "the site (module) this electrode records")
         for i, r in enumerate(sites.itertuples(index=False)):
