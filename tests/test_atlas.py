@@ -247,3 +247,14 @@ def test_user_errors(planted, tmp_path, monkeypatch, capsys):
     assert exit_.value.code == 2 and err.startswith("neuroprobe: error:") and "nowhere" in err and len(err.splitlines()) == 1
     with pytest.raises(NeuroprobeError, match="cells"):
         build_atlas(planted["root"] / "planted.h5", tmp_path / "b", units="some")
+
+
+def test_byte_tokens_group_into_characters_and_lesion_units_parse():
+    from neuroprobe.atlas.stimuli import token_decoder
+
+    ids = np.frombuffer("영 7".encode(), dtype=np.uint8).astype(np.int64)
+    segs = token_decoder({"subject": "organism"})(ids)
+    assert segs == [("영", [0, 1, 2]), (" ", [3]), ("7", [4])]
+    assert T.parse_units("a.b#0:1,2;c:3") == [("a.b#0", 1), ("a.b#0", 2), ("c", 3)]
+    assert T.parse_units(float("nan")) == []
+    assert T.slug("layer.1") == "layer.1" and T.slug("x#0") != T.slug("x_0")

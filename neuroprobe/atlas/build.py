@@ -321,8 +321,8 @@ class Atlas:
                         + (table(["unit", "verdict"] + [lab for k, lab, *_ in T.CELL_COLUMNS if k in sub], rows, left=2)
                            if rows else "<p class='note'>none</p>"))
         top = self.top_units[self.top_units["concept"].astype(str) == c]
-        body.append(f"<h2>Its top {self.top} units</h2><p>" + " ".join(self._unit_link(r.site, int(r.unit), depth=1)
-                                                                    for r in top.itertuples()) + "</p>")
+        body.append(f"<h2>Its strongest units</h2><p class='note'>the {self.top} strongest anywhere and the best at each "
+                    "site, strongest first.</p><p>" + " ".join(self._unit_link(r.site, int(r.unit), depth=1) for r in top.itertuples()) + "</p>")
         if self.lesions is not None:
             les = self.lesions[self.lesions["concept"].astype(str) == c]
             body.append("<h2>Forgetting</h2>")

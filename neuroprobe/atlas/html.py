@@ -19,6 +19,8 @@ def num(v: Any, digits: int = 3) -> str:
         x = float(v)
     except (TypeError, ValueError):
         return escape(str(v))
+    if math.isinf(x):
+        return "\u221e" if x > 0 else "\u2212\u221e"
     if not math.isfinite(x):
         return ""
     if float(x).is_integer() and abs(x) < 1e6:
