@@ -30,6 +30,8 @@ COMMAND_MODULES = (
     "neuroprobe.lesions.commands",       # lesion
     "neuroprobe.steering.commands",      # steer
     "neuroprobe.subjects.organism.commands",  # train-organism
+    "neuroprobe.atlas.commands",         # atlas
+    "neuroprobe.export.commands",        # export
 )
 
 
