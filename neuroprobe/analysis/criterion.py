@@ -428,6 +428,17 @@ def load_cells(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise NeuroprobeError(f"{path} does not exist; write it with `neuroprobe cells REC.h5 --out {path.name}`.")
-    if path.suffix.lower() in (".parquet", ".pq"):
-        return pd.read_parquet(path)
-    return pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",")
+    if path.is_dir() or path.suffix.lower() not in (".parquet", ".pq", ".csv", ".tsv"):
+        raise NeuroprobeError(f"{path} is not a cells table; give the .csv or .parquet written by `neuroprobe cells --out`.")
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            table = pd.read_parquet(path)
+        else:
+            table = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",")
+    except Exception as err:  # noqa: BLE001 - any parser error is a bad file
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise NeuroprobeError(f"{path} cannot be read as a cells table ({text}).") from None
+    missing = [c for c in ("site", "unit", "concept", "is_cell", "z") if c not in table.columns]
+    if missing:
+        raise NeuroprobeError(f"{path} is not a cells table: it lacks the column(s) {', '.join(missing)}.")
+    return table
