@@ -101,7 +101,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def cells(
-        recording: Path = typer.Argument(..., help="A recording (.h5)."),
+        recording: Path = typer.Argument(..., metavar="RECORDING", help="A recording (.h5)."),
         k: float = typer.Option(5.0, "--k", help="Effect size: concept median above baseline mean by k SD."),
         fdr: float = typer.Option(0.05, "--fdr", help="False-discovery rate of the rank-sum tests."),
         method: str = typer.Option("bh", "--method", help="bh (Benjamini-Hochberg) or by (Benjamini-Yekutieli)."),
@@ -163,7 +163,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def figures(
-        recording: Path = typer.Argument(..., help="A recording (.h5)."),
+        recording: Path = typer.Argument(..., metavar="RECORDING", help="A recording (.h5)."),
         cells_table: Path = typer.Option(..., "--cells", help="Table written by `neuroprobe cells --out`."),
         out: Path = typer.Option(Path("figures"), "--out", "-o", help="Folder for the PNG files."),
         untrained: Optional[Path] = typer.Option(None, "--untrained", help="Cells table of the untrained subject (default: <cells>.untrained.<ext> if present)."),
