@@ -95,9 +95,9 @@ def test_blocks_are_data_and_sites_map_to_them(organism):
 # ------------------------------------------------------------- equality
 
 
-def _lesions(study, concept, rng):
+def _lesions(study, concept, rng, sites=None):
     top = study.top(concept, 6)
-    per_site = [{s: np.sort(rng.choice(np.flatnonzero(study.active[s]), 3, replace=False))} for s in study.site_names]
+    per_site = [{s: np.sort(rng.choice(np.flatnonzero(study.active[s]), 3, replace=False))} for s in sites or study.site_names]
     return [top, study.bottom(concept, top), study.random(top, rng)] + per_site
 
 
@@ -105,13 +105,14 @@ def test_organism_batched_equals_one_at_a_time(org_study):
     study = org_study
     assert study.engine.startswith("batched (organism runner")
     rng = np.random.default_rng(1)
-    lesions = _lesions(study, "seven", rng)
-    # a mixed lesion: first image block and the shared embedding
+    # a first image block, a text layer, the last text block; then image and shared embedding together
+    lesions = _lesions(study, "seven", rng, ["image.conv2", "text.layers.0.mlp.act", "text.proj"])
     lesions.append({"image.conv1": np.array([0, 5]), "joint.embed": np.array([3, 9])})
     for mode in ("zero", "mean", "scale"):
         factor = 0.3 if mode == "scale" else None
-        single = [study.evaluate(u, mode, factor=factor) for u in lesions]
-        many = study.evaluate_many(lesions, mode, factor=factor)
+        chosen = lesions if mode == "zero" else lesions[::2]
+        single = [study.evaluate(u, mode, factor=factor) for u in chosen]
+        many = study.evaluate_many(chosen, mode, factor=factor)
         close(single, many, 1.0)
         # the lesions do something, and differently: the test could fail
         moved = [float(np.abs(s.to_numpy()).max()) for s in single]
@@ -119,7 +120,7 @@ def test_organism_batched_equals_one_at_a_time(org_study):
     # without the prefix cache (raw inputs replicated), the same numbers
     study._engine.prefix_cache = False
     try:
-        close([study.evaluate(u, "zero") for u in lesions[:4]], study.evaluate_many(lesions[:4], "zero"), 1.0)
+        close([study.evaluate(u, "zero") for u in lesions[2:5]], study.evaluate_many(lesions[2:5], "zero"), 1.0)
     finally:
         study._engine.prefix_cache = True
 
@@ -130,8 +131,9 @@ def test_minilm_batched_equals_one_at_a_time(minilm_study):
     rng = np.random.default_rng(2)
     lesions = _lesions(study, "mother", rng)
     for mode in ("zero", "mean"):
-        single = [study.evaluate(u, mode) for u in lesions]
-        many = study.evaluate_many(lesions, mode)
+        chosen = lesions if mode == "zero" else lesions[:2]
+        single = [study.evaluate(u, mode) for u in chosen]
+        many = study.evaluate_many(chosen, mode)
         close(single, many, 1.0)
         assert max(float(np.abs(s.to_numpy()).max()) for s in single) > 1e-4
 
@@ -139,7 +141,7 @@ def test_minilm_batched_equals_one_at_a_time(minilm_study):
 def test_memory_budget_chunks_and_resample_falls_back(org_study):
     study = org_study
     rng = np.random.default_rng(3)
-    lesions = _lesions(study, "two", rng)
+    lesions = _lesions(study, "two", rng, ["image.fc"])
     whole = study.evaluate_many(lesions, "zero")
     budget = study._engine.memory
     study._engine.memory = 1.0  # one replica per pass
@@ -152,16 +154,17 @@ def test_memory_budget_chunks_and_resample_falls_back(org_study):
     close([study.evaluate(u, "resample") for u in lesions[:2]], res, 1.0)
 
 
-def test_subject_without_blocks_says_so_and_falls_back(minilm_study):
-    subject = minilm_study.subject
-    runner, why = make_runner(subject, minilm_study.battery, "prototype")
-    assert runner is not None
-    subject.__dict__["block_order"] = {}  # instance attribute shadows the class property? use a subclass-free check
-    try:
-        runner, why = make_runner(type("S", (), {"block_order": {}, "name": "x"})(), minilm_study.battery, "prototype")
-        assert runner is None and "declares no block order" in why
-    finally:
-        subject.__dict__.pop("block_order", None)
+def test_subject_without_blocks_says_so_and_falls_back(minilm_study, tmp_path):
+    from neuroprobe.planted import make_planted
+
+    runner, why = make_runner(minilm_study.subject, minilm_study.battery, "masked_lm")
+    assert runner is None and "not readout 'masked_lm'" in why
+    planted = make_planted(tmp_path, seed=0)
+    with pytest.warns(UserWarning, match="one at a time: subject 'planted' declares no block order"):
+        study = LesionStudy(planted.subject, planted.battery, None, sites="all", quiet=True)
+    assert study.engine.startswith("one lesion at a time")
+    units = [{study.site_names[0]: np.array([1, 2])}, {study.site_names[0]: np.array([3])}]
+    close([study.evaluate(u) for u in units], study.evaluate_many(units), 1.0)
 
 
 # ------------------------------------------------------------- sequential
@@ -193,8 +196,8 @@ def test_sequential_decision_is_the_fixed_decision_and_valid():
 def test_sequential_dose_response_matches_fixed_decisions(org_study):
     study = org_study
     kw = dict(modes="zero", orders=("top", "random"), random_draws=40)
-    seq = summarize(study.dose_response("seven", [2, 6], sequential=True, alpha=0.05, **kw))
-    fixed = summarize(study.dose_response("seven", [2, 6], **kw))
+    seq = summarize(study.dose_response("seven", [1, 6], sequential=True, alpha=0.05, **kw))
+    fixed = summarize(study.dose_response("seven", [1, 6], **kw))
     assert set(seq["p_method"]) == {"sequential"} and set(fixed["p_method"]) == {"fixed"}
     assert (seq["n_random"] <= 40).all() and (fixed["n_random"] == 40).all()
     for col in ("p_random", "p_random_specific"):
@@ -206,11 +209,18 @@ def test_sequential_dose_response_matches_fixed_decisions(org_study):
 # ------------------------------------------------------------- CLI
 
 
-def test_cli_takes_the_battery_from_the_recording_of_the_cells(tmp_path):
+def test_cli_takes_the_battery_from_the_recording_of_the_cells(tmp_path, tiny_digits):
+    # the recording's battery: a small digits battery in a folder (images by absolute path)
+    folder = tmp_path / "smalldigits"
+    folder.mkdir()
+    table = tiny_digits.table.copy()
+    table["image"] = [str(tiny_digits.root / p) if p else "" for p in table["image"]]
+    table.to_csv(folder / "stimuli.csv", index=False)
+    (folder / "battery.json").write_text(json.dumps({"name": "smalldigits", "concepts": tiny_digits.concepts}))
     cells = pd.DataFrame({"site": ["image.fc"] * 3, "unit": [1, 2, 3], "concept": ["three"] * 3, "score": [3.0, 2.0, 1.0]})
     path = tmp_path / "cells.csv"
     cells.to_csv(path, index=False)
-    (tmp_path / "cells.csv.json").write_text(json.dumps({"battery": "digits", "init": "pretrained", "subject": "organism",
+    (tmp_path / "cells.csv.json").write_text(json.dumps({"battery": str(folder), "init": "pretrained", "subject": "organism",
                                                          "recording": "recordings/organism_digits_all.h5"}))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MPLBACKEND="Agg")
     cmd = [sys.executable, "-m", "neuroprobe.cli", "lesion", "--model", "organism", "--cells", str(path), "--concept", "three",
@@ -218,7 +228,7 @@ def test_cli_takes_the_battery_from_the_recording_of_the_cells(tmp_path):
            "--out", str(tmp_path / "out")]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
-    assert "battery: digits (the battery of recordings/organism_digits_all.h5" in r.stderr
+    assert "battery: smalldigits (the battery of recordings/organism_digits_all.h5" in r.stderr
     assert "exactly 3 per k and mode" in r.stdout
     table = pd.read_csv(tmp_path / "out" / "forgetting.csv")
     assert table["concept"].tolist() == ["three"] and table["n_random"].tolist() == [3]
