@@ -420,6 +420,12 @@ def save_cells(cells: pd.DataFrame, out: str | Path) -> Path:
         cells.to_csv(out, index=False, sep="\t" if out.suffix.lower() == ".tsv" else ",")
     else:
         raise NeuroprobeError(f"cannot write {out}: use a .csv or .parquet file name.")
+    # where the table came from (recording, subject, init, battery): `neuroprobe lesion --cells` reads it
+    meta = {k: cells.attrs[k] for k in ("recording", "subject", "init", "battery") if k in cells.attrs}
+    if meta:
+        import json
+
+        Path(str(out) + ".json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return out
 
 
