@@ -544,6 +544,7 @@ def test_steer_command_loads_a_local_checkpoint(model, tok, tmp_path):
                                    "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert "= steered =" in res.output and "= unsteered =" in res.output and "bag space" in res.output
+    assert "multi-token" in res.output
     table = pd.read_csv(out)
     assert len(table) == 10 and set(table.run) == {"steered", "unsteered"}
     res = CliRunner().invoke(app, ["steer", "--model", "pplm", "--weights", str(tmp_path / "tiny"),
@@ -660,3 +661,51 @@ def test_words_a_tokenizer_cannot_spell_are_named():
     assert bag.dropped_words == ("행성", "달") and "행성 (not spelt by this tokenizer)" in bag.dropped
     with pytest.raises(NeuroprobeError, match="행성"):
         attrs.bag_from_words(["행성", "달"], tok, name="ko")
+
+
+def test_steer_checks_bags_before_loading_the_model(model, tok, tmp_path, monkeypatch):
+    typer = pytest.importorskip("typer")
+    from typer.testing import CliRunner
+
+    import neuroprobe.subjects as subjects
+    from neuroprobe.steering.commands import register
+
+    model.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bag was checked")
+
+    monkeypatch.setattr(subjects, "load_subject", no_load)
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    multi = tmp_path / "multi.txt"
+    multi.write_text("xylophonic\n")
+    for bag, extra, needle in ((empty, [], "holds no word"), (multi, ["--single-token-only"], "xylophonic (")):
+        res = CliRunner().invoke(app, ["steer", "--model", "pplm", "--weights", str(tmp_path / "tiny"), "--bag", str(bag),
+                                       "--prompt", "the cat", "--quiet", *extra])
+        assert isinstance(res.exception, NeuroprobeError) and needle in str(res.exception)
+
+
+def test_steer_cli_is_quiet_and_uses_the_cache_api(ko_model, ko_tok, tmp_path):
+    """`neuroprobe steer -q` with two Korean bags: no progress bar, no deprecation warning, dropped words named."""
+    import os
+    import subprocess
+    import sys
+
+    ko_model.save_pretrained(tmp_path / "ko")
+    ko_tok.save_pretrained(tmp_path / "ko")
+    (tmp_path / "space.txt").write_text("\n".join(KOREAN_SPACE) + "\n", encoding="utf-8")
+    (tmp_path / "family.txt").write_text("\n".join(KOREAN_FAMILY) + "\n", encoding="utf-8")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="default")
+    res = subprocess.run([sys.executable, "-m", "neuroprobe.cli", "steer", "--model", "pplm", "--weights",
+                          str(tmp_path / "ko"), "--bag", str(tmp_path / "space.txt"), "--bag", str(tmp_path / "family.txt"),
+                          "--prompt", "밤 하늘 에", "--length", "3", "--quiet"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Loading weights" not in res.stderr and "past_key_values" not in res.stderr and "%|" not in res.stderr
+    assert "bag space: 5 words" in res.stdout and "bag family: 3 words" in res.stdout
+    assert "  space: unsteered" in res.stdout and "  family: unsteered" in res.stdout

@@ -111,7 +111,8 @@ class BagOfWords:
     def describe(self) -> str:
         """One line: counts of single- and multi-token words and the dropped words by name."""
         n_multi = len(self.multi_token_words)
-        text = f"bag {self.name}: {len(self)} words ({len(self) - n_multi} single-token, {n_multi} multi-token)"
+        n = len(self)
+        text = f"bag {self.name}: {n} word{'' if n == 1 else 's'} ({n - n_multi} single-token, {n_multi} multi-token)"
         if self.dropped:
             text += f"; dropped {len(self.dropped)}: " + ", ".join(self.dropped)
         return text
