@@ -102,7 +102,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"wrote {path} ({len(battery)} stimuli, {len(recorder.sites)} sites)")
 
     @app.command()
-    def inspect(path: Path = typer.Argument(..., help="A recording (.h5).")) -> None:
+    def inspect(path: Path = typer.Argument(..., metavar="RECORDING", help="A recording (.h5).")) -> None:
         """Print a recording's provenance and sites."""
         from neuroprobe.recording.reader import open_recording
 

@@ -69,12 +69,14 @@ class Architecture:
     cloze: dict[str, str] = field(default_factory=dict)  # seq2seq: encoder/decoder templates
     subject_class: str = ""         # "module:Class" subclass of HFSubject for image-taking families
     float32_only: bool = False      # transformers' implementation fails in half precision
+    blocks: tuple[str, ...] = ()    # block order (globs, forward order) for batched, prefix-cached lesions
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "bert": Architecture("BertModel", "BertForMaskedLM", _BERT_LIKE, ("masked_lm", "prototype")),
-    "minilm": Architecture("BertModel", "BertModel", _BERT_LIKE, ("prototype",)),
-    "roberta": Architecture("RobertaModel", "RobertaForMaskedLM", _BERT_LIKE, ("masked_lm", "prototype")),
+    "bert": Architecture("BertModel", "BertForMaskedLM", _BERT_LIKE, ("masked_lm", "prototype"), blocks=("encoder.layer.*",)),
+    "minilm": Architecture("BertModel", "BertModel", _BERT_LIKE, ("prototype",), blocks=("encoder.layer.*",)),
+    "roberta": Architecture("RobertaModel", "RobertaForMaskedLM", _BERT_LIKE, ("masked_lm", "prototype"),
+                            blocks=("encoder.layer.*",)),
     "xlnet": Architecture(
         "XLNetModel", "XLNetLMHeadModel",
         {
@@ -343,6 +345,12 @@ class HFSubject(Subject):
     arch: Architecture
     tokenizer: Any
     head_model: torch.nn.Module | None
+
+    @property
+    def block_order(self) -> dict[str, list[str]]:  # type: ignore[override]
+        """Block order from :data:`ARCHITECTURES` (``{}``: lesions run one at a time)."""
+        arch = getattr(self, "arch", None)
+        return {"text": list(arch.blocks)} if arch is not None and arch.blocks else {}
 
     def setup(self, **options: Any) -> None:
         """Finish loading (subclasses load processors, detectors...); options come from ``load_subject``."""
