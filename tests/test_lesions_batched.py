@@ -216,7 +216,8 @@ def test_cli_takes_the_battery_from_the_recording_of_the_cells(tmp_path, tiny_di
     table = tiny_digits.table.copy()
     table["image"] = [str(tiny_digits.root / p) if p else "" for p in table["image"]]
     table.to_csv(folder / "stimuli.csv", index=False)
-    (folder / "battery.json").write_text(json.dumps({"name": "smalldigits", "concepts": tiny_digits.concepts}))
+    (folder / "battery.json").write_text(json.dumps({"name": "smalldigits", "concepts": tiny_digits.concepts,
+                                                      "allow_outside_images": True}))  # images by absolute path
     cells = pd.DataFrame({"site": ["image.fc"] * 3, "unit": [1, 2, 3], "concept": ["three"] * 3, "score": [3.0, 2.0, 1.0]})
     path = tmp_path / "cells.csv"
     cells.to_csv(path, index=False)
