@@ -98,6 +98,14 @@ def main() -> None:
         plt.close(fig)
     print(f"\n[{time.perf_counter() - t0:5.1f}s] wrote {', '.join(sorted(p.name for p in out.iterdir()))} in {out}/")
 
+    # 5. the atlas: a page per concept and per cell, beside the untrained twin; opens from disk
+    from neuroprobe.atlas import build_atlas
+
+    atlas = build_atlas(recs["pretrained"], out / "atlas", cells=cells["pretrained"], untrained=cells["random"],
+                        lesions=forgetting, quiet=args.quiet)
+    print(f"[{time.perf_counter() - t0:5.1f}s] atlas: {atlas.n_unit_pages} unit pages, {atlas.bytes / 2**20:.1f} MB; "
+          f"open {atlas.index.resolve().as_uri()}")
+
 
 if __name__ == "__main__":
     main()

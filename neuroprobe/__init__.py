@@ -33,6 +33,8 @@ _EXPORTS = {
     # analysis and lesion functions
     "concept_cells": "neuroprobe.analysis.criterion",
     "unit_indices": "neuroprobe.analysis.indices",
+    "power": "neuroprobe.analysis.criterion",
+    "design_check": "neuroprobe.analysis.criterion",
     "lesion": "neuroprobe.lesions.lesion",
     "forgetting": "neuroprobe.lesions.forgetting",
     "dose_response": "neuroprobe.lesions.forgetting",

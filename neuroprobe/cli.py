@@ -32,6 +32,8 @@ COMMAND_MODULES = (
     "neuroprobe.lesions.commands",       # lesion
     "neuroprobe.steering.commands",      # steer
     "neuroprobe.subjects.organism.commands",  # train-organism
+    "neuroprobe.atlas.commands",         # atlas
+    "neuroprobe.export.commands",        # export
 )
 
 _APP = None

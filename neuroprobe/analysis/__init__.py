@@ -19,6 +19,8 @@ _EXPORTS = {
     "untrained_control": "neuroprobe.analysis.controls",
     "concept_cells": "neuroprobe.analysis.criterion",
     "fdr_qvalues": "neuroprobe.analysis.criterion",
+    "design_check": "neuroprobe.analysis.criterion",
+    "power": "neuroprobe.analysis.criterion",
     "load_cells": "neuroprobe.analysis.criterion",
     "save_cells": "neuroprobe.analysis.criterion",
     "summarize": "neuroprobe.analysis.criterion",
@@ -29,4 +31,4 @@ _EXPORTS = {
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
-__all__ = ["bootstrap_ci", "concept_cells", "decode_concepts", "fdr_qvalues", "label_shuffle_control", "load_cells", "population_sparseness", "rdm", "rotate_recording", "rotation_control", "save_cells", "summarize", "unit_indices", "untrained_control"]
+__all__ = ["bootstrap_ci", "concept_cells", "decode_concepts", "design_check", "power", "fdr_qvalues", "label_shuffle_control", "load_cells", "population_sparseness", "rdm", "rotate_recording", "rotation_control", "save_cells", "summarize", "unit_indices", "untrained_control"]
