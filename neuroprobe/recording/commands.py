@@ -62,12 +62,15 @@ def register(app: typer.Typer) -> None:
         if trust_pickle:
             options["trust_pickle"] = True
         options.update(parse_options(option))
+        from neuroprobe.recording import distributed
+
+        device = distributed.local_device(device, distributed.world())
         subject = load_subject(model, init=init, weights=weights, device=device, seed=seed,
                                trust_remote_code=trust_remote_code, quiet=quiet, **options)
         recorder = Recorder(subject, battery, montage=sites, pooling=pool, tokens=tokens, dtype=dtype,
                             batch_size=batch_size, compression=compression, quiet=quiet,
                             command=" ".join(["neuroprobe"] + sys.argv[1:]))
-        path = recorder.run(out, resume=resume, overwrite=overwrite)
+        path = distributed.run(recorder, out, resume=resume, overwrite=overwrite)
         if not quiet:
             typer.echo(f"wrote {path} ({len(battery)} stimuli, {len(recorder.sites)} sites)")
 
@@ -82,3 +85,16 @@ def register(app: typer.Typer) -> None:
                 if k != "sites_list":
                     typer.echo(f"  {k}: {v}")
             typer.echo(rec.sites.to_string(index=False))
+
+    @app.command()
+    def merge(
+        path: Path = typer.Argument(..., help="A virtual recording written by a sharded (torchrun) run."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write here (default: replace REC.h5 in place)."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    ) -> None:
+        """Materialise a virtual recording into one self-contained file (the shards are checked first)."""
+        from neuroprobe.recording.shards import merge as merge_shards, shard_dir
+
+        written = merge_shards(path, out, quiet=quiet)
+        if not quiet:
+            typer.echo(f"wrote {written}; the shards in {shard_dir(path)} are no longer needed by it")

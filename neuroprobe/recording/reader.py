@@ -71,6 +71,13 @@ class Recording:
                 f"{self.path} uses recording format {version}, newer than this neuroprobe reads "
                 f"({schema.FORMAT_VERSION}); upgrade neuroprobe."
             )
+        from neuroprobe.recording.shards import check_sources
+
+        try:
+            check_sources(self._f, self.path)  # a virtual recording needs its shards
+        except RecordingError:
+            self._f.close()
+            raise
 
     # -------------------------------------------------------------- metadata
     @cached_property

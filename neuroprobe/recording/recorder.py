@@ -161,8 +161,13 @@ class Recorder:
         return prov
 
     # ------------------------------------------------------------------- run
-    def run(self, out: str | Path | None = None, *, resume: bool = False, overwrite: bool = False) -> Path:
+    def run(self, out: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
+            span: tuple[int, int] | None = None, attrs: dict[str, Any] | None = None) -> Path:
         """Record the whole battery into ``out``; return its path.
+
+        ``span`` (``[start, stop)``, batch-aligned) records only those stimuli into a file
+        that still spans the battery, and ``attrs`` adds root attributes: together they
+        make a shard (see :mod:`neuroprobe.recording.distributed`).
 
         Raises
         ------
@@ -183,18 +188,18 @@ class Recorder:
             counts = self._unit_counts()
             pooling_per_site = {s.name: self._site_pooling(s) for s in self.sites}
             writer = RecordingWriter.create(
-                path, self.provenance(), self.battery.table, [(s, counts[s.name]) for s in self.sites],
+                path, {**self.provenance(), **(attrs or {})}, self.battery.table, [(s, counts[s.name]) for s in self.sites],
                 pooling_per_site=pooling_per_site, tokens=self.tokens, dtype=self.dtype,
                 compression=self.compression, chunk_rows=self.batch_size,
             )
-        start = writer.n_done
-        n = len(self.battery)
+        lo, hi = span if span is not None else (0, len(self.battery))
+        start = max(writer.n_done, lo)
         threaded = ThreadedWriter(writer)
-        bar = tqdm(total=n, initial=start, unit="stim", desc=f"record {self.subject.name}", disable=self.quiet,
-                   dynamic_ncols=True)
+        bar = tqdm(total=hi - lo, initial=start - lo, unit="stim", desc=f"record {self.subject.name}",
+                   disable=self.quiet, dynamic_ncols=True)
         try:
-            for offset in range(start, n, self.batch_size):
-                rows = self.battery.table.iloc[offset : offset + self.batch_size]
+            for offset in range(start, hi, self.batch_size):
+                rows = self.battery.table.iloc[offset : min(offset + self.batch_size, hi)]
                 threaded.put(self._compute(rows, offset))
                 bar.update(len(rows))
             threaded.close()
@@ -401,5 +406,7 @@ def record(
 
     if not isinstance(battery, Battery):
         battery = Battery.load(battery)
-    path = Recorder(subject, battery, **options).run(out, resume=resume, overwrite=overwrite)
+    from neuroprobe.recording.distributed import run
+
+    path = run(Recorder(subject, battery, **options), out, resume=resume, overwrite=overwrite)
     return open_recording(path)
