@@ -332,3 +332,23 @@ def test_torchrun_rank_sigkilled_then_resume_equals_one_process(tiny_dir, tmp_pa
     assert_same(single, out)
     S.merge(out)
     assert_same(single, out)
+
+
+# ------------------------------------------------------------ analysis over many cores
+
+
+def test_cells_and_indices_with_jobs_equal_one_process(tmp_path):
+    import pandas as pd
+
+    from neuroprobe import record
+    from neuroprobe.analysis import concept_cells, unit_indices
+    from neuroprobe.planted import make_planted
+
+    p = make_planted(tmp_path / "battery", seed=1)
+    rec = record(p.subject, p.battery, tmp_path / "p.h5", montage="all", quiet=True)
+    assert len(rec.site_names) >= 2
+    one = concept_cells(rec, n_perm=200)
+    two = concept_cells(rec, n_perm=200, jobs=2)
+    pd.testing.assert_frame_equal(one, two)
+    assert one["is_cell"].any()  # the planted cells are there, in both
+    pd.testing.assert_frame_equal(unit_indices(rec), unit_indices(rec, jobs=2))

@@ -62,6 +62,7 @@ def register(app: typer.Typer) -> None:
         transform: str = typer.Option("shift", "--transform", help="Non-negative transform for SI/sparseness: shift or clip."),
         sites: Optional[str] = typer.Option(None, "--sites", help="Comma-separated sites (default: all)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the permutations."),
+        jobs: int = typer.Option(1, "--jobs", "-j", help="Scan sites in N processes (0: one per core); same table."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:
         """Find concept cells in a recording; print cells per site and per concept beside the controls."""
@@ -72,7 +73,7 @@ def register(app: typer.Typer) -> None:
 
         if out is not None and out.suffix.lower() not in (".csv", ".tsv", ".parquet", ".pq"):
             raise NeuroprobeError(f"cannot write {out}: use a .csv or .parquet file name.")
-        opts = dict(k=k, fdr=fdr, method=method, n_perm=n_perm, transform=transform, seed=seed, quiet=quiet,
+        opts = dict(k=k, fdr=fdr, method=method, n_perm=n_perm, transform=transform, seed=seed, quiet=quiet, jobs=jobs,
                     sites=[s.strip() for s in sites.split(",")] if sites else None)
         with open_recording(recording) as rec:
             table = concept_cells(rec, **opts)

@@ -60,6 +60,7 @@ def concept_cells(
     quiet: bool = True,
     read_bytes: int | None = None,
     block_units: int | None = None,
+    jobs: int = 1,
 ) -> pd.DataFrame:
     """Find concept cells: one row per unit of every site, with every index and the verdict.
 
@@ -90,6 +91,8 @@ def concept_cells(
         No progress bar.
     read_bytes, block_units
         Memory knobs of the stream.
+    jobs
+        Sites scanned in this many processes (0: one per core); same table as ``jobs=1``.
 
     Returns
     -------
@@ -120,7 +123,7 @@ def concept_cells(
         raise NeuroprobeError(f"k must be non-negative, not {k}.")
     recording = as_recording(rec)
     res = scan(recording, sites=sites, transform=transform, criterion=True, k=k, alpha=alpha, n_perm=n_perm,
-               seed=seed, labels=labels, quiet=quiet, read_bytes=read_bytes, block_units=block_units)
+               seed=seed, labels=labels, quiet=quiet, read_bytes=read_bytes, block_units=block_units, jobs=jobs)
     df = apply_criterion(res, fdr=fdr, method=method, alpha=alpha)
     df.attrs.update(
         recording=str(recording.path), subject=str(recording.attrs.get("subject")),
