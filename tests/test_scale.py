@@ -352,3 +352,36 @@ def test_cells_and_indices_with_jobs_equal_one_process(tmp_path):
     pd.testing.assert_frame_equal(one, two)
     assert one["is_cell"].any()  # the planted cells are there, in both
     pd.testing.assert_frame_equal(unit_indices(rec), unit_indices(rec, jobs=2))
+
+
+# ------------------------------------------------------- subjects larger than one device
+
+
+def test_device_map_with_disk_offload_records_and_lesions_like_one_device(tiny_dir, battery, tmp_path):
+    from neuroprobe import lesion, record
+
+    plain = load_subject("bert", weights=tiny_dir("bert"), device="cpu", quiet=True)
+    big = load_subject("bert", weights=tiny_dir("bert"), device="cpu", quiet=True, device_map="auto",
+                       max_memory="cpu=60KB", offload_folder=tmp_path / "offload")
+    # the CPU budget holds the embeddings only: the encoder's weights live on disk until they run
+    assert "disk" in big.model.hf_device_map.values() and big.device.type == "cpu"
+    assert any(p.device.type == "meta" for p in big.model.parameters())
+    a = record(plain, battery, tmp_path / "a.h5", montage="all", tokens=True, quiet=True)
+    b = record(big, battery, tmp_path / "b.h5", montage="all", tokens=True, quiet=True)
+    assert_same(a.path, b.path)
+    units = {"encoder.layer.0.mlp": [0, 3, 5, 7]}
+    with lesion(plain, units, "zero"):
+        la = record(plain, battery, tmp_path / "la.h5", montage="encoder.layer.1", quiet=True)
+    with lesion(big, units, "zero"):
+        lb = record(big, battery, tmp_path / "lb.h5", montage="encoder.layer.1", quiet=True)
+    assert_same(la.path, lb.path)
+    assert not np.array_equal(la.responses("encoder.layer.1")[()], a.responses("encoder.layer.1")[()])
+
+
+def test_device_map_mistakes_are_one_sentence(tiny_dir):
+    from neuroprobe.errors import NeuroprobeError
+
+    with pytest.raises(NeuroprobeError, match="--device-map takes auto"):
+        load_subject("bert", weights=tiny_dir("bert"), quiet=True, device_map="everywhere")
+    with pytest.raises(NeuroprobeError, match="DEVICE=SIZE"):
+        load_subject("bert", weights=tiny_dir("bert"), quiet=True, device_map="auto", max_memory="lots")

@@ -45,6 +45,9 @@ def register(app: typer.Typer) -> None:
         detector_weights: Optional[Path] = typer.Option(None, "--detector-weights", help="LXMERT/VisualBERT/ViLBERT: Faster R-CNN folder."),
         features: Optional[Path] = typer.Option(None, "--features", help="Precomputed region features (*_obj36.tsv or .h5)."),
         trust_pickle: bool = typer.Option(False, "--trust-pickle", help="DALL-E: allow loading OpenAI's pickled dVAE."),
+        device_map: Optional[str] = typer.Option(None, "--device-map", help="auto, balanced, sequential or a JSON file: spread a big transformers subject over GPUs, CPU and disk (accelerate)."),
+        max_memory: Optional[str] = typer.Option(None, "--max-memory", help="With --device-map: per-device budget, e.g. 0=20GiB,cpu=64GiB."),
+        offload_folder: Optional[Path] = typer.Option(None, "--offload-folder", help="With --device-map: where weights offloaded to disk go."),
         option: list[str] = typer.Option([], "--option", "-O", help="Subject-specific KEY=VALUE (e.g. variant=mini, codes=FILE); repeatable."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:
@@ -62,6 +65,9 @@ def register(app: typer.Typer) -> None:
         if trust_pickle:
             options["trust_pickle"] = True
         options.update(parse_options(option))
+        for key, value in (("device_map", device_map), ("max_memory", max_memory), ("offload_folder", offload_folder)):
+            if value is not None:
+                options[key] = value
         from neuroprobe.recording import distributed
 
         device = distributed.local_device(device, distributed.world())

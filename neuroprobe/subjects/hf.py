@@ -240,6 +240,9 @@ def load_hf_subject(
     hf_logging.set_verbosity_error()
     if options.pop("quiet", False):
         hf_logging.disable_progress_bar()
+    from neuroprobe.subjects import placement as _placement
+
+    placement = _placement.pop_placement(options)  # --device-map: accelerate's big-model dispatch
     source, local = _source(spec, weights)
     revision = None if local else spec.revision
     try:
@@ -270,12 +273,18 @@ def load_hf_subject(
             finally:
                 torch.random.set_rng_state(gen_state)
             model = model.to(dtype)
+            if placement:
+                model = _placement.dispatch(model, placement)
         else:
             model = cls.from_pretrained(source, revision=revision, config=config, dtype=dtype,
-                                        trust_remote_code=trust_remote_code)
+                                        trust_remote_code=trust_remote_code, **(placement or {}))
     except (OSError, ValueError) as err:
-        raise _missing(spec, source, local, err) from None
-    model.to(device).eval()
+        raise _placement.load_error(placement, err) or _missing(spec, source, local, err) from None
+    if placement:
+        device = _placement.main_device(model)
+        model.eval()
+    else:
+        model.to(device).eval()
     head_model = None
     if heads and arch and arch.head != arch.base:
         head_model = model
