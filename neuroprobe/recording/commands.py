@@ -39,6 +39,7 @@ def register(app: typer.Typer) -> None:
         weights: Optional[Path] = typer.Option(None, "--weights", help="Local folder with the checkpoint files."),
         batch_size: int = typer.Option(32, "--batch-size", help="Stimuli per forward pass."),
         dtype: str = typer.Option("float32", "--dtype", help="Storage dtype: float32 or float16."),
+        model_dtype: str = typer.Option("float32", "--model-dtype", help="Weights dtype: float32, float16 or bfloat16."),
         compression: Optional[str] = typer.Option(None, "--compression", help="gzip or lzf (default none)."),
         seed: int = typer.Option(0, "--seed", help="Seed (random init and anything stochastic)."),
         trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let hf: models run their own code."),
@@ -71,7 +72,7 @@ def register(app: typer.Typer) -> None:
         from neuroprobe.recording import distributed
 
         device = distributed.local_device(device, distributed.world())
-        subject = load_subject(model, init=init, weights=weights, device=device, seed=seed,
+        subject = load_subject(model, init=init, weights=weights, device=device, seed=seed, dtype=model_dtype,
                                trust_remote_code=trust_remote_code, quiet=quiet, **options)
         recorder = Recorder(subject, battery, montage=sites, pooling=pool, tokens=tokens, dtype=dtype,
                             batch_size=batch_size, compression=compression, quiet=quiet,
