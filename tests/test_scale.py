@@ -119,6 +119,15 @@ def test_shards_through_virtual_file_and_merge_equal_one_process(tiny_bert, batt
     offsets, table = rec.token_offsets("text"), rec.token_table("text")
     assert np.array_equal(np.repeat(np.arange(len(battery)), np.diff(offsets)), table["stimulus"].to_numpy())
     rec.close()
+    # the analyses read it as one recording (the rotation control copies it into a real file)
+    import pandas as pd
+
+    from neuroprobe.analysis import concept_cells
+    from neuroprobe.analysis.controls import rotation_control
+
+    pd.testing.assert_frame_equal(concept_cells(single, n_perm=20).drop(columns="recording", errors="ignore"),
+                                  concept_cells(out, n_perm=20).drop(columns="recording", errors="ignore"))
+    assert len(rotation_control(out, n_perm=20)) == len(open_recording(out).units)
     merged = S.merge(out, tmp_path / "merged.h5")
     assert virtual_names(merged) == [] and not h5py.File(merged, "r").attrs["virtual"]
     shutil.rmtree(S.shard_dir(out))
@@ -359,6 +368,9 @@ def test_cells_and_indices_with_jobs_equal_one_process(tmp_path):
 
 def test_device_map_with_disk_offload_records_and_lesions_like_one_device(tiny_dir, battery, tmp_path):
     from neuroprobe import lesion, record
+
+    battery = Battery.from_table(battery.table.iloc[::6].reset_index(drop=True), concepts=battery.concepts,
+                                 name="kinship-tiny", root=battery.root)
 
     plain = load_subject("bert", weights=tiny_dir("bert"), device="cpu", quiet=True)
     big = load_subject("bert", weights=tiny_dir("bert"), device="cpu", quiet=True, device_map="auto",

@@ -320,8 +320,16 @@ def _virtual_rows(group: h5py.Group, name: str, ds0: h5py.Dataset, dpath: str, l
 
 
 def is_virtual(f: h5py.File) -> bool:
-    """Whether an open recording is a virtual recording over shards."""
-    return bool(_attr(f, "virtual", False))
+    """Whether an open recording is a virtual recording over shards.
+
+    Decided by the data, not only the ``virtual`` attribute, which a file derived from
+    a virtual recording (e.g. a rotated copy) may have inherited.
+    """
+    if not bool(_attr(f, "virtual", False)) or schema.SITES not in f:
+        return False
+    for g in f[schema.SITES].values():
+        return bool(schema.RESPONSES in g and g[schema.RESPONSES].is_virtual)
+    return False
 
 
 def listed_shards(f: h5py.File, path: Path) -> list[Path]:
