@@ -269,6 +269,11 @@ def test_torchrun_two_ranks_equal_one_process_through_virtual_file_and_merge(tin
     assert "already exists" in error_line(run(torchrun(2, *common, "--out", str(out))))
     res = run(cli("merge", str(out), "--out", str(tmp_path / "merged.h5")))
     assert res.returncode == 0, res.stderr
+    # cells through the virtual file in two processes = cells of the merged file in one
+    a = run(cli("cells", str(out), "--jobs", "2", "--n-perm", "50", "-q"))
+    b = run(cli("cells", str(tmp_path / "merged.h5"), "--n-perm", "50", "-q"))
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert a.stdout.splitlines()[1:] == b.stdout.splitlines()[1:]
     shutil.rmtree(S.shard_dir(out))
     assert_same(single, tmp_path / "merged.h5")
     assert "is missing" in error_line(run(cli("merge", str(out))))
