@@ -195,12 +195,16 @@ def one(name: str, n: int, bs: int, out: str) -> dict:
 # ---------------------------------------------------------------- scaling out
 
 
-def _timed(cmd: list[str], env: dict[str, str]) -> float:
+def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (user + system, every process of the command)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if res.returncode != 0:
         raise RuntimeError(res.stderr[-2000:])
-    return time.perf_counter() - t
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def _data_bytes(path: Path) -> int:
@@ -248,20 +252,26 @@ def scaling(args) -> str:
             ("2 processes (torchrun, gloo), 1 thread each", two, {"OMP_NUM_THREADS": "1"}),
         ]
         times: dict[tuple[str, int], list[float]] = {}
+        cpus: dict[tuple[str, int], list[float]] = {}
         for r in range(args.repeats):
             for size in (64, n):
                 for name, launcher, extra in contenders:
                     out = d / f"out-{size}.h5"
-                    t = _timed([*launcher, *common, "--probe", str(d / f"battery{size}"), "--out", str(out),
-                                "--overwrite"], {**env, **extra})
+                    t, c = _timed([*launcher, *common, "--probe", str(d / f"battery{size}"), "--out", str(out),
+                                   "--overwrite"], {**env, **extra})
                     times.setdefault((name, size), []).append(t)
-                    print(f"round {r} n={size} {name}: {t:.1f}s", file=sys.stderr)
-        base = min(times[(contenders[0][0], n)]) - min(times[(contenders[0][0], 64)])
+                    cpus.setdefault((name, size), []).append(c)
+                    print(f"round {r} n={size} {name}: {t:.1f}s wall, {c:.1f}s CPU, load {os.getloadavg()[0]:.1f}",
+                          file=sys.stderr)
+        first = contenders[0][0]
+        base = min(times[(first, n)]) - min(times[(first, 64)])
         for name, _, _ in contenders:
             total, fixed = min(times[(name, n)]), min(times[(name, 64)])
-            rows.append({"contender": name, f"seconds (n={n})": round(total, 1), "seconds (n=64)": round(fixed, 1),
-                         "recording phase": round(total - fixed, 1),
-                         "speed-up of phase": round(base / max(total - fixed, 1e-9), 2)})
+            rows.append({"contender": name, f"wall s (n={n})": round(total, 1), "wall s (n=64)": round(fixed, 1),
+                         "wall, recording phase": round(total - fixed, 1),
+                         "speed-up": round(base / max(total - fixed, 1e-9), 2),
+                         f"CPU s (n={n})": round(min(cpus[(name, n)]), 1),
+                         "CPU s (n=64)": round(min(cpus[(name, 64)]), 1)})
         table = pd.DataFrame(rows).to_string(index=False)
         # the virtual file and merge, on the shards of the last two-process run
         out = d / f"out-{n}.h5"
