@@ -114,4 +114,5 @@ def scan_sites(path: str | Path, sites: Sequence[str], jobs: int, *, quiet: bool
         forms=forms, modalities=mods,
         pairs={name: np.concatenate(v) for name, v in pairs.items()},
         passes=sum(r.passes for r in parts),
+        screening={site: v for r in parts for site, v in getattr(r, "screening", {}).items()},
     )
