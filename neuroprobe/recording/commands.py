@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def record(
         model: str = typer.Option(..., "--model", "-m", help="Subject name (see `neuroprobe subjects`) or hf:<id|dir>."),
-        probe: str = typer.Option("kinship", "--probe", "-p", help="Battery name under probes/ or a battery folder."),
+        probe: Optional[str] = typer.Option(None, "--probe", "-p", help="Battery name under probes/ or a battery folder (default: one the subject's modalities reach, e.g. kinship for text models, pictures or digits for image-taking ones)."),
         sites: str = typer.Option("mlp", "--sites", help="Montage: mlp, resid, attn, all, or comma-separated globs."),
         pool: str = typer.Option("mean", "--pool", help="Pooling: mean, max, first, last, concept-token."),
         tokens: bool = typer.Option(False, "--tokens", help="Also keep per-token traces (ragged, no padding)."),
@@ -51,8 +51,12 @@ def register(app: typer.Typer) -> None:
         """Record every unit at the chosen sites of a subject shown a battery."""
         from neuroprobe.recording.recorder import Recorder
         from neuroprobe.stimuli.battery import Battery
-        from neuroprobe.subjects.registry import load_subject
+        from neuroprobe.subjects.registry import get_spec, load_subject
 
+        if probe is None:
+            probe = get_spec(model).default_battery
+            if not quiet:
+                typer.echo(f"battery: {probe} (the default for {model}; choose another with --probe)", err=True)
         battery = Battery.load(probe)
         options = {}
         if detector_weights is not None:
@@ -63,7 +67,8 @@ def register(app: typer.Typer) -> None:
             options["trust_pickle"] = True
         options.update(parse_options(option))
         subject = load_subject(model, init=init, weights=weights, device=device, seed=seed,
-                               trust_remote_code=trust_remote_code, quiet=quiet, **options)
+                               trust_remote_code=trust_remote_code, quiet=quiet,
+                               modalities=tuple(battery.table["modality"].unique()), **options)
         recorder = Recorder(subject, battery, montage=sites, pooling=pool, tokens=tokens, dtype=dtype,
                             batch_size=batch_size, compression=compression, quiet=quiet,
                             command=" ".join(["neuroprobe"] + sys.argv[1:]))
