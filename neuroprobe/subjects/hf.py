@@ -19,6 +19,7 @@ Montages
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -231,7 +232,7 @@ def plan_hf(spec: SubjectSpec, init: str, weights: Path | None, options: dict[st
     recipe = offline.RECIPES.get(ship.tokenizer) if ship else None
     recipe_ok = bool(recipe and (recipe.exact or init == "random") and offline.recipe_available(recipe.name))
     plan = LoadPlan(source, local, None if local else spec.revision, download=False, shipped=ship)
-    how_dir = (f"pass --weights DIR with a complete local copy of {spec.checkpoint} (e.g. `hf download {spec.checkpoint} "
+    how_dir = (f"pass --weights DIR with a complete local copy (for example from `hf download {spec.checkpoint} "
                f"--local-dir DIR` on a machine with internet)")
     if local:
         folder = Path(source)
@@ -263,7 +264,7 @@ def plan_hf(spec: SubjectSpec, init: str, weights: Path | None, options: dict[st
         if not plan.download and not in_cache["tokenizer"] and recipe_ok:
             plan.tokenizer_from, in_cache["tokenizer"] = "shipped", True  # a stated substitute (random init)
         here = lambda k: in_cache[k] or plan.download  # noqa: E731
-        how = f"run once online, point HF_HOME at a cache that has {source}, or {how_dir.replace('pass ', '')}"
+        how = f"run once online, point HF_HOME at a cache that has {source}, or {how_dir}"
         plan.needs = [offline.Need(f"config.json of {source}", here("config"), how=how),
                       offline.Need(f"the tokenizer files of {source} (tokenizer.json or the vocabulary)", here("tokenizer"), how=how)]
         if init == "pretrained":
@@ -377,7 +378,9 @@ def load_hf_subject(
             gen_state = torch.random.get_rng_state()
             torch.manual_seed(seed)
             try:
-                model = cls.from_config(config, trust_remote_code=trust_remote_code) if cls is AutoModel else cls(config)
+                # device "meta": the modules without their memory (listing sites of a big model is instant)
+                with torch.device("meta") if device.type == "meta" else contextlib.nullcontext():
+                    model = cls.from_config(config, trust_remote_code=trust_remote_code) if cls is AutoModel else cls(config)
             finally:
                 torch.random.set_rng_state(gen_state)
             model = model.to(dtype)
@@ -406,14 +409,16 @@ def load_hf_subject(
 
         print(f"{spec.name}: the checkpoint's tokenizer is not here; using a {tokenizer_source} "
               f"(recorded in provenance).", file=sys.stderr)
-    subject.arch = arch or Architecture(type(model).__name__, type(model).__name__, {}, ("prototype",))
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    subject.arch = arch or Architecture(type(model).__name__, type(model).__name__, {}, ("prototype",),
+                                        kind="seq2seq" if seq2seq else "encoder")
     subject.tokenizer = tokenizer
     subject.head_model = head_model
     subject.modalities = spec.modalities
     n_heads = _n_heads(model.config)
     subject.site_patterns = {
         montage: [dataclasses.replace(p, n_heads=p.n_heads or n_heads) if p.kind == "attn" else p for p in pats]
-        for montage, pats in (subject.arch.sites or _generic_sites(model)).items()
+        for montage, pats in (subject.arch.sites or _generic_sites(model, seq2seq)).items()
     }
     subject.readouts = {k: READOUTS[k] for k in subject.arch.readouts if k in READOUTS}
     subject.default_readout = next(iter(subject.readouts), None)
@@ -436,11 +441,88 @@ def _guess_arch(config) -> str:
             "blenderbot": "blenderbot", "clip": "clip", "lxmert": "lxmert", "visual_bert": "visualbert"}.get(mt, "auto")
 
 
-def _generic_sites(model: torch.nn.Module) -> dict[str, list[P]]:
-    """For unknown architectures: every ``Linear`` output, grouped as ``resid``."""
-    return {
-        "resid": [P(n, "output", "resid") for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    }
+def _linear_shape(module: torch.nn.Module) -> tuple[int, int] | None:
+    """``(in, out)`` of a Linear or of GPT-2's ``Conv1D`` (weight stored ``[in, out]``); else ``None``."""
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
+        return int(module.weight.shape[0]), int(module.nf)
+    return None
+
+
+#: Last name segments of attention output projections (BERT ``attention.output.dense`` is matched by its parent).
+_ATTN_OUT = ("o_proj", "out_proj", "o", "c_proj", "dense", "wo", "out", "proj", "output")
+
+
+def block_lists(model: torch.nn.Module) -> list[tuple[str, list[str]]]:
+    """The repeated blocks of a network: every ``ModuleList`` of two or more non-leaf modules of one class.
+
+    Lists nested inside a block of an outer list are left out (they are parts of a
+    block, not the network's blocks).  Returns ``[(list path, [block paths])]`` in model order.
+    """
+    found: list[tuple[str, list[str]]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.ModuleList) or len(module) < 2:
+            continue
+        kids = list(module.named_children())
+        classes = {type(m) for _, m in kids}
+        if len(classes) != 1 or not any(True for _ in kids[0][1].children()):
+            continue
+        if any(name.startswith(path + ".") for _, blocks in found for path in blocks):
+            continue
+        found.append((name, [f"{name}.{k}" if name else k for k, _ in kids]))
+    return found
+
+
+def _block_parts(block_path: str, block: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """MLP down-projections and attention output projections inside one block (module paths)."""
+    linears = [(n, shape) for n, m in block.named_modules() if n and (shape := _linear_shape(m)) is not None]
+    if not linears:
+        return [], []
+    hidden = max((out for _, (i, out) in linears if i == out), default=None)
+    if hidden is None:  # no square projection: the most common output width
+        outs = [out for _, (_, out) in linears]
+        hidden = max(set(outs), key=outs.count)
+    # MLP: a projection back to the block width from a wider hidden layer (the FFN's down-projection);
+    # its input is the post-activation MLP units
+    down = [(n, i) for n, (i, out) in linears if out == hidden and i >= 2 * hidden]
+    widest = max((i for _, i in down), default=0)
+    mlp = [n for n, i in down if i == widest]
+    attn = [n for n, (i, out) in linears
+            if i == out == hidden and n.split(".")[-1] in _ATTN_OUT and any("att" in part.lower() for part in n.split(".")[:-1])]
+    # BERT-style "attention.output.dense" and GPT-2 "attn.c_proj": keep one output projection per attention module
+    parents: dict[str, str] = {}
+    for n in attn:
+        parents.setdefault(n.rsplit(".", 1)[0], n)
+    return [f"{block_path}.{n}" for n in mlp], [f"{block_path}.{n}" for n in parents.values()]
+
+
+def _generic_sites(model: torch.nn.Module, seq2seq: bool = False) -> dict[str, list[P]]:
+    """Sites of an architecture neuroprobe has no entry for, from its structure.
+
+    ``resid``: the output of every block of every repeated-block list
+    (:func:`block_lists`); ``mlp``: the input of each block's FFN down-projection (a
+    Linear from a width at least twice the block's back to it: post-activation MLP
+    units), where a block has one; ``attn``: the input of each attention module's
+    output projection.  In an encoder-decoder (``seq2seq``), blocks of a list whose
+    path names a decoder are stream ``decoder``; all others are ``text``.  No repeated blocks at all: every Linear output,
+    as ``resid``, is all that can be said.
+    """
+    lists = block_lists(model)
+    if not lists:
+        return {"resid": [P(n, "output", "resid") for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]}
+    modules = dict(model.named_modules())
+    sites: dict[str, list[P]] = {"mlp": [], "resid": [], "attn": []}
+    for list_path, blocks in lists:
+        stream = "decoder" if seq2seq and "decoder" in list_path else "text"
+        for block in blocks:
+            sites["resid"].append(P(block, "output", "resid", stream, name=block))
+            mlp, attn = _block_parts(block, modules[block])
+            for i, path in enumerate(mlp):
+                sites["mlp"].append(P(path, "input", "mlp", stream, name=f"{block}.mlp" + (f"{i}" if len(mlp) > 1 else "")))
+            for i, path in enumerate(attn):
+                sites["attn"].append(P(path, "input", "attn", stream, name=f"{block}.attn" + (f"{i}" if len(attn) > 1 else "")))
+    return {k: v for k, v in sites.items() if v}
 
 
 # ---------------------------------------------------------------------- subject
