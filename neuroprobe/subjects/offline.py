@@ -25,7 +25,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
 import socket
 import tempfile
 from contextlib import contextmanager
@@ -280,24 +279,23 @@ def _cache_root() -> Path:
 
 
 def _materialise(key: str, files: dict[str, str]) -> Path:
-    """Write ``files`` (name -> text) once into a cache folder named ``key``; return the folder."""
-    root = _cache_root()
-    folder = root / key
-    if folder.is_dir() and all((folder / n).is_file() for n in files):
-        return folder
+    """Write ``files`` (name -> text) once into a cache folder named ``key``; return the folder.
+
+    Each file is written to a temporary name and moved into place, so concurrent
+    processes never read a half-written file.
+    """
+    folder = _cache_root() / key
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError:  # read-only home: a private temporary folder
-        tmp = Path(tempfile.mkdtemp(prefix=f"neuroprobe-{key}-"))
-        folder = tmp
+        folder = Path(tempfile.mkdtemp(prefix=f"neuroprobe-{key}-"))
     for name, text in files.items():
-        (tmp / name).write_text(text, encoding="utf-8")
-    if tmp != folder:
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process won the race; use its copy
-            shutil.rmtree(tmp, ignore_errors=True)
+        target = folder / name
+        if target.is_file():
+            continue
+        tmp = folder / f".{name}.{os.getpid()}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, target)
     return folder
 
 
