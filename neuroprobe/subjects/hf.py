@@ -311,7 +311,7 @@ def _load_tokenizer(spec: SubjectSpec, plan: LoadPlan, config, trust_remote_code
     if plan.tokenizer_from == "shipped":
         recipe = offline.RECIPES[plan.shipped.tokenizer]
         tok = offline.build_tokenizer(recipe.name, config)
-        return tok, ("" if recipe.exact else "substitute ") + recipe.description
+        return tok, recipe.description  # substitutes say so in their description
     try:
         tok = AutoTokenizer.from_pretrained(plan.source, revision=plan.revision, trust_remote_code=trust_remote_code,
                                             local_files_only=plan.local_only)
@@ -408,7 +408,7 @@ def load_hf_subject(
         import sys
 
         print(f"{spec.name}: the checkpoint's tokenizer is not here; using a {tokenizer_source} "
-              f"(recorded in provenance).", file=sys.stderr)
+              f"(recorded in provenance as tokenizer_source).", file=sys.stderr)
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     subject.arch = arch or Architecture(type(model).__name__, type(model).__name__, {}, ("prototype",),
                                         kind="seq2seq" if seq2seq else "encoder")

@@ -217,7 +217,7 @@ def load_dalle(
     if substitute:
         from neuroprobe.subjects.offline import RECIPES
 
-        tokenizer.neuroprobe_source = "substitute " + RECIPES["gpt2-bpe-dalle"].description
+        tokenizer.neuroprobe_source = RECIPES["gpt2-bpe-dalle"].description
     if init == "pretrained":
         with torch.device("meta"):
             model = DalleBart(config)
