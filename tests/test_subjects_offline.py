@@ -421,15 +421,15 @@ def test_untrained_control_records_offline_real_size(name: str, tmp_path: Path) 
                str(battery), "--sites", "all", "--out", str(out), "-q"]
     if name == "dalle":
         command += ["--option", "variant=mini"]  # mega (2.6B) fits in memory too, at ~11 GB; mini keeps the loop short
-    res = subprocess.run(command, env=_offline_env(tmp_path), capture_output=True, text=True, timeout=3000,
-                         cwd=tmp_path)
+    env = _offline_env(tmp_path)
+    res = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3000, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     with open_recording(out) as rec:
         streams = set(rec.sites["stream"])
-    spec_streams = {
-        "clip": {"text", "image"}, "lxmert": {"text", "image"}, "vilbert": {"text", "image"},
-        "dalle": {"text", "image"}, "organism": {"text", "image"}, "visualbert": {"joint"},
-        "bart": {"text", "decoder"}, "t5": {"text", "decoder"}, "meena": {"text", "decoder"},
-        "xlnet": {"text", "query"},
-    }.get(name, {"text"})
-    assert streams == spec_streams, (name, streams)
+    # every stream the subject has, as `neuroprobe sites` lists them
+    listed = subprocess.run([sys.executable, "-m", "neuroprobe.cli", "sites", name, "--sites", "all"]
+                            + (["--option", "variant=mini"] if name == "dalle" else []),
+                            env=env, capture_output=True, text=True, timeout=3000, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    rows = [line.split() for line in listed.stdout.splitlines()[1:-1] if line.strip()]
+    assert streams == {row[3] for row in rows}, (name, streams)

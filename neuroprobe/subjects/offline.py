@@ -335,10 +335,16 @@ def build_tokenizer(recipe: str, config: Any | None = None) -> Any:
     config
         The model config (for the model's maximum length).
     """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
     if recipe not in RECIPES:
         raise NeuroprobeError(f"unknown tokenizer recipe {recipe!r}; known: {', '.join(RECIPES)}.")
+    tok = _build(recipe)
+    tok.neuroprobe_source = RECIPES[recipe].description  # provenance of subjects that build it themselves
+    return tok
+
+
+def _build(recipe: str) -> Any:
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
     if recipe == "bert-wordpiece-uncased":
         return _minilm_wordpiece()
     if recipe == "gpt2-bpe":
