@@ -66,12 +66,42 @@ def cells_report(cells, rotation=None, untrained=None, shuffle=None) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _check_range(option: str, value: float, low: float | None = None, high: float | None = None, strict: bool = False) -> None:
+    """Refuse an option value outside ``[low, high]`` (``(low, high]`` when ``strict``) in one sentence."""
+    from neuroprobe.errors import NeuroprobeError
+
+    if low is not None and (value <= low if strict else value < low):
+        raise NeuroprobeError(f"{option} must be {'greater than' if strict else 'at least'} {low:g}, not {value:g}.")
+    if high is not None and value > high:
+        raise NeuroprobeError(f"{option} must be at most {high:g}, not {value:g}.")
+
+
+def _note(text: str | None) -> None:
+    if text:
+        typer.echo(text, err=True)
+
+
+def _require_finite(rec) -> None:
+    """Refuse a recording in which no site holds a single finite response (nothing to analyse)."""
+    import numpy as np
+
+    from neuroprobe.errors import RecordingError
+
+    for site in rec.site_names:
+        ds = rec.responses(site)
+        step = max(1, min(ds.shape[0], (1 << 22) // max(1, 4 * ds.shape[1])))
+        for a in range(0, ds.shape[0], step):
+            if np.isfinite(ds[a : a + step]).any():
+                return
+    raise RecordingError(f"{rec.path} holds no finite response at any site (all NaN or inf); nothing to analyse.")
+
+
 def register(app: typer.Typer) -> None:
     """Add the analysis commands to ``app``."""
 
     @app.command()
     def cells(
-        recording: Path = typer.Argument(..., help="A recording (.h5)."),
+        recording: Path = typer.Argument(..., metavar="RECORDING", help="A recording (.h5)."),
         k: float = typer.Option(5.0, "--k", help="Effect size: concept median above baseline mean by k SD."),
         fdr: float = typer.Option(0.05, "--fdr", help="False-discovery rate of the rank-sum tests."),
         method: str = typer.Option("bh", "--method", help="bh (Benjamini-Hochberg) or by (Benjamini-Yekutieli)."),
@@ -87,6 +117,7 @@ def register(app: typer.Typer) -> None:
         transform: str = typer.Option("shift", "--transform", help="Non-negative transform for SI/sparseness: shift or clip."),
         sites: Optional[str] = typer.Option(None, "--sites", help="Comma-separated sites (default: all)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the permutations."),
+        allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Analyse an unfinished recording (the stimuli it covers)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:
         """Find concept cells in a recording; print cells per site and per concept beside the controls."""
@@ -97,6 +128,9 @@ def register(app: typer.Typer) -> None:
 
         if out is not None and out.suffix.lower() not in (".csv", ".tsv", ".parquet", ".pq"):
             raise NeuroprobeError(f"cannot write {out}: use a .csv or .parquet file name.")
+        _check_range("--k", k, low=0, strict=True)
+        _check_range("--fdr", fdr, low=0, high=1, strict=True)
+        _check_range("--n-perm", n_perm, low=0)
         wanted = {c.strip().lower() for c in controls.split(",") if c.strip()} - {"none"}
         unknown = wanted - {"rotation", "shuffle"}
         if unknown:
@@ -106,6 +140,8 @@ def register(app: typer.Typer) -> None:
         opts = dict(k=k, fdr=fdr, method=method, family=family, exact=exact, n_perm=n_perm, transform=transform,
                     seed=seed, quiet=quiet, sites=[s.strip() for s in sites.split(",")] if sites else None)
         with open_recording(recording) as rec:
+            _note(rec.require_complete(allow_incomplete))
+            _require_finite(rec)
             table = concept_cells(rec, **opts)
             rot = rotation_control(rec, rotation_seed=rotation_seed, **opts) if "rotation" in wanted else None
             shuf = None
@@ -127,7 +163,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def figures(
-        recording: Path = typer.Argument(..., help="A recording (.h5)."),
+        recording: Path = typer.Argument(..., metavar="RECORDING", help="A recording (.h5)."),
         cells_table: Path = typer.Option(..., "--cells", help="Table written by `neuroprobe cells --out`."),
         out: Path = typer.Option(Path("figures"), "--out", "-o", help="Folder for the PNG files."),
         untrained: Optional[Path] = typer.Option(None, "--untrained", help="Cells table of the untrained subject (default: <cells>.untrained.<ext> if present)."),
@@ -135,6 +171,7 @@ def register(app: typer.Typer) -> None:
         top: int = typer.Option(6, "--top", help="Quiroga panels for this many cells (strongest first)."),
         index: str = typer.Option("si", "--index", help="Index for the selectivity distributions."),
         dpi: int = typer.Option(150, "--dpi", help="Resolution."),
+        allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Draw from an unfinished recording."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing."),
     ) -> None:
         """Draw the concept-cell figures: Quiroga panels, selectivity per site, cells per layer, invariance."""
@@ -147,6 +184,11 @@ def register(app: typer.Typer) -> None:
         from neuroprobe.analysis.criterion import load_cells
         from neuroprobe.recording.reader import open_recording
 
+        _check_range("--top", top, low=0)
+        _check_range("--dpi", dpi, low=1, high=2400)
+        with open_recording(recording) as rec:  # refuse a bad recording before drawing anything
+            _note(rec.require_complete(allow_incomplete))
+            _require_finite(rec)
         table = load_cells(cells_table)
         untrained = untrained or (_sibling(cells_table, "untrained") if _sibling(cells_table, "untrained").exists() else None)
         rotation = rotation or (_sibling(cells_table, "rotation") if _sibling(cells_table, "rotation").exists() else None)

@@ -420,6 +420,12 @@ def save_cells(cells: pd.DataFrame, out: str | Path) -> Path:
         cells.to_csv(out, index=False, sep="\t" if out.suffix.lower() == ".tsv" else ",")
     else:
         raise NeuroprobeError(f"cannot write {out}: use a .csv or .parquet file name.")
+    # where the table came from (recording, subject, init, battery): `neuroprobe lesion --cells` reads it
+    meta = {k: cells.attrs[k] for k in ("recording", "subject", "init", "battery") if k in cells.attrs}
+    if meta:
+        import json
+
+        Path(str(out) + ".json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return out
 
 
@@ -428,6 +434,17 @@ def load_cells(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise NeuroprobeError(f"{path} does not exist; write it with `neuroprobe cells REC.h5 --out {path.name}`.")
-    if path.suffix.lower() in (".parquet", ".pq"):
-        return pd.read_parquet(path)
-    return pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",")
+    if path.is_dir() or path.suffix.lower() not in (".parquet", ".pq", ".csv", ".tsv"):
+        raise NeuroprobeError(f"{path} is not a cells table; give the .csv or .parquet written by `neuroprobe cells --out`.")
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            table = pd.read_parquet(path)
+        else:
+            table = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",")
+    except Exception as err:  # noqa: BLE001 - any parser error is a bad file
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise NeuroprobeError(f"{path} cannot be read as a cells table ({text}).") from None
+    missing = [c for c in ("site", "unit", "concept", "is_cell", "z") if c not in table.columns]
+    if missing:
+        raise NeuroprobeError(f"{path} is not a cells table: it lacks the column(s) {', '.join(missing)}.")
+    return table
