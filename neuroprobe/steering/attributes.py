@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import torch
 
-from neuroprobe.errors import MissingWeightsError, NeuroprobeError
+from neuroprobe.errors import MissingWeightsError, NeuroprobeError, is_refused_pickle, refused_pickle
 
 #: Where the packaged PPLM data live.
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "pplm"
@@ -384,6 +384,8 @@ def load_discriminator(
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is the user's file
+        if is_refused_pickle(err):
+            raise refused_pickle(path) from None
         raise NeuroprobeError(f"cannot load discriminator head {str(path)!r} ({type(err).__name__}); "
                               f"save it with torch.save(head.state_dict(), path).") from None
     if not isinstance(state, dict):
