@@ -66,7 +66,7 @@ def battery_for(name: str) -> str:
     """The shipped battery whose stimuli reach every stream of subject ``name`` without a detector."""
     if name == "organism":
         return "digits"
-    if name == "clip":
+    if name == "clip" or name.startswith("clip-rn"):
         return "pictures"
     return "kinship"  # region subjects run text stimuli with a blank/global region: both streams fire
 
@@ -152,6 +152,7 @@ _EXPECTED = {
     "vilbert": ["multi_task_model.bin", "unc-nlp/frcnn-vg-finetuned"],
     "dalle": ["encoder.pt", "decoder.pt", "vocab.json", "merges.txt"],
     "clip": ["openai/clip-vit-base-patch32", "model.safetensors"],
+    "clip-rn50x4": ["RN50x4.pt"],
 }
 
 
@@ -348,6 +349,17 @@ _TINY = {
 
 def _tiny_config_dir(name: str, root: Path) -> Path | None:
     spec = get_spec(name)
+    if name.startswith("clip-rn"):  # the tiny shape of tests/data's parity fixture, with CLIP's full vocabulary
+        from safetensors import safe_open
+
+        with safe_open(str(Path(__file__).parent / "data" / "clip_resnet_tiny_parity.safetensors"), "pt") as fh:
+            values = json.loads(fh.metadata()["config"])
+        values.pop("vision_patch_size", None)
+        values.update(vocab_size=49408, context_length=77)
+        folder = root / f"{name}-tiny"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(values), encoding="utf-8")
+        return folder
     ship = offline.shipped(spec.checkpoint)
     if ship is None:
         return None

@@ -548,3 +548,22 @@ def dalle_substitute_files(config: Any) -> tuple[Path, Path]:
     """``vocab.json``/``merges.txt`` of the GPT-2 BPE laid out for a DALL-E text vocabulary (random init only)."""
     specials = {"<s>": config.text_bos_token, "<pad>": config.text_pad_token, "</s>": config.text_eos_token, "<unk>": 3}
     return bpe_files("gpt2-bpe-dalle", int(config.text_vocab_count), specials)
+
+
+def clip_resnet_needs(spec: Any, *, init: str, weights: Path | None, options: dict[str, Any]) -> list[Need]:
+    """What the CLIP ResNet subjects need: OpenAI's ``RN*.pt`` (pretrained); the tokenizer ships (exact CLIP BPE)."""
+    from neuroprobe.subjects.clip_resnet.config import VARIANTS
+    from neuroprobe.subjects.clip_resnet.load import resolve_weights
+
+    variant = VARIANTS[spec.extra["variant"]]
+    needs = [Need("CLIP's BPE tokenizer", recipe_available("clip-bpe") or cached_file("openai/clip-vit-base-patch32",
+                                                                                   "tokenizer.json") is not None)]
+    if init == "pretrained":
+        try:
+            resolve_weights(weights, variant)
+            present = True
+        except MissingWeightsError:
+            present = False
+        needs.append(Need(f"the CLIP weights {variant.file}" + (f" in {weights}" if weights is not None else ""), present,
+                          how=f"download {variant.url} and pass --weights FILE_OR_DIR"))
+    return needs
