@@ -216,7 +216,7 @@ class Atlas:
             series.update({name: counts[name]["cells"] for name in self.controls})
             body.append("<div class='card'><h3>Concept cells per site"
                         + (" beside the controls" if self.controls else "") + "</h3>"
-                        + svg.bars(self.sites, series, width=560, label_width=200) + "</div>")
+                        + svg.bars(self.sites, series, width=430, label_width=170) + "</div>")
         body.append("</div>")
         # concepts
         crow = []
