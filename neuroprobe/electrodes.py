@@ -256,6 +256,32 @@ class Electrodes:
         self.remove()
 
 
+def capture_calls(model: torch.nn.Module, modules: Sequence[str], run: Callable[[], Any]) -> dict[str, list[tuple[tuple, dict]]]:
+    """Run ``run()`` and return the arguments each of ``modules`` was called with.
+
+    Used by batched lesions (:mod:`neuroprobe.lesions.staged`) to resume a forward
+    pass at a block: the block's positional and keyword arguments (hidden state,
+    attention masks in whatever form the library builds them) are kept, in call
+    order, so the block can be called again on cached inputs.  The hooks exist only
+    while ``run()`` runs.
+    """
+    got: dict[str, list[tuple[tuple, dict]]] = {m: [] for m in modules}
+    handles = []
+    try:
+        for name in modules:
+            module = model.get_submodule(name)
+
+            def pre(mod, args, kwargs, _name=name):
+                got[_name].append((tuple(args), dict(kwargs)))
+
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
 def record_once(model: torch.nn.Module, sites: Sequence[Site], run: Callable[[], Any]) -> dict[str, torch.Tensor]:
     """Run ``run()`` with electrodes reading ``sites``; return their canonical tensors."""
     with Electrodes(model, sites) as el:

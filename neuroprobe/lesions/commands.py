@@ -7,7 +7,8 @@ from typing import Optional
 import typer
 
 TABLE_COLUMNS = ["concept", "mode", "k", "target_change", "other_change", "specificity", "random_target_change",
-                 "random_target_sd", "p_random", "p_random_specific", "bottom_target_change", "target_rank", "most_hit_other"]
+                 "random_target_sd", "p_random", "p_random_specific", "n_random", "bottom_target_change", "target_rank",
+                 "most_hit_other"]
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -22,10 +23,39 @@ def _ints(text: str, what: str) -> list[int]:
     return values
 
 
+def cells_provenance(cells: Path | None) -> dict[str, str]:
+    """Where a cells table came from: ``recording``, ``subject``, ``init``, ``battery`` (what is known).
+
+    A recording (``.h5``) says it itself; a table written by ``neuroprobe cells --out``
+    has it in ``<table>.json`` beside it, which names the recording.
+    """
+    import json
+
+    if cells is None:
+        return {}
+    cells = Path(cells)
+    if cells.suffix in (".h5", ".hdf5") and cells.is_file():
+        import h5py
+
+        with h5py.File(cells, "r") as f:
+            return {k: str(f.attrs[k]) for k in ("subject", "init", "battery") if k in f.attrs} | {"recording": str(cells)}
+    meta: dict[str, str] = {}
+    side = Path(str(cells) + ".json")
+    if side.is_file():
+        try:
+            meta = {k: str(v) for k, v in json.loads(side.read_text(encoding="utf-8")).items()}
+        except (ValueError, OSError):
+            meta = {}
+    rec = meta.get("recording")
+    if rec and Path(rec).is_file() and not {"battery", "init"} <= set(meta):
+        meta = cells_provenance(Path(rec)) | meta
+    return meta
+
+
 def default_out(subject_name: str, init: str, battery: str) -> Path:
-    """``lesions/<subject>[-random]_<battery>`` in the working directory."""
+    """``figures/lesions/<subject>[-random]_<battery>`` in the working directory (git ignores ``figures/``)."""
     tag = subject_name.replace(":", "_").replace("/", "_") + ("-random" if init == "random" else "")
-    return Path("lesions") / f"{tag}_{battery}"
+    return Path("figures") / "lesions" / f"{tag}_{battery}"
 
 
 def register(app: typer.Typer) -> None:
@@ -40,22 +70,28 @@ def register(app: typer.Typer) -> None:
         k: str = typer.Option("1,2,4,8,16", "--k", help="Numbers of units to lesion (dose-response), comma-separated."),
         mode: str = typer.Option("zero,mean", "--mode", help="Lesion mode(s): zero, mean, resample, scale (comma-separated)."),
         factor: Optional[float] = typer.Option(None, "--factor", help="Scale factor for --mode scale (>1 amplifies)."),
-        random_draws: int = typer.Option(100, "--random-draws", help="Random lesions per k (same count per site, active units)."),
+        random_draws: Optional[int] = typer.Option(None, "--random-draws", help="Exactly N random lesions per k and mode "
+                                                   "(same count per site, active units); default: sequential, see --max-draws."),
+        max_draws: int = typer.Option(100, "--max-draws", help="Sequential random lesions: at most N per k and mode, stopping "
+                                      "once p <= --alpha is settled (Besag-Clifford)."),
+        alpha: float = typer.Option(0.05, "--alpha", help="Level whose decision ends sequential random draws."),
         keep_draws: int = typer.Option(10, "--keep-draws", help="Random keep-only-k complements per k (0 to skip)."),
-        probe: str = typer.Option("kinship", "--probe", "-p", help="Battery name under probes/ or a battery folder."),
+        probe: Optional[str] = typer.Option(None, "--probe", "-p", help="Battery name under probes/ or a battery folder "
+                                            "(default: the battery of the recording the cells came from, else kinship)."),
         readout: Optional[str] = typer.Option(None, "--readout", help="Readout name (default: the subject's default)."),
         sites: Optional[str] = typer.Option(None, "--sites", help="Montage or site globs to lesion (default: the cells' sites, or mlp)."),
         matrix: bool = typer.Option(True, "--matrix/--no-matrix", help="Also the lesioned x tested concept forgetting matrix."),
         matrix_k: Optional[int] = typer.Option(None, "--matrix-k", help="Units per concept in the matrix (default: the largest k)."),
         importance: int = typer.Option(0, "--importance", help="Single-unit lesions of N top + 3N random units per site (selectivity vs importance); 0 skips."),
         split: str = typer.Option("testing", "--split", help="Evaluation split (units are ranked on the other)."),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default lesions/<subject>_<battery>)."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default figures/lesions/<subject>_<battery>)."),
         site_col: str = typer.Option("site", "--site-col", help="Cells table: site column."),
         unit_col: str = typer.Option("unit", "--unit-col", help="Cells table: unit column."),
         concept_col: Optional[str] = typer.Option(None, "--concept-col", help="Cells table: concept column (default concept or best_concept)."),
         score_col: Optional[str] = typer.Option(None, "--score-col", help="Cells table: ranking score column (default dprime or similar)."),
         device: Optional[str] = typer.Option(None, "--device", help="cuda (default when available) or cpu."),
-        init: str = typer.Option("pretrained", "--init", help="pretrained, or random (the untrained control)."),
+        init: Optional[str] = typer.Option(None, "--init", help="pretrained, or random (the untrained control); "
+                                           "default: the init of the recording the cells came from, else pretrained."),
         weights: Optional[Path] = typer.Option(None, "--weights", help="Local folder with the checkpoint files."),
         seed: int = typer.Option(0, "--seed", help="Seed of random lesions and resample draws."),
         batch_size: int = typer.Option(32, "--batch-size", help="Stimuli per forward pass."),
@@ -84,14 +120,28 @@ def register(app: typer.Typer) -> None:
             raise NeuroprobeError(f"--mode {mode!r}: use one or more of {', '.join(MODES)}, comma-separated.")
         if "scale" in modes and factor is None:
             raise NeuroprobeError("--mode scale needs --factor (0.5 halves, 2 amplifies).")
-        if random_draws < 0 or keep_draws < 0:
-            raise NeuroprobeError("--random-draws and --keep-draws must be >= 0.")
+        if (random_draws is not None and random_draws < 0) or keep_draws < 0 or max_draws < 1:
+            raise NeuroprobeError("--random-draws and --keep-draws must be >= 0, --max-draws >= 1.")
+        if not 0 < alpha < 1:
+            raise NeuroprobeError(f"--alpha must be between 0 and 1, not {alpha}.")
+        sequential = random_draws is None
+        n_draws = max_draws if sequential else random_draws
         concepts = [c.strip() for c in concept.split(",") if c.strip()]
+        origin = cells_provenance(cells)
+        if probe is None:
+            probe = origin.get("battery") or "kinship"
+            where = f"the battery of {origin['recording']}, which the cells came from" if origin.get("battery") else "the default"
+        else:
+            where = "--probe"
+        if init is None:
+            init = origin.get("init") if origin.get("init") in ("pretrained", "random") else "pretrained"
         battery = Battery.load(probe)
+        if not quiet:
+            typer.echo(f"battery: {battery.name} ({where}); subject init: {init}", err=True)
         unknown = [c for c in concepts if c not in battery.concepts]
         if unknown or not concepts:
             raise NeuroprobeError(
-                f"concept {', '.join(map(repr, unknown)) or '(none)'} is not in battery {battery.name!r}; "
+                f"concept {', '.join(map(repr, unknown)) or '(none)'} is not in battery {battery.name!r} ({where}); "
                 f"it has {', '.join(battery.concept_names)}."
             )
         columns = {"site": site_col, "unit": unit_col}
@@ -113,8 +163,8 @@ def register(app: typer.Typer) -> None:
         orders = ["top", "bottom", "random", "keep_top"] + (["keep_random"] if keep_draws else [])
         doses = []
         for c in concepts:
-            dose = study.dose_response(c, ks, modes, random_draws=random_draws, keep_draws=keep_draws, orders=orders,
-                                       factor=factor)
+            dose = study.dose_response(c, ks, modes, random_draws=n_draws, keep_draws=keep_draws, orders=orders,
+                                       factor=factor, sequential=sequential, alpha=alpha)
             doses.append(dose)
             fig = plot_dose_response(dose)
             fig.savefig(out_dir / f"dose_response_{_slug(c)}.png", dpi=130)
@@ -128,6 +178,9 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"{subject.name} ({subject.init}) x {battery.name}: readout {study.readout!r}, "
                        f"units ranked on {study.rank_split!r}, evaluated on {study.split!r} "
                        f"({len(study.test)} stimuli); change = lesioned - intact, per concept")
+            typer.echo(f"lesions: {study.engine}; random draws: "
+                       + (f"sequential, at most {n_draws} per k and mode, stopped once p <= {alpha:g} was settled "
+                          f"(Besag-Clifford; n_random = draws used)" if sequential else f"exactly {n_draws} per k and mode"))
             typer.echo(table[[c for c in TABLE_COLUMNS if c in table.columns]].to_string(index=False))
 
         if matrix:

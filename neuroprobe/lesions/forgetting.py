@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 from neuroprobe.errors import NeuroprobeError
 from neuroprobe.lesions.lesion import count_units, lesion, resolve_sites, site_responses
 from neuroprobe.lesions.ranking import active_mask, cells_ranking, dprime, rank_units
+from neuroprobe.lesions.staged import BATCHED_MODES, BatchedEvaluator, make_runner
 from neuroprobe.subjects.base import Subject
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -112,6 +113,16 @@ class LesionStudy:
         No progress bars.
     batch_size
         Stimuli per forward pass.
+    batched
+        Evaluate many lesions per pass (replicas along the batch, resumed at the
+        first lesioned block; see :mod:`neuroprobe.lesions.staged`) when the subject
+        and readout have a runner; otherwise, and for ``resample`` lesions, one at a
+        time.  :attr:`engine` says which.
+    prefix_cache
+        With ``batched``: reuse the intact pass upstream of the first lesioned block
+        (``False`` replicates the raw inputs; for benchmarks).
+    memory_mb
+        Activation budget of one batched pass (replicas are chunked to fit).
     """
 
     def __init__(
@@ -128,6 +139,9 @@ class LesionStudy:
         seed: int = 0,
         quiet: bool = False,
         batch_size: int = 32,
+        batched: bool = True,
+        prefix_cache: bool = True,
+        memory_mb: float = 512,
     ) -> None:
         if split == rank_split:
             raise NeuroprobeError(
@@ -159,7 +173,20 @@ class LesionStudy:
         self.screen = site_responses(subject, battery, self.rank_rows, self.site_names, batch_size=batch_size)
         self.n_units = {s: r.shape[1] for s, r in self.screen.items()}
         self.active = {s: active_mask(r) for s, r in self.screen.items()}
-        self.baseline = self._score()
+        self._engine: BatchedEvaluator | None = None
+        if batched:
+            runner, why = make_runner(subject, battery, self.readout)
+            if runner is not None:
+                self._engine = BatchedEvaluator(runner, self.test, batch_size=batch_size, memory_mb=memory_mb,
+                                                prefix_cache=prefix_cache)
+                self.engine = f"batched ({why}{', prefix-cached' if prefix_cache else ''})"
+            else:
+                self.engine = f"one lesion at a time ({why})"
+                warnings.warn(f"lesions are evaluated one at a time: {why}.", stacklevel=2)
+        else:
+            self.engine = "one lesion at a time (batched=False)"
+        self._single_baseline: np.ndarray | None = None
+        self.baseline = self._engine.intact() if self._engine is not None else self._baseline_single()
         self.test_concepts = self.test["concept"].to_numpy()
         self.concepts = [c for c in battery.concept_names if c in set(self.test_concepts)]
         self._selectivity: dict[str, pd.DataFrame] = {}
@@ -188,6 +215,11 @@ class LesionStudy:
 
     def _score(self) -> np.ndarray:
         return self.subject.readout(self.test, self.battery, self.readout, batch_size=self.batch_size)
+
+    def _baseline_single(self) -> np.ndarray:
+        if self._single_baseline is None:
+            self._single_baseline = self._score()
+        return self._single_baseline
 
     def check_concept(self, concept: str) -> None:
         """Raise a clear error for a concept the battery cannot test."""
@@ -269,14 +301,61 @@ class LesionStudy:
 
     # ----------------------------------------------------------- evaluation
     def evaluate(self, units: Mapping[str, np.ndarray], mode: str = "zero", *, factor: float | None = None) -> pd.Series:
-        """Mean readout change per tested concept under a lesion (``lesioned - intact``)."""
+        """Mean readout change per tested concept under one lesion (``lesioned - intact``), one forward pass per batch.
+
+        The reference path: :meth:`evaluate_many` gives the same numbers for many lesions at once.
+        """
         if count_units(units) == 0:
             return pd.Series(0.0, index=self.concepts)
         ref = self.screen if mode in ("mean", "resample") else None
         with lesion(self.subject, units, mode, factor=factor if mode == "scale" else None, reference=ref, seed=self.seed):
             scores = self._score()
-        change = pd.Series(scores - self.baseline).groupby(self.test_concepts).mean()
+        return self._change(scores, self._baseline_single())
+
+    def _change(self, scores: np.ndarray, baseline: np.ndarray) -> pd.Series:
+        change = pd.Series(scores - baseline).groupby(self.test_concepts).mean()
         return change.reindex(self.concepts)
+
+    def evaluate_many(self, lesions: Sequence[Mapping[str, np.ndarray]], mode: str = "zero", *,
+                      factor: float | None = None, progress: Any = None) -> list[pd.Series]:
+        """:meth:`evaluate` for many lesions: batched and prefix-cached when :attr:`engine` allows.
+
+        Parameters
+        ----------
+        lesions
+            ``site -> unit indices`` per lesion.
+        mode, factor
+            As for :meth:`evaluate` (one mode for all).
+        progress
+            Called with the number of lesions finished (e.g. a tqdm bar's ``update``).
+
+        Returns
+        -------
+        list of pandas.Series
+            Mean readout change per tested concept, one per lesion, in order.
+        """
+        out: list[pd.Series | None] = [None] * len(lesions)
+        todo = []
+        for i, units in enumerate(lesions):
+            if count_units(units) == 0:
+                out[i] = pd.Series(0.0, index=self.concepts)
+            else:
+                todo.append(i)
+        if self._engine is None or mode not in BATCHED_MODES:
+            for i in todo:
+                out[i] = self.evaluate(lesions[i], mode, factor=factor)
+                if progress is not None:
+                    progress(1)
+        elif todo:
+            names = list(dict.fromkeys(s for i in todo for s in lesions[i]))
+            sites = {s.name: s for s in resolve_sites(self.subject, names)}
+            scores = self._engine.scores([lesions[i] for i in todo], mode, factor=factor if mode == "scale" else None,
+                                         reference=self.screen if mode == "mean" else None, sites=sites, progress=progress)
+            for j, i in enumerate(todo):
+                out[i] = self._change(scores[j], self.baseline)
+        if progress is not None and len(lesions) > len(todo):
+            progress(len(lesions) - len(todo))
+        return out  # type: ignore[return-value]
 
     def _row(self, concept: str, change: pd.Series, **extra: Any) -> dict[str, Any]:
         others = change.drop(concept)
@@ -297,20 +376,43 @@ class LesionStudy:
         keep_draws: int = 10,
         orders: Sequence[str] = ORDERS,
         factor: float | None = None,
+        sequential: bool = False,
+        alpha: float = 0.05,
     ) -> pd.DataFrame:
         """Readout change for top-, bottom-, random-``k`` lesions and keep-only-``k`` complements.
+
+        Parameters
+        ----------
+        concept, ks, modes, keep_draws, orders, factor
+            What to lesion and how (see the module docstring for the orders).
+        random_draws
+            Random lesions per ``k`` and mode: exactly this many, or with
+            ``sequential`` at most this many.
+        sequential
+            Stop drawing random lesions once the decisions ``p_random <= alpha`` and
+            ``p_random_specific <= alpha`` are both settled (Besag & Clifford 1991;
+            see :func:`sequential_p`): the decisions are those of all
+            ``random_draws`` draws, and a null lesion costs a few draws instead of
+            ``random_draws``.  Needs ``top`` in ``orders``.
+        alpha
+            The level the sequential decisions are settled at.
 
         Returns
         -------
         pandas.DataFrame
             One row per evaluated lesion: ``concept, mode, order, k, draw`` (-1 for
             deterministic orders), ``n_units, n_sites, units`` (top only),
-            ``target_change, other_change, most_hit_other, most_hit_other_change, target_rank``.
+            ``target_change, other_change, most_hit_other, most_hit_other_change, target_rank``;
+            random rows also ``max_draws`` and ``alpha`` (``NaN`` when the draws were fixed).
         """
         modes = [modes] if isinstance(modes, str) else list(modes)
         bad = set(orders) - set(ORDERS)
         if bad:
             raise NeuroprobeError(f"unknown lesion order(s) {', '.join(sorted(bad))}; use {', '.join(ORDERS)}.")
+        if sequential and ("top" not in orders or "random" not in orders):
+            raise NeuroprobeError("sequential random draws compare against the top-k lesion; keep 'top' and 'random' in orders.")
+        if not 0 < alpha < 1:
+            raise NeuroprobeError(f"alpha must be between 0 and 1, not {alpha}.")
         ks = sorted({int(k) for k in ks})
         if not ks or ks[0] < 1:
             raise NeuroprobeError("k must be positive integers, e.g. --k 1,2,4,8,16.")
@@ -337,28 +439,65 @@ class LesionStudy:
                 if "keep_top" in orders:
                     plans.append(("keep_top", -1, self.complement(top)))
                 rng = np.random.default_rng([self.seed, k])  # the same random lesions for every mode
-                if "random" in orders:
-                    plans += [("random", d, self.random(top, rng)) for d in range(random_draws)]
+                randoms = [self.random(top, rng) for _ in range(random_draws)] if "random" in orders else []
                 if "keep_random" in orders:
                     plans += [("keep_random", d, self.complement(self.random(top, rng))) for d in range(keep_draws)]
+                if not sequential:
+                    plans += [("random", d, u) for d, u in enumerate(randoms)]
                 for mode in modes:
-                    for name, draw, units in plans:
-                        change = self.evaluate(units, mode, factor=factor)
+                    changes = self.evaluate_many([u for _, _, u in plans], mode, factor=factor, progress=bar.update)
+                    for (name, draw, units), change in zip(plans, changes):
                         rows.append(self._row(
                             concept, change, mode=mode, order=name, k=k, draw=draw, n_units=count_units(units),
                             n_sites=len(units), units=_describe(units) if name == "top" else "",
                         ))
-                        bar.update(1)
+                    if "random" in orders:
+                        if sequential:
+                            top_row = next(r for r in rows[::-1] if r["order"] == "top" and r["mode"] == mode and r["k"] == k)
+                            for d, change in enumerate(self._sequential(concept, randoms, mode, factor, top_row, alpha, bar)):
+                                rows.append(self._row(concept, change, mode=mode, order="random", k=k, draw=d,
+                                                      n_units=count_units(randoms[d]), n_sites=len(randoms[d]), units="",
+                                                      max_draws=random_draws, alpha=alpha))
+                        else:
+                            for r in rows[-random_draws:] if random_draws else []:
+                                r.update(max_draws=random_draws, alpha=np.nan)
         finally:
             bar.close()
         return pd.DataFrame(rows)
+
+    def _sequential(self, concept: str, randoms: list[dict[str, np.ndarray]], mode: str, factor: float | None,
+                    top_row: Mapping[str, Any], alpha: float, bar: Any) -> list[pd.Series]:
+        """Random lesions evaluated in order until both p-value decisions at ``alpha`` are settled."""
+        n_max = len(randoms)
+        h = sequential_h(alpha, n_max)
+        t_obs = top_row["target_change"]
+        gap_obs = top_row["target_change"] - top_row["other_change"]
+        got: list[pd.Series] = []
+        hits_t = hits_g = 0
+        chunk = max(10, 2 * h)
+        while len(got) < n_max:
+            batch = randoms[len(got) : len(got) + chunk]
+            for change in self.evaluate_many(batch, mode, factor=factor):
+                got.append(change)
+                row = self._row(concept, change)
+                hits_t += row["target_change"] <= t_obs
+                hits_g += row["target_change"] - row["other_change"] <= gap_obs
+                if hits_t >= h and hits_g >= h:
+                    break
+            if hits_t >= h and hits_g >= h:
+                break
+            chunk *= 2
+        bar.total = (bar.total or 0) - (n_max - len(got))  # draws not needed leave the bar's total
+        bar.update(len(got))
+        return got
 
     def forgetting_matrix(self, concepts: Sequence[str] | None = None, k: int = DEFAULT_K, mode: str = "zero",
                           *, factor: float | None = None) -> pd.DataFrame:
         """Readout change of every tested concept (columns) when each concept's top-``k`` is lesioned (rows)."""
         concepts = list(concepts or self.concepts)
         rows = {}
-        for c in tqdm(concepts, desc=f"matrix {mode}", unit="concept", disable=self.quiet, dynamic_ncols=True):
+        tops = {}
+        for c in concepts:
             try:
                 top = self.top(c, k)
             except NeuroprobeError:  # the cells table has no units for this concept
@@ -366,8 +505,12 @@ class LesionStudy:
             if top is None:
                 warnings.warn(f"{c}: fewer than {k} ranked units; its row of the forgetting matrix is left empty.", stacklevel=2)
                 rows[c] = pd.Series(np.nan, index=self.concepts)
-                continue
-            rows[c] = self.evaluate(top, mode, factor=factor)
+            else:
+                tops[c] = top
+        with tqdm(total=len(tops), desc=f"matrix {mode}", unit="concept", disable=self.quiet, dynamic_ncols=True) as bar:
+            for c, change in zip(tops, self.evaluate_many(list(tops.values()), mode, factor=factor, progress=bar.update)):
+                rows[c] = change
+        rows = {c: rows[c] for c in concepts}
         m = pd.DataFrame(rows).T.reindex(columns=self.concepts)
         m.index.name, m.columns.name = "lesioned", "tested"
         return m
@@ -391,8 +534,10 @@ class LesionStudy:
             chosen += [(s, int(u), "top") for u in top] + [(s, int(u), "random") for u in np.sort(rand)]
         d = sel.set_index(["site", "unit"])["dprime"]
         rows = []
-        for s, u, how in tqdm(chosen, desc=f"single units {concept}", unit="lesion", disable=self.quiet, dynamic_ncols=True):
-            change = self.evaluate({s: np.array([u])}, mode, factor=factor)
+        with tqdm(total=len(chosen), desc=f"single units {concept}", unit="lesion", disable=self.quiet,
+                  dynamic_ncols=True) as bar:
+            changes = self.evaluate_many([{s: np.array([u])} for s, u, _ in chosen], mode, factor=factor, progress=bar.update)
+        for (s, u, how), change in zip(chosen, changes):
             rows.append(self._row(concept, change, mode=mode, site=s, unit=u, chosen=how, dprime=float(d[(s, u)])))
         return pd.DataFrame(rows)
 
@@ -409,6 +554,46 @@ def _describe(units: Mapping[str, np.ndarray]) -> str:
 
 
 # ---------------------------------------------------------------- summaries
+
+
+def sequential_h(alpha: float, n_max: int) -> int:
+    """Exceedances after which a sequential random-lesion test stops: ``floor(alpha (n_max + 1)) + 1``.
+
+    With this ``h`` the decision ``p <= alpha`` of :func:`sequential_p` is the
+    decision of the fixed test with all ``n_max`` draws, ``(1 + g) / (1 + n_max)``:
+    ``h`` exceedances already make the fixed p-value exceed ``alpha``, and so does
+    the sequential one, ``h / l >= h / n_max > alpha``.
+    """
+    return int(np.floor(alpha * (n_max + 1))) + 1
+
+
+def sequential_p(exceed: np.ndarray, n_max: int, alpha: float) -> tuple[float, int]:
+    """Besag–Clifford (1991) sequential Monte Carlo p-value.
+
+    Parameters
+    ----------
+    exceed
+        Per random draw, in drawing order: was it at least as extreme as the observed lesion?
+    n_max
+        The most draws the procedure may take.
+    alpha
+        The level whose decision the stopping settles (sets ``h``, see :func:`sequential_h`).
+
+    Returns
+    -------
+    p, draws
+        ``h / l`` when the ``h``-th exceedance came at draw ``l`` (sampling stops
+        there; a valid p-value, Besag & Clifford 1991), else ``(1 + g) / (1 + n)``
+        over the ``n`` draws with ``g`` exceedances; and the draws it used.
+    """
+    exceed = np.asarray(exceed, dtype=bool)
+    h = sequential_h(alpha, n_max)
+    hits = np.cumsum(exceed)
+    where = np.flatnonzero(hits >= h)
+    if len(where):
+        stop = int(where[0]) + 1
+        return h / stop, stop
+    return (1 + int(hits[-1] if len(hits) else 0)) / (1 + len(exceed)), len(exceed)
 
 
 def specificity(target_change: float, other_change: float, floor: float = SPECIFICITY_FLOOR) -> float:
@@ -430,7 +615,8 @@ def summarize(dose: pd.DataFrame) -> pd.DataFrame:
         One row per ``(concept, mode, k)``: ``target_change, other_change,
         specificity, gap, most_hit_other(_change), target_rank``, the random lesions' mean and SD
         of ``target_change`` and mean ``other_change``, ``p_random``,
-        ``p_random_specific``, ``n_random``, and when present ``bottom_target_change``,
+        ``p_random_specific``, ``n_random`` (the draws used), ``p_method``
+        (``fixed``: ``(1 + g) / (1 + n)``; ``sequential``: :func:`sequential_p`), and when present ``bottom_target_change``,
         ``keep_top_target_change``/``keep_top_other_change`` and
         ``keep_random_target_change``; plus ``units`` (the top-``k`` lesion).
     """
@@ -448,14 +634,24 @@ def summarize(dose: pd.DataFrame) -> pd.DataFrame:
                    target_rank=int(t.target_rank))
         n = len(rnd)
         if n:
+            rnd = rnd.sort_values("draw", kind="mergesort")
             rgap = rnd["target_change"] - rnd["other_change"]
+            alpha = float(rnd["alpha"].iloc[0]) if "alpha" in rnd.columns else np.nan
+            if np.isfinite(alpha):  # sequential draws: Besag-Clifford p-values
+                n_max = int(rnd["max_draws"].iloc[0])
+                p_t, _ = sequential_p((rnd["target_change"] <= t.target_change).to_numpy(), n_max, alpha)
+                p_g, _ = sequential_p((rgap <= gap).to_numpy(), n_max, alpha)
+                method = "sequential"
+            else:
+                p_t = (1 + int((rnd["target_change"] <= t.target_change).sum())) / (1 + n)
+                p_g = (1 + int((rgap <= gap).sum())) / (1 + n)
+                method = "fixed"
             row.update(random_target_change=rnd["target_change"].mean(), random_target_sd=rnd["target_change"].std(ddof=1) if n > 1 else np.nan,
                        random_other_change=rnd["other_change"].mean(),
-                       p_random=(1 + int((rnd["target_change"] <= t.target_change).sum())) / (1 + n),
-                       p_random_specific=(1 + int((rgap <= gap).sum())) / (1 + n), n_random=n)
+                       p_random=p_t, p_random_specific=p_g, n_random=n, p_method=method)
         else:
             row.update(random_target_change=np.nan, random_target_sd=np.nan, random_other_change=np.nan,
-                       p_random=np.nan, p_random_specific=np.nan, n_random=0)
+                       p_random=np.nan, p_random_specific=np.nan, n_random=0, p_method="")
         for order in ("bottom", "keep_top", "keep_random"):
             sub = g[g["order"] == order]
             if len(sub):
@@ -514,6 +710,8 @@ def forgetting(
     mode: str | Sequence[str] = ("zero", "mean"),
     factor: float | None = None,
     random_draws: int = 100,
+    sequential: bool = False,
+    alpha: float = 0.05,
     split: str = "testing",
     rank_split: str = "screening",
     sites: str | Sequence[str] | None = None,
@@ -540,7 +738,10 @@ def forgetting(
         Lesion mode(s): ``zero``, ``mean``, ``resample``, ``scale`` (with ``factor``).
         Zero and mean by default: zeroing shifts every embedding, so both are reported.
     random_draws
-        Random lesions of the same count per site (active units only) for the p-value.
+        Random lesions of the same count per site (active units only) for the p-value
+        (with ``sequential``: at most this many).
+    sequential, alpha
+        Stop drawing once the decisions at ``alpha`` are settled (see :meth:`LesionStudy.dose_response`).
     split, rank_split, sites, readout, columns, seed, quiet
         See :class:`LesionStudy`.
     study
@@ -556,7 +757,8 @@ def forgetting(
     s = _study(subject, battery, cells, study=study, sites=sites, readout=readout, split=split, rank_split=rank_split,
                columns=columns, seed=seed, quiet=quiet)
     ks = [k] if isinstance(k, (int, np.integer)) else (list(k) if k is not None else [_default_k(s.cells, concept, columns)])
-    dose = s.dose_response(concept, ks, mode, random_draws=random_draws, orders=("top", "random"), factor=factor)
+    dose = s.dose_response(concept, ks, mode, random_draws=random_draws, orders=("top", "random"), factor=factor,
+                           sequential=sequential, alpha=alpha)
     return summarize(dose)
 
 
@@ -572,6 +774,8 @@ def dose_response(
     random_draws: int = 100,
     keep_draws: int = 10,
     orders: Sequence[str] = ORDERS,
+    sequential: bool = False,
+    alpha: float = 0.05,
     split: str = "testing",
     rank_split: str = "screening",
     sites: str | Sequence[str] | None = None,
@@ -591,7 +795,8 @@ def dose_response(
         raise NeuroprobeError("give the concept whose units to lesion.")
     s = _study(subject, battery, cells, study=study, sites=sites, readout=readout, split=split, rank_split=rank_split,
                columns=columns, seed=seed, quiet=quiet)
-    return s.dose_response(concept, ks, mode, random_draws=random_draws, keep_draws=keep_draws, orders=orders, factor=factor)
+    return s.dose_response(concept, ks, mode, random_draws=random_draws, keep_draws=keep_draws, orders=orders, factor=factor,
+                           sequential=sequential, alpha=alpha)
 
 
 def forgetting_matrix(

@@ -167,12 +167,19 @@ class Subject:
         What was loaded (recorded in provenance).
     site_patterns
         Montage name -> list of :class:`SitePattern`.
+    block_order
+        Chain name -> module globs of the blocks a forward pass runs, in order
+        (e.g. ``{"text": ["encoder.layer.*"]}``); chains are independent towers.
+        Batched lesions resume a pass at the first lesioned block and reuse what
+        runs before it (:mod:`neuroprobe.lesions.staged`); empty means the subject
+        cannot be split this way and lesions are evaluated one at a time.
     readouts
         Readout name -> ``fn(subject, stimuli, battery) -> scores`` (one float per
         stimulus; higher means the subject knows the stimulus's concept better).
     """
 
     site_patterns: dict[str, list[SitePattern]] = {}
+    block_order: dict[str, list[str]] = {}
     readouts: dict[str, Readout] = {}
     default_readout: str | None = None
     modalities: tuple[str, ...] = ("text",)

@@ -23,6 +23,7 @@ import dataclasses
 import importlib
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -31,7 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from neuroprobe.errors import MissingWeightsError, NeuroprobeError
+from neuroprobe.errors import MissingWeightsError, NeuroprobeError, is_refused_pickle, refused_pickle
 from neuroprobe.subjects.base import Batch, SitePattern as P, Subject
 from neuroprobe.subjects.registry import SubjectSpec
 
@@ -68,12 +69,14 @@ class Architecture:
     cloze: dict[str, str] = field(default_factory=dict)  # seq2seq: encoder/decoder templates
     subject_class: str = ""         # "module:Class" subclass of HFSubject for image-taking families
     float32_only: bool = False      # transformers' implementation fails in half precision
+    blocks: tuple[str, ...] = ()    # block order (globs, forward order) for batched, prefix-cached lesions
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "bert": Architecture("BertModel", "BertForMaskedLM", _BERT_LIKE, ("masked_lm", "prototype")),
-    "minilm": Architecture("BertModel", "BertModel", _BERT_LIKE, ("prototype",)),
-    "roberta": Architecture("RobertaModel", "RobertaForMaskedLM", _BERT_LIKE, ("masked_lm", "prototype")),
+    "bert": Architecture("BertModel", "BertForMaskedLM", _BERT_LIKE, ("masked_lm", "prototype"), blocks=("encoder.layer.*",)),
+    "minilm": Architecture("BertModel", "BertModel", _BERT_LIKE, ("prototype",), blocks=("encoder.layer.*",)),
+    "roberta": Architecture("RobertaModel", "RobertaForMaskedLM", _BERT_LIKE, ("masked_lm", "prototype"),
+                            blocks=("encoder.layer.*",)),
     "xlnet": Architecture(
         "XLNetModel", "XLNetLMHeadModel",
         {
@@ -240,6 +243,9 @@ def load_hf_subject(
     hf_logging.set_verbosity_error()
     if options.pop("quiet", False):
         hf_logging.disable_progress_bar()
+    from neuroprobe.subjects import placement as _placement
+
+    placement = _placement.pop_placement(options)  # --device-map: accelerate's big-model dispatch
     source, local = _source(spec, weights)
     revision = None if local else spec.revision
     try:
@@ -270,12 +276,24 @@ def load_hf_subject(
             finally:
                 torch.random.set_rng_state(gen_state)
             model = model.to(dtype)
+            if placement:
+                model = _placement.dispatch(model, placement)
         else:
-            model = cls.from_pretrained(source, revision=revision, config=config, dtype=dtype,
-                                        trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise _missing(spec, source, local, err) from None
-    model.to(device).eval()
+            with warnings.catch_warnings():  # torch's note on pickle protocols is noise next to our own sentence
+                warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+                model = cls.from_pretrained(source, revision=revision, config=config, dtype=dtype,
+                                            trust_remote_code=trust_remote_code, **(placement or {}))
+    except Exception as err:  # noqa: BLE001 - sorted below; anything else is re-raised
+        if is_refused_pickle(err):
+            raise refused_pickle(f"the checkpoint of {spec.name!r} in {source}") from None
+        if isinstance(err, (OSError, ValueError)):
+            raise _placement.load_error(placement, err) or _missing(spec, source, local, err) from None
+        raise
+    if placement:
+        device = _placement.main_device(model)
+        model.eval()
+    else:
+        model.to(device).eval()
     head_model = None
     if heads and arch and arch.head != arch.base:
         head_model = model
@@ -336,6 +354,12 @@ class HFSubject(Subject):
     arch: Architecture
     tokenizer: Any
     head_model: torch.nn.Module | None
+
+    @property
+    def block_order(self) -> dict[str, list[str]]:  # type: ignore[override]
+        """Block order from :data:`ARCHITECTURES` (``{}``: lesions run one at a time)."""
+        arch = getattr(self, "arch", None)
+        return {"text": list(arch.blocks)} if arch is not None and arch.blocks else {}
 
     def setup(self, **options: Any) -> None:
         """Finish loading (subclasses load processors, detectors...); options come from ``load_subject``."""

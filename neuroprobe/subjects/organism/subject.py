@@ -75,8 +75,20 @@ def _site_patterns(cfg: OrganismConfig) -> dict[str, list[SitePattern]]:
     }
 
 
+#: blocks of each tower in forward order, then the shared embedding (for batched, prefix-cached lesions);
+#: the text tower max-pools its tokens between ``text.ln_final`` and ``text.fc``
+BLOCK_ORDER = {
+    "image": ["image.conv1", "image.pool1", "image.conv2", "image.pool2", "image.conv3", "image.pool3",
+              "image.fc", "image.drop", "image.proj"],
+    "text": ["text.embed", "text.layers.*", "text.ln_final", "text.fc", "text.drop", "text.proj"],
+    "joint": ["embed"],
+}
+
+
 class OrganismSubject(Subject):
     """The organism (:class:`~neuroprobe.subjects.organism.model.OrganismModel`) as a subject."""
+
+    block_order = BLOCK_ORDER
 
     modalities = ("text", "image")
     split_by_modality = True
