@@ -243,6 +243,9 @@ def load_hf_subject(
     hf_logging.set_verbosity_error()
     if options.pop("quiet", False):
         hf_logging.disable_progress_bar()
+    from neuroprobe.subjects import placement as _placement
+
+    placement = _placement.pop_placement(options)  # --device-map: accelerate's big-model dispatch
     source, local = _source(spec, weights)
     revision = None if local else spec.revision
     try:
@@ -273,18 +276,24 @@ def load_hf_subject(
             finally:
                 torch.random.set_rng_state(gen_state)
             model = model.to(dtype)
+            if placement:
+                model = _placement.dispatch(model, placement)
         else:
             with warnings.catch_warnings():  # torch's note on pickle protocols is noise next to our own sentence
                 warnings.filterwarnings("ignore", message=".*pickle protocol.*")
                 model = cls.from_pretrained(source, revision=revision, config=config, dtype=dtype,
-                                            trust_remote_code=trust_remote_code)
+                                            trust_remote_code=trust_remote_code, **(placement or {}))
     except Exception as err:  # noqa: BLE001 - sorted below; anything else is re-raised
         if is_refused_pickle(err):
             raise refused_pickle(f"the checkpoint of {spec.name!r} in {source}") from None
         if isinstance(err, (OSError, ValueError)):
-            raise _missing(spec, source, local, err) from None
+            raise _placement.load_error(placement, err) or _missing(spec, source, local, err) from None
         raise
-    model.to(device).eval()
+    if placement:
+        device = _placement.main_device(model)
+        model.eval()
+    else:
+        model.to(device).eval()
     head_model = None
     if heads and arch and arch.head != arch.base:
         head_model = model
