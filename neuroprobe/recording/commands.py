@@ -49,7 +49,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def record(
         model: str = typer.Option(..., "--model", "-m", help="Subject name (see `neuroprobe subjects`) or hf:<id|dir>."),
-        probe: str = typer.Option("kinship", "--probe", "-p", help="Battery name under probes/ or a battery folder."),
+        probe: Optional[str] = typer.Option(None, "--probe", "-p", help="Battery name under probes/ or a battery folder (default: one the subject's modalities reach, e.g. kinship for text models, pictures or digits for image-taking ones)."),
         sites: str = typer.Option("mlp", "--sites", help="Montage: mlp, resid, attn, all, or comma-separated globs."),
         pool: str = typer.Option("mean", "--pool", help="Pooling: mean, max, first, last, concept-token."),
         tokens: bool = typer.Option(False, "--tokens", help="Also keep per-token traces (ragged, no padding)."),
@@ -79,12 +79,16 @@ def register(app: typer.Typer) -> None:
         from neuroprobe.errors import NeuroprobeError
         from neuroprobe.recording.recorder import Recorder, check_output, default_output_for
         from neuroprobe.stimuli.battery import Battery
-        from neuroprobe.subjects.registry import load_subject
+        from neuroprobe.subjects.registry import get_spec, load_subject
 
         # everything that can be refused is refused before the model loads
         if not sites.strip():
             raise NeuroprobeError("--sites is empty; give mlp, resid, attn, all or comma-separated site patterns.")
         check_device(device)
+        if probe is None:
+            probe = get_spec(model).default_battery
+            if not quiet:
+                typer.echo(f"battery: {probe} (the default for {model}; choose another with --probe)", err=True)
         battery = Battery.load(probe, allow_outside_images=allow_outside_images)
         check_output(out if out is not None else default_output_for(model, init, battery.name, sites),
                      resume=resume, overwrite=overwrite)
@@ -103,7 +107,8 @@ def register(app: typer.Typer) -> None:
 
         device = distributed.local_device(device, distributed.world())
         subject = load_subject(model, init=init, weights=weights, device=device, seed=seed, dtype=model_dtype,
-                               trust_remote_code=trust_remote_code, quiet=quiet, **options)
+                               trust_remote_code=trust_remote_code, quiet=quiet,
+                               modalities=tuple(battery.table["modality"].unique()), **options)
         recorder = Recorder(subject, battery, montage=sites, pooling=pool, tokens=tokens, dtype=dtype,
                             batch_size=batch_size, compression=compression, quiet=quiet,
                             command=" ".join(["neuroprobe"] + sys.argv[1:]))

@@ -213,6 +213,7 @@ class Recorder:
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             compression=self.compression or "none",
         )
+        prov.update(getattr(self.subject, "provenance_notes", None) or {})  # e.g. config_source, tokenizer_source
         return prov
 
     # ------------------------------------------------------------------- run
@@ -345,9 +346,13 @@ class Recorder:
                 self.subject.forward(batch)
         missing = [s.name for s in self.sites if s.name not in counts]
         if missing:
+            from neuroprobe.subjects.base import suggest_sites
+
+            fired = [s for s in self.sites if s.name in counts]
             raise NeuroprobeError(
-                f"site(s) {', '.join(missing[:5])} never fired for any stimulus of battery {self.battery.name!r}; "
-                f"choose a montage whose sites this battery reaches."
+                f"site(s) {', '.join(missing[:5])} never fired for any stimulus of battery {self.battery.name!r} "
+                f"({'+'.join(sorted(self.battery.table['modality'].unique()))} stimuli); "
+                f"{suggest_sites(fired, self.montage)}."
             )
         return counts
 
