@@ -642,11 +642,14 @@ def test_full_disk_stops_in_one_sentence_and_resume_is_bit_exact(small_disk, tmp
     battery.mkdir()
     shutil.copy(full.root / "battery.json", battery / "battery.json")
     full.table.head(40).to_csv(battery / "stimuli.csv", index=False)
+    from neuroprobe import load_subject
+
     common = ["record", "--model", "minilm", "--probe", str(battery), "--sites", "mlp", "--tokens", "--batch-size", "4",
               "--device", "cpu", "--quiet"]
     ref, out = tmp_path / "ref.h5", small_disk / "r.h5"
-    code, err = run_cli(*common, "--out", str(ref))
-    assert code == 0, err
+    minilm = load_subject("minilm", device="cpu", quiet=True)
+    options = dict(montage="mlp", tokens=True, batch_size=4, quiet=True)
+    Recorder(minilm, Battery.load(battery), **options).run(ref)  # the same recording as the command's, in-process
     line = one_sentence(*run_cli(*common, "--out", str(out)))
     assert "disk is full" in line and "--resume" in line
     with open_recording(out) as part, open_recording(ref) as whole:
@@ -655,8 +658,7 @@ def test_full_disk_stops_in_one_sentence_and_resume_is_bit_exact(small_disk, tmp
             assert np.array_equal(part.responses(site)[: part.n_done], whole.responses(site)[: part.n_done])
     assert leftovers(small_disk) == []
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
-    code, err = run_cli(*common, "--out", str(out), "--resume")
-    assert code == 0, err
+    Recorder(minilm, Battery.load(battery), **options).run(out, resume=True)
     datasets = {}
     for p in (ref, out):
         with h5py.File(p, "r") as f:
