@@ -57,12 +57,23 @@ def main() -> None:
     print(table.to_string())
     print("\nconfirmed cells per concept (trained):")
     print(summarize(cells["pretrained"], by="concept").to_string())
+    # multimodal cells: one unit that fires for a digit's images *and* its names.  Only a unit that sees both
+    # modalities can be one; in the organism that is the shared embedding (joint.embed), nothing in the towers.
+    trained = cells["pretrained"]
+    both = trained[trained["n_modalities"] >= 2] if "n_modalities" in trained else trained.iloc[:0]
+    print(f"\nmultimodal cells (trained): {int(trained['multimodal'].sum())}; units that see both modalities: "
+          f"{len(both)} ({', '.join(sorted(set(both['site']))) or 'none'}), of which concept cells: {int(both['is_cell'].sum())}")
 
     # 3. lesion the concept's top units; compare with the other concepts and random lesions of the same size
     subject = npb.load_subject("organism", device=args.device)
     ks = [int(x) for x in args.k.split(",")]
+    modes = ("zero", "mean")
+    n_lesions = len(ks) * len(modes) * (2 + args.random_draws)  # top, bottom and the random draws per k and mode
+    print(f"\n[{time.perf_counter() - t0:5.1f}s] lesioning '{args.concept}': {n_lesions} lesions "
+          f"({len(ks)} sizes x {len(modes)} modes x (top + bottom + {args.random_draws} random)); "
+          "the progress bar shows the time left")
     study = LesionStudy(subject, battery, cells["pretrained"], quiet=args.quiet, batch_size=256)
-    dose = study.dose_response(args.concept, ks, ("zero", "mean"), random_draws=args.random_draws,
+    dose = study.dose_response(args.concept, ks, modes, random_draws=args.random_draws,
                                orders=("top", "bottom", "random"))
     dose.to_csv(out / f"dose_response_{args.concept}.csv", index=False)
     from neuroprobe.lesions import summarize as lesion_summary
@@ -80,11 +91,20 @@ def main() -> None:
     best = cells["pretrained"].query("is_cell and concept == @args.concept")
     if len(best):
         top = best.sort_values("d_prime", ascending=False).iloc[0]
-        figs["concept_cell"] = cell_figures.plot_unit(recs["pretrained"], top["site"], int(top["unit"]))
+        figs["concept_cell"] = cell_figures.plot_unit(recs["pretrained"], top["site"], int(top["unit"]),
+                                                      cells=cells["pretrained"])
     for name, fig in figs.items():
         fig.savefig(out / f"{name}.png", dpi=120, bbox_inches="tight")
         plt.close(fig)
     print(f"\n[{time.perf_counter() - t0:5.1f}s] wrote {', '.join(sorted(p.name for p in out.iterdir()))} in {out}/")
+
+    # 5. the atlas: a page per concept and per cell, beside the untrained twin; opens from disk
+    from neuroprobe.atlas import build_atlas
+
+    atlas = build_atlas(recs["pretrained"], out / "atlas", cells=cells["pretrained"], untrained=cells["random"],
+                        lesions=forgetting, quiet=args.quiet)
+    print(f"[{time.perf_counter() - t0:5.1f}s] atlas: {atlas.n_unit_pages} unit pages, {atlas.bytes / 2**20:.1f} MB; "
+          f"open {atlas.index.resolve().as_uri()}")
 
 
 if __name__ == "__main__":

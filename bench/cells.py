@@ -8,7 +8,9 @@ Then it measures, each phase on its own:
 
 1. ``unit_indices`` over the first ``--index-sites`` sites (default: all);
 2. ``concept_cells`` (criterion, FDR, confirmation, invariance with 1000 permutations)
-   over the first ``--cell-sites`` sites;
+   over the first ``--cell-sites`` sites, twice, side by side: with exact rank-sum
+   p-values where they can matter (the default) and with the normal approximation only
+   (``exact=False``, the asymptotic-only path);
 3. the same statistics computed unit by unit with scipy (``mannwhitneyu``,
    ``np.median``, ``scipy.stats.kurtosis``...) on ``--loop-units`` units already in
    memory (the per-unit loop a user would write), checked against phase 2's values.
@@ -179,14 +181,22 @@ def main() -> None:
     print(f"indices: {u1:,} units in {p1.wall:.1f} s wall / {p1.cpu:.1f} s CPU = {u1 / p1.wall:,.0f} units/s; "
           f"peak heap {fmt_bytes(p1.heap)}, peak RSS growth {fmt_bytes(p1.rss)}", flush=True)
 
-    # 2. concept cells
+    # 2. concept cells: the asymptotic-only path, then the exact path (same sites, same process)
     csites = names[: args.cell_sites]
+    with Peak() as p2a:
+        asym = concept_cells(path, sites=csites, exact=False)
+    print(f"concept_cells (asymptotic only): {len(asym):,} units in {p2a.wall:.1f} s wall / {p2a.cpu:.1f} s CPU; "
+          f"peak heap {fmt_bytes(p2a.heap)}, peak RSS growth {fmt_bytes(p2a.rss)}; "
+          f"{int(asym['is_cell'].sum())} cells", flush=True)
     with Peak() as p2:
         cells = concept_cells(path, sites=csites)
     u2 = len(cells)
-    print(f"concept_cells: {u2:,} units in {p2.wall:.1f} s wall / {p2.cpu:.1f} s CPU = {u2 / p2.wall:,.0f} units/s; "
+    print(f"concept_cells (exact): {u2:,} units in {p2.wall:.1f} s wall / {p2.cpu:.1f} s CPU = {u2 / p2.wall:,.0f} units/s; "
           f"peak heap {fmt_bytes(p2.heap)}, peak RSS growth {fmt_bytes(p2.rss)}; "
-          f"{int(cells['is_cell'].sum())} cells (planted {len(csites) * len(range(0, args.units, 100))})", flush=True)
+          f"{int(cells['is_cell'].sum())} cells (planted {len(csites) * len(range(0, args.units, 100))}); "
+          f"{cells.attrs['n_exact']:,} exact screening p-values, {cells.attrs['n_over_budget']:,} over the budget, "
+          f"{cells.attrs['n_exact_test']:,} exact testing p-values; "
+          f"ratio exact/asymptotic {p2.wall / p2a.wall:.2f}x wall, {p2.cpu / p2a.cpu:.2f}x CPU", flush=True)
 
     # 3. per-unit scipy loop on a subset already in memory
     from neuroprobe.recording.reader import open_recording
@@ -203,6 +213,7 @@ def main() -> None:
              for name in ("si", "si_morcos", "lifetime_sparseness", "kurtosis")}
     p_me = np.array([[mine.loc[u, "p"]] for u in mine.index[ok]])[:, 0]
     p_ref = np.array([ref.loc[u, f"p:{mine.loc[u, 'concept']}"] for u in mine.index[ok]])
+    p_me = np.array([[mine.loc[u, "p_asymptotic"]] for u in mine.index[ok]])[:, 0]
     check["p (unit's concept)"] = float(np.nanmax(np.abs(np.log10(p_me) - np.log10(p_ref))))
     print(f"scipy loop: {args.loop_units} units in {t_loop:.1f} s = {per_loop * 1e3:.1f} ms/unit; "
           f"max |difference| vs streamed: {check}", flush=True)
@@ -217,6 +228,10 @@ def main() -> None:
         cells_units=u2, cells_wall=p2.wall, cells_cpu=p2.cpu, cells_heap=p2.heap, cells_rss=p2.rss,
         loop_units=args.loop_units, loop_ms=per_loop * 1e3, loop_cpu=c_loop, est_ind=est_ind, est_cells=est_cells,
         loop_total=per_loop * total, check=check, passes=cells.attrs.get("passes", 0) // max(1, len(csites)),
+        asym_wall=p2a.wall, asym_cpu=p2a.cpu, asym_heap=p2a.heap, asym_rss=p2a.rss,
+        n_exact=cells.attrs["n_exact"], n_over=cells.attrs["n_over_budget"], n_exact_test=cells.attrs["n_exact_test"],
+        n_tests=cells.attrs["n_tests"], cells_exact=int(cells["is_cell"].sum()), cells_asym=int(asym["is_cell"].sum()),
+        uptime=os.popen("uptime").read().strip(),
     )
     print(f"extrapolated to {total:,} units: indices {est_ind:.0f} s, concept_cells {est_cells:.0f} s, "
           f"scipy loop {per_loop * total:.0f} s (ratio loop/streamed: indices+criterion "
@@ -241,7 +256,8 @@ Synthetic recording written with neuroprobe's writer (the layout of `neuroprobe 
 | phase | units | wall | CPU | units/s | peak heap (tracemalloc) | peak RSS growth |
 | --- | ---: | ---: | ---: | ---: | ---: | ---: |
 | `unit_indices` (SI, Morcos SI, sparseness, kurtosis, class means, d'/AUC) | {s['indices_units']:,} | {s['indices_wall']:.0f} s | {s['indices_cpu']:.0f} s | {s['indices_units'] / s['indices_wall']:,.0f} | {fmt_bytes(s['indices_heap'])} | {fmt_bytes(s['indices_rss'])} |
-| `concept_cells` (+ screening/testing rank-sum for every unit x concept, BH, confirmation, invariance with 1000 permutations, LOFO) | {s['cells_units']:,} | {s['cells_wall']:.0f} s | {s['cells_cpu']:.0f} s | {s['cells_units'] / s['cells_wall']:,.0f} | {fmt_bytes(s['cells_heap'])} | {fmt_bytes(s['cells_rss'])} |
+| `concept_cells(exact=False)`: the asymptotic-only path (screening/testing rank-sum for every unit x concept by the normal approximation, FDR, confirmation, invariance with 1000 permutations, LOFO) | {s['cells_units']:,} | {s['asym_wall']:.0f} s | {s['asym_cpu']:.0f} s | {s['cells_units'] / s['asym_wall']:,.0f} | {fmt_bytes(s['asym_heap'])} | {fmt_bytes(s['asym_rss'])} |
+| `concept_cells` (default: + exact permutation p-values where they can matter) | {s['cells_units']:,} | {s['cells_wall']:.0f} s | {s['cells_cpu']:.0f} s | {s['cells_units'] / s['cells_wall']:,.0f} | {fmt_bytes(s['cells_heap'])} | {fmt_bytes(s['cells_rss'])} |
 | per-unit scipy loop (same statistics without permutations, data already in RAM) | {s['loop_units']} | {s['loop_ms'] * s['loop_units'] / 1e3:.1f} s | {s['loop_cpu']:.1f} s | {1e3 / s['loop_ms']:,.1f} | | |
 
 {'Measured on all' if s['indices_units'] == s['units_total'] else 'Extrapolated (linearly) to all'} {s['units_total']:,} units: `unit_indices` {s['est_ind'] / 60:.1f} min; extrapolated:
@@ -253,8 +269,14 @@ invariance permutations the loop skips.  Wall is about twice CPU because the 2 c
 shared with other jobs (load in the header).  Peak memory is the read buffer plus the
 block temporaries (~10 float64 arrays of 16 MiB), independent of the number of units
 and of the file size.
+Exact p-values against the asymptotic-only path, measured side by side in one process: **{s['cells_wall'] / s['asym_wall']:.2f}x**
+wall time ({s['cells_cpu'] / s['asym_cpu']:.2f}x CPU), peak heap {fmt_bytes(s['cells_heap'])} vs {fmt_bytes(s['asym_heap'])};
+{s['n_exact']:,} of {s['n_tests']:,} screening tests got the exact p (every one with asymptotic p <= 0.01 whose
+deficit program fits the budget; {s['n_over']:,} were over it and kept the normal approximation), plus
+{s['n_exact_test']:,} testing p-values; cells found: {s['cells_exact']} exact, {s['cells_asym']} asymptotic-only.
+`uptime` at the end: {s['uptime']}.
 Agreement with the loop on its units (max |difference|): {', '.join(f'{k} {v:.1e}' for k, v in s['check'].items())}
-(p compared as |log10 p|).
+(p compared as |log10 p|, the normal approximation on both sides).
 """
     if head in text:
         start = text.index(head)

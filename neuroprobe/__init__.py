@@ -8,36 +8,42 @@ The public API (everything a CLI command does is one call of it)::
     rec = npb.record(subject, battery, "rec.h5", montage="mlp")
     cells = npb.concept_cells(rec)                # one row per unit
     table = npb.forgetting(subject, battery, cells, concept="mother")
+
+Names load on first use (torch, transformers, scipy and seaborn are imported only when
+needed), so ``import neuroprobe`` and ``neuroprobe --help`` are fast.
 """
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from neuroprobe.electrodes import Electrodes
+from neuroprobe._lazy import lazy_exports
 from neuroprobe.errors import NeuroprobeError
-from neuroprobe.recording import Recorder, Recording, open_recording, record
-from neuroprobe.stimuli import Battery, load_battery
-from neuroprobe.subjects import Site, Subject, load_subject
+
+_EXPORTS = {
+    "Electrodes": "neuroprobe.electrodes",
+    "Recorder": "neuroprobe.recording.recorder",
+    "record": "neuroprobe.recording.recorder",
+    "Recording": "neuroprobe.recording.reader",
+    "open_recording": "neuroprobe.recording.reader",
+    "Battery": "neuroprobe.stimuli.battery",
+    "load_battery": "neuroprobe.stimuli.battery:Battery.load",
+    "Site": "neuroprobe.subjects.base",
+    "Subject": "neuroprobe.subjects.base",
+    "load_subject": "neuroprobe.subjects.registry",
+    # analysis and lesion functions
+    "concept_cells": "neuroprobe.analysis.criterion",
+    "unit_indices": "neuroprobe.analysis.indices",
+    "power": "neuroprobe.analysis.criterion",
+    "design_check": "neuroprobe.analysis.criterion",
+    "lesion": "neuroprobe.lesions.lesion",
+    "forgetting": "neuroprobe.lesions.forgetting",
+    "dose_response": "neuroprobe.lesions.forgetting",
+    "forgetting_matrix": "neuroprobe.lesions.forgetting",
+    "steer": "neuroprobe.steering.pplm",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "Battery", "Electrodes", "NeuroprobeError", "Recorder", "Recording", "Site", "Subject",
     "load_battery", "load_subject", "open_recording", "record",
 ]
-
-
-def __getattr__(name: str):
-    # analysis and lesion functions load lazily (they pull in scipy/sklearn/seaborn)
-    lazy = {
-        "concept_cells": "neuroprobe.analysis",
-        "unit_indices": "neuroprobe.analysis",
-        "lesion": "neuroprobe.lesions",
-        "forgetting": "neuroprobe.lesions",
-        "dose_response": "neuroprobe.lesions",
-        "forgetting_matrix": "neuroprobe.lesions",
-        "steer": "neuroprobe.steering",
-    }
-    if name in lazy:
-        import importlib
-
-        return getattr(importlib.import_module(lazy[name]), name)
-    raise AttributeError(f"module 'neuroprobe' has no attribute {name!r}")

@@ -22,3 +22,18 @@ class BatteryError(NeuroprobeError):
 
 class RecordingError(NeuroprobeError):
     """A recording cannot be written, resumed or read as asked."""
+
+
+def is_refused_pickle(err: BaseException) -> bool:
+    """Whether ``err`` is torch's ``weights_only`` loader refusing a pickle that would run code."""
+    import pickle
+
+    return isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in str(err)
+
+
+def refused_pickle(where: object) -> NeuroprobeError:
+    """The one sentence for a weight file that is a pickle asking to run code (never loaded)."""
+    return MissingWeightsError(
+        f"{where} holds a pickle that asks to run code when loaded (torch's weights_only loader refused it); "
+        f"neuroprobe will not load it — use a safetensors or plain state-dict checkpoint from a source you trust."
+    )

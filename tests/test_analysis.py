@@ -147,7 +147,20 @@ def recording(tmp_path):
     return path, st, stored
 
 
-def direct_table(x: np.ndarray, st: pd.DataFrame, k: float) -> tuple[list[dict], list[str]]:
+def reference_exact_p(v: np.ndarray, inside: np.ndarray) -> float:
+    """Exact one-sided rank-sum p by the textbook count over all rank sums (a different algorithm
+    from the pipeline's deficit program): counts[j, s] = subsets of j stimuli with doubled rank sum s."""
+    r2 = np.rint(2 * stats.rankdata(v)).astype(int)
+    m = int(inside.sum())
+    counts = np.zeros((m + 1, int(r2.sum()) + 1))
+    counts[0, 0] = 1.0
+    for val in r2:
+        counts[1:, val:] = counts[1:, val:] + counts[:-1, : counts.shape[1] - val]
+    obs = int(r2[inside].sum())
+    return float(counts[m, obs:].sum() / counts[m].sum())
+
+
+def direct_table(x: np.ndarray, st: pd.DataFrame, k: float, exact: bool) -> tuple[list[dict], list[str]]:
     """The criterion statistics computed unit by unit with scipy (the slow reference)."""
     valid = ~np.isnan(x).all(axis=1)
     x, st = x[valid], st[valid].reset_index(drop=True)
@@ -162,20 +175,27 @@ def direct_table(x: np.ndarray, st: pd.DataFrame, k: float) -> tuple[list[dict],
                 m = (st["concept"] == c).to_numpy()
                 a, b = v[s & m], v[s & ~m]
                 rec[(split, c, "median")] = np.median(a)
-                rec[(split, c, "thr")] = b.mean() + k * b.std(ddof=1)
-                rec[(split, c, "p")] = stats.mannwhitneyu(a, b, alternative="greater", method="asymptotic").pvalue
+                sd = b.std(ddof=1)
+                rec[(split, c, "thr")] = b[0] if np.ptp(b) == 0 else b.mean() + k * sd
+                rec[(split, c, "mean")] = b[0] if np.ptp(b) == 0 else b.mean()
+                p = stats.mannwhitneyu(a, b, alternative="greater", method="asymptotic").pvalue
+                rec[(split, c, "p_asym")] = p
+                if exact and not rec["dead"] and (split == "testing" or p <= 1e-2):
+                    p = reference_exact_p(v[s], m[s])
+                rec[(split, c, "p")] = p
         rows.append(rec)
     return rows, concepts
 
 
-def test_concept_cells_match_per_unit_scipy_loop(recording):
+@pytest.mark.parametrize("exact", [False, True])
+def test_concept_cells_match_per_unit_scipy_loop(recording, exact):
     path, st, data = recording
     k, fdr = 3.0, 0.05
-    cells = concept_cells(path, k=k, fdr=fdr, n_perm=200)
+    cells = concept_cells(path, k=k, fdr=fdr, n_perm=200, family="pairs", exact=exact)
     # the reference: every test of every live unit, BH over all of them, then confirmation
     refs, pvals, keys = {}, [], []
     for site, x in data.items():
-        ref, concepts = direct_table(x, st, k)
+        ref, concepts = direct_table(x, st, k, exact)
         refs[site] = ref
         for r in ref:
             if r["dead"]:
@@ -184,25 +204,35 @@ def test_concept_cells_match_per_unit_scipy_loop(recording):
                 pvals.append(r[("screening", c, "p")])
                 keys.append((site, r["unit"], c))
     q = dict(zip(keys, stats.false_discovery_control(np.array(pvals), method="bh")))
-    passed = {key for key, qq in q.items()
-              if qq <= fdr and refs[key[0]][key[1]][("screening", key[2], "median")]
-              > refs[key[0]][key[1]][("screening", key[2], "thr")]}
+
+    def val(key, split, name):
+        return refs[key[0]][key[1]][(split, key[2], name)]
+
+    responsive = {key for key, qq in q.items() if qq <= fdr and val(key, "screening", "median") > val(key, "screening", "mean")}
+    n_resp = pd.Series([key[:2] for key in responsive]).value_counts().to_dict()
+    passed = {key for key in responsive if n_resp[key[:2]] == 1
+              and val(key, "screening", "median") > val(key, "screening", "thr")}
     assert cells.attrs["n_tests"] == len(pvals)
     got = {(r.site, r.unit, c) for r in cells.itertuples() for c in (r.concepts.split(";") if isinstance(r.concepts, str) and r.concepts else [])}
-    assert got == passed
-    # confirmation: BH over the candidate pairs' testing p-values, plus the testing effect size
+    assert got == responsive
+    assert {(r.site, r.unit, r.concept) for r in cells[cells["is_candidate"]].itertuples()} == passed
+    # confirmation: BH over the candidates' testing p-values, plus the testing effect size
     fam = sorted(passed)
-    pt = np.array([refs[s][u][("testing", c, "p")] for s, u, c in fam])
+    pt = np.array([val(key, "testing", "p") for key in fam])
     qt = stats.false_discovery_control(pt, method="bh") if len(pt) else []
-    confirmed = {key for key, qq in zip(fam, qt) if qq <= fdr and refs[key[0]][key[1]][("testing", key[2], "median")]
-                 > refs[key[0]][key[1]][("testing", key[2], "thr")]}
-    cell_rows = cells[cells["is_cell"]]
-    assert {(r.site, r.unit, r.concept) for r in cell_rows.itertuples()} <= confirmed
-    assert (cells["n_confirmed"].sum()) == len(confirmed)
+    confirmed = {key for key, qq in zip(fam, qt) if qq <= fdr and val(key, "testing", "median") > val(key, "testing", "thr")}
+    assert {(r.site, r.unit, r.concept) for r in cells[cells["is_cell"]].itertuples()} == confirmed
     # per-unit p and q of the unit's concept
     for r in cells[~cells["dead"]].itertuples():
-        assert r.p == pytest.approx(refs[r.site][r.unit][("screening", r.concept, "p")], rel=1e-9, abs=1e-300)
-        assert r.q == pytest.approx(q[(r.site, r.unit, r.concept)], rel=1e-9)
+        key = (r.site, r.unit, r.concept)
+        assert r.p == pytest.approx(val(key, "screening", "p"), rel=1e-9, abs=1e-300)
+        assert r.p_asymptotic == pytest.approx(val(key, "screening", "p_asym"), rel=1e-9, abs=1e-300)
+        assert r.p_exact == (exact and r.p_asymptotic <= 1e-2)
+        assert r.q == pytest.approx(q[key], rel=1e-9)
+        if r.is_candidate:
+            assert r.p_test == pytest.approx(val(key, "testing", "p"), rel=1e-9, abs=1e-300)
+    if exact:
+        assert cells.attrs["n_exact"] > 0 and cells.attrs["n_over_budget"] == 0
     # planted: A0 -> c1, A1 -> c3 (image only, not multimodal); B4 -> c2 on an image-only site
     row = cells.set_index(["site", "unit"])
     assert row.loc[("A", 0), "is_cell"] and row.loc[("A", 0), "concept"] == "c1"

@@ -41,9 +41,17 @@ def test_cells_command_prints_counts_beside_controls_and_writes_the_table(record
     p, path, rnd = recordings
     out = tmp_path / "cells.csv"
     r = cli("cells", str(path), "--k", "5", "--fdr", "0.05", "--method", "by", "--control", str(rnd),
-            "--out", str(out), "--n-perm", "200", "-q")
+            "--out", str(out), "--n-perm", "200", "-q", "--controls", "rotation,shuffle", "--shuffles", "2")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
+    # what is tested, against which null, in which family; the design check; how each control was made
+    assert "exact permutation null" in r.stdout and "over" in r.stdout and "units" in r.stdout
+    assert any(line.startswith("design:") and "smallest attainable p" in line for line in lines)
+    assert any(line.startswith("rotation control: units z-scored on the screening split") for line in lines)
+    shuffle_line = next(line for line in lines if line.startswith("label-shuffle control"))
+    shuffles = pd.read_csv(tmp_path / "cells.shuffle.csv")
+    assert shuffles["shuffle"].nunique() == 2 and "2 shuffles" in shuffle_line
+    assert f"{shuffles['cells'].sum() / 2:.1f} cells per shuffle" in shuffle_line
     header = next(line for line in lines if "cells|rotated" in line)
     assert "cells|untrained" in header and "candidates|rotated" in header
     site_row = next(line for line in lines if line.startswith("hidden"))
@@ -78,6 +86,23 @@ def test_cells_command_bad_input_is_one_line(recordings, tmp_path):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
     r = cli("cells", str(path), "--out", str(tmp_path / "cells.xlsx"), "-q")
     assert r.returncode == 2 and ".csv or .parquet" in r.stderr
+    r = cli("cells", str(path), "--controls", "rotation,bogus", "-q")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "unknown control 'bogus'" in r.stderr
+
+
+def test_cells_command_says_when_a_perfect_cell_could_not_pass(tmp_path):
+    import numpy as np
+
+    from neuroprobe.analysis.synthetic import make_stimuli, write_recording
+
+    st = make_stimuli(n_concepts=8, per_concept=4)  # 2 screening stimuli per concept
+    x = np.random.default_rng(0).standard_normal((len(st), 200))
+    x[:, 0] = 10.0 * (st["concept"] == "c1").to_numpy()  # perfectly selective, and still not findable
+    path = write_recording(tmp_path / "small.h5", st, {"s": x})
+    r = cli("cells", str(path), "--controls", "none", "--n-perm", "0", "-q")
+    assert r.returncode == 0, r.stderr
+    line = next(line for line in r.stdout.splitlines() if "could NOT pass" in line)
+    assert "stimuli (both splits)" in line and "fewer units" in line
 
 
 def test_figures_command_and_functions(recordings, tmp_path):

@@ -126,7 +126,9 @@ def test_rotation_control_destroys_axis_aligned_cells(planted0):
     assert rotated.attrs["control"] == "rotation"
     assert len(rotated) == len(trained)
     assert int(trained["is_cell"].sum()) == len(p.truth)
-    assert int(rotated["is_cell"].sum()) < int(trained["is_cell"].sum()) / 3
+    # units are z-scored on the screening split before rotating: an axis-aligned code leaves nothing
+    assert rotated.attrs["rotation_standardize"] is True
+    assert int(rotated["is_cell"].sum()) == 0
 
 
 def test_rotation_is_orthogonal(planted0, tmp_path):
@@ -139,8 +141,15 @@ def test_rotation_is_orthogonal(planted0, tmp_path):
     with h5py.File(out) as f:
         y = f["sites/hidden/responses"][()].astype(np.float64)
     x = rec.responses("hidden")[()].astype(np.float64)
-    xc = x - x.mean(0)
+    scr = (rec.stimuli["split"] == "screening").to_numpy()
+    sd = x[scr].std(0, ddof=1)
+    xc = np.where(sd > 0, (x - x[scr].mean(0)) / np.where(sd > 0, sd, 1.0), 0.0)  # z-scored on screening
     # a rotation keeps every stimulus-by-stimulus inner product
+    np.testing.assert_allclose(y @ y.T, xc @ xc.T, rtol=1e-4, atol=1e-3 * np.abs(xc @ xc.T).max())
+    raw = rotate_recording(rec, tmp_path / "raw.h5", seed=3, standardize=False)
+    with h5py.File(raw) as f:
+        y = f["sites/hidden/responses"][()].astype(np.float64)
+    xc = x - x.mean(0)
     np.testing.assert_allclose(y @ y.T, xc @ xc.T, rtol=1e-4, atol=1e-3)
 
 

@@ -405,3 +405,114 @@ def test_subject_through_registry_records_and_lesions(tmp_path):
         lesioned = subject.readout(battery.table, battery)
     assert not np.allclose(base, lesioned)
     assert np.allclose(subject.readout(battery.table, battery), base)
+
+
+# ---------------------------------------------------------------- VQGAN encoder (images -> codes)
+VQGAN_FIXTURE = Path(__file__).resolve().parent / "data" / "vqgan_encoder_tiny.safetensors"
+
+
+def _vqgan_tiny_config():
+    import json as _json
+
+    from safetensors import safe_open
+
+    from neuroprobe.subjects.dalle.vqgan import VQGANEncoderConfig
+
+    meta = safe_open(str(VQGAN_FIXTURE), "pt").metadata()
+    dd, codes = _json.loads(meta["ddconfig"]), _json.loads(meta["codes"])
+    return VQGANEncoderConfig(ch=dd["ch"], ch_mult=tuple(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"],
+                              attn_resolutions=tuple(dd["attn_resolutions"]), resolution=dd["resolution"],
+                              z_channels=dd["z_channels"], embed_dim=codes["embed_dim"], n_embed=codes["n_embed"],
+                              pixel_range=(-1.0, 1.0))
+
+
+def _vqgan_weights(tmp_path) -> Path:
+    """The fixture's taming-layout weights as a full-VQModel-like checkpoint (with decoder and loss keys to ignore)."""
+    from safetensors.torch import load_file
+
+    ref = load_file(str(VQGAN_FIXTURE))
+    state = {k[len("weight."):]: v.float() for k, v in ref.items() if k.startswith("weight.")}
+    state["decoder.conv_in.weight"] = torch.zeros(2, 2, 3, 3)
+    state["loss.discriminator.main.0.weight"] = torch.zeros(2)
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": state, "global_step": 1}, path)
+    return path
+
+
+def test_vqgan_encoder_key_manifest_is_taming_f16_16384():
+    """The encoder's keys and shapes equal taming-transformers' Encoder + quant_conv + quantize built with the
+    f16-16384 configuration (the inferred layout of dalle-mini's VQGAN)."""
+    from neuroprobe.subjects.dalle.vqgan import VQGANTokenizer
+
+    manifest = json.loads((VQGAN_FIXTURE.parent / "vqgan_f16_16384_encoder_keys.json").read_text())
+    with torch.device("meta"):
+        sd = VQGANTokenizer().state_dict()
+    assert list(sd) == list(manifest) and {k: list(v.shape) for k, v in sd.items()} == manifest
+    assert manifest["quantize.embedding.weight"] == [16384, 256]
+
+
+def test_vqgan_encoder_parity_with_taming(tmp_path):
+    from safetensors.torch import load_file
+
+    from neuroprobe.subjects.dalle.encoder import load_vqgan_tokenizer
+
+    ref = load_file(str(VQGAN_FIXTURE))
+    model = load_vqgan_tokenizer(_vqgan_weights(tmp_path), _vqgan_tiny_config())
+    pixels = (ref["in.images"] + 1) / 2  # the tokenizer takes [0, 1] and maps it to the model's range
+    levels = {}
+    hooks = [model.encoder.down[i].register_forward_hook(lambda m, a, o, i=i: levels.__setitem__(i, o)) for i in (2, 3, 4)]
+    with torch.no_grad():
+        latent = model.latent(pixels)
+        codes = model(pixels)
+    for h in hooks:
+        h.remove()
+    for i in (2, 3, 4):
+        want = ref[f"act.level.{i}"]
+        assert float((levels[i] - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    assert float((latent - ref["out.pre_quant"]).abs().max()) <= 1e-5 * float(ref["out.pre_quant"].abs().max())
+    assert torch.equal(codes, ref["out.indices"])
+
+
+def test_vqgan_encoder_strict_loading_names_keys(tmp_path):
+    from neuroprobe.subjects.dalle.encoder import load_vqgan_tokenizer
+
+    path = _vqgan_weights(tmp_path)
+    state = torch.load(path, weights_only=True)["state_dict"]
+    state["encoder.down.0.block.0.norm_1.weight"] = state.pop("encoder.down.0.block.0.norm1.weight")
+    bad = tmp_path / "bad.pt"
+    torch.save(state, bad)
+    with pytest.raises(NeuroprobeError, match="infers from taming") as err:
+        load_vqgan_tokenizer(bad, _vqgan_tiny_config())
+    assert "encoder.down.0.block.0.norm1.weight" in str(err.value) and "norm_1" in str(err.value)
+    # the real shape is refused for the tiny file, naming shapes
+    with pytest.raises(NeuroprobeError, match="wrong shape"):
+        load_vqgan_tokenizer(path)
+
+
+def test_subject_encodes_images_with_the_vqgan(tmp_path):
+    from neuroprobe.subjects.dalle.encoder import image_pixels
+    from neuroprobe.subjects.dalle.subject import load_dalle_subject
+    from neuroprobe.subjects.registry import get_spec
+
+    config, model = _tiny(seed=4)
+    weights = tmp_path / "w"
+    weights.mkdir()
+    torch.save(model.encoder.state_dict(), weights / "encoder.pt")
+    torch.save(model.decoder.state_dict(), weights / "decoder.pt")
+    _write_tokenizer(weights)
+    vq = _vqgan_weights(tmp_path)
+    import dataclasses
+
+    (vq.parent / "vqgan_config.json").write_text(json.dumps(dataclasses.asdict(_vqgan_tiny_config())))
+    battery = _battery(tmp_path / "probe")
+    subject = load_dalle_subject(get_spec("dalle"), weights=weights, variant="tiny", device="cpu", vqgan=str(vq))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no stand-in codes
+        codes = subject.codes.for_image(battery, "img/0.png")
+        scores = subject.readout(battery.table, battery)
+    with torch.no_grad():
+        want = subject.vqgan(image_pixels(battery.load_image("img/0.png"), 64))[0]
+    assert torch.equal(codes, want) and codes.shape == (config.image_token_count,)
+    assert np.isfinite(scores).all() and not subject.codes.used_fallback

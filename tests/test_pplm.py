@@ -16,8 +16,10 @@ from neuroprobe.errors import NeuroprobeError
 from neuroprobe.steering import attributes as attrs
 from neuroprobe.steering.pplm import (
     SMALL_CONST,
+    BagTensors,
     PPLMHyperparameters,
-    _past_of,
+    call_with_past,
+    past_from_output,
     fuse,
     kl_term,
     perturb_past,
@@ -77,6 +79,19 @@ def _next_probs(model, ids: list[int]) -> torch.Tensor:
         return F.softmax(model(torch.tensor([ids])).logits[0, -1], dim=-1)
 
 
+def _word_mass(model, tok, ids: list[int], words: list[str]) -> float:
+    """Σ over words of p(whole word | ids): the product of each piece's probability, each from a full
+    (cache-free) forward pass of the context plus the pieces before it."""
+    total = 0.0
+    for word in words:
+        pieces = tok.encode(" " + word, add_special_tokens=False)
+        p = 1.0
+        for i, piece in enumerate(pieces):
+            p *= float(_next_probs(model, ids + pieces[:i])[piece])
+        total += p
+    return total
+
+
 def _mlp_sites(prefix: str = "transformer."):
     from neuroprobe.subjects.base import Site
 
@@ -105,21 +120,25 @@ def test_bag_steering_raises_bag_mass(model, tok):
 
 
 def test_recorded_mass_equals_direct_forward(model, tok):
-    """The unsteered run's mass per step equals a teacher-forced forward of the same tokens."""
+    """The unsteered run's mass per step equals the whole-word probabilities of a teacher-forced forward of
+    the same tokens (multi-token words as the product of their pieces)."""
+    assert any(len(tok.encode(" " + w)) > 1 for w in BAG) and any(len(tok.encode(" " + w)) == 1 for w in BAG)
     result = steer(model, tok, "the cat", bag=BAG, length=6, seed=3)
-    bag_ids = torch.tensor(_bag_ids(tok))
     seq = list(result.prompt_ids)
     recorded = result.mass[result.mass["run"] == "unsteered"].sort_values("step")
     assert seq[0] == tok.bos_token_id
     for step, row in enumerate(recorded.itertuples()):
-        direct = float(_next_probs(model, seq)[bag_ids].sum())
-        assert row.bag_mass == pytest.approx(direct, rel=1e-4)
+        assert row.bag_mass == pytest.approx(_word_mass(model, tok, seq, BAG), rel=1e-4)
         assert row.token_id == result.unsteered_ids[step]
         seq.append(result.unsteered_ids[step])
     # the steered run's unperturbed reference at step 0 is the prompt's distribution
     first = result.mass[(result.mass["run"] == "steered") & (result.mass["step"] == 0)].iloc[0]
-    direct0 = float(_next_probs(model, list(result.prompt_ids))[bag_ids].sum())
-    assert first["bag_mass_unpert"] == pytest.approx(direct0, rel=1e-4)
+    assert first["bag_mass_unpert"] == pytest.approx(_word_mass(model, tok, list(result.prompt_ids), BAG), rel=1e-4)
+    # PPLM's single-token rule: only the single-token words count
+    single = steer(model, tok, "the cat", bag=BAG, length=2, seed=3, multi_token=False)
+    ids = torch.tensor(_bag_ids(tok))
+    row = single.mass[single.mass["run"] == "unsteered"].iloc[0]
+    assert row.bag_mass == pytest.approx(float(_next_probs(model, list(single.prompt_ids))[ids].sum()), rel=1e-4)
 
 
 def test_deterministic_under_a_seed(model, tok):
@@ -189,15 +208,13 @@ def test_window_mask():
 
 def test_perturbation_step_matches_direct_gradient(model, tok):
     """Two PPLM iterations (bag + KL, window with decay) against a direct autograd computation."""
-    from transformers import DynamicCache
-
     for p in model.parameters():
         p.requires_grad_(False)
     try:
         ids = torch.tensor([[tok.bos_token_id] + tok.encode("the cat sat on the")])
         bag = torch.tensor(_bag_ids(tok))
         with torch.no_grad():
-            past = _past_of(model(ids[:, :-1], use_cache=True).past_key_values)
+            past = past_from_output(call_with_past(model, [], input_ids=ids[:, :-1]))
             q = F.softmax(model(ids).logits[:, -1], -1)
         hp = PPLMHyperparameters(num_iterations=2, stepsize=0.05, gamma=1.5, kl_scale=0.5, window_length=3, decay=True)
         got, norms, _ = perturb_past(model, past, ids[:, -1:], q, hp, bag_ids=bag)
@@ -210,8 +227,8 @@ def test_perturbation_step_matches_direct_gradient(model, tok):
         prev = None
         for _ in range(2):
             leaves = [d.clone().requires_grad_(True) for d in delta]
-            cache = DynamicCache(ddp_cache_data=[(k + d[0], v + d[1]) for (k, v), d in zip(past, leaves)])
-            probs = F.softmax(model(ids[:, -1:], past_key_values=cache).logits[:, -1], -1)
+            shifted = [(k + d[0], v + d[1]) for (k, v), d in zip(past, leaves)]
+            probs = F.softmax(call_with_past(model, shifted, input_ids=ids[:, -1:]).logits[:, -1], -1)
             loss = -torch.log(probs[0, bag].sum()) + 0.5 * (probs * torch.log(probs / q)).sum()
             grads = torch.autograd.grad(loss, leaves)
             n = [torch.linalg.vector_norm(g * mask) + SMALL_CONST for g in grads]
@@ -263,26 +280,24 @@ def test_discriminator_steering_raises_class_probability(model, tok, tmp_path):
 
 def test_discriminator_perturbation_lowers_the_discriminator_loss(model, tok):
     """The loss computed directly (mean hidden state with a soft next token) falls after the perturbation."""
-    from transformers import DynamicCache
-
     head = _tiny_head()
     ids = torch.tensor([[tok.bos_token_id] + tok.encode("the cat sat on")])
     emb = model.get_input_embeddings().weight
     with torch.no_grad():
-        first = model(ids[:, :-1], use_cache=True, output_hidden_states=True)
-        past = _past_of(first.past_key_values)
+        first = call_with_past(model, [], input_ids=ids[:, :-1], output_hidden_states=True)
+        past = past_from_output(first)
         hidden_sum = first.hidden_states[-1].sum(1)
-        whole = model(ids, use_cache=True)
-        full = _past_of(whole.past_key_values)
+        whole = call_with_past(model, [], input_ids=ids)
+        full = past_from_output(whole)
         q = F.softmax(whole.logits[:, -1], -1)
 
     def direct_loss(delta) -> float:
         with torch.no_grad():
-            cache = DynamicCache(ddp_cache_data=[(k + dk, v + dv) for (k, v), (dk, dv) in zip(past, delta)])
-            out = model(ids[:, -1:], past_key_values=cache, output_hidden_states=True)
+            shifted = [(k + dk, v + dv) for (k, v), (dk, dv) in zip(past, delta)]
+            out = call_with_past(model, shifted, input_ids=ids[:, -1:], output_hidden_states=True)
             probs = F.softmax(out.logits[:, -1], -1)
             soft = (probs @ emb).unsqueeze(1)
-            fut = model(inputs_embeds=soft, past_key_values=DynamicCache(ddp_cache_data=full), output_hidden_states=True)
+            fut = call_with_past(model, full, inputs_embeds=soft, output_hidden_states=True)
             mean = (hidden_sum + out.hidden_states[-1][:, -1] + fut.hidden_states[-1][:, -1]) / (ids.shape[1] + 1)
             return float(F.cross_entropy(head(mean), torch.tensor([1])))
 
@@ -356,8 +371,8 @@ def test_steering_under_recording_and_lesion(model, tok):
 
     with Electrodes(model, sites, read=False, edits={"h.0.mlp": silence}):
         lesioned = steer(model, tok, "the cat", bag=BAG, length=6, seed=2)
-        direct = float(_next_probs(model, lesioned.prompt_ids)[torch.tensor(_bag_ids(tok))].sum())
-    intact = float(_next_probs(model, lesioned.prompt_ids)[torch.tensor(_bag_ids(tok))].sum())
+        direct = _word_mass(model, tok, lesioned.prompt_ids, BAG)
+    intact = _word_mass(model, tok, lesioned.prompt_ids, BAG)
     m = lesioned.mass
     first = m[(m.run == "unsteered") & (m.step == 0)]["bag_mass"].iloc[0]
     assert first == pytest.approx(direct, rel=1e-4)
@@ -383,20 +398,27 @@ def test_packaged_bags_and_licence():
             assert (attrs.DATA_DIR / "wordlists" / f.name).read_bytes() == f.read_bytes()
 
 
-def test_bag_keeps_only_single_token_words(tok, tmp_path):
-    words = BAG + ["xylophonic", "mother", "zebra crossing"]
+def test_bag_words_single_and_multi_token(tok, tmp_path):
+    words = BAG + ["xylophonic", "mother", "zebra crossing", "planet"]
     path = tmp_path / "mine.txt"
     path.write_text("\n".join(words) + "\n\n")
     bag = attrs.load_bag(str(path), tok)
-    truth = [w for w in words if len(tok.encode(" " + w, add_special_tokens=False)) == 1]
-    assert list(bag.words) == truth
-    assert list(bag.token_ids) == [tok.encode(" " + w)[0] for w in truth]
-    assert set(bag.dropped) == set(words) - set(truth)
-    assert bag.name == "mine"
+    assert bag.name == "mine" and list(bag.words) == words[:-1]  # the repeated word counts once
+    assert [list(p) for p in bag.pieces] == [tok.encode(" " + w, add_special_tokens=False) for w in words[:-1]]
+    single = [w for w in words[:-1] if len(tok.encode(" " + w, add_special_tokens=False)) == 1]
+    assert list(bag.token_ids) == [tok.encode(" " + w)[0] for w in single]
+    assert set(bag.multi_token_words) == set(words[:-1]) - set(single) and "xylophonic" in bag.multi_token_words
+    assert bag.dropped == ()
+    # PPLM's rule drops the multi-token words, naming each with its token count
+    strict = attrs.load_bag(str(path), tok, multi_token=False)
+    assert list(strict.words) == single
+    assert set(strict.dropped_words) == set(bag.multi_token_words)
+    assert any(d.startswith("xylophonic (") and "tokens)" in d for d in strict.dropped)
+    assert "dropped" in strict.describe() and "xylophonic" in strict.describe()
     with pytest.raises(NeuroprobeError):
         attrs.load_bag("no-such-bag", tok)
-    with pytest.raises(NeuroprobeError):
-        attrs.bag_from_words(["xylophonic"], tok)
+    with pytest.raises(NeuroprobeError, match="xylophonic"):
+        attrs.bag_from_words(["xylophonic"], tok, multi_token=False)
 
 
 def test_packaged_discriminators():
@@ -522,8 +544,168 @@ def test_steer_command_loads_a_local_checkpoint(model, tok, tmp_path):
                                    "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert "= steered =" in res.output and "= unsteered =" in res.output and "bag space" in res.output
+    assert "multi-token" in res.output
     table = pd.read_csv(out)
     assert len(table) == 10 and set(table.run) == {"steered", "unsteered"}
     res = CliRunner().invoke(app, ["steer", "--model", "pplm", "--weights", str(tmp_path / "tiny"),
                                    "--prompt", "the cat"])
     assert isinstance(res.exception, NeuroprobeError)
+
+
+# ------------------------------------------------ Korean: multi-token words, several bags
+KOREAN_CORPUS = [
+    "우주 에는 행성 과 은하 가 있다",
+    "밤 하늘 에 달 과 별 이 빛난다",
+    "어머니 와 아버지 는 시장 에 갔다",
+    "고양이 가 집 에서 잔다",
+    "the planet and the moon",
+] * 20
+KOREAN_SPACE = ["우주", "행성", "은하", "달", "별"]
+KOREAN_FAMILY = ["어머니", "아버지", "할머니"]
+
+
+@pytest.fixture(scope="module")
+def ko_tok():
+    """A tiny byte-level BPE that covers Hangul (every byte is in its alphabet; a few syllables are merged)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(KOREAN_CORPUS, vocab_size=320, min_frequency=2, special_tokens=["<|endoftext|>"],
+                            show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="module")
+def ko_model(ko_tok):
+    return _tiny_gpt2(len(ko_tok), seed=2)
+
+
+def test_korean_bag_steering_raises_the_whole_word_mass(ko_model, ko_tok):
+    bag = attrs.bag_from_words(KOREAN_SPACE, ko_tok, name="우주")
+    assert bag.dropped == () and len(bag) == len(KOREAN_SPACE)
+    assert len(bag.multi_token_words) >= 3  # most Korean words are several byte-level pieces here
+    steered, unsteered = [], []
+    for seed in range(3):
+        r = steer(ko_model, ko_tok, "밤 하늘 에", bag=bag, length=8, seed=seed, stepsize=0.05)
+        s = r.mass[r.mass["run"] == "steered"]
+        assert (s["bag_mass"] > s["bag_mass_unpert"]).mean() > 0.5
+        means = r.mean_mass()
+        steered.append(means["steered"])
+        unsteered.append(means["unsteered"])
+    assert np.mean(steered) > 1.2 * np.mean(unsteered)
+
+
+def test_several_bags_at_once(ko_model, ko_tok):
+    space = attrs.bag_from_words(KOREAN_SPACE, ko_tok, name="space")
+    family = attrs.bag_from_words(KOREAN_FAMILY, ko_tok, name="family")
+    r = steer(ko_model, ko_tok, "밤 하늘 에", bag=space, bags=[family], length=4, seed=0)
+    assert [b.name for b in r.bags] == ["space", "family"] and r.bag is space
+    u = r.mass[r.mass["run"] == "unsteered"].sort_values("step")
+    seq = list(r.prompt_ids)
+    for step, row in enumerate(u.itertuples()):
+        a = _word_mass(ko_model, ko_tok, seq, KOREAN_SPACE)
+        b = _word_mass(ko_model, ko_tok, seq, KOREAN_FAMILY)
+        assert u.iloc[step]["bag_mass[space]"] == pytest.approx(a, rel=1e-4)
+        assert u.iloc[step]["bag_mass[family]"] == pytest.approx(b, rel=1e-4)
+        assert row.bag_mass == pytest.approx(a + b, rel=1e-4)  # disjoint bags: the union is the sum
+        seq.append(r.unsteered_ids[step])
+    counts = r.word_counts()
+    assert list(counts.columns) == ["space", "family"] and set(counts.index) == {"steered", "unsteered"}
+
+
+def test_bag_loss_over_words_matches_direct_autograd(ko_model, ko_tok):
+    """The multi-bag, multi-token loss and its gradient equal a direct computation with full forwards."""
+    bags = [attrs.bag_from_words(KOREAN_SPACE, ko_tok, name="a"), attrs.bag_from_words(KOREAN_FAMILY, ko_tok, name="b")]
+    table = BagTensors.build(bags)
+    ids = [ko_tok.bos_token_id] + ko_tok.encode("밤 하늘 에")
+    for p in ko_model.parameters():
+        p.requires_grad_(False)
+    try:
+        with torch.no_grad():
+            past = past_from_output(call_with_past(ko_model, [], input_ids=torch.tensor([ids[:-1]])))
+        leaves = [(torch.zeros_like(k).requires_grad_(True), torch.zeros_like(v)) for k, v in past]
+        shifted = [(k + dk, v + dv) for (k, v), (dk, dv) in zip(past, leaves)]
+        out = call_with_past(ko_model, shifted, input_ids=torch.tensor([ids[-1:]]))
+        got = table.loss(ko_model, past_from_output(out), F.softmax(out.logits[:, -1], -1))
+        g_got = torch.autograd.grad(got, [leaves[0][0]])[0]
+
+        # direct: each word's pieces appended to the context, one cache-free forward per word
+        shifted = [(k + dk, v + dv) for (k, v), (dk, dv) in zip(past, leaves)]
+        want = 0.0
+        for bag in bags:
+            mass = 0.0
+            for pieces in bag.pieces:
+                logits = call_with_past(ko_model, shifted, input_ids=torch.tensor([[ids[-1], *pieces[:-1]]])).logits[0]
+                mass = mass + F.log_softmax(logits, -1)[torch.arange(len(pieces)), torch.tensor(pieces)].sum().exp()
+            want = want - torch.log(mass)
+        g_want = torch.autograd.grad(want, [leaves[0][0]])[0]
+    finally:
+        for p in ko_model.parameters():
+            p.requires_grad_(True)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-9)
+
+
+def test_words_a_tokenizer_cannot_spell_are_named():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "planet": 1, "moon": 2, "star": 3}
+    inner = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=inner, unk_token="[UNK]")
+    bag = attrs.bag_from_words(["planet", "행성", "moon", "달"], tok, name="mixed")
+    assert list(bag.words) == ["planet", "moon"]
+    assert bag.dropped_words == ("행성", "달") and "행성 (not spelt by this tokenizer)" in bag.dropped
+    with pytest.raises(NeuroprobeError, match="행성"):
+        attrs.bag_from_words(["행성", "달"], tok, name="ko")
+
+
+def test_steer_checks_bags_before_loading_the_model(model, tok, tmp_path, monkeypatch):
+    typer = pytest.importorskip("typer")
+    from typer.testing import CliRunner
+
+    import neuroprobe.subjects as subjects
+    from neuroprobe.steering.commands import register
+
+    model.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bag was checked")
+
+    monkeypatch.setattr(subjects, "load_subject", no_load)
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    multi = tmp_path / "multi.txt"
+    multi.write_text("xylophonic\n")
+    for bag, extra, needle in ((empty, [], "holds no word"), (multi, ["--single-token-only"], "xylophonic (")):
+        res = CliRunner().invoke(app, ["steer", "--model", "pplm", "--weights", str(tmp_path / "tiny"), "--bag", str(bag),
+                                       "--prompt", "the cat", "--quiet", *extra])
+        assert isinstance(res.exception, NeuroprobeError) and needle in str(res.exception)
+
+
+def test_steer_cli_is_quiet_and_uses_the_cache_api(ko_model, ko_tok, tmp_path):
+    """`neuroprobe steer -q` with two Korean bags: no progress bar, no deprecation warning, dropped words named."""
+    import os
+    import subprocess
+    import sys
+
+    ko_model.save_pretrained(tmp_path / "ko")
+    ko_tok.save_pretrained(tmp_path / "ko")
+    (tmp_path / "space.txt").write_text("\n".join(KOREAN_SPACE) + "\n", encoding="utf-8")
+    (tmp_path / "family.txt").write_text("\n".join(KOREAN_FAMILY) + "\n", encoding="utf-8")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="default")
+    res = subprocess.run([sys.executable, "-m", "neuroprobe.cli", "steer", "--model", "pplm", "--weights",
+                          str(tmp_path / "ko"), "--bag", str(tmp_path / "space.txt"), "--bag", str(tmp_path / "family.txt"),
+                          "--prompt", "밤 하늘 에", "--length", "3", "--quiet"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Loading weights" not in res.stderr and "past_key_values" not in res.stderr and "%|" not in res.stderr
+    assert "bag space: 5 words" in res.stdout and "bag family: 3 words" in res.stdout
+    assert "  space: unsteered" in res.stdout and "  family: unsteered" in res.stdout

@@ -8,15 +8,27 @@ pandas DataFrame with one row per unit (or per site x stimulus, per unit x index
 """
 from __future__ import annotations
 
-from neuroprobe.analysis.controls import (
-    bootstrap_ci, label_shuffle_control, rotate_recording, rotation_control, untrained_control,
-)
-from neuroprobe.analysis.criterion import concept_cells, fdr_qvalues, load_cells, save_cells, summarize
-from neuroprobe.analysis.indices import population_sparseness, unit_indices
-from neuroprobe.analysis.population import decode_concepts, rdm
+from neuroprobe._lazy import lazy_exports
 
-__all__ = [
-    "bootstrap_ci", "concept_cells", "decode_concepts", "fdr_qvalues", "label_shuffle_control", "load_cells",
-    "population_sparseness", "rdm", "rotate_recording", "rotation_control", "save_cells", "summarize",
-    "unit_indices", "untrained_control",
-]
+# names load on first use: importing the package stays cheap (see neuroprobe/_lazy.py)
+_EXPORTS = {
+    "bootstrap_ci": "neuroprobe.analysis.controls",
+    "label_shuffle_control": "neuroprobe.analysis.controls",
+    "rotate_recording": "neuroprobe.analysis.controls",
+    "rotation_control": "neuroprobe.analysis.controls",
+    "untrained_control": "neuroprobe.analysis.controls",
+    "concept_cells": "neuroprobe.analysis.criterion",
+    "fdr_qvalues": "neuroprobe.analysis.criterion",
+    "design_check": "neuroprobe.analysis.criterion",
+    "power": "neuroprobe.analysis.criterion",
+    "load_cells": "neuroprobe.analysis.criterion",
+    "save_cells": "neuroprobe.analysis.criterion",
+    "summarize": "neuroprobe.analysis.criterion",
+    "population_sparseness": "neuroprobe.analysis.indices",
+    "unit_indices": "neuroprobe.analysis.indices",
+    "decode_concepts": "neuroprobe.analysis.population",
+    "rdm": "neuroprobe.analysis.population",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+__all__ = ["bootstrap_ci", "concept_cells", "decode_concepts", "design_check", "power", "fdr_qvalues", "label_shuffle_control", "load_cells", "population_sparseness", "rdm", "rotate_recording", "rotation_control", "save_cells", "summarize", "unit_indices", "untrained_control"]

@@ -3,7 +3,10 @@
 * :func:`rotation_control` — rotate each site's basis at random and look for cells
   again.  Concept information that is spread across units survives a rotation;
   single-unit (axis-aligned) tuning does not.  A claim about *units* needs more
-  cells than the rotated site gives.
+  cells than the rotated site gives.  Units are z-scored first (mean and SD of each
+  unit on the screening split): without it a rotated direction is dominated by the
+  few highest-variance units and inherits their tuning, so the control would
+  understate how unit-specific a code is.
 * :func:`untrained_control` — the same criterion on the untrained subject
   (``init="random"``): how many "cells" architecture and stimuli alone produce.
 * :func:`label_shuffle_control` — concept labels permuted among stimuli (within
@@ -60,11 +63,15 @@ def rotate_recording(
     seed: int = 0,
     sites: Sequence[str] | None = None,
     max_dense: int = MAX_DENSE_ROTATION,
+    standardize: bool = True,
 ) -> Path:
     """Write a copy of ``rec`` whose every site is expressed in a random orthonormal basis.
 
-    Each site's responses are centred (per-unit mean over the stimuli it fired for) and
-    multiplied by a Haar-random rotation; stimuli the site did not fire for stay NaN.
+    Each site's responses are standardised per unit — minus the unit's mean, divided by its
+    SD (ddof=1), both over the screening stimuli the site fired for; a unit constant there
+    becomes 0 — and multiplied by a Haar-random rotation; stimuli the site did not fire for
+    stay NaN.  ``standardize=False`` only centres (mean over every stimulus the site fired
+    for), as before: then high-variance units dominate every rotated direction.
     Sites wider than ``max_dense`` units are rotated by random orthogonal blocks of
     ``max_dense`` units after a random permutation of the units (memory O(max_dense^2)).
     Streams over stimuli: memory is one slab of rows plus the rotation.
@@ -79,12 +86,16 @@ def rotate_recording(
     out.parent.mkdir(parents=True, exist_ok=True)
     names = site_order(rec) if sites is None else list(sites)
     rng = np.random.default_rng(seed)
+    stimuli = rec.stimuli
+    screening = (stimuli["split"].astype(str).to_numpy() == "screening") if "split" in stimuli else \
+        np.ones(len(stimuli), dtype=bool)
     with h5py.File(rec.path, "r") as src, h5py.File(out, "w", track_order=True) as dst:
         for key, v in src.attrs.items():
             dst.attrs[key] = v
         dst.attrs["control"] = "rotation"
         dst.attrs["rotation_seed"] = seed
         dst.attrs["rotation_of"] = str(rec.path)
+        dst.attrs["rotation_standardize"] = bool(standardize)
         dst.attrs["sites_list"] = json.dumps(names)
         src.copy(src[schema.STIMULI], dst, name=schema.STIMULI)
         for site in names:
@@ -101,10 +112,19 @@ def rotate_recording(
             total, count = np.zeros(u), np.zeros(u)
             for a in range(0, n, step):
                 x = sds[a : a + step].astype(np.float64)
-                ok = np.isfinite(x)
+                ok = np.isfinite(x) & (screening[a : a + step, None] if standardize else True)
                 total += np.where(ok, x, 0.0).sum(0)
                 count += ok.sum(0)
             mean = np.divide(total, count, out=np.zeros(u), where=count > 0)
+            scale = np.ones(u)
+            if standardize:  # second pass: the SD about that mean (stable, no cancellation)
+                ss = np.zeros(u)
+                for a in range(0, n, step):
+                    x = sds[a : a + step].astype(np.float64)
+                    ok = np.isfinite(x) & screening[a : a + step, None]
+                    ss += np.where(ok, (x - mean) ** 2, 0.0).sum(0)
+                sd = np.sqrt(np.divide(ss, count - 1, out=np.zeros(u), where=count > 1))
+                scale = np.divide(1.0, sd, out=np.zeros(u), where=sd > 0)
             if u <= max_dense:
                 perm, blocks = np.arange(u), [(0, u, random_rotation(u, rng))]
             else:
@@ -114,7 +134,7 @@ def rotate_recording(
             for a in range(0, n, step):
                 x = sds[a : a + step].astype(np.float64)
                 fired = ~np.isnan(x).all(axis=1)
-                y = np.nan_to_num(x - mean)[:, perm]
+                y = np.nan_to_num((x - mean) * scale)[:, perm]
                 z = np.empty_like(y)
                 for lo, hi, q in blocks:
                     z[:, lo:hi] = y[:, lo:hi] @ q
@@ -128,9 +148,13 @@ def rotation_control(
     *,
     rotation_seed: int = 0,
     out: str | Path | None = None,
+    standardize: bool = True,
     **criterion: Any,
 ) -> pd.DataFrame:
     """Concept cells of ``rec`` after a random rotation of every site (see :func:`rotate_recording`).
+
+    By default every unit is z-scored on the screening split before the rotation
+    (``standardize=False``: centred only).
 
     Parameters
     ----------
@@ -153,7 +177,7 @@ def rotation_control(
         tmp = Path(tempfile.mkdtemp(prefix="neuroprobe-rotation-"))
         out = tmp / "rotated.h5"
     try:
-        path = rotate_recording(rec, out, seed=rotation_seed, sites=criterion.get("sites"))
+        path = rotate_recording(rec, out, seed=rotation_seed, sites=criterion.get("sites"), standardize=standardize)
         with open_recording(path) as rotated:
             cells = concept_cells(rotated, **criterion)
     finally:
@@ -161,6 +185,7 @@ def rotation_control(
             shutil.rmtree(tmp, ignore_errors=True)
     cells.attrs["control"] = "rotation"
     cells.attrs["rotation_seed"] = rotation_seed
+    cells.attrs["rotation_standardize"] = standardize
     return cells
 
 

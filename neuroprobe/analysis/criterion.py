@@ -1,26 +1,56 @@
-"""The concept-cell criterion (after Quiroga et al. 2005), FDR and confirmation.
+"""The concept-cell criterion (after Quiroga et al. 2005): test, null, FDR family, confirmation.
 
 For every live unit and every concept ``c``, on the **screening** split:
 
-1. effect: the median response to ``c``'s stimuli exceeds the baseline (every other
-   screening stimulus) mean by ``k`` baseline SDs (``k = 5``);
-2. evidence: a one-sided rank-sum (Mann–Whitney) test of ``c``'s stimuli against the
-   baseline survives Benjamini–Hochberg (or Benjamini–Yekutieli) FDR at ``fdr`` over
-   **all** unit x concept tests of the recording (every site, every concept).
+1. **effect**: the median response to ``c``'s stimuli exceeds the baseline (every other
+   screening stimulus) mean by ``k`` baseline SDs (``k = 5``).  A baseline that is exactly
+   constant (SD 0, e.g. a silent ReLU unit) has no SD scale: the criterion is then the strict
+   inequality *median > the baseline's value*, on exact values, so a median tied with the
+   baseline never passes (``z`` is ``+inf`` only for a median strictly above it, 0 for a tie).
+2. **evidence**: the one-sided Mann–Whitney rank-sum test of ``c``'s stimuli against the
+   baseline ("``c``'s responses are larger").  Null distribution: the **exact conditional
+   permutation distribution** of the concept's mid-rank sum given the unit's tie pattern
+   (every relabelling of the split's stimuli equally likely), computed by the deficit
+   program of :mod:`neuroprobe.analysis.exact` for every pair whose normal-approximation p
+   is <= 0.01 (column ``p_exact``); elsewhere, and with ``exact=False``, the normal
+   approximation with tie and continuity correction (``p_asymptotic``).
+3. **multiple comparisons** (``family``):
 
-A pair passing both is a *candidate*.  Each candidate pair is then tested again on
-the **testing** split (no double dipping): the same effect size, and the rank-sum
-test corrected by the same FDR procedure over the family of candidate pairs.  A
-unit is a **concept cell** (``is_cell``) when its concept — the candidate concept
-with the smallest screening p (else the concept with the largest effect) — is
-confirmed.  Invariance and multimodality (see :mod:`neuroprobe.analysis.invariance`)
-are properties of cells: ``invariant``, ``lofo_pass`` and ``multimodal`` are only
-ever true for cells.
+   ``"units"`` (default; hierarchical, Benjamini & Bogomolov 2014)
+       each unit's concept p-values are combined by Bonferroni, ``p_u = C_u min_c p_uc``
+       (valid under any dependence between a unit's concepts); Benjamini–Hochberg (or
+       Benjamini–Yekutieli with ``method="by"``) at level ``fdr`` over the units of the
+       recording (every site) selects ``R`` of ``M`` units; within a selected unit a concept
+       is significant when ``C_u p_uc <= fdr R / M``.  Guarantee: the expected proportion of
+       selected units with no responsive concept is <= ``fdr`` (BH: independent or positively
+       dependent units; BY: any dependence), and the expected average, over selected units,
+       of the within-unit error is <= ``fdr`` (Bonferroni within, at the selection-adjusted level).
+   ``"pairs"``
+       BH (or BY) at level ``fdr`` over all unit x concept tests of the recording.
+       Guarantee: FDR over (unit, concept) claims under BH's dependence assumptions.
+
+   For a lone discovery both need ``p <= fdr / (units x concepts)``.
+
+A unit's **responsive concepts** (``concepts``, ``n_concepts``) are the concepts significant
+in step 3 with the median above the baseline mean, whatever ``k`` is.  A unit is a
+**candidate** (``is_candidate``) when exactly one concept is responsive and it also passes
+the effect size; a unit driven by two concepts is labelled by ``n_concepts > 1`` and is never
+a cell of one of them.  Each candidate is then tested again on the **testing** split (no
+double dipping): the same effect size, and the exact rank-sum test corrected by BH (or BY)
+over the family of candidates.  A unit is a **concept cell** (``is_cell``) when its concept
+is confirmed.  Invariance and multimodality (see :mod:`neuroprobe.analysis.invariance`) are
+properties of cells: ``invariant``, ``lofo_pass`` and ``multimodal`` are only ever true for cells.
+
+:func:`design_check` states, before any test, the smallest p-value the battery's screening
+split allows (``1 / C(n, m)``, a perfectly selective unit's exact p) against the threshold a
+first discovery needs; :func:`power` answers "how many stimuli per concept for N units?".
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
+
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -31,6 +61,7 @@ from neuroprobe.errors import NeuroprobeError
 from neuroprobe.recording.reader import Recording
 
 METHODS = ("bh", "by")
+FAMILIES = ("units", "pairs")
 
 
 def fdr_qvalues(p: np.ndarray, method: str = "bh") -> np.ndarray:
@@ -45,12 +76,55 @@ def fdr_qvalues(p: np.ndarray, method: str = "bh") -> np.ndarray:
     return q
 
 
+def significant(p: np.ndarray, fdr: float, method: str = "bh", family: str = "units") -> tuple[np.ndarray, np.ndarray]:
+    """Which unit x concept tests are significant under the FDR ``family`` (see the module docstring).
+
+    Parameters
+    ----------
+    p
+        ``[units, concepts]`` one-sided p-values (NaN: no test, e.g. a dead unit).
+    fdr, method
+        Level and procedure (``bh`` or ``by``).
+    family
+        ``units`` (Bonferroni over a unit's concepts, BH over units, concepts within selected
+        units at the selection-adjusted level) or ``pairs`` (BH over every test).
+
+    Returns
+    -------
+    sig, q
+        ``[units, concepts]`` significance, and the adjusted p-values: each pair's q-value
+        (``pairs``), or each unit's q-value repeated over its concepts (``units``).
+    """
+    if family not in FAMILIES:
+        raise NeuroprobeError(f"FDR family {family!r} is not one of {', '.join(FAMILIES)}.")
+    p = np.asarray(p, dtype=np.float64)
+    if family == "pairs":
+        q = fdr_qvalues(p, method)
+        return q <= fdr, q
+    ok = np.isfinite(p)
+    n_tests = ok.sum(axis=1)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p_unit = np.where(n_tests > 0, np.minimum(1.0, n_tests * np.nanmin(np.where(ok, p, np.inf), axis=1)
+                                                  if p.shape[1] else 1.0), np.nan)
+    q_unit = fdr_qvalues(p_unit, method)
+    selected = q_unit <= fdr
+    R, M = int(selected.sum()), int(np.isfinite(p_unit).sum())
+    level = fdr * R / M if M else 0.0
+    if method == "by" and M:
+        level /= float(np.sum(1.0 / np.arange(1, M + 1)))
+    sig = selected[:, None] & ok & (n_tests[:, None] * np.where(ok, p, 2.0) <= level)
+    return sig, np.broadcast_to(q_unit[:, None], p.shape).copy()
+
+
 def concept_cells(
     rec: Recording | str | Path,
     k: float = 5.0,
     fdr: float = 0.05,
     *,
     method: str = "bh",
+    family: str = "units",
+    exact: bool = True,
     alpha: float = 0.05,
     n_perm: int = 1000,
     transform: str = "shift",
@@ -73,6 +147,13 @@ def concept_cells(
         False-discovery rate of the rank-sum tests (screening and confirmation).
     method
         ``bh`` (Benjamini–Hochberg) or ``by`` (Benjamini–Yekutieli, any dependence).
+    family
+        ``units`` (hierarchical: Bonferroni over a unit's concepts, FDR over units, then the
+        concept within each selected unit) or ``pairs`` (FDR over every unit x concept test);
+        see the module docstring for what each guarantees.
+    exact
+        Exact rank-sum p-values under the permutation null where they can matter (default), or
+        the normal approximation everywhere (``False``).
     alpha
         Level of the per-form / per-modality / leave-one-form-out label-shuffle tests.
     n_perm
@@ -98,14 +179,16 @@ def concept_cells(
         Indices (all stimuli): ``mean:<concept>``, ``si, si_morcos, lifetime_sparseness,
         kurtosis``; ``pref_concept`` (largest screening mean) with ``d_prime, auc`` on the
         testing split.  Criterion: ``concept`` (the unit's concept), ``z`` (its screening
-        effect in SDs), ``median, baseline_mean, baseline_sd, p, q, d_prime_screen,
-        auc_screen``, ``n_concepts`` and ``concepts`` (every concept passing screening),
-        ``is_candidate``; ``z_test, p_test, q_test, d_prime_test, auc_test``,
+        effect in SDs), ``median, baseline_mean, baseline_sd, p`` (exact where ``p_exact``),
+        ``p_asymptotic, q`` (the unit's q-value for ``family="units"``, the pair's for
+        ``pairs``), ``d_prime_screen, auc_screen``, ``n_concepts`` and ``concepts`` (the
+        responsive concepts: significant, median above the baseline mean), ``is_candidate``; ``z_test, p_test, q_test, d_prime_test, auc_test``,
         ``n_confirmed``, ``is_cell``.  Invariance (testing split): ``auc_form:<f>,
         p_form:<f>, n_forms, auc_form_min, p_form_max, invariant``; leave-one-form-out
         ``lofo_auc:<f>, lofo_p:<f>, lofo_auc_min, lofo_p_max, lofo_pass``; with two or more
         modalities ``auc_modality:<m>, p_modality:<m>, z_modality:<m>``; ``multimodal``.
-        Settings are in ``DataFrame.attrs``.
+        Settings, the design check (:func:`design_check`) and the counts of exact p-values are
+        in ``DataFrame.attrs``.
 
     Examples
     --------
@@ -118,23 +201,142 @@ def concept_cells(
         raise NeuroprobeError(f"the FDR must be between 0 and 1, not {fdr}.")
     if k < 0:
         raise NeuroprobeError(f"k must be non-negative, not {k}.")
+    if family not in FAMILIES:
+        raise NeuroprobeError(f"FDR family {family!r} is not one of {', '.join(FAMILIES)}.")
     recording = as_recording(rec)
     res = scan(recording, sites=sites, transform=transform, criterion=True, k=k, alpha=alpha, n_perm=n_perm,
-               seed=seed, labels=labels, quiet=quiet, read_bytes=read_bytes, block_units=block_units)
-    df = apply_criterion(res, fdr=fdr, method=method, alpha=alpha)
+               seed=seed, labels=labels, quiet=quiet, read_bytes=read_bytes, block_units=block_units, exact=exact,
+               fdr=fdr)
+    df = apply_criterion(res, fdr=fdr, method=method, alpha=alpha, family=family)
+    pairs = res.pairs
+    p_scr = pairs.get("p_scr", np.zeros((0, 0)))
+    n_units = int(np.isfinite(p_scr).any(axis=1).sum()) if p_scr.size else 0
     df.attrs.update(
         recording=str(recording.path), subject=str(recording.attrs.get("subject")),
         init=str(recording.attrs.get("init")), battery=str(recording.attrs.get("battery")),
-        k=k, fdr=fdr, method=method, alpha=alpha, n_perm=n_perm, transform=transform, seed=seed,
-        n_tests=int(np.isfinite(res.pairs.get("p_scr", np.zeros((0, 0)))).sum()) if res.pairs else 0,
+        k=k, fdr=fdr, method=method, family=family, exact=exact, alpha=alpha, n_perm=n_perm, transform=transform,
+        seed=seed, n_tests=int(np.isfinite(p_scr).sum()), n_units_tested=n_units,
+        n_exact=int(pairs["exact_scr"].sum()) if "exact_scr" in pairs else 0,
+        n_over_budget=int(pairs["over_scr"].sum()) if "over_scr" in pairs else 0,
+        n_exact_test=int(pairs["exact_test"].sum()) if "exact_test" in pairs else 0,
         concepts=list(res.concepts), forms=list(res.forms), modalities=list(res.modalities),
         passes=res.passes,
+        design=design_check(res.screening, n_units, len(res.concepts), fdr=fdr, method=method),
     )
     return df
 
 
-def apply_criterion(res: ScanResult, *, fdr: float, method: str, alpha: float) -> pd.DataFrame:
-    """Turn a criterion scan into the final table (FDR over all pairs, confirmation, flags)."""
+def _harmonic(m: int) -> float:
+    return float(np.sum(1.0 / np.arange(1, m + 1))) if m > 0 else 1.0
+
+
+def first_threshold(n_units: int, n_concepts: int, fdr: float = 0.05, method: str = "bh") -> float:
+    """The p-value a first (lone) discovery needs: ``fdr / (units x concepts)`` (BY: also / H_M).
+
+    The same for both families: BH's first step over ``M = units x concepts`` pairs, or
+    Bonferroni over ``C`` concepts then BH's first step over the units.
+    """
+    M = max(1, int(n_units) * int(n_concepts))
+    return fdr / M / (_harmonic(M) if method == "by" else 1.0)
+
+
+def power(n_units: int, n_concepts: int, *, fdr: float = 0.05, method: str = "bh",
+          screening_fraction: float = 0.5) -> int:
+    """Stimuli per concept a battery needs so that one perfectly selective unit can be found.
+
+    A perfectly selective unit (every one of its concept's screening stimuli above every other
+    screening stimulus) has the exact rank-sum p-value ``1 / C(n, m)``, the smallest any unit
+    can have, with ``m`` screening stimuli per concept and ``n = n_concepts x m``.  It can be
+    the first discovery among ``n_units`` units only when that p-value is at most
+    :func:`first_threshold`.
+
+    Parameters
+    ----------
+    n_units
+        Live units tested (every site of the recording).
+    n_concepts
+        Concepts of the battery.
+    fdr, method
+        FDR level and procedure (``bh`` or ``by``).
+    screening_fraction
+        Fraction of each concept's stimuli in the screening split (the rest confirm).
+
+    Returns
+    -------
+    int
+        The smallest number of stimuli per concept (both splits together).
+
+    Examples
+    --------
+    >>> power(10_000, 8)   # 6 screening + 6 testing stimuli per concept
+    12
+    """
+    from neuroprobe.analysis.exact import smallest_p
+
+    if n_units < 1 or n_concepts < 2:
+        raise NeuroprobeError("power needs at least one unit and two concepts.")
+    if not 0 < screening_fraction < 1:
+        raise NeuroprobeError(f"screening_fraction must be between 0 and 1, not {screening_fraction}.")
+    need = first_threshold(n_units, n_concepts, fdr, method)
+    m = 1
+    while smallest_p(n_concepts * m, m) > need:
+        m += 1
+    return int(np.ceil(m / screening_fraction - 1e-9))
+
+
+def design_check(screening: dict[str, tuple[int, list[int]]], n_units: int, n_concepts: int, *,
+                 fdr: float = 0.05, method: str = "bh") -> dict[str, object]:
+    """Can the battery's screening split show a lone perfectly selective unit at all?
+
+    Parameters
+    ----------
+    screening
+        Site -> (screening stimuli, stimuli per concept), as :func:`~neuroprobe.analysis.scan.scan` reports.
+    n_units, n_concepts
+        Live units tested and concepts.
+    fdr, method
+        FDR level and procedure.
+
+    Returns
+    -------
+    dict
+        ``n_screening, per_concept`` (the smallest over sites), ``p_floor`` (exact ``1 / C(n, m)``
+        for the concept with the fewest screening stimuli; the best *every* concept can reach),
+        ``p_floor_best`` (for the concept with the most), ``threshold`` (what the first discovery
+        needs), ``ok`` (``p_floor <= threshold``), ``needed_per_concept`` (stimuli per concept in
+        both splits that would make it possible, from :func:`power`), and ``message`` (one line).
+    """
+    from neuroprobe.analysis.exact import smallest_p
+
+    if not screening or n_concepts < 1:
+        return dict(ok=True, message="design: no screening stimuli")
+    n = min(v[0] for v in screening.values())
+    counts = [c for v in screening.values() for c in v[1] if c > 0]
+    if not counts:
+        return dict(ok=True, message="design: no screening stimuli")
+    m_lo, m_hi = min(counts), max(counts)
+    floors = [smallest_p(v[0], c) for v in screening.values() for c in v[1] if c > 0]
+    p_floor, p_best = max(floors), min(floors)
+    thr = first_threshold(max(1, n_units), n_concepts, fdr, method)
+    ok = p_floor <= thr
+    per = f"{m_lo}" if m_lo == m_hi else f"{m_lo}-{m_hi}"
+    msg = (f"design: {n} screening stimuli, {per} per concept: the smallest attainable p is {p_floor:.2g} "
+           f"(exact rank-sum, a perfectly selective unit); the first discovery needs p <= {thr:.2g} "
+           f"({method.upper()} {fdr:g} over {n_units} units x {n_concepts} concepts)")
+    out: dict[str, object] = dict(n_screening=n, per_concept=m_lo, p_floor=p_floor, p_floor_best=p_best,
+                                  threshold=thr, ok=ok, message=msg)
+    if n_concepts >= 2:
+        out["needed_per_concept"] = power(max(1, n_units), n_concepts, fdr=fdr, method=method)
+    if not ok:
+        fewer = int(fdr / (n_concepts * p_floor) / (_harmonic(n_units * n_concepts) if method == "by" else 1.0))
+        out["message"] = msg + (f"\ndesign: a perfectly selective unit could NOT pass: give each concept at least "
+                                f"{out.get('needed_per_concept')} stimuli (both splits), or test fewer units "
+                                f"(--sites; at most about {fewer}) or fewer concepts")
+    return out
+
+
+def apply_criterion(res: ScanResult, *, fdr: float, method: str, alpha: float, family: str = "units") -> pd.DataFrame:
+    """Turn a criterion scan into the final table (FDR family, responsive concepts, confirmation, flags)."""
     df = res.table.copy()
     if df.empty:
         return df
@@ -142,13 +344,20 @@ def apply_criterion(res: ScanResult, *, fdr: float, method: str, alpha: float) -
     best = np.array([res.concepts.index(c) if isinstance(c, str) else 0 for c in df["concept"]], dtype=np.intp)
     rows = np.arange(len(df))
     p_scr, eff_scr = res.pairs["p_scr"], res.pairs["effect_scr"]
-    q_scr = fdr_qvalues(p_scr, method)
-    passed = eff_scr & (q_scr <= fdr)
+    sig, q_scr = significant(p_scr, fdr, method, family)
+    with np.errstate(invalid="ignore"):
+        responsive = sig & (res.pairs["z_scr"] > 0)
+    n_resp = responsive.sum(1)
     df["q"] = q_scr[rows, best]
-    df["n_concepts"] = passed.sum(1)
-    df["concepts"] = [";".join(concepts[np.flatnonzero(r)]) for r in passed]
+    df["n_concepts"] = n_resp
+    names = np.full(len(df), "", dtype=object)
+    for u in np.flatnonzero(n_resp):
+        names[u] = ";".join(concepts[responsive[u]])
+    df["concepts"] = names
+    # one responsive concept, which also passes the effect size (it is then the unit's concept)
+    passed = responsive & eff_scr & (n_resp == 1)[:, None]
     df["is_candidate"] = passed[rows, best]
-    # confirmation on the testing split: the family is every candidate pair
+    # confirmation on the testing split: the family is every candidate
     p_test = np.where(passed, res.pairs["p_test"], np.nan)
     q_test = fdr_qvalues(p_test, method)
     confirmed = passed & res.pairs["effect_test"] & (q_test <= fdr)
@@ -166,7 +375,7 @@ def apply_criterion(res: ScanResult, *, fdr: float, method: str, alpha: float) -
 
 def _order_columns(df: pd.DataFrame) -> pd.DataFrame:
     first = ["site", "unit", "kind", "dead", "concept", "is_candidate", "is_cell", "invariant", "multimodal",
-             "lofo_pass", "z", "p", "q", "z_test", "p_test", "q_test", "n_concepts", "concepts", "n_confirmed",
+             "lofo_pass", "z", "p", "p_exact", "p_asymptotic", "q", "z_test", "p_test", "q_test", "n_concepts", "concepts", "n_confirmed",
              "si", "si_morcos", "d_prime", "auc", "d_prime_screen", "auc_screen", "d_prime_test", "auc_test",
              "lifetime_sparseness", "kurtosis", "pref_concept", "median", "baseline_mean", "baseline_sd",
              "n_stimuli", "transform", "n_forms", "auc_form_min", "p_form_max", "lofo_auc_min", "lofo_p_max",
@@ -225,6 +434,17 @@ def load_cells(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise NeuroprobeError(f"{path} does not exist; write it with `neuroprobe cells REC.h5 --out {path.name}`.")
-    if path.suffix.lower() in (".parquet", ".pq"):
-        return pd.read_parquet(path)
-    return pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",")
+    if path.is_dir() or path.suffix.lower() not in (".parquet", ".pq", ".csv", ".tsv"):
+        raise NeuroprobeError(f"{path} is not a cells table; give the .csv or .parquet written by `neuroprobe cells --out`.")
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            table = pd.read_parquet(path)
+        else:
+            table = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",")
+    except Exception as err:  # noqa: BLE001 - any parser error is a bad file
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise NeuroprobeError(f"{path} cannot be read as a cells table ({text}).") from None
+    missing = [c for c in ("site", "unit", "concept", "is_cell", "z") if c not in table.columns]
+    if missing:
+        raise NeuroprobeError(f"{path} is not a cells table: it lacks the column(s) {', '.join(missing)}.")
+    return table

@@ -82,7 +82,10 @@ def plot_unit(
                   ax=ax1, order=concepts, hue_order=forms)
     ax1.set_xlabel("")
     ax1.tick_params(axis="x", labelrotation=90, labelsize=7)
-    ax1.legend(title="form", fontsize=7, title_fontsize=7, loc="upper right", ncol=min(len(forms), 5))
+    # legends sit outside the axes, to the right, so they never cover the responses they explain
+    ax1.legend(title="form", fontsize=7, title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+               borderaxespad=0, frameon=False)
+    ax1.set_title("response to each stimulus, by concept and form", fontsize=8, loc="left")
     x = np.arange(len(df))
     ax2.bar(x, df["response"], color=[palette[f] for f in df["form"]], width=1.0, linewidth=0)
     bounds = np.flatnonzero(np.r_[True, df["concept"].to_numpy()[1:] != df["concept"].to_numpy()[:-1]])
@@ -92,14 +95,21 @@ def plot_unit(
     ax2.set_xticks(centres, [str(df["concept"].iloc[b]) for b in bounds], rotation=90, fontsize=7)
     ax2.set_xlim(-0.5, len(df) - 0.5)
     ax2.set_ylabel("response")
-    title = f"{site} unit {unit}"
+    ax2.set_title("one bar per stimulus", fontsize=8, loc="left")
+    attrs = getattr(rec, "attrs", {}) or {}
+    who = " x ".join(str(attrs[a]) for a in ("subject", "battery") if attrs.get(a))
+    title = f"{site}, unit {unit}" + (f" ({who}, {len(df)} stimuli)" if who else f" ({len(df)} stimuli)")
     if row is not None and isinstance(row.get("concept"), str):
         thr = row["baseline_mean"] + k * row["baseline_sd"]
         if np.isfinite(thr):
-            ax2.axhline(thr, color="k", ls="--", lw=0.8, label=f"screening baseline + {k:g} SD")
-            ax2.legend(fontsize=7, loc="upper right")
+            ax2.axhline(thr, color="k", ls="--", lw=0.8, label=f"screening baseline\n+ {k:g} SD")
+            ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
         verdict = "concept cell" if row["is_cell"] else ("candidate" if row["is_candidate"] else "not a cell")
-        title += f" — {row['concept']} (z = {row['z']:.1f}, {verdict})"
+        extra = [f"z = {row['z']:.1f}"]
+        for flag in ("invariant", "multimodal"):
+            if flag in row.index and bool(row[flag]):
+                extra.append(flag)
+        title += f"\nprefers '{row['concept']}': {verdict} ({', '.join(extra)})"
     fig.suptitle(title, fontsize=9)
     sns.despine(fig)
     fig.tight_layout()
@@ -142,8 +152,17 @@ def plot_cells_per_layer(cells: pd.DataFrame, untrained: pd.DataFrame | None = N
     fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(order) + 2), 4))
     sns.barplot(data=df, x="site", y="count", hue="condition", order=order, ax=ax,
                 palette=sns.color_palette("colorblind", df["condition"].nunique()))
+    # every bar carries its count, so a control's zero reads "0" instead of an invisible bar
+    for container in ax.containers:
+        ax.bar_label(container, fmt="%d", fontsize=6, padding=1)
+    ax.margins(y=0.12)
     ax.tick_params(axis="x", labelrotation=60, labelsize=7)
-    ax.set_ylabel("concept cells" if column == "is_cell" else column)
+    what = "concept cells" if column == "is_cell" else column
+    ax.set_ylabel(what)
+    totals = df.groupby("condition", sort=False)["count"].sum()
+    ax.set_title(f"{what} per site: " + ", ".join(f"{name} {int(n)}" for name, n in totals.items()), fontsize=9)
+    if ax.get_legend() is not None:
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), title=None, frameon=False, fontsize=7)
     sns.despine(fig)
     fig.tight_layout()
     return fig

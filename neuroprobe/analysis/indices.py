@@ -110,6 +110,48 @@ def group_stats(x: np.ndarray, onehot: np.ndarray) -> GroupStats:
     return GroupStats(n_c, n_b, mean_c, var_c, mean_b, var_b)
 
 
+def constant_baselines(x: np.ndarray, groups: Sequence[np.ndarray], st: GroupStats) -> GroupStats:
+    """``st`` with the baseline of every (unit, concept) whose baseline is exactly constant made exact.
+
+    A baseline (every stimulus of the subset outside the concept) whose responses are all equal
+    has variance exactly 0 and mean exactly that value; sums of squares would leave it a few
+    ulps off (a mean of -1e-17 for a silent unit, so that a median of 0 would sit "infinitely
+    many SDs" above it).  Constancy is decided on the exact values (min == max), not on a
+    tolerance.  Non-constant baselines are left as they are.
+    """
+    G, C = st.mean_b.shape
+    if G == 0 or C == 0:
+        return st
+    gmin = np.full((G, C), np.inf)
+    gmax = np.full((G, C), -np.inf)
+    for c, idx in enumerate(groups):
+        if len(idx):
+            xc = x[:, idx]
+            gmin[:, c] = xc.min(axis=1)
+            gmax[:, c] = xc.max(axis=1)
+    bmin, bmax = _excluding(gmin, np.minimum, np.inf), _excluding(gmax, np.maximum, -np.inf)
+    const = (bmin == bmax) & np.isfinite(bmin)
+    mean_b = np.where(const, bmin, st.mean_b)
+    var_b = np.where(const, 0.0, np.where(st.var_b > 0, st.var_b, np.nan))
+    # a non-constant baseline whose variance rounded to 0: recompute it directly (rare)
+    redo = ~const & ~(var_b > 0) & np.isfinite(bmin)
+    if redo.any():
+        for g, c in zip(*np.nonzero(redo)):
+            rest = np.concatenate([groups[j] for j in range(C) if j != c and len(groups[j])])
+            var_b[g, c] = np.var(np.asarray(x[g, rest], dtype=np.float64), ddof=1)
+    var_b = np.where(np.isnan(var_b), st.var_b, var_b)
+    return GroupStats(st.n_c, st.n_b, st.mean_c, st.var_c, mean_b, var_b)
+
+
+def _excluding(a: np.ndarray, op, fill: float) -> np.ndarray:
+    """``out[:, c] = op`` over every column of ``a`` but ``c`` (prefix/suffix scans)."""
+    G, C = a.shape
+    pad = np.full((G, 1), fill)
+    pre = op.accumulate(np.concatenate([pad, a[:, :-1]], axis=1), axis=1)
+    suf = op.accumulate(np.concatenate([pad, a[:, :0:-1]], axis=1), axis=1)[:, ::-1]
+    return op(pre, suf)
+
+
 def class_means(x: np.ndarray, onehot: np.ndarray) -> np.ndarray:
     """``[G, C]`` mean response of each unit to each concept (NaN for concepts without stimuli)."""
     n_c = onehot.sum(0)

@@ -25,7 +25,7 @@ import zlib
 import numpy as np
 
 from neuroprobe.analysis.design import Design, Subset
-from neuroprobe.analysis.indices import auc_from_u, group_medians, group_stats, midranks
+from neuroprobe.analysis.indices import auc_from_u, constant_baselines, group_medians, group_stats, midranks
 
 _MAX_GATHER = 4_000_000  # elements of the [units, perms, group] gather kept at once
 
@@ -169,7 +169,7 @@ def invariance_block(x: np.ndarray, design: Design, concept: np.ndarray, sel: np
             if len(rows):
                 out["p_mod"][rows, j] = null.pvalues(sub.name, ranks[rows], U[rows], a[rows])
                 xs = x[rows][:, sub.idx].astype(np.float64)
-                st = group_stats(xs, sub.onehot)
+                st = constant_baselines(xs, sub.groups, group_stats(xs, sub.onehot))
                 med = group_medians(xs, sub.groups)
                 c = concept[rows]
                 mb, sb, md = _pick(st.mean_b, c), np.sqrt(_pick(st.var_b, c)), _pick(med, c)

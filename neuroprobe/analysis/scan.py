@@ -24,9 +24,10 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from neuroprobe.analysis.design import Design, Subset
+from neuroprobe.analysis.exact import EXACT_BUDGET, EXACT_MARGIN, exact_p
 from neuroprobe.analysis.indices import (
-    TRANSFORMS, auc_from_u, class_means, d_prime, dead_units, group_medians, group_stats, kurtosis,
-    lifetime_sparseness, midranks, morcos_si, nonneg, rank_sum, selectivity_index, sparseness_from_sums,
+    TRANSFORMS, auc_from_u, class_means, constant_baselines, d_prime, dead_units, group_medians, group_stats,
+    kurtosis, lifetime_sparseness, midranks, morcos_si, nonneg, rank_sum, selectivity_index, sparseness_from_sums,
 )
 from neuroprobe.analysis.invariance import PermutationNull, invariance_block
 from neuroprobe.analysis.stream import DEFAULT_READ_BYTES, UnitStream
@@ -45,6 +46,7 @@ class ScanResult:
     modalities: list[str] = field(default_factory=list)
     pairs: dict[str, np.ndarray] = field(default_factory=dict)  # [units, concepts] arrays (criterion)
     passes: int = 0                     # super-block reads
+    screening: dict[str, tuple[int, list[int]]] = field(default_factory=dict)  # site -> (n, per-concept counts)
 
 
 def as_recording(rec: Recording | str | Path) -> Recording:
@@ -77,23 +79,33 @@ def _z(med: np.ndarray, mean_b: np.ndarray, sd_b: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(z) & (med == mean_b), 0.0, z)
 
 
-def concept_tests(x: np.ndarray, sub: Subset, k: float, medians: bool = True) -> dict[str, np.ndarray]:
+def concept_tests(x: np.ndarray, sub: Subset, k: float, medians: bool = True, exact: bool = False,
+                  margin: float = EXACT_MARGIN, budget: float = EXACT_BUDGET) -> dict[str, np.ndarray]:
     """Criterion statistics of every unit x concept on one subset (screening or testing).
 
     Returns ``[G, C]`` arrays: ``median``, ``mean_b``, ``sd_b`` (baseline = the subset's other
-    stimuli), ``z = (median - mean_b) / sd_b``, ``effect = median > mean_b + k sd_b``,
-    ``U``, ``p`` (one-sided rank-sum), ``auc``, ``d_prime``.  ``medians=False`` skips the
-    medians (and the effect size) when only d' and AUC are wanted.
+    stimuli; a constant baseline has exactly SD 0 and mean its value), ``z = (median - mean_b) /
+    sd_b``, ``effect = median > mean_b + k sd_b`` (with SD 0: median strictly above the
+    baseline value, so a tie never passes), ``U``, ``p`` (one-sided rank-sum; exact under the
+    permutation null where ``exact`` says so, see :func:`~neuroprobe.analysis.exact.exact_p`),
+    ``auc``, ``d_prime``, ``p_asym``, ``exact``, ``over``, and ``_ranks`` (to make more p-values
+    exact later).  ``medians=False`` skips the medians (and the effect size) when only d' and
+    AUC are wanted.
     """
     xs = x[:, sub.idx]
     x64 = xs.astype(np.float64)
-    st = group_stats(x64, sub.onehot)
+    st = constant_baselines(x64, sub.groups, group_stats(x64, sub.onehot))
     med = group_medians(x64, sub.groups) if medians else np.full(st.mean_c.shape, np.nan)
     sd_b = np.sqrt(st.var_b)
     ranks, tie = midranks(xs)
-    U, p = rank_sum(ranks, tie, sub.onehot)
+    U, p_asym = rank_sum(ranks, tie, sub.onehot)
+    if exact:
+        p, ex, over = exact_p(ranks, sub.onehot, U, p_asym, margin=margin, budget=budget)
+    else:
+        p, ex, over = p_asym, np.zeros(U.shape, bool), np.zeros(U.shape, bool)
     return dict(median=med, mean_b=st.mean_b, sd_b=sd_b, z=_z(med, st.mean_b, sd_b),
-                effect=med > st.mean_b + k * sd_b, U=U, p=p, auc=auc_from_u(U, st.n_c, st.n_b), d_prime=d_prime(st))
+                effect=med > st.mean_b + k * sd_b, U=U, p=p, p_asym=p_asym, exact=ex, over=over,
+                auc=auc_from_u(U, st.n_c, st.n_b), d_prime=d_prime(st), _ranks=ranks, _onehot=sub.onehot)
 
 
 def best_concept(z: np.ndarray, p: np.ndarray, effect: np.ndarray) -> np.ndarray:
@@ -124,6 +136,10 @@ def scan(
     quiet: bool = True,
     read_bytes: int | None = None,
     block_units: int | None = None,
+    exact: bool = True,
+    fdr: float = 0.05,
+    margin: float = EXACT_MARGIN,
+    budget: float = EXACT_BUDGET,
 ) -> ScanResult:
     """Stream every unit of ``sites`` through the statistics (see module docstring).
 
@@ -151,6 +167,15 @@ def scan(
         No progress bar.
     read_bytes, block_units
         Memory knobs.
+    exact
+        Exact rank-sum p-values (conditional permutation null) where they can matter: screening
+        pairs with an asymptotic p <= ``margin``, and testing pairs that can be confirmed (their
+        screening pair passes the effect size with p <= ``fdr``); see
+        :mod:`neuroprobe.analysis.exact`.  ``False``: the normal approximation everywhere.
+    fdr
+        The FDR level the caller will use (decides which testing pairs need exact p-values).
+    margin, budget
+        See :func:`neuroprobe.analysis.exact.exact_p`.
     """
     if transform not in TRANSFORMS:
         raise NeuroprobeError(f"transform {transform!r} is not one of {', '.join(TRANSFORMS)}.")
@@ -174,6 +199,8 @@ def scan(
     forms_all: list[str] = []
     mods_all: list[str] = []
     passes = 0
+    screening: dict[str, tuple[int, list[int]]] = {}
+    opts = dict(exact=exact, fdr=fdr, margin=margin, budget=budget)
     try:
         for site in names:
             ds = rec.responses(site)
@@ -189,7 +216,7 @@ def scan(
                     mods_all += [m for m in design.modalities if m not in mods_all]
                     s1 = np.zeros(x.shape[1])
                     s2 = np.zeros(x.shape[1])
-                blk = _block(x, design, transform=transform, criterion=criterion, k=k, null=null)
+                blk = _block(x, design, transform=transform, criterion=criterion, k=k, null=null, **opts)
                 live = ~blk["dead"]
                 r = blk.pop("_r")
                 s1 += r[live].sum(0)
@@ -202,9 +229,11 @@ def scan(
             passes += stream.passes
             if design is None:  # a site with no units
                 continue
+            screening[site] = (design.screening.n, [int(c) for c in design.screening.counts])
             arr = {name: np.concatenate(v) for name, v in cols.items()}
             tables.append(_site_table(site, kinds.get(site, ""), design, arr, transform, criterion))
-            for name in ("p_scr", "effect_scr", "z_scr", "p_test", "effect_test", "z_test"):
+            for name in ("p_scr", "effect_scr", "z_scr", "p_test", "effect_test", "z_test", "exact_scr", "over_scr",
+                         "exact_test", "over_test"):
                 if name in arr:
                     pair_parts.setdefault(name, []).append(arr[name])
             pop = design.stimuli[[c for c in ("index", "id", "concept", "form", "modality", "split") if c in design.stimuli]].copy()
@@ -217,11 +246,12 @@ def scan(
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     population = pd.concat(pops, ignore_index=True) if pops else pd.DataFrame()
     pairs = {name: np.concatenate(v) for name, v in pair_parts.items()}
-    return ScanResult(table, population, concepts, forms_all, mods_all, pairs, passes)
+    return ScanResult(table, population, concepts, forms_all, mods_all, pairs, passes, screening)
 
 
 def _block(x: np.ndarray, design: Design, *, transform: str, criterion: bool, k: float,
-           null: PermutationNull) -> dict[str, np.ndarray]:
+           null: PermutationNull, exact: bool = True, fdr: float = 0.05, margin: float = EXACT_MARGIN,
+           budget: float = EXACT_BUDGET) -> dict[str, np.ndarray]:
     """Every statistic of one block ``x[units, stimuli]``."""
     G = x.shape[0]
     dead = dead_units(x)
@@ -249,16 +279,25 @@ def _block(x: np.ndarray, design: Design, *, transform: str, criterion: bool, k:
     out["d_prime"] = _pick(test["d_prime"], pref) if test else np.full(G, np.nan)
     out["auc"] = _pick(test["auc"], pref) if test else np.full(G, np.nan)
     if criterion:
-        scr = concept_tests(x, design.screening, k)
+        scr = concept_tests(x, design.screening, k, exact=exact, margin=margin, budget=budget)
         if test is None:
-            test = {key: np.full_like(v, np.nan if v.dtype.kind == "f" else False) for key, v in scr.items()}
+            test = {key: (np.full_like(v, np.nan if v.dtype.kind == "f" else False) if key[0] != "_" else v)
+                    for key, v in scr.items()}
+        elif exact:
+            # confirmation: exact p for every pair that can become a candidate (its screening
+            # pair passes the effect size with p <= fdr); the family there is small, so no margin
+            want = scr["effect"] & (scr["p"] <= fdr) & ~dead[:, None]
+            test["p"], test["exact"], test["over"] = exact_p(test["_ranks"], test["_onehot"], test["U"], test["p_asym"],
+                                                             want=want, margin=1.0, budget=budget)
         best = best_concept(scr["z"], scr["p"], scr["effect"])
         for split, t in (("scr", scr), ("test", test)):
             p = np.where(dead[:, None], np.nan, t["p"])
             out[f"p_{split}"] = p
             out[f"effect_{split}"] = t["effect"] & ~dead[:, None]
             out[f"z_{split}"] = t["z"].astype(np.float32)
-            for name in ("median", "mean_b", "sd_b", "auc", "d_prime"):
+            out[f"exact_{split}"] = t["exact"] & ~dead[:, None]
+            out[f"over_{split}"] = t["over"] & ~dead[:, None]
+            for name in ("median", "mean_b", "sd_b", "auc", "d_prime", "p_asym"):
                 out[f"{name}_{split}_best"] = _pick(t[name], best)
         out["best"] = best
         sel = _pick(out["effect_scr"], best)
@@ -294,6 +333,8 @@ def _site_table(site: str, kind: str, design: Design, a: dict[str, np.ndarray], 
     df["baseline_mean"] = live(a["mean_b_scr_best"])
     df["baseline_sd"] = live(a["sd_b_scr_best"])
     df["p"] = live(_pick(a["p_scr"], a["best"]))
+    df["p_asymptotic"] = live(a["p_asym_scr_best"])
+    df["p_exact"] = _pick(a["exact_scr"], a["best"]) & ~dead
     df["d_prime_screen"] = live(a["d_prime_scr_best"])
     df["auc_screen"] = live(a["auc_scr_best"])
     df["z_test"] = live(_pick(a["z_test"].astype(np.float64), a["best"]))

@@ -53,9 +53,9 @@ def cells_provenance(cells: Path | None) -> dict[str, str]:
 
 
 def default_out(subject_name: str, init: str, battery: str) -> Path:
-    """``lesions/<subject>[-random]_<battery>`` in the working directory."""
+    """``figures/lesions/<subject>[-random]_<battery>`` in the working directory (git ignores ``figures/``)."""
     tag = subject_name.replace(":", "_").replace("/", "_") + ("-random" if init == "random" else "")
-    return Path("lesions") / f"{tag}_{battery}"
+    return Path("figures") / "lesions" / f"{tag}_{battery}"
 
 
 def register(app: typer.Typer) -> None:
@@ -84,7 +84,7 @@ def register(app: typer.Typer) -> None:
         matrix_k: Optional[int] = typer.Option(None, "--matrix-k", help="Units per concept in the matrix (default: the largest k)."),
         importance: int = typer.Option(0, "--importance", help="Single-unit lesions of N top + 3N random units per site (selectivity vs importance); 0 skips."),
         split: str = typer.Option("testing", "--split", help="Evaluation split (units are ranked on the other)."),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default lesions/<subject>_<battery>)."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default figures/lesions/<subject>_<battery>)."),
         site_col: str = typer.Option("site", "--site-col", help="Cells table: site column."),
         unit_col: str = typer.Option("unit", "--unit-col", help="Cells table: unit column."),
         concept_col: Optional[str] = typer.Option(None, "--concept-col", help="Cells table: concept column (default concept or best_concept)."),

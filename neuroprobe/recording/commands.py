@@ -21,6 +21,28 @@ def parse_options(items: list[str]) -> dict[str, str]:
     return out
 
 
+def check_device(device: str | None) -> None:
+    """Refuse a device torch does not know or this machine does not have (one sentence, before any loading)."""
+    from neuroprobe.errors import NeuroprobeError
+
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise NeuroprobeError(f"--device {device!r} is not a device torch knows; use cpu or cuda (cuda:N).") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise NeuroprobeError(f"--device {device!r}: this machine has no CUDA device torch can use; use --device cpu.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise NeuroprobeError(f"--device {device!r}: there are only {torch.cuda.device_count()} CUDA device(s).")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise NeuroprobeError(f"--device {device!r}: MPS is not available here; use --device cpu.")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise NeuroprobeError(f"--device {device!r} is not supported; use cpu or cuda (cuda:N).")
+
+
 def register(app: typer.Typer) -> None:
     """Add the recording commands to ``app``."""
 
@@ -45,15 +67,23 @@ def register(app: typer.Typer) -> None:
         detector_weights: Optional[Path] = typer.Option(None, "--detector-weights", help="LXMERT/VisualBERT/ViLBERT: Faster R-CNN folder."),
         features: Optional[Path] = typer.Option(None, "--features", help="Precomputed region features (*_obj36.tsv or .h5)."),
         trust_pickle: bool = typer.Option(False, "--trust-pickle", help="DALL-E: allow loading OpenAI's pickled dVAE."),
+        allow_outside_images: bool = typer.Option(False, "--allow-outside-images", help="Let the battery's image paths leave its folder."),
         option: list[str] = typer.Option([], "--option", "-O", help="Subject-specific KEY=VALUE (e.g. variant=mini, codes=FILE); repeatable."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:
         """Record every unit at the chosen sites of a subject shown a battery."""
-        from neuroprobe.recording.recorder import Recorder
+        from neuroprobe.errors import NeuroprobeError
+        from neuroprobe.recording.recorder import Recorder, check_output, default_output_for
         from neuroprobe.stimuli.battery import Battery
         from neuroprobe.subjects.registry import load_subject
 
-        battery = Battery.load(probe)
+        # everything that can be refused is refused before the model loads
+        if not sites.strip():
+            raise NeuroprobeError("--sites is empty; give mlp, resid, attn, all or comma-separated site patterns.")
+        check_device(device)
+        battery = Battery.load(probe, allow_outside_images=allow_outside_images)
+        check_output(out if out is not None else default_output_for(model, init, battery.name, sites),
+                     resume=resume, overwrite=overwrite)
         options = {}
         if detector_weights is not None:
             options["detector_weights"] = detector_weights
@@ -72,7 +102,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"wrote {path} ({len(battery)} stimuli, {len(recorder.sites)} sites)")
 
     @app.command()
-    def inspect(path: Path = typer.Argument(..., help="A recording (.h5).")) -> None:
+    def inspect(path: Path = typer.Argument(..., metavar="RECORDING", help="A recording (.h5).")) -> None:
         """Print a recording's provenance and sites."""
         from neuroprobe.recording.reader import open_recording
 

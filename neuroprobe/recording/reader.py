@@ -57,20 +57,68 @@ class Recording:
         self.path = Path(path)
         if not self.path.exists():
             raise RecordingError(f"{self.path} does not exist.")
+        if self.path.is_dir():
+            raise RecordingError(f"{self.path} is a directory, not a recording file.")
         try:
-            self._f = h5py.File(self.path, "r")
+            # SWMR read: a recording that is still being written can be opened (and a finished one as usual)
+            self._f = h5py.File(self.path, "r", swmr=True)
         except OSError as err:
             raise RecordingError(f"{self.path} cannot be opened as HDF5 ({str(err).splitlines()[0]}).") from None
-        if _decode(self._f.attrs.get("format")) != schema.FORMAT:
+        try:
+            self._check_layout()
+        except RecordingError:
             self._f.close()
-            raise RecordingError(f"{self.path} is not a neuroprobe recording.")
-        version = int(_decode(self._f.attrs.get("format_version", 0)))
+            raise
+        except Exception as err:  # noqa: BLE001 - a damaged file must still end in one sentence
+            self._f.close()
+            raise RecordingError(f"{self.path} is a damaged recording ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}).") from None
+
+    def _check_layout(self) -> None:
+        """Check the parts every reader relies on, so a damaged file fails here in one sentence."""
+        f, p = self._f, self.path
+        if _decode(f.attrs.get("format")) != schema.FORMAT:
+            raise RecordingError(f"{p} is not a neuroprobe recording.")
+        raw = _decode(f.attrs.get("format_version", 0))
+        try:
+            version = int(raw)
+            if isinstance(raw, float) and raw != version:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise RecordingError(f"{p} has a malformed format_version {raw!r}; it is not a readable recording.") from None
         if version > schema.FORMAT_VERSION:
-            self._f.close()
             raise RecordingError(
-                f"{self.path} uses recording format {version}, newer than this neuroprobe reads "
+                f"{p} uses recording format {version}, newer than this neuroprobe reads "
                 f"({schema.FORMAT_VERSION}); upgrade neuroprobe."
             )
+        for group in (schema.STIMULI, schema.SITES):
+            if group not in f or not isinstance(f[group], h5py.Group):
+                raise RecordingError(f"{p} has no /{group} group; it is not a complete recording file.")
+        stim = f[schema.STIMULI]
+        missing = [c for c in schema.STIMULUS_COLUMNS if c not in stim]
+        if missing:
+            raise RecordingError(f"{p} lacks the stimulus column(s) {', '.join(missing)} in /{schema.STIMULI}.")
+        lengths = {name: ds.shape[0] if ds.ndim == 1 else -1 for name, ds in stim.items() if isinstance(ds, h5py.Dataset)}
+        n = lengths["index"]
+        bad = [k for k, v in lengths.items() if v != n]
+        if bad:
+            raise RecordingError(f"{p}: stimulus column {bad[0]!r} has {lengths[bad[0]]} rows, not {n} like 'index'.")
+        if len(f[schema.SITES]) == 0:
+            raise RecordingError(f"{p} has no sites; record it again with a montage that selects some.")
+        for name, g in f[schema.SITES].items():
+            absent = [a for a in schema.SITE_ATTRS if a not in g.attrs]
+            if absent:
+                raise RecordingError(f"{p}: site {name!r} lacks the attribute(s) {', '.join(absent)}.")
+            if schema.RESPONSES not in g:
+                raise RecordingError(f"{p}: site {name!r} has no responses.")
+            shape = g[schema.RESPONSES].shape
+            if len(shape) != 2 or shape[0] != n or shape[1] != int(_decode(g.attrs["n_units"])):
+                raise RecordingError(
+                    f"{p}: site {name!r} holds responses of shape {shape}, but the recording has {n} stimuli "
+                    f"and the site {_decode(g.attrs['n_units'])} units."
+                )
+        done = _decode(f.attrs.get("n_done", 0))
+        if not isinstance(done, (int, np.integer)) or not 0 <= int(done) <= n:
+            raise RecordingError(f"{p} has a malformed n_done {done!r} for {n} stimuli.")
 
     # -------------------------------------------------------------- metadata
     @cached_property
@@ -86,6 +134,27 @@ class Recording:
     def n_done(self) -> int:
         """Stimuli committed so far (equals ``len(stimuli)`` when complete)."""
         return int(self._f.attrs.get("n_done", 0))
+
+    @property
+    def n_stimuli(self) -> int:
+        """Stimuli in the battery (rows of every response array)."""
+        return int(self._f[schema.STIMULI]["index"].shape[0])
+
+    def require_complete(self, allow_incomplete: bool = False) -> str | None:
+        """Refuse an incomplete recording unless ``allow_incomplete``; then return a one-line note.
+
+        Raises
+        ------
+        RecordingError
+            If the recording is incomplete and ``allow_incomplete`` is false.
+        """
+        if self.complete:
+            return None
+        cover = f"it covers {self.n_done} of {self.n_stimuli} stimuli"
+        if not allow_incomplete:
+            raise RecordingError(f"{self.path} is an incomplete recording ({cover}); finish it with `neuroprobe record "
+                                 f"... --resume`, or pass --allow-incomplete to analyse the stimuli it covers.")
+        return f"note: {self.path} is incomplete: {cover}; the stimuli not yet recorded are left out."
 
     @cached_property
     def stimuli(self) -> pd.DataFrame:

@@ -9,6 +9,7 @@ batches are cut at the same stimulus boundaries.
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from neuroprobe.electrodes import Electrodes
 from neuroprobe.errors import NeuroprobeError, RecordingError
 from neuroprobe.recording import schema
+from neuroprobe.recording.lock import WriterLock
 from neuroprobe.recording.pooling import pool
 from neuroprobe.recording.writer import BatchResult, RecordingWriter, ThreadedWriter
 from neuroprobe.stimuli.battery import Battery
@@ -49,11 +51,62 @@ def library_versions() -> dict[str, str]:
 
 def default_output(subject: Subject, battery: Battery, montage: str) -> Path:
     """``recordings/<subject>[-random]_<battery>_<montage>.h5`` in the working directory."""
-    tag = subject.name.replace(":", "_").replace("/", "_")
-    if subject.init == "random":
+    return default_output_for(subject.name, subject.init, battery.name, montage)
+
+
+def default_output_for(subject: str, init: str, battery: str, montage: str) -> Path:
+    """:func:`default_output` from names (so the CLI can check the path before loading the model)."""
+    tag = subject.replace(":", "_").replace("/", "_")
+    if init == "random":
         tag += "-random"
     mont = montage.replace(",", "+").replace("*", "x").replace("/", "_")
-    return Path("recordings") / f"{tag}_{battery.name}_{mont}.h5"
+    return Path("recordings") / f"{tag}_{battery}_{mont}.h5"
+
+
+def check_output(path: Path, *, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse an output path before any work is done (the CLI calls this before loading the model).
+
+    Raises
+    ------
+    RecordingError
+        ``path`` is a directory, lies under a regular file, exists without
+        ``resume``/``overwrite``, or its folder cannot be created or written.
+    """
+    if resume and overwrite:
+        raise NeuroprobeError("give either --resume or --overwrite, not both.")
+    if path.is_dir():
+        raise RecordingError(f"{path} is a directory; give a file name for the recording (e.g. {path / 'recording.h5'}).")
+    if path.exists() and not resume and not overwrite:
+        raise RecordingError(f"{path} already exists; pass --resume to continue it or --overwrite to replace it.")
+    parent = path.parent
+    for p in [parent, *parent.parents]:
+        if p.exists():
+            if not p.is_dir():
+                raise RecordingError(f"cannot write {path}: {p} is a file, not a folder.")
+            if not os.access(p, os.W_OK | os.X_OK) or _read_only_fs(p):
+                raise RecordingError(f"cannot write {path}: {p} is not writable.")
+            break
+
+
+def _read_only_fs(p: Path) -> bool:
+    try:
+        return bool(os.statvfs(p).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _is_stub(path: Path) -> bool:
+    """A file at ``path`` that holds nothing committed: empty, or not even an HDF5 superblock.
+
+    (Recordings are created under a temporary name and moved into place, so a stub
+    only comes from a crash of an older neuroprobe; ``--resume`` starts it afresh.)
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return False
+    return len(head) < 8 or head != b"\x89HDF\r\n\x1a\n"
 
 
 class Recorder:
@@ -114,6 +167,8 @@ class Recorder:
         self.battery = battery
         self.montage = montage if isinstance(montage, str) else ",".join(montage)
         self.sites: list[Site] = subject.sites(montage)
+        if not self.sites:
+            raise NeuroprobeError(f"montage {self.montage!r} selects no site; give mlp, resid, attn, all or site patterns.")
         self.pooling = pooling
         self.tokens = tokens
         self.dtype = dtype
@@ -171,22 +226,62 @@ class Recorder:
             the file to resume was made with other settings.
         """
         path = Path(out) if out is not None else default_output(self.subject, self.battery, self.montage)
-        if resume and overwrite:
-            raise NeuroprobeError("give either --resume or --overwrite, not both.")
-        if path.exists() and not resume and not overwrite:
-            raise RecordingError(f"{path} already exists; pass --resume to continue it or --overwrite to replace it.")
-        if path.exists() and resume:
+        check_output(path, resume=resume, overwrite=overwrite)
+        with WriterLock(path):
+            return self._run_locked(path, resume=resume, overwrite=overwrite)
+
+    def _run_locked(self, path: Path, *, resume: bool, overwrite: bool) -> Path:
+        """:meth:`run` while holding the path's writer lock.
+
+        A new recording is created under a temporary name beside ``path`` and moved
+        into place once its layout is on disk (so ``path`` is never a stub).  With
+        ``overwrite``, the new recording stays under its temporary name until it is
+        complete and only then replaces ``path`` atomically: a failed or interrupted
+        overwrite leaves the old recording untouched (and is not resumable).
+        """
+        check_output(path, resume=resume, overwrite=overwrite)  # again, now that no other writer can race us
+        for stale in path.parent.glob(f".{path.name}.*"):  # temporary files left by killed writers of this path
+            if stale.name.endswith((".partial", ".reserve")):
+                stale.unlink(missing_ok=True)
+        replace_at_end = False
+        if path.exists() and resume and not _is_stub(path):
             writer = RecordingWriter.resume(path, self.identity())
         else:
-            if path.exists():
-                path.unlink()
+            replace_at_end = path.exists() and not resume  # overwrite; a stub to resume is simply replaced
             counts = self._unit_counts()
             pooling_per_site = {s.name: self._site_pooling(s) for s in self.sites}
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
             writer = RecordingWriter.create(
-                path, self.provenance(), self.battery.table, [(s, counts[s.name]) for s in self.sites],
+                tmp, self.provenance(), self.battery.table, [(s, counts[s.name]) for s in self.sites],
                 pooling_per_site=pooling_per_site, tokens=self.tokens, dtype=self.dtype,
                 compression=self.compression, chunk_rows=self.batch_size,
             )
+            if not replace_at_end:
+                self._move(writer, path)
+        try:
+            self._record(writer)
+        except BaseException:
+            if replace_at_end:
+                writer.close()
+                writer.path.unlink(missing_ok=True)
+            raise
+        if replace_at_end:
+            self._move(writer, path)
+        return path
+
+    @staticmethod
+    def _move(writer: RecordingWriter, path: Path) -> None:
+        """Rename the writer's file to ``path`` (atomic on one file system; the open handle stays valid)."""
+        try:
+            os.replace(writer.path, path)
+        except OSError as err:
+            writer.close()
+            writer.path.unlink(missing_ok=True)
+            raise RecordingError(f"cannot move the new recording into place at {path} ({err.strerror}).") from None
+        writer.path = path
+
+    def _record(self, writer: RecordingWriter) -> None:
+        """Stream every uncommitted batch through ``writer``, then mark it complete and close it."""
         start = writer.n_done
         n = len(self.battery)
         threaded = ThreadedWriter(writer)
@@ -208,7 +303,6 @@ class Recorder:
         finally:
             bar.close()
             writer.close()
-        return path
 
     # --------------------------------------------------------------- helpers
     def _site_pooling(self, site: Site) -> str:

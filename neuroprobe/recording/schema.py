@@ -62,6 +62,9 @@ TOKENS = "tokens"
 RESPONSES = "responses"
 SITE_TOKENS = "tokens"
 
+#: Stimulus columns every reader relies on (``index`` plus the battery's required columns).
+STIMULUS_COLUMNS = ("index", "id", "concept", "modality", "form", "split")
+
 SITE_ATTRS = ("module", "direction", "kind", "stream", "layout", "call", "index", "n_heads", "pooling", "n_units")
 
 

@@ -7,26 +7,21 @@ concept-cell analysis in :mod:`neuroprobe.steering.analysis`.
 """
 from __future__ import annotations
 
-from neuroprobe.steering.attributes import (
-    BagOfWords,
-    ClassificationHead,
-    Discriminator,
-    available_bags,
-    bag_from_words,
-    load_bag,
-    load_discriminator,
-)
-from neuroprobe.steering.pplm import PPLMHyperparameters, SteeringResult, steer
+from neuroprobe._lazy import lazy_exports
 
-__all__ = [
-    "BagOfWords",
-    "ClassificationHead",
-    "Discriminator",
-    "PPLMHyperparameters",
-    "SteeringResult",
-    "available_bags",
-    "bag_from_words",
-    "load_bag",
-    "load_discriminator",
-    "steer",
-]
+# names load on first use: importing the package stays cheap (see neuroprobe/_lazy.py)
+_EXPORTS = {
+    "BagOfWords": "neuroprobe.steering.attributes",
+    "ClassificationHead": "neuroprobe.steering.attributes",
+    "Discriminator": "neuroprobe.steering.attributes",
+    "available_bags": "neuroprobe.steering.attributes",
+    "bag_from_words": "neuroprobe.steering.attributes",
+    "load_bag": "neuroprobe.steering.attributes",
+    "load_discriminator": "neuroprobe.steering.attributes",
+    "PPLMHyperparameters": "neuroprobe.steering.pplm",
+    "SteeringResult": "neuroprobe.steering.pplm",
+    "steer": "neuroprobe.steering.pplm",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+__all__ = ["BagOfWords", "ClassificationHead", "Discriminator", "PPLMHyperparameters", "SteeringResult", "available_bags", "bag_from_words", "load_bag", "load_discriminator", "steer"]

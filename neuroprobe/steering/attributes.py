@@ -1,10 +1,13 @@
 """PPLM attribute models: bags of words and discriminator heads.
 
-A **bag of words** is a list of words, one per line; steering toward it raises the
-probability mass the language model puts on those words.  As in PPLM, only words
-that are a single token after the tokenizer (with a leading space, as a word in
-running text is written for GPT-2's byte-level BPE) count; the others are kept
-aside in :attr:`BagOfWords.dropped`.
+A **bag of words** is a list of words, one per line (UTF-8, any script); steering
+toward it raises the probability mass the language model puts on those words.  A
+word is tokenised with a leading space, as a word in running text is written for
+GPT-2's byte-level BPE.  PPLM's reference code keeps only single-token words; here a
+word of several tokens counts too, with the probability of the whole word (the
+product of its pieces' probabilities under teacher forcing), so a Korean list works
+with a multilingual tokenizer.  ``multi_token=False`` restores PPLM's rule.  Words
+that cannot count are named in :attr:`BagOfWords.dropped`.
 
 A **discriminator head** is a linear layer over the mean last hidden state of the
 language model (:class:`ClassificationHead`, state dict ``mlp.weight``, ``mlp.bias``),
@@ -22,7 +25,7 @@ from typing import Any, Sequence
 
 import torch
 
-from neuroprobe.errors import MissingWeightsError, NeuroprobeError
+from neuroprobe.errors import MissingWeightsError, NeuroprobeError, is_refused_pickle, refused_pickle
 
 #: Where the packaged PPLM data live.
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "pplm"
@@ -65,24 +68,54 @@ class BagOfWords:
     name
         The packaged name or the file's stem.
     words
-        The words that count (one token each), in file order, without duplicates.
-    token_ids
-        Their token ids, aligned with :attr:`words`.
+        The words that count, in file order; a word whose pieces repeat an earlier
+        word's is not listed twice.
+    pieces
+        Each word's token ids (of ``" " + word``), aligned with :attr:`words`: one id for a
+        single-token word, several for a multi-token word (a Korean word in a byte-level
+        BPE is often several pieces), whose probability is the product of its pieces'
+        probabilities under teacher forcing.
     dropped
-        Words of the list that are not a single token (ignored, as PPLM does).
+        Words of the list that do not count, each as ``"word (reason)"``: the tokenizer
+        cannot spell it (an unknown token), it is empty, or — with ``multi_token=False``,
+        PPLM's original rule — it is more than one token.
     """
 
     name: str
     words: tuple[str, ...]
-    token_ids: tuple[int, ...]
+    pieces: tuple[tuple[int, ...], ...]
     dropped: tuple[str, ...] = field(default=())
 
     def __len__(self) -> int:
-        return len(self.token_ids)
+        return len(self.words)
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        """Ids of the single-token words (in word order)."""
+        return tuple(p[0] for p in self.pieces if len(p) == 1)
+
+    @property
+    def multi_token_words(self) -> tuple[str, ...]:
+        """The words that are more than one token."""
+        return tuple(w for w, p in zip(self.words, self.pieces) if len(p) > 1)
+
+    @property
+    def dropped_words(self) -> tuple[str, ...]:
+        """The dropped words without their reasons."""
+        return tuple(d.rsplit(" (", 1)[0] for d in self.dropped)
 
     def ids_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The bag's token ids as a long tensor."""
+        """The single-token words' ids as a long tensor."""
         return torch.tensor(self.token_ids, dtype=torch.long, device=device)
+
+    def describe(self) -> str:
+        """One line: counts of single- and multi-token words and the dropped words by name."""
+        n_multi = len(self.multi_token_words)
+        n = len(self)
+        text = f"bag {self.name}: {n} word{'' if n == 1 else 's'} ({n - n_multi} single-token, {n_multi} multi-token)"
+        if self.dropped:
+            text += f"; dropped {len(self.dropped)}: " + ", ".join(self.dropped)
+        return text
 
 
 def available_bags() -> list[str]:
@@ -124,14 +157,20 @@ def read_words(path: str | Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def word_pieces(tokenizer: Any, word: str) -> list[int]:
+    """Token ids of ``" " + word`` (a word as it is written in running text), no special tokens."""
+    return [int(i) for i in tokenizer.encode(" " + word.strip(), add_special_tokens=False)]
+
+
 def single_token_id(tokenizer: Any, word: str) -> int | None:
     """The token id of ``" " + word`` if it is exactly one token, else ``None``."""
-    ids = tokenizer.encode(" " + word.strip(), add_special_tokens=False)
-    return int(ids[0]) if len(ids) == 1 else None
+    ids = word_pieces(tokenizer, word)
+    return ids[0] if len(ids) == 1 else None
 
 
-def bag_from_words(words: Sequence[str], tokenizer: Any, name: str = "custom") -> BagOfWords:
-    """Build a :class:`BagOfWords` from words, keeping those that are one token.
+def bag_from_words(words: Sequence[str], tokenizer: Any, name: str = "custom", *,
+                   multi_token: bool = True) -> BagOfWords:
+    """Build a :class:`BagOfWords` from words.
 
     Parameters
     ----------
@@ -141,33 +180,52 @@ def bag_from_words(words: Sequence[str], tokenizer: Any, name: str = "custom") -
         The subject's tokenizer (anything with ``encode(text, add_special_tokens=False)``).
     name
         A label for the bag.
+    multi_token
+        Keep words of several tokens (scored as whole words); ``False`` keeps only
+        single-token words, as PPLM's reference code does.
 
     Raises
     ------
     NeuroprobeError
-        If no word is a single token for this tokenizer.
+        If no word counts, naming the dropped words and why.
     """
+    unk = getattr(tokenizer, "unk_token_id", None)
     kept_words: list[str] = []
-    kept_ids: list[int] = []
+    kept: list[tuple[int, ...]] = []
     dropped: list[str] = []
-    seen: set[int] = set()
+    seen: set[tuple[int, ...]] = set()
     for word in words:
-        tid = single_token_id(tokenizer, word)
-        if tid is None:
-            dropped.append(word)
-        elif tid not in seen:
-            seen.add(tid)
-            kept_words.append(word.strip())
-            kept_ids.append(tid)
-    if not kept_ids:
+        word = word.strip()
+        ids = tuple(word_pieces(tokenizer, word)) if word else ()
+        if not ids:
+            dropped.append(f"{word!r} (empty)")
+        elif unk is not None and unk in ids:
+            dropped.append(f"{word} (not spelt by this tokenizer)")
+        elif len(ids) > 1 and not multi_token:
+            dropped.append(f"{word} ({len(ids)} tokens)")
+        elif ids not in seen:
+            seen.add(ids)
+            kept_words.append(word)
+            kept.append(ids)
+    if not kept:
         raise NeuroprobeError(
-            f"bag of words {name!r} has no word that is a single token for this tokenizer; "
-            f"use single words such as 'planet' or 'mother'."
+            f"bag of words {name!r} has no word this tokenizer can score: dropped {', '.join(dropped) or 'all'}."
         )
-    return BagOfWords(name=name, words=tuple(kept_words), token_ids=tuple(kept_ids), dropped=tuple(dropped))
+    return BagOfWords(name=name, words=tuple(kept_words), pieces=tuple(kept), dropped=tuple(dropped))
 
 
-def load_bag(name_or_path: str | Path | BagOfWords, tokenizer: Any) -> BagOfWords:
+def check_bag(name_or_path: str | Path) -> Path:
+    """Check a bag before any model is loaded: it resolves to a readable file with at least one word.
+
+    Returns the file; raises :class:`NeuroprobeError` otherwise.
+    """
+    path = bag_path(name_or_path)
+    if not read_words(path):
+        raise NeuroprobeError(f"bag of words {str(name_or_path)!r} ({path}) holds no word; put one word per line.")
+    return path
+
+
+def load_bag(name_or_path: str | Path | BagOfWords, tokenizer: Any, *, multi_token: bool = True) -> BagOfWords:
     """Load a bag of words by packaged name or path and resolve it against ``tokenizer``.
 
     Parameters
@@ -177,16 +235,17 @@ def load_bag(name_or_path: str | Path | BagOfWords, tokenizer: Any) -> BagOfWord
         already built :class:`BagOfWords` (returned unchanged).
     tokenizer
         The subject's tokenizer.
+    multi_token
+        Keep words of several tokens (default); ``False`` is PPLM's single-token rule.
 
     Returns
     -------
     BagOfWords
-        Only words that are one token with a leading space are kept.
     """
     if isinstance(name_or_path, BagOfWords):
         return name_or_path
     path = bag_path(name_or_path)
-    return bag_from_words(read_words(path), tokenizer, name=path.stem)
+    return bag_from_words(read_words(path), tokenizer, name=path.stem, multi_token=multi_token)
 
 
 # ------------------------------------------------------------------ discriminators
@@ -325,6 +384,8 @@ def load_discriminator(
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is the user's file
+        if is_refused_pickle(err):
+            raise refused_pickle(path) from None
         raise NeuroprobeError(f"cannot load discriminator head {str(path)!r} ({type(err).__name__}); "
                               f"save it with torch.save(head.state_dict(), path).") from None
     if not isinstance(state, dict):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, List, Optional
 
 import typer
 
@@ -15,6 +15,26 @@ def _class_label(text: Optional[str]) -> str | int | None:
     return int(text) if text.lstrip("-").isdigit() else text
 
 
+def _early_tokenizer(model: str, weights: Optional[Path]) -> Any | None:
+    """The subject's tokenizer alone (fast), when it can be found without loading the model; else ``None``."""
+    try:
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        from neuroprobe.subjects.hf import _source
+        from neuroprobe.subjects.registry import get_spec
+
+        spec = get_spec(model)
+        if not spec.loader.endswith("load_hf_subject"):
+            return None
+        source, local = _source(spec, weights)
+        hf_logging.set_verbosity_error()
+        return AutoTokenizer.from_pretrained(source, revision=None if local else spec.revision,
+                                             local_files_only=True)
+    except Exception:  # anything missing is reported by load_subject, with its own message
+        return None
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``steer`` command to ``app``."""
 
@@ -22,8 +42,11 @@ def register(app: typer.Typer) -> None:
     def steer_command(
         prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
         model: str = typer.Option("pplm", "--model", "-m", help="Subject to steer (GPT-2 family)."),
-        bag: Optional[str] = typer.Option(None, "--bag", "-b",
-                                          help="Bag of words: packaged name (space, kinship, ...) or a file."),
+        bag: Optional[List[str]] = typer.Option(None, "--bag", "-b",
+                                                help="Bag of words: packaged name (space, kinship, ...) or a UTF-8 file, "
+                                                     "one word per line; repeat for several bags."),
+        single_token_only: bool = typer.Option(False, "--single-token-only",
+                                               help="Keep only single-token bag words (PPLM's original rule)."),
         discrim: Optional[str] = typer.Option(None, "--discrim", "-d",
                                               help="Discriminator: sentiment, clickbait, toxicity, or a .pt file."),
         class_label: Optional[str] = typer.Option(None, "--class-label",
@@ -46,13 +69,18 @@ def register(app: typer.Typer) -> None:
         """Print a PPLM-steered and an unsteered continuation of PROMPT."""
         from neuroprobe.steering.pplm import language_model, steer
 
-        if bag is None and discrim is None:
+        if not bag and discrim is None:
             raise NeuroprobeError("steering needs an attribute: pass --bag NAME|FILE and/or --discrim NAME|FILE.")
-        # resolve the attribute files before the (slow) model load, so a typo fails at once
-        from neuroprobe.steering.attributes import DISCRIMINATORS, bag_path
+        # check the attributes before the (slow) model load, so a typo or an unusable bag fails at once
+        from neuroprobe.steering.attributes import DISCRIMINATORS, check_bag, load_bag
 
-        if bag is not None:
-            bag_path(bag)
+        bags = list(bag or [])
+        for item in bags:
+            check_bag(item)
+        early = _early_tokenizer(model, weights) if bags else None
+        if early is not None:  # resolve the bags now: a bag no word of which counts fails before the model loads
+            for item in bags:
+                load_bag(item, early, multi_token=not single_token_only)
         if discrim is not None and discrim not in DISCRIMINATORS and not Path(discrim).expanduser().is_file():
             raise NeuroprobeError(f"discriminator {discrim!r} is neither a packaged head ({', '.join(DISCRIMINATORS)}) "
                                   f"nor an existing file; pass one of those names or a path to a head's state dict.")
@@ -61,26 +89,30 @@ def register(app: typer.Typer) -> None:
         except ImportError:
             raise NeuroprobeError("the subject registry (neuroprobe.subjects.load_subject) is not available in this "
                                   "installation; reinstall neuroprobe-cells.") from None
-        subject = load_subject(model, init=init, weights=weights, device=device, heads=True)
+        subject = load_subject(model, init=init, weights=weights, device=device, heads=True, quiet=quiet)
         lm = language_model(subject)
         result = steer(
-            lm, subject.tokenizer, prompt, bag=bag, discriminator=discrim, class_label=_class_label(class_label),
+            lm, subject.tokenizer, prompt, bags=bags, discriminator=discrim, class_label=_class_label(class_label),
+            multi_token=not single_token_only,
             length=length, seed=seed, progress=not quiet, stepsize=stepsize, num_iterations=num_iterations,
             gamma=gamma, gm_scale=gm_scale, kl_scale=kl_scale, top_k=top_k, window_length=window_length,
         )
-        if result.bag is not None:
-            b = result.bag
-            typer.echo(f"bag {b.name}: {len(b)} single-token words" + (f" ({len(b.dropped)} dropped)" if b.dropped else ""))
+        for b in result.bags:
+            typer.echo(b.describe())
         if result.discriminator is not None:
             typer.echo(f"discriminator {result.discriminator}, class {result.class_id}")
         typer.echo("= unsteered =")
         typer.echo(prompt + result.unsteered_text)
         typer.echo("= steered =")
         typer.echo(prompt + result.steered_text)
-        if result.bag is not None:
+        if result.bags:
             means = result.mean_mass()
-            typer.echo(f"mean bag probability mass per token: unsteered {means['unsteered']:.4f}, "
+            typer.echo(f"mean bag probability mass per token (whole words): unsteered {means['unsteered']:.4f}, "
                        f"steered {means['steered']:.4f}")
+            if len(result.bags) > 1:
+                for column in [c for c in result.mass.columns if c.startswith("bag_mass[")]:
+                    per = result.mass.groupby("run")[column].mean()
+                    typer.echo(f"  {column[9:-1]}: unsteered {per['unsteered']:.4f}, steered {per['steered']:.4f}")
         if out is not None:
             try:
                 result.mass.to_csv(out, index=False)

@@ -1,5 +1,9 @@
 """PPLM steering (Dathathri et al. 2020) on the transformers cache API.
 
+The cache goes in by the keyword the installed transformers takes (``cache=`` from 5.x,
+``past_key_values=`` before; :func:`cache_keyword`) as a ``DynamicCache``, and comes out
+of the output's ``cache`` (or ``past_key_values``) field, so no deprecated path is used.
+
 For every generated token, PPLM takes a few gradient steps on a perturbation ΔH of
 every layer's past keys and values so that the next-token distribution moves toward
 an attribute — a bag of words (loss −log Σ_{w∈bag} p(w)) and/or a discriminator's
@@ -26,12 +30,17 @@ Differences from uber-research/PPLM's ``run_pplm.py``, on purpose:
   past, as the paper describes (the reference masks the oldest ones);
 * the unperturbed distribution is computed incrementally with its own cache instead
   of re-running the whole sequence each step (same numbers, less work);
-* the fused top-k distribution is always renormalised.
+* the fused top-k distribution is always renormalised;
+* a bag word of several tokens counts, with the probability of the whole word (the
+  reference keeps single-token words only; ``multi_token=False`` restores that), and
+  several bags are steered toward together with the reference's ``Σ −log mass`` loss.
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, fields
+import functools
+import inspect
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -49,6 +58,8 @@ from neuroprobe.steering.attributes import (
     load_bag,
     load_discriminator,
 )
+
+Bag = str | BagOfWords | Sequence[str]
 
 #: Added to probabilities at or below it before taking logs (PPLM's constant).
 SMALL_CONST = 1e-15
@@ -149,13 +160,16 @@ class SteeringResult:
         Decoded continuations.
     mass
         One row per run and step: ``run`` (``steered``/``unsteered``), ``step``,
-        ``token_id``, ``token``, ``in_bag``, ``bag_mass`` (Σ over the bag of the
-        full-vocabulary distribution the run samples from: the fusion for the steered
-        run, the model's softmax for the unsteered one), ``bag_mass_unpert`` (the
-        unperturbed model's mass at the same context) and ``attribute_loss`` (the
-        attribute loss at the last PPLM iteration; NaN when none ran).
+        ``token_id``, ``token``, ``in_bag`` (the token is a bag word or a multi-token
+        word's first piece), ``bag_mass`` (Σ over the bags' words of the probability of
+        the whole word: its first piece from the distribution the run samples from — the
+        fusion for the steered run, the model's softmax for the unsteered one — and its
+        further pieces, teacher-forced, from the (perturbed) model that run uses),
+        ``bag_mass_unpert`` (the unperturbed model's mass at the same context),
+        ``attribute_loss`` (the attribute loss at the last PPLM iteration; NaN when none
+        ran) and, with several bags, ``bag_mass[<name>]`` per bag.
     bag
-        The resolved bag of words, if any.
+        The first resolved bag of words, if any.
     discriminator
         Name of the discriminator, if any, and ``class_id`` its target class.
     hyperparameters
@@ -176,6 +190,13 @@ class SteeringResult:
     class_id: int | None
     hyperparameters: dict[str, Any]
     seed: int
+    bags: list[BagOfWords] = field(default_factory=list)
+
+    def word_counts(self) -> pd.DataFrame:
+        """How often each bag's words occur in each run's text (rows ``steered``/``unsteered``, one column per bag)."""
+        texts = {"steered": self.steered_text, "unsteered": self.unsteered_text}
+        return pd.DataFrame({b.name: {run: sum(t.count(w) for w in b.words) for run, t in texts.items()}
+                             for b in self.bags})
 
     def mean_mass(self) -> pd.Series:
         """Mean bag probability mass per run (index ``steered``, ``unsteered``)."""
@@ -240,18 +261,54 @@ def window_mask(length: int, window_length: int, decay: bool, device: torch.devi
 
 
 # ----------------------------------------------------------------- model plumbing
-def _cache(past: Past) -> DynamicCache | None:
-    return DynamicCache(ddp_cache_data=past) if past else None
+@functools.lru_cache(maxsize=None)
+def cache_keyword(model_class: type) -> str:
+    """The keyword a model's ``forward`` takes its cache by.
+
+    ``cache`` from transformers 5.x on (``past_key_values=`` is deprecated there and goes
+    away in 5.40), ``past_key_values`` before.
+    """
+    params = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def make_cache(past: Past) -> DynamicCache | None:
+    """A :class:`~transformers.DynamicCache` holding ``past`` (one ``(keys, values)`` per layer), or ``None``."""
+    if not past:
+        return None
+    try:
+        return DynamicCache(ddp_cache_data=past)
+    except TypeError:  # transformers < 4.56 builds a DynamicCache from the legacy layout
+        return DynamicCache.from_legacy_cache(tuple(past))
 
 
 def _past_of(cache: Any) -> Past:
+    """One ``(keys, values)`` per layer from a cache object (any transformers version) or legacy tuples."""
+    if isinstance(cache, (tuple, list)) and all(isinstance(layer, (tuple, list)) for layer in cache):
+        return [(layer[0], layer[1]) for layer in cache]
     layers = getattr(cache, "layers", None)
-    if layers is None or not all(hasattr(layer, "keys") for layer in layers):
-        raise NeuroprobeError(
-            f"PPLM steering needs a model whose cache is a DynamicCache of keys and values, not {type(cache).__name__}; "
-            f"steer a GPT-2-style causal language model."
-        )
-    return [(layer.keys, layer.values) for layer in layers]
+    if layers is not None and all(hasattr(layer, "keys") for layer in layers):
+        return [(layer.keys, layer.values) for layer in layers]
+    if hasattr(cache, "key_cache") and hasattr(cache, "value_cache"):
+        return list(zip(cache.key_cache, cache.value_cache))
+    raise NeuroprobeError(
+        f"PPLM steering needs a model whose cache holds keys and values per layer, not {type(cache).__name__}; "
+        f"steer a GPT-2-style causal language model."
+    )
+
+
+def past_from_output(out: Any) -> Past:
+    """The past of a forward pass's output, read without touching deprecated attributes."""
+    keys = out.keys()
+    cache = out["cache"] if "cache" in keys else out["past_key_values"] if "past_key_values" in keys else None
+    if cache is None:
+        raise NeuroprobeError("the model returned no cache; steer a causal language model that supports use_cache.")
+    return _past_of(cache)
+
+
+def call_with_past(model: torch.nn.Module, past: Past, **inputs: Any) -> Any:
+    """``model(**inputs)`` continuing from ``past``, through the cache API of the installed transformers."""
+    return model(**inputs, **{cache_keyword(type(model)): make_cache(past)}, use_cache=True)
 
 
 def _forward(
@@ -271,15 +328,119 @@ def _forward(
     """
     if on_forward is not None:
         on_forward(phase)
-    out = model(
-        input_ids=input_ids,
-        inputs_embeds=inputs_embeds,
-        past_key_values=_cache(past),
-        use_cache=True,
-        output_hidden_states=hidden,
-    )
+    out = call_with_past(model, past, input_ids=input_ids, inputs_embeds=inputs_embeds, output_hidden_states=hidden)
     last_hidden = out.hidden_states[-1] if hidden else None
-    return out.logits[:, -1, :], _past_of(out.past_key_values), last_hidden
+    return out.logits[:, -1, :], past_from_output(out), last_hidden
+
+
+# ------------------------------------------------------------------- bags as tensors
+@dataclass
+class BagTensors:
+    """Several bags of words resolved to tensors, scored together.
+
+    Single-token words are read off the next-token distribution; each multi-token
+    word ``t1 … tn`` gets ``p(t1) · Π p(ti | t<i)``, its continuation pieces scored in one
+    batched teacher-forced pass over the words (all bags share it).
+    """
+
+    names: list[str]
+    single: list[torch.Tensor]
+    multi: list[torch.Tensor]
+    union_single: torch.Tensor
+    union_multi: torch.Tensor
+    first: torch.Tensor
+    cont_in: torch.Tensor
+    cont_tgt: torch.Tensor
+    cont_mask: torch.Tensor
+    starts: set[int] = field(default_factory=set)
+
+    @classmethod
+    def build(cls, bags: Sequence[BagOfWords], device: torch.device | str = "cpu") -> "BagTensors":
+        """Tensors for ``bags`` on ``device``."""
+        table: dict[tuple[int, ...], int] = {}
+        singles, multis = [], []
+        for bag in bags:
+            s_ids, m_idx = [], []
+            for pieces in bag.pieces:
+                if len(pieces) == 1:
+                    s_ids.append(pieces[0])
+                else:
+                    m_idx.append(table.setdefault(tuple(pieces), len(table)))
+            singles.append(torch.tensor(sorted(set(s_ids)), dtype=torch.long, device=device))
+            multis.append(torch.tensor(sorted(set(m_idx)), dtype=torch.long, device=device))
+        seqs = list(table)
+        width = max((len(q) - 1 for q in seqs), default=0)
+        cont_in = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
+        cont_tgt = torch.zeros_like(cont_in)
+        cont_mask = torch.zeros(len(seqs), width, dtype=torch.bool, device=device)
+        for i, q in enumerate(seqs):
+            n = len(q) - 1
+            cont_in[i, :n] = torch.tensor(q[:-1])
+            cont_tgt[i, :n] = torch.tensor(q[1:])
+            cont_mask[i, :n] = True
+        names: list[str] = []
+        for bag in bags:  # unique column names
+            name, k = bag.name, 2
+            while name in names:
+                name, k = f"{bag.name}-{k}", k + 1
+            names.append(name)
+        return cls(
+            names=names, single=singles, multi=multis,
+            union_single=torch.unique(torch.cat(singles)) if singles else torch.zeros(0, dtype=torch.long, device=device),
+            union_multi=torch.arange(len(seqs), device=device),
+            first=torch.tensor([q[0] for q in seqs], dtype=torch.long, device=device),
+            cont_in=cont_in, cont_tgt=cont_tgt, cont_mask=cont_mask,
+            starts={int(i) for s in singles for i in s.tolist()} | {q[0] for q in seqs},
+        )
+
+    @property
+    def n_multi(self) -> int:
+        """Number of distinct multi-token words."""
+        return int(self.first.numel())
+
+    def continuation_logprob(self, model: torch.nn.Module, past_full: Past, on_forward: OnForward | None = None) -> torch.Tensor:
+        """``Σ_i log p(t_i | context, t_<i)`` over each multi-token word's pieces after the first, ``[M]``.
+
+        ``past_full`` is the past including the position whose logits give the first piece.
+        """
+        m = self.n_multi
+        if on_forward is not None:
+            on_forward("words")
+        past = [(k.expand(m, *k.shape[1:]), v.expand(m, *v.shape[1:])) for k, v in past_full]
+        out = call_with_past(model, past, input_ids=self.cont_in)
+        logp = F.log_softmax(out.logits.float(), dim=-1).gather(-1, self.cont_tgt.unsqueeze(-1)).squeeze(-1)
+        return (logp * self.cont_mask).sum(dim=1)
+
+    def masses(
+        self,
+        model: torch.nn.Module,
+        past_full: Past,
+        first_probs: torch.Tensor,
+        on_forward: OnForward | None = None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Each bag's probability mass and that of their union (scalars; differentiable when the inputs are).
+
+        ``first_probs`` ``[1, V]`` is the next-token distribution the first pieces are read from.
+        """
+        probs = first_probs[0]
+        words = None
+        if self.n_multi:
+            words = probs[self.first] * self.continuation_logprob(model, past_full, on_forward).exp().to(probs.dtype)
+        per_bag = []
+        for single, multi in zip(self.single, self.multi):
+            mass = probs[single].sum()
+            if words is not None and multi.numel():
+                mass = mass + words[multi].sum()
+            per_bag.append(mass)
+        union = probs[self.union_single].sum() + (words.sum() if words is not None else 0.0)
+        return per_bag, union
+
+    def loss(self, model: torch.nn.Module, past_full: Past, probs: torch.Tensor, on_forward: OnForward | None = None) -> torch.Tensor:
+        """PPLM's bag loss over several bags: ``Σ_b −log mass_b``."""
+        if not self.n_multi and len(self.single) == 1:
+            return bag_loss(probs, self.single[0])  # PPLM's own form, bit for bit
+        per_bag, _ = self.masses(model, past_full, probs, on_forward)
+        return -sum(torch.log(m) for m in per_bag)
 
 
 @contextlib.contextmanager
@@ -319,13 +480,13 @@ def _hidden_size(model: torch.nn.Module) -> int | None:
 
 @dataclass
 class _Attribute:
-    bag_ids: torch.Tensor | None
+    bags: BagTensors | None
     head: ClassificationHead | None
     class_id: int | None
 
     @property
     def bag_only(self) -> bool:
-        return self.bag_ids is not None and self.head is None
+        return self.bags is not None and self.head is None
 
 
 # --------------------------------------------------------------- the PPLM update
@@ -339,6 +500,7 @@ def perturb_past(
     bag_ids: torch.Tensor | None = None,
     head: ClassificationHead | None = None,
     class_id: int | None = None,
+    bags: BagTensors | None = None,
     unpert_past_full: Past | None = None,
     hidden_sum: torch.Tensor | None = None,
     n_tokens: int = 0,
@@ -362,6 +524,8 @@ def perturb_past(
         Hyperparameters.
     bag_ids, head, class_id
         The attribute: a bag's token ids and/or a discriminator head and target class.
+    bags
+        Bags of words with multi-token words and/or several bags (instead of ``bag_ids``).
     unpert_past_full, hidden_sum, n_tokens
         For the discriminator: the unperturbed past including ``last``, the sum of the
         unperturbed final hidden states before ``last`` ``[1, E]``, and the number of
@@ -383,18 +547,21 @@ def perturb_past(
     mask = window_mask(length, hp.window_length, hp.decay, device=last.device).view(1, 1, length, 1)
     deltas: Past = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in past]
     attribute_loss = float("nan")
-    bag_only = bag_ids is not None and head is None
+    if bags is None and bag_ids is not None:
+        bags = BagTensors.build([BagOfWords("bag", tuple(map(str, bag_ids.tolist())),
+                                            tuple((int(i),) for i in bag_ids.tolist()))], device=bag_ids.device)
+    bag_only = bags is not None and head is None
     for _ in range(hp.num_iterations):
         leaves = [(dk.clone().requires_grad_(True), dv.clone().requires_grad_(True)) for dk, dv in deltas]
         with torch.enable_grad():
             shifted = [(k + dk, v + dv) for (k, v), (dk, dv) in zip(past, leaves)]
-            logits, _, hidden = _forward(
+            logits, shifted_full, hidden = _forward(
                 model, shifted, input_ids=last, hidden=head is not None, phase="perturbation", on_forward=on_forward
             )
             probs = F.softmax(logits, dim=-1)
             loss = probs.new_zeros(())
-            if bag_ids is not None:
-                loss = loss + bag_loss(probs, bag_ids)
+            if bags is not None:
+                loss = loss + bags.loss(model, shifted_full, probs, on_forward)
             if head is not None:
                 loss = loss + _discriminator_loss(
                     model, probs, hidden, head, class_id, unpert_past_full, hidden_sum, n_tokens, hp, on_forward
@@ -457,21 +624,27 @@ def _sample(probs: torch.Tensor, hp: PPLMHyperparameters, generator: torch.Gener
     return filtered.argmax(dim=-1, keepdim=True)
 
 
-def _mass(probs: torch.Tensor, bag_ids: torch.Tensor | None) -> float:
-    return float(probs[0, bag_ids].sum()) if bag_ids is not None else float("nan")
+def _masses(bags: BagTensors | None, model: torch.nn.Module, past_full: Past, probs: torch.Tensor,
+            on_forward: OnForward | None) -> tuple[float, dict[str, float]]:
+    """Union mass and per-bag masses (floats) at one step; NaN without bags."""
+    if bags is None:
+        return float("nan"), {}
+    per_bag, union = bags.masses(model, past_full, probs, on_forward)
+    return float(union), ({f"bag_mass[{n}]": float(m) for n, m in zip(bags.names, per_bag)} if len(per_bag) > 1 else {})
 
 
-def _row(run: str, step: int, token: int, tokenizer: Any, bag: set[int], mass: float, mass_unpert: float,
-         loss: float) -> dict[str, Any]:
+def _row(run: str, step: int, token: int, tokenizer: Any, bags: BagTensors | None, mass: tuple[float, dict[str, float]],
+         mass_unpert: float, loss: float) -> dict[str, Any]:
     return {
         "run": run,
         "step": step,
         "token_id": token,
         "token": tokenizer.decode([token]),
-        "in_bag": token in bag,
-        "bag_mass": mass,
+        "in_bag": bags is not None and token in bags.starts,
+        "bag_mass": mass[0],
         "bag_mass_unpert": mass_unpert,
         "attribute_loss": loss,
+        **mass[1],
     }
 
 
@@ -486,7 +659,6 @@ def _unsteered(
     on_forward: OnForward | None,
     tick: Callable[[], None],
 ) -> tuple[list[int], list[dict[str, Any]]]:
-    bag = set(attr.bag_ids.tolist()) if attr.bag_ids is not None else set()
     past: Past = []
     if prompt_ids.shape[1] > 1:
         _, past, _ = _forward(model, [], input_ids=prompt_ids[:, :-1], phase="prompt", on_forward=on_forward)
@@ -498,8 +670,8 @@ def _unsteered(
         probs = F.softmax(logits / hp.temperature, dim=-1)
         last = _sample(probs, hp, generator)
         token = int(last[0, 0])
-        mass = _mass(probs, attr.bag_ids)
-        rows.append(_row("unsteered", step, token, tokenizer, bag, mass, mass, float("nan")))
+        mass = _masses(attr.bags, model, past, probs, on_forward)
+        rows.append(_row("unsteered", step, token, tokenizer, attr.bags, mass, mass[0], float("nan")))
         tokens.append(token)
         tick()
     return tokens, rows
@@ -516,7 +688,6 @@ def _steered(
     on_forward: OnForward | None,
     tick: Callable[[], None],
 ) -> tuple[list[int], list[dict[str, Any]]]:
-    bag = set(attr.bag_ids.tolist()) if attr.bag_ids is not None else set()
     need_hidden = attr.head is not None
     past: Past = []
     hidden_sum: torch.Tensor | None = None
@@ -542,7 +713,7 @@ def _steered(
         if past and hp.num_iterations > 0 and alpha > 0:
             deltas, grad_norms, loss = perturb_past(
                 model, past, last, unpert_probs, hp,
-                bag_ids=attr.bag_ids, head=attr.head, class_id=attr.class_id,
+                bags=attr.bags, head=attr.head, class_id=attr.class_id,
                 unpert_past_full=unpert_past_full, hidden_sum=hidden_sum, n_tokens=n_tokens,
                 grad_norms=grad_norms, stepsize=alpha, on_forward=on_forward,
             )
@@ -554,8 +725,10 @@ def _steered(
         fused = fuse(pert_probs, unpert_probs, hp.gm_scale)
         last = _sample(fused, hp, generator)
         token = int(last[0, 0])
-        rows.append(_row("steered", step, token, tokenizer, bag, _mass(fused, attr.bag_ids),
-                         _mass(unpert_probs, attr.bag_ids), loss))
+        # the fused distribution gives the first pieces, the perturbed model the rest of each word
+        mass = _masses(attr.bags, model, past, fused, on_forward)
+        mass_unpert = _masses(attr.bags, model, unpert_past_full, unpert_probs, on_forward)[0]
+        rows.append(_row("steered", step, token, tokenizer, attr.bags, mass, mass_unpert, loss))
         tokens.append(token)
         unpert_past = unpert_past_full
         if unpert_hidden is not None:
@@ -586,16 +759,31 @@ def encode_prompt(tokenizer: Any, prompt: str, prepend_bos: bool = True) -> list
     return ids
 
 
+def resolve_bags(bag: Bag | None, bags: Sequence[Bag] | None, tokenizer: Any, *, multi_token: bool = True) -> list[BagOfWords]:
+    """Resolve ``bag`` and ``bags`` (names, files, word lists or :class:`BagOfWords`) against ``tokenizer``."""
+    out: list[BagOfWords] = []
+    for item in ([bag] if bag is not None else []) + list(bags or []):
+        if isinstance(item, BagOfWords):
+            out.append(item)
+        elif isinstance(item, (list, tuple)):
+            out.append(bag_from_words(list(item), tokenizer, name="custom", multi_token=multi_token))
+        else:
+            out.append(load_bag(item, tokenizer, multi_token=multi_token))
+    return out
+
+
 def steer(
     model: torch.nn.Module,
     tokenizer: Any,
     prompt: str,
-    bag: str | BagOfWords | Sequence[str] | None = None,
+    bag: Bag | None = None,
     discriminator: str | Discriminator | ClassificationHead | None = None,
     class_label: str | int | None = None,
     length: int = 20,
     seed: int = 0,
     *,
+    bags: Sequence[Bag] | None = None,
+    multi_token: bool = True,
     progress: bool = False,
     on_forward: OnForward | None = None,
     **hyperparameters: Any,
@@ -605,7 +793,7 @@ def steer(
     Parameters
     ----------
     model
-        A GPT-2-style causal LM (``transformers``; its cache must be a DynamicCache).
+        A GPT-2-style causal LM (``transformers``, with a key/value cache).
     tokenizer
         Its tokenizer.
     prompt
@@ -622,12 +810,19 @@ def steer(
         Tokens to generate.
     seed
         Seed of the sampling generators (each run has its own, both seeded with it).
+    bags
+        More bags (each as ``bag``), steered toward together: the loss is PPLM's
+        ``Σ_bags −log mass(bag)``.
+    multi_token
+        Score words of several tokens as whole words (default); ``False`` keeps only
+        single-token words, PPLM's original rule.
     progress
         Show a progress bar.
     on_forward
         Called as ``on_forward(phase)`` before every forward pass, with phase one of
         ``prompt``, ``unperturbed``, ``perturbation``, ``horizon``, ``steered``,
-        ``unsteered``: lets electrodes that are reading tell the passes apart.
+        ``unsteered``, ``words`` (the teacher-forced pass over multi-token words): lets
+        electrodes that are reading tell the passes apart.
     **hyperparameters
         See :class:`PPLMHyperparameters` (``stepsize=0.02, gamma=1.5, gm_scale=0.9,
         kl_scale=0.01, num_iterations=3, top_k=10`` ...).
@@ -635,7 +830,7 @@ def steer(
     Returns
     -------
     SteeringResult
-        Both continuations and the bag's probability mass per step.
+        Both continuations and the bags' probability mass per step.
 
     Notes
     -----
@@ -644,7 +839,7 @@ def steer(
     count, parameters and their ``.grad`` are left as they were.
     """
     hp = PPLMHyperparameters.from_kwargs(**hyperparameters)
-    if bag is None and discriminator is None:
+    if bag is None and not bags and discriminator is None:
         raise NeuroprobeError("steering needs an attribute: pass a bag of words (--bag) and/or a discriminator (--discrim).")
     if length < 1:
         raise NeuroprobeError(f"length must be at least 1 token, not {length}.")
@@ -653,16 +848,14 @@ def steer(
     except StopIteration:
         raise NeuroprobeError("the model has no parameters; pass a loaded language model.") from None
 
-    resolved_bag: BagOfWords | None = None
-    if bag is not None:
-        if isinstance(bag, (list, tuple)):
-            resolved_bag = bag_from_words(list(bag), tokenizer, name="custom")
-        else:
-            resolved_bag = load_bag(bag, tokenizer)  # type: ignore[arg-type]
-        vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
-        if vocab is not None and max(resolved_bag.token_ids) >= vocab:
-            raise NeuroprobeError(f"bag {resolved_bag.name!r} has token ids beyond the model's vocabulary; "
-                                  f"use the subject's own tokenizer.")
+    resolved = resolve_bags(bag, bags, tokenizer, multi_token=multi_token)
+    if resolved:
+        emb = model.get_output_embeddings()
+        vocab = emb.weight.shape[0] if emb is not None else None
+        for b in resolved:
+            if vocab is not None and max(max(p) for p in b.pieces) >= vocab:
+                raise NeuroprobeError(f"bag {b.name!r} has token ids beyond the model's vocabulary; "
+                                      f"use the subject's own tokenizer.")
     if discriminator is None and class_label is not None:
         raise NeuroprobeError("a class label needs a discriminator; pass --discrim too.")
     prompt_list = encode_prompt(tokenizer, prompt, hp.prepend_bos)
@@ -694,7 +887,7 @@ def steer(
                     )
             prompt_ids = torch.tensor([prompt_list], dtype=torch.long, device=device)
             attr = _Attribute(
-                bag_ids=resolved_bag.ids_tensor(device) if resolved_bag is not None else None,
+                bags=BagTensors.build(resolved, device) if resolved else None,
                 head=disc.head if disc is not None else None,
                 class_id=class_id,
             )
@@ -716,9 +909,10 @@ def steer(
         steered_text=tokenizer.decode(steered_ids),
         unsteered_text=tokenizer.decode(unsteered_ids),
         mass=mass,
-        bag=resolved_bag,
+        bag=resolved[0] if resolved else None,
         discriminator=disc.name if disc is not None else None,
         class_id=class_id,
         hyperparameters=asdict(hp),
         seed=seed,
+        bags=resolved,
     )

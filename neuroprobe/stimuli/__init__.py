@@ -1,6 +1,14 @@
 """Stimulus batteries: load, validate, render."""
-from neuroprobe.stimuli.battery import Battery, probes_root
+from __future__ import annotations
 
-load_battery = Battery.load
+from neuroprobe._lazy import lazy_exports
+
+# names load on first use: importing the package stays cheap (see neuroprobe/_lazy.py)
+_EXPORTS = {
+    "Battery": "neuroprobe.stimuli.battery",
+    "probes_root": "neuroprobe.stimuli.battery",
+    "load_battery": "neuroprobe.stimuli.battery:Battery.load",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = ["Battery", "load_battery", "probes_root"]

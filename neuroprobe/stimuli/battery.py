@@ -22,6 +22,16 @@ A battery folder holds
     ============  ==============================================================
 
 Validation errors name the file and the row.
+
+A battery folder may come from someone else, so validation treats it as
+untrusted: ``battery.json`` must be UTF-8 JSON with one object per concept; text
+may not hold NUL characters; column names may not be ``index`` (the recording's
+own row column) or hold ``/``; every image must lie inside the battery folder
+(``../`` and absolute paths are refused unless ``battery.json`` says
+``"allow_outside_images": true`` or the caller passes ``allow_outside_images=True``,
+the CLI's ``--allow-outside-images``), and every image is decoded once, before any
+model is loaded, so a corrupt, truncated, empty or oversized image stops the run
+at validation with its row named.
 """
 from __future__ import annotations
 
@@ -41,11 +51,78 @@ SPLITS = ("screening", "testing")
 REQUIRED = ("id", "concept", "modality", "form", "split")
 OPTIONAL = ("text", "image", "cloze", "target")
 
+#: Largest image (in pixels) a battery may hold: 64 megapixels (e.g. 8000 x 8000).
+MAX_IMAGE_PIXELS = 64_000_000
+
+#: Images already decoded without error: (resolved path, size, mtime) -> None.
+_CHECKED_IMAGES: dict[tuple[str, int, int], None] = {}
+
+
+def check_image(path: Path) -> str | None:
+    """Decode ``path`` fully; return why it is not a usable image (``None`` when it is)."""
+    from PIL import Image
+
+    try:
+        st = path.stat()
+    except OSError as err:
+        return f"cannot be read ({err.strerror})"
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key in _CHECKED_IMAGES:
+        return None
+    if st.st_size == 0:
+        return "is empty"
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                return f"is too large ({w} x {h} pixels; at most {MAX_IMAGE_PIXELS // 1_000_000} megapixels)"
+            im.load()
+    except Image.DecompressionBombError:
+        return f"is too large (more than {MAX_IMAGE_PIXELS // 1_000_000} megapixels)"
+    except Exception as err:  # noqa: BLE001 - Pillow raises many types for bad files
+        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return f"cannot be decoded as an image ({text})"
+    _CHECKED_IMAGES[key] = None
+    return None
+
 
 def probes_root() -> Path:
     """Folder holding the shipped batteries (``probes/`` of the repository or install)."""
     here = Path(__file__).resolve().parents[2] / "probes"
     return here
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` (after following ``..`` and symlinks) lies inside ``root``."""
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except OSError:
+        return False
+
+
+def _concepts(raw: Any, where: Path) -> dict[str, dict[str, Any]]:
+    """Check ``battery.json``'s ``concepts``: one object (or null) per concept, with a text prompt and a list of names."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in raw.items():
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise BatteryError(
+                f"{where}: concept {str(key)!r} must be an object like {{\"prompt\": ..., \"names\": [...]}}, "
+                f"not {type(value).__name__} {value!r:.40}."
+            )
+        prompt = value.get("prompt", key)
+        names = value.get("names", [key])
+        if not isinstance(prompt, str):
+            raise BatteryError(f"{where}: the prompt of concept {str(key)!r} must be text.")
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
+            raise BatteryError(f"{where}: the names of concept {str(key)!r} must be a non-empty list of words.")
+        if any("\x00" in x for x in [str(key), prompt, *names]):
+            raise BatteryError(f"{where}: concept {str(key)!r} holds a NUL character.")
+        out[str(key)] = dict(value)
+    if not out:
+        raise BatteryError(f"{where}: declares no concepts.")
+    return out
 
 
 @dataclass
@@ -71,11 +148,22 @@ class Battery:
     table: pd.DataFrame
     concepts: dict[str, dict[str, Any]]
     meta: dict[str, Any] = field(default_factory=dict)
+    allow_outside_images: bool = False
 
     # ------------------------------------------------------------------ load
     @classmethod
-    def load(cls, spec: str | Path) -> "Battery":
-        """Load and validate a battery by name (under ``probes/``) or by folder path."""
+    def load(cls, spec: str | Path, *, allow_outside_images: bool = False) -> "Battery":
+        """Load and validate a battery by name (under ``probes/``) or by folder path.
+
+        Parameters
+        ----------
+        spec
+            A shipped battery's name or a battery folder.
+        allow_outside_images
+            Let image paths point outside the battery folder (``../shared/x.png``,
+            absolute paths).  Off by default: a battery from someone else must not
+            read files elsewhere on this machine.
+        """
         path = Path(spec)
         if not path.exists():
             candidate = probes_root() / str(spec)
@@ -87,37 +175,48 @@ class Battery:
                     f"battery {str(spec)!r} not found: give a folder with battery.json and stimuli.csv "
                     f"or one of the shipped batteries ({known or 'none'})."
                 )
-        return cls._load_dir(path.resolve())
+        if not path.is_dir():
+            raise BatteryError(f"battery {str(spec)!r} is not a folder; a battery is a folder with battery.json and stimuli.csv.")
+        return cls._load_dir(path.resolve(), allow_outside_images)
 
     @classmethod
-    def _load_dir(cls, root: Path) -> "Battery":
+    def _load_dir(cls, root: Path, allow_outside_images: bool = False) -> "Battery":
         meta_path, csv_path = root / "battery.json", root / "stimuli.csv"
         for p in (meta_path, csv_path):
             if not p.exists():
                 raise BatteryError(f"{p}: missing; a battery folder needs battery.json and stimuli.csv.")
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise BatteryError(f"{meta_path}: not UTF-8 text (byte {err.start}); save it as UTF-8.") from None
         except json.JSONDecodeError as err:
             raise BatteryError(f"{meta_path}: not valid JSON ({err.msg} at line {err.lineno}).") from None
+        except OSError as err:
+            raise BatteryError(f"{meta_path}: cannot be read ({err.strerror}).") from None
         if not isinstance(meta, dict) or not isinstance(meta.get("concepts"), dict):
             raise BatteryError(f"{meta_path}: needs an object with a 'concepts' mapping.")
         try:
             table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise BatteryError(f"{csv_path}: not UTF-8 text (byte {err.start}); save it as UTF-8.") from None
         except Exception as err:  # pandas parser errors name the line
-            raise BatteryError(f"{csv_path}: cannot be parsed as CSV ({err}).") from None
+            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise BatteryError(f"{csv_path}: cannot be parsed as CSV ({text}).") from None
         battery = cls(
             name=str(meta.get("name", root.name)),
             root=root,
             table=table,
-            concepts={str(k): dict(v or {}) for k, v in meta["concepts"].items()},
+            concepts=_concepts(meta["concepts"], meta_path),
             meta=meta,
+            allow_outside_images=allow_outside_images or meta.get("allow_outside_images") is True,
         )
         battery.validate()
         return battery
 
     @classmethod
     def from_table(
-        cls, table: pd.DataFrame, concepts: dict[str, dict[str, Any]] | None = None, name: str = "custom", root: str | Path = "."
+        cls, table: pd.DataFrame, concepts: dict[str, dict[str, Any]] | None = None, name: str = "custom",
+        root: str | Path = ".", *, allow_outside_images: bool = False,
     ) -> "Battery":
         """Build a battery in memory (for paper code and tests); validated like a folder."""
         table = table.copy()
@@ -127,7 +226,9 @@ class Battery:
         table = table.astype({c: str for c in REQUIRED + OPTIONAL})
         if concepts is None:
             concepts = {c: {"prompt": c, "names": [c]} for c in pd.unique(table["concept"])}
-        battery = cls(name=name, root=Path(root).resolve(), table=table.reset_index(drop=True), concepts=concepts, meta={"name": name, "concepts": concepts})
+        concepts = _concepts(concepts, Path(root) / "battery.json")
+        battery = cls(name=name, root=Path(root).resolve(), table=table.reset_index(drop=True), concepts=concepts,
+                      meta={"name": name, "concepts": concepts}, allow_outside_images=allow_outside_images)
         battery.validate()
         return battery
 
@@ -144,6 +245,17 @@ class Battery:
                 t[col] = ""
         if len(t) == 0:
             raise BatteryError(f"{where}: has no stimuli.")
+        for col in t.columns:
+            name = str(col)
+            if name == "index" or "/" in name or not name.strip() or "\x00" in name:
+                raise BatteryError(
+                    f"{where}: column name {name!r} is not allowed (it may not be 'index', be empty, or hold '/'); rename it."
+                )
+        for col in t.columns:
+            has_nul = t[col].astype(str).str.contains("\x00", regex=False)
+            if has_nul.any():
+                line = int(has_nul.to_numpy().argmax()) + 2
+                raise BatteryError(f"{where}, row {line}: column {str(col)!r} holds a NUL character; remove it.")
         seen: dict[str, int] = {}
         for i, row in enumerate(t.itertuples(index=False)):
             line = i + 2  # header is line 1
@@ -165,8 +277,17 @@ class Battery:
             if r["modality"] in ("image", "pair"):
                 if not str(r["image"]).strip():
                     raise BatteryError(f"{where}, row {line}: a {r['modality']} stimulus needs an 'image' path.")
-                if not (self.root / r["image"]).is_file():
+                image = self.root / r["image"]
+                if not self.allow_outside_images and not _inside(image, self.root):
+                    raise BatteryError(
+                        f"{where}, row {line}: image {r['image']!r} lies outside the battery folder; set "
+                        f"\"allow_outside_images\": true in battery.json (or pass --allow-outside-images) if that is intended."
+                    )
+                if not image.is_file():
                     raise BatteryError(f"{where}, row {line}: image file {r['image']!r} does not exist.")
+                problem = check_image(image.resolve())
+                if problem:
+                    raise BatteryError(f"{where}, row {line}: image {r['image']!r} {problem}.")
             if r["cloze"] and "{mask}" not in r["cloze"]:
                 raise BatteryError(f"{where}, row {line}: cloze text must contain '{{mask}}'.")
         for concept, info in self.concepts.items():

@@ -12,10 +12,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def subjects(
-        name: Optional[str] = typer.Argument(None, help="Show one subject's card (and sites with --sites)."),
+        name: Optional[str] = typer.Argument(None, metavar="SUBJECT", help="Show one subject's card (and sites with --sites)."),
         sites: Optional[str] = typer.Option(None, "--sites", help="Also list the sites of this montage (loads the subject)."),
-        init: str = typer.Option("pretrained", "--init"),
-        weights: Optional[str] = typer.Option(None, "--weights"),
+        init: str = typer.Option("pretrained", "--init", help="With --sites: pretrained, or random (the untrained control)."),
+        weights: Optional[str] = typer.Option(None, "--weights", help="With --sites: local folder with the checkpoint files."),
     ) -> None:
         """List subjects: checkpoint, revision, licence, parameters."""
         import pandas as pd

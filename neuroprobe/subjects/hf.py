@@ -23,6 +23,7 @@ import dataclasses
 import importlib
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -31,7 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from neuroprobe.errors import MissingWeightsError, NeuroprobeError
+from neuroprobe.errors import MissingWeightsError, NeuroprobeError, is_refused_pickle, refused_pickle
 from neuroprobe.subjects.base import Batch, SitePattern as P, Subject
 from neuroprobe.subjects.registry import SubjectSpec
 
@@ -273,10 +274,16 @@ def load_hf_subject(
                 torch.random.set_rng_state(gen_state)
             model = model.to(dtype)
         else:
-            model = cls.from_pretrained(source, revision=revision, config=config, dtype=dtype,
-                                        trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise _missing(spec, source, local, err) from None
+            with warnings.catch_warnings():  # torch's note on pickle protocols is noise next to our own sentence
+                warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+                model = cls.from_pretrained(source, revision=revision, config=config, dtype=dtype,
+                                            trust_remote_code=trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - sorted below; anything else is re-raised
+        if is_refused_pickle(err):
+            raise refused_pickle(f"the checkpoint of {spec.name!r} in {source}") from None
+        if isinstance(err, (OSError, ValueError)):
+            raise _missing(spec, source, local, err) from None
+        raise
     model.to(device).eval()
     head_model = None
     if heads and arch and arch.head != arch.base:

@@ -61,6 +61,7 @@ class SubjectSpec:
 
 
 _HF = "neuroprobe.subjects.hf:load_hf_subject"
+_CLIP_RN = "neuroprobe.subjects.clip_resnet.subject:load_clip_resnet_subject"
 
 REGISTRY: dict[str, SubjectSpec] = {
     s.name: s
@@ -86,6 +87,18 @@ REGISTRY: dict[str, SubjectSpec] = {
         SubjectSpec("clip", "openai/clip-vit-base-patch32", "main", "MIT", "151M", _HF, "clip",
                     modalities=("text", "image", "pair"),
                     description="CLIP ViT-B/32 dual encoder (Radford et al. 2021)"),
+        SubjectSpec("clip-rn50", "openai/CLIP RN50.pt", "sha256:afeb0e10", "MIT", "102M", _CLIP_RN,
+                    modalities=("text", "image", "pair"),
+                    description="CLIP ResNet-50 (Radford et al. 2021), plain-torch port; keys and parity checked against openai/CLIP",
+                    extra={"variant": "RN50"}),
+        SubjectSpec("clip-rn101", "openai/CLIP RN101.pt", "sha256:8fa8567b", "MIT", "120M", _CLIP_RN,
+                    modalities=("text", "image", "pair"),
+                    description="CLIP ResNet-101 (Radford et al. 2021), plain-torch port",
+                    extra={"variant": "RN101"}),
+        SubjectSpec("clip-rn50x4", "openai/CLIP RN50x4.pt", "sha256:7e526bd1", "MIT", "178M", _CLIP_RN,
+                    modalities=("text", "image", "pair"),
+                    description="CLIP RN50x4, where Goh et al. 2021 found multimodal neurons; keys and parity checked against openai/CLIP",
+                    extra={"variant": "RN50x4"}),
         SubjectSpec("lxmert", "unc-nlp/lxmert-base-uncased", "main", "MIT", "228M", _HF, "lxmert",
                     modalities=("text", "image", "pair"),
                     description="LXMERT cross-modality encoder (Tan & Bansal 2019), regions from Faster R-CNN",

@@ -1,8 +1,9 @@
 """Where the DALL·E subject gets the image codes it scores.
 
 min-dalle's decoder predicts **VQGAN codes** (16 x 16 grid, 16384 codes).  The VQGAN
-*encoder* (pixels -> codes) is not among min-dalle's files and is not implemented
-here, so codes come from, in order:
+*encoder* (pixels -> codes) is not among min-dalle's files; with its weights
+(``vqgan=FILE``, see :mod:`neuroprobe.subjects.dalle.encoder`) the subject encodes images
+itself.  Codes come from, in order:
 
 1. a **codes file** (``dalle_codes.json`` in the battery folder, or the subject's
    ``codes=PATH`` option) written by running the VQGAN encoder elsewhere::
@@ -12,7 +13,8 @@ here, so codes come from, in order:
 
    keys are image paths relative to the battery folder, or ``concept:<name>`` for a
    concept's reference image;
-2. otherwise a deterministic **pixel-code fallback** (:func:`pixel_codes`): the
+2. the **VQGAN encoder**, when its weights were given;
+3. otherwise a deterministic **pixel-code fallback** (:func:`pixel_codes`): the
    image is centre-cropped and averaged to a 16 x 16 grid and each cell's colour is
    quantised to a code index.  These are *not* VQGAN codes: a pretrained model's
    likelihood of them says little about what it knows, so the subject warns when it
@@ -105,9 +107,12 @@ class ImageCodes:
         Valid code values (16384).
     codes_path
         Optional codes file used for every battery (else ``<battery>/dalle_codes.json`` if present).
+    encoder
+        Optional ``fn(PIL image) -> codes [count]`` (the VQGAN encoder) for images without a file entry.
     """
 
-    def __init__(self, count: int, code_count: int, codes_path: str | Path | None = None) -> None:
+    def __init__(self, count: int, code_count: int, codes_path: str | Path | None = None, encoder: Any = None) -> None:
+        self.encoder = encoder
         self.count = count
         self.code_count = code_count
         self.codes_path = Path(codes_path) if codes_path else None
@@ -139,6 +144,8 @@ class ImageCodes:
             table, path = self._table(battery)
             if rel in table:
                 self._cache[key] = self._check(table[rel], rel, path)
+            elif self.encoder is not None:
+                self._cache[key] = self._check(self.encoder(battery.load_image(rel)), rel, None)
             else:
                 if not self.used_fallback:
                     warnings.warn(

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from neuroprobe.errors import MissingWeightsError, NeuroprobeError
+from neuroprobe.errors import MissingWeightsError, NeuroprobeError, is_refused_pickle, refused_pickle
 from neuroprobe.subjects.dalle.bart import DalleBart, init_random
 from neuroprobe.subjects.dalle.config import DETOKENIZER_FILE, HUB_REPO, DalleConfig
 from neuroprobe.subjects.dalle.tokenizer import TextTokenizer
@@ -148,6 +148,8 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
+        if is_refused_pickle(err):
+            raise refused_pickle(path) from None
         raise NeuroprobeError(f"{path} cannot be read as a torch state dict ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}).") from None
     if not isinstance(state, dict):
         raise NeuroprobeError(f"{path} does not hold a state dict; give min-dalle's encoder/decoder/detoker .pt files.")

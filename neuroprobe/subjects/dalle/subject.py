@@ -16,8 +16,9 @@ Stimuli
   branch), the decoder reads the image's codes.
 * pair: the pair's text, and the image's codes.
 
-Image codes come from a codes file or a pixel-colour stand-in
-(:mod:`neuroprobe.subjects.dalle.codes`).
+Image codes come from a codes file, the VQGAN encoder (``vqgan=FILE``: the
+f16-16384 encoder in taming's layout, :mod:`neuroprobe.subjects.dalle.encoder`), or a
+pixel-colour stand-in (:mod:`neuroprobe.subjects.dalle.codes`).
 
 Readouts
 --------
@@ -119,13 +120,17 @@ class DalleSubject(Subject):
     readouts = {"image_token_loglik": image_token_loglik, "image_token_pmi": image_token_pmi}
     default_readout = "image_token_loglik"
 
-    def __init__(self, name: str, bundle: DalleBundle, *, codes: str | Path | None = None, **kwargs: Any) -> None:
+    def __init__(self, name: str, bundle: DalleBundle, *, codes: str | Path | None = None,
+                 vqgan: torch.nn.Module | None = None, **kwargs: Any) -> None:
         super().__init__(name, bundle.model, **kwargs)
         self.bundle = bundle
         self.config = bundle.config
         self.tokenizer = bundle.tokenizer
         self.site_patterns = dalle_site_patterns(bundle.config.head_count)
-        self.codes = ImageCodes(bundle.config.image_token_count, bundle.config.code_count, codes)
+        #: the VQGAN encoder (images -> codes) when its weights were given, else ``None``
+        self.vqgan = vqgan
+        self.codes = ImageCodes(bundle.config.image_token_count, bundle.config.code_count, codes,
+                                encoder=self.vqgan_codes if vqgan is not None else None)
         #: OpenAI's dVAE encoder when loaded (``dvae`` option with ``trust_pickle``), else ``None``
         self.dvae: torch.nn.Module | None = None
 
@@ -165,6 +170,17 @@ class DalleSubject(Subject):
         inputs = batch.to(self.device).inputs
         return self.model(inputs["text_tokens"], inputs["image_tokens"])
 
+    @torch.no_grad()
+    def vqgan_codes(self, image) -> torch.Tensor:
+        """VQGAN codes ``[256]`` of a PIL image (centre crop, 16 pixels per code), from the loaded encoder."""
+        from neuroprobe.subjects.dalle.encoder import image_pixels
+
+        if self.vqgan is None:
+            raise NeuroprobeError("no VQGAN encoder is loaded; pass --option vqgan=FILE (its state dict).")
+        side = int(round(self.config.image_token_count**0.5)) * self.vqgan.config.downsampling
+        param = next(self.vqgan.parameters())
+        return self.vqgan(image_pixels(image, side).to(param.device))[0].cpu()
+
     def dvae_tokens(self, battery, image: str) -> torch.Tensor:
         """OpenAI dVAE tokens ``[1024]`` of a battery image (needs the ``dvae`` option; not scored by this decoder)."""
         if self.dvae is None:
@@ -198,6 +214,7 @@ def load_dalle_subject(
     trust_remote_code: bool = False,
     variant: str = "mega",
     codes: str | Path | None = None,
+    vqgan: str | Path | None = None,
     dvae: str | Path | None = None,
     trust_pickle: bool | str = False,
     **options: Any,
@@ -213,7 +230,13 @@ def load_dalle_subject(
         ``--init random``).
     codes
         A codes file (see :mod:`neuroprobe.subjects.dalle.codes`); default the battery's
-        ``dalle_codes.json``, else the pixel-colour stand-in (with a warning).
+        ``dalle_codes.json``, else the VQGAN encoder (``vqgan``), else the pixel-colour
+        stand-in (with a warning).
+    vqgan
+        The VQGAN f16-16384 encoder's weights in taming-transformers' state-dict layout
+        (:mod:`neuroprobe.subjects.dalle.encoder`; key list inferred, loaded strictly): images
+        without a codes-file entry are encoded with it.  It is preprocessing: pretrained even
+        for ``init="random"``.
     dvae
         OpenAI's dVAE ``encoder.pkl``, attached as :attr:`DalleSubject.dvae` (an image
         tokenizer for OpenAI-style tokens; they are not what this decoder scores).  It is a
@@ -224,13 +247,18 @@ def load_dalle_subject(
     options.pop("quiet", None)
     if options:
         raise NeuroprobeError(
-            f"subject 'dalle' takes the options variant, codes, dvae and trust_pickle, not {', '.join(sorted(options))}."
+            f"subject 'dalle' takes the options variant, codes, vqgan, dvae and trust_pickle, not {', '.join(sorted(options))}."
         )
     trust = _flag(trust_pickle, "trust_pickle")
+    tokenizer = None
+    if vqgan is not None:  # checked before the transformer loads
+        from neuroprobe.subjects.dalle.encoder import load_vqgan_tokenizer
+
+        tokenizer = load_vqgan_tokenizer(vqgan, device=device)
     bundle = load_dalle(weights, variant=str(variant), init=init, device=device, dtype=dtype, seed=seed)
     checkpoint = f"kuprel/min-dalle (DALL-E {variant})" if weights is None else str(weights)
     subject = DalleSubject(
-        getattr(spec, "name", "dalle"), bundle, codes=codes, device=device, init=init, checkpoint=checkpoint,
+        getattr(spec, "name", "dalle"), bundle, codes=codes, vqgan=tokenizer, device=device, init=init, checkpoint=checkpoint,
         revision="main" if weights is None else "local", seed=seed,
     )
     if dvae is not None:

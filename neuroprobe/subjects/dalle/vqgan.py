@@ -1,8 +1,15 @@
-"""VQGAN detokenizer: image codes -> pixels (the decoder half of VQGAN f16, 16384 codes).
+"""VQGAN f16 (16384 codes): the detokenizer (codes -> pixels) and the tokenizer (pixels -> codes).
 
-Module and parameter names follow min-dalle's ``detoker.pt`` (converted from
-dalle-mini/vqgan_imagenet_f16_16384), so it loads with ``strict=True``.  The VQGAN
-*encoder* (pixels -> codes) is not part of that file and not implemented here.
+The detokenizer's module and parameter names follow min-dalle's ``detoker.pt``
+(converted from dalle-mini/vqgan_imagenet_f16_16384), so it loads with ``strict=True``.
+
+The tokenizer (:class:`VQGANTokenizer`) is not among min-dalle's files.  It is the
+encoder half of the same VQGAN, written after taming-transformers' ``Encoder``
+(``taming/modules/diffusionmodules/model.py``), its 1x1 ``quant_conv`` and the
+nearest-codebook lookup of ``VectorQuantizer2``, with taming's module and parameter
+names (``encoder.down.<i>.block.<j>.norm1.weight``, ``quant_conv.weight``,
+``quantize.embedding.weight``); see :mod:`neuroprobe.subjects.dalle.encoder` for the
+files it loads.
 """
 from __future__ import annotations
 
@@ -51,11 +58,11 @@ def _swish(x: torch.Tensor) -> torch.Tensor:
 class ResnetBlock(nn.Module):
     """GroupNorm-swish-conv twice, with a 1x1 shortcut when the width changes."""
 
-    def __init__(self, count_in: int, count_out: int, groups: int) -> None:
+    def __init__(self, count_in: int, count_out: int, groups: int, eps: float = 1e-5) -> None:
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, count_in)
+        self.norm1 = nn.GroupNorm(groups, count_in, eps=eps)
         self.conv1 = nn.Conv2d(count_in, count_out, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, count_out)
+        self.norm2 = nn.GroupNorm(groups, count_out, eps=eps)
         self.conv2 = nn.Conv2d(count_out, count_out, 3, padding=1)
         if count_in != count_out:
             self.nin_shortcut = nn.Conv2d(count_in, count_out, 1)
@@ -72,9 +79,9 @@ class ResnetBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Single-head spatial self-attention with 1x1 convolutions."""
 
-    def __init__(self, count: int, groups: int) -> None:
+    def __init__(self, count: int, groups: int, eps: float = 1e-5) -> None:
         super().__init__()
-        self.norm = nn.GroupNorm(groups, count)
+        self.norm = nn.GroupNorm(groups, count, eps=eps)
         self.q = nn.Conv2d(count, count, 1)
         self.k = nn.Conv2d(count, count, 1)
         self.v = nn.Conv2d(count, count, 1)
@@ -178,3 +185,155 @@ class VQGANDetokenizer(nn.Module):
         z = self.embedding(codes).view(b, side, side, -1).permute(0, 3, 1, 2).contiguous()
         x = self.decoder(self.post_quant_conv(z))
         return x.permute(0, 2, 3, 1).clamp(0.0, 1.0) * 255.0
+
+
+# ============================================================================ tokenizer
+
+
+@dataclass(frozen=True)
+class VQGANEncoderConfig:
+    """Sizes of the VQGAN encoder (taming-transformers ``ddconfig`` names).
+
+    Attributes
+    ----------
+    ch, ch_mult
+        Base width and per-level multipliers (level ``i`` has ``ch * ch_mult[i]`` channels).
+    num_res_blocks
+        Resnet blocks per level.
+    attn_resolutions
+        Feature-map sides at which each resnet block is followed by attention.
+    resolution
+        Input side the attention resolutions refer to.
+    z_channels
+        Encoder output width.
+    embed_dim, n_embed
+        Codebook vector width and size.
+    groups
+        GroupNorm groups (taming: 32).
+    eps
+        GroupNorm epsilon (taming: 1e-6).
+    pixel_range
+        Input pixel range the encoder expects: ``(-1, 1)`` for taming's checkpoints;
+        dalle-mini's f16-16384 is *inferred* to take ``(0, 1)``, because min-dalle's
+        detokenizer (same model) outputs ``[0, 1]`` (clipped) — a fact to confirm on the real file.
+    """
+
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    resolution: int = 256
+    z_channels: int = 256
+    embed_dim: int = 256
+    n_embed: int = 2**14
+    groups: int = 32
+    eps: float = 1e-6
+    pixel_range: tuple[float, float] = (0.0, 1.0)
+
+    @property
+    def downsampling(self) -> int:
+        """Input pixels per code along one side (16 for f16)."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+class Downsample(nn.Module):
+    """Zero-pad right and bottom by one, then a stride-2 3x3 convolution (taming's asymmetric padding)."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(count, count, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class DownLevel(nn.Module):
+    """One resolution level: resnet blocks (each with attention where asked), then an optional downsample."""
+
+    def __init__(self, count_in: int, count_out: int, blocks: int, cfg: VQGANEncoderConfig, attention: bool,
+                 downsample: bool) -> None:
+        super().__init__()
+        self.block = nn.ModuleList(
+            ResnetBlock(count_in if j == 0 else count_out, count_out, cfg.groups, cfg.eps) for j in range(blocks)
+        )
+        self.attn = nn.ModuleList(AttentionBlock(count_out, cfg.groups, cfg.eps) for _ in range(blocks)) if attention else nn.ModuleList()
+        if downsample:
+            self.downsample = Downsample(count_out)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for j, block in enumerate(self.block):
+            h = block(h)
+            if len(self.attn):
+                h = self.attn[j](h)
+        return h
+
+
+class Encoder(nn.Module):
+    """Pixels ``[B, 3, H, W]`` -> latent ``[B, z_channels, H/16, W/16]``."""
+
+    def __init__(self, cfg: VQGANEncoderConfig) -> None:
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = nn.Conv2d(3, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        count_in, side = cfg.ch, cfg.resolution
+        for i, width in enumerate(widths):
+            last = i == len(widths) - 1
+            self.down.append(DownLevel(count_in, width, cfg.num_res_blocks, cfg, side in cfg.attn_resolutions, not last))
+            count_in, side = width, side // 2
+        top = widths[-1]
+        self.mid = MiddleLayer(top, cfg.groups)
+        for module in self.mid.modules():  # the encoder's norms use taming's epsilon
+            if isinstance(module, nn.GroupNorm):
+                module.eps = cfg.eps
+        self.norm_out = nn.GroupNorm(cfg.groups, top, eps=cfg.eps)
+        self.conv_out = nn.Conv2d(top, cfg.z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(_swish(self.norm_out(h)))
+
+
+class Codebook(nn.Module):
+    """Nearest-neighbour lookup into ``embedding`` (taming's ``quantize`` module, inference only)."""
+
+    def __init__(self, n_embed: int, embed_dim: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(n_embed, embed_dim)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent ``[B, D, h, w]`` -> code indices ``[B, h*w]`` (row-major), argmin of ``‖z − e‖²``."""
+        b, d = z.shape[:2]
+        flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+        e = self.embedding.weight
+        dist = flat.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * flat @ e.t()
+        return dist.argmin(dim=1).view(b, -1)
+
+
+class VQGANTokenizer(nn.Module):
+    """Images -> VQGAN codes: ``encoder``, ``quant_conv``, ``quantize`` (taming's names).
+
+    ``forward`` takes pixels in ``[0, 1]`` ``[B, 3, H, W]`` (mapped to
+    :attr:`VQGANEncoderConfig.pixel_range`) and returns codes ``[B, (H/16)·(W/16)]``.
+    """
+
+    def __init__(self, config: VQGANEncoderConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or VQGANEncoderConfig()
+        self.encoder = Encoder(self.config)
+        self.quant_conv = nn.Conv2d(self.config.z_channels, self.config.embed_dim, 1)
+        self.quantize = Codebook(self.config.n_embed, self.config.embed_dim)
+
+    def latent(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The pre-quantisation latent ``quant_conv(encoder(x))`` of pixels in ``[0, 1]``."""
+        lo, hi = self.config.pixel_range
+        x = pixels.to(self.quant_conv.weight.dtype) * (hi - lo) + lo
+        return self.quant_conv(self.encoder(x))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.quantize(self.latent(pixels))

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from neuroprobe.errors import MissingWeightsError, NeuroprobeError
+from neuroprobe.errors import MissingWeightsError, NeuroprobeError, is_refused_pickle, refused_pickle
 from neuroprobe.subjects.frcnn.config import FrcnnConfig
 from neuroprobe.subjects.frcnn.model import Detector
 
@@ -139,7 +139,9 @@ def load_detector(weights: str | Path | None = None, hub_id: str = DEFAULT_HUB_I
     try:
         state = torch.load(bin_path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or foreign file
-        raise NeuroprobeError(f"Cannot read the detector weights {bin_path} ({err}); "
+        if is_refused_pickle(err):
+            raise refused_pickle(bin_path) from None
+        raise NeuroprobeError(f"Cannot read the detector weights {bin_path} ({type(err).__name__}); "
                               "download pytorch_model.bin of unc-nlp/frcnn-vg-finetuned again.") from err
     model = model.to_empty(device="cpu")
     anchors = model.proposal_generator.anchor_generator

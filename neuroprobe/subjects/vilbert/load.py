@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from neuroprobe.errors import MissingWeightsError, NeuroprobeError
+from neuroprobe.errors import MissingWeightsError, NeuroprobeError, is_refused_pickle, refused_pickle
 from neuroprobe.subjects.vilbert.config import CHECKPOINTS, ViLBERTConfig
 from neuroprobe.subjects.vilbert.model import ViLBERTModel
 
@@ -112,6 +112,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except RuntimeError:  # legacy (pre-zipfile) serialisation cannot be memory-mapped
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
+        if is_refused_pickle(err):
+            raise refused_pickle(path) from None
         raise MissingWeightsError(
             f"{path} is not a readable ViLBERT checkpoint ({type(err).__name__}); download it again."
         ) from None

@@ -1,0 +1,252 @@
+"""Inline SVG charts for the atlas: drawn as text, so pages need no image files and no plotting per unit.
+
+* :func:`quiroga_panel` — one unit's response to every stimulus, grouped by concept
+  and coloured by form (the bars of Quiroga et al. 2005), with the criterion's threshold;
+* :func:`bars` — grouped horizontal bars (cells per site beside the controls, per-form AUCs);
+* :func:`forgetting_curve` — readout change against lesion size, beside random lesions.
+"""
+from __future__ import annotations
+
+from html import escape
+from typing import Mapping, Sequence
+
+import numpy as np
+
+#: seaborn's "colorblind" palette (the figures module uses it too).
+PALETTE = ("#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc", "#ca9161", "#fbafe4", "#949494", "#ece133", "#56b4e9")
+
+
+def colours(names: Sequence[str]) -> dict[str, str]:
+    """A stable colour per name (in order of first appearance)."""
+    return {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(dict.fromkeys(names))}
+
+
+def _f(x: float) -> str:
+    return f"{x:.1f}"
+
+
+def _ticks(lo: float, hi: float, n: int = 4) -> list[float]:
+    if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
+        return [lo] if np.isfinite(lo) else []
+    step = 10 ** np.floor(np.log10((hi - lo) / n))
+    for m in (1, 2, 2.5, 5, 10):
+        if (hi - lo) / (step * m) <= n + 1:
+            step *= m
+            break
+    start = np.ceil(lo / step) * step
+    return [float(v) for v in np.arange(start, hi + step * 1e-9, step)]
+
+
+def _num(v: float) -> str:
+    return f"{v:.3g}"
+
+
+def quiroga_panel(
+    response: np.ndarray,
+    concept: Sequence[str],
+    form: Sequence[str],
+    concepts: Sequence[str],
+    *,
+    threshold: float | None = None,
+    highlight: str | None = None,
+    width: int = 960,
+    height: int = 260,
+) -> str:
+    """Bars of one unit's response to every stimulus, grouped by concept (battery order) then form.
+
+    Parameters
+    ----------
+    response
+        ``[n_stimuli]`` responses (NaN: the site did not see the stimulus; left out).
+    concept, form
+        Each stimulus's concept and form.
+    concepts
+        Concept order (the battery's).
+    threshold
+        A horizontal dashed line (the criterion's baseline mean + k SD).
+    highlight
+        A concept whose group gets a shaded background (the unit's concept).
+    """
+    response = np.asarray(response, dtype=np.float64)
+    concept = np.asarray(concept, dtype=object)
+    form = np.asarray(form, dtype=object)
+    ok = np.isfinite(response)
+    forms = list(dict.fromkeys(form[ok]))
+    col = colours(forms)
+    order: list[tuple[str, list[int]]] = []
+    for c in concepts:
+        idx = [i for f in forms for i in np.flatnonzero(ok & (concept == c) & (form == f))]
+        if idx:
+            order.append((c, idx))
+    n = sum(len(i) for _, i in order)
+    left, right, top, bottom = 48, 10, 26, 70
+    gap = 6.0
+    inner = width - left - right - gap * max(len(order) - 1, 0)
+    bw = inner / max(n, 1)
+    vals = response[ok]
+    lo = min(0.0, float(vals.min())) if vals.size else 0.0
+    hi = max(0.0, float(vals.max())) if vals.size else 1.0
+    if threshold is not None and np.isfinite(threshold):
+        hi = max(hi, float(threshold))
+        lo = min(lo, float(threshold))
+    if hi == lo:
+        hi = lo + 1.0
+    ph = height - top - bottom
+
+    def y(v: float) -> float:
+        return top + ph * (hi - v) / (hi - lo)
+
+    out = [f'<svg class="quiroga" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+           f'aria-label="responses to every stimulus, grouped by concept">']
+    for t in _ticks(lo, hi):
+        out.append(f'<line x1="{left}" x2="{width - right}" y1="{_f(y(t))}" y2="{_f(y(t))}" stroke="#eef0f3"/>'
+                   f'<text x="{left - 4}" y="{_f(y(t) + 4)}" font-size="10" text-anchor="end">{_num(t)}</text>')
+    x = float(left)
+    for c, idx in order:
+        w = bw * len(idx)
+        if c == highlight:
+            out.append(f'<rect x="{_f(x - 2)}" y="{top}" width="{_f(w + 4)}" height="{ph}" fill="#fff4d6"/>')
+        for i in idx:
+            v = response[i]
+            y0, y1 = sorted((y(0.0), y(v)))
+            out.append(f'<rect x="{_f(x)}" y="{_f(y0)}" width="{max(bw, 0.6):.2f}" height="{max(y1 - y0, 0.5):.2f}" '
+                       f'fill="{col[form[i]]}"><title>{escape(str(c))} / {escape(str(form[i]))}: {_num(v)}</title></rect>')
+            x += bw
+        cx = x - w / 2
+        out.append(f'<text x="{_f(cx)}" y="{height - bottom + 12}" font-size="11" text-anchor="end" '
+                   f'transform="rotate(-40 {_f(cx)} {height - bottom + 12})">{escape(str(c))}</text>')
+        x += gap
+    out.append(f'<line x1="{left}" x2="{width - right}" y1="{_f(y(0))}" y2="{_f(y(0))}" stroke="#888" stroke-width="0.8"/>')
+    if threshold is not None and np.isfinite(threshold):
+        out.append(f'<line x1="{left}" x2="{width - right}" y1="{_f(y(threshold))}" y2="{_f(y(threshold))}" '
+                   f'stroke="#111" stroke-dasharray="5 3" stroke-width="1"/>'
+                   f'<text x="{width - right}" y="{_f(y(threshold) - 4)}" font-size="10" text-anchor="end">threshold</text>')
+    out.append(f'<text x="12" y="{top + ph / 2}" font-size="11" transform="rotate(-90 12 {top + ph / 2})" '
+               f'text-anchor="middle">response</text>')
+    lx = left
+    for f_ in forms:
+        out.append(f'<rect x="{lx}" y="6" width="10" height="10" fill="{col[f_]}"/>'
+                   f'<text x="{lx + 13}" y="15" font-size="11">{escape(str(f_))}</text>')
+        lx += 22 + 6.5 * len(str(f_))
+    out.append("</svg>")
+    return "".join(out)
+
+
+def bars(
+    labels: Sequence[str],
+    series: Mapping[str, Sequence[float]],
+    *,
+    width: int = 520,
+    row: int = 18,
+    label_width: int = 190,
+    reference: float | None = None,
+    xmax: float | None = None,
+    fmt: str = "{:g}",
+) -> str:
+    """Horizontal grouped bars: one group per label, one bar per series (legend on top)."""
+    names = list(series)
+    col = dict(zip(names, PALETTE))
+    vals = np.array([[float(v) if v is not None else np.nan for v in series[s]] for s in names], dtype=np.float64)
+    finite = vals[np.isfinite(vals)]
+    hi = xmax if xmax is not None else (float(finite.max()) if finite.size else 1.0)
+    hi = hi if hi > 0 else 1.0
+    bh = max(4.0, (row - 4) / max(len(names), 1))
+    top = 22
+    height = top + row * len(labels) + 6
+    plot = width - label_width - 50
+
+    def x(v: float) -> float:
+        return label_width + plot * max(v, 0.0) / hi
+
+    out = [f'<svg class="bars" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img">']
+    lx = label_width
+    for s in names:
+        out.append(f'<rect x="{lx}" y="5" width="10" height="10" fill="{col[s]}"/><text x="{lx + 13}" y="14" font-size="11">{escape(s)}</text>')
+        lx += 24 + 6.5 * len(s)
+    for i, lab in enumerate(labels):
+        y0 = top + i * row
+        out.append(f'<text x="{label_width - 6}" y="{_f(y0 + row / 2 + 4)}" font-size="11" text-anchor="end">{escape(str(lab))}</text>')
+        for j, s in enumerate(names):
+            v = vals[j, i]
+            if not np.isfinite(v):
+                continue
+            yy = y0 + 2 + j * bh
+            out.append(f'<rect x="{label_width}" y="{_f(yy)}" width="{_f(x(v) - label_width)}" height="{_f(bh - 1)}" fill="{col[s]}">'
+                       f'<title>{escape(str(lab))} — {escape(s)}: {fmt.format(v)}</title></rect>'
+                       f'<text x="{_f(x(v) + 3)}" y="{_f(yy + bh - 2)}" font-size="10">{fmt.format(v)}</text>')
+    if reference is not None:
+        out.append(f'<line x1="{_f(x(reference))}" x2="{_f(x(reference))}" y1="{top - 2}" y2="{height - 4}" stroke="#111" stroke-dasharray="4 3"/>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def forgetting_curve(curves: Mapping[str, Mapping[str, Sequence[float]]], *, width: int = 560, height: int = 280) -> str:
+    """Readout change against lesion size ``k`` (log-spaced axis).
+
+    Parameters
+    ----------
+    curves
+        Per lesion mode: ``{"k": [...], "target": [...], "other": [...], "random": [...], "random_sd": [...]}``
+        (``random`` and ``random_sd`` may be missing or NaN).
+    """
+    left, right, top, bottom = 56, 14, 28, 36
+    ks = sorted({float(k) for c in curves.values() for k in c["k"]})
+    allv = [float(v) for c in curves.values() for key in ("target", "other", "random") for v in c.get(key, []) if np.isfinite(v)]
+    for c in curves.values():
+        for m, s in zip(c.get("random", []), c.get("random_sd", [])):
+            if np.isfinite(m) and np.isfinite(s):
+                allv += [m - s, m + s]
+    lo, hi = (min(allv + [0.0]), max(allv + [0.0])) if allv else (-1.0, 0.0)
+    if hi == lo:
+        hi = lo + 1.0
+    pad = 0.05 * (hi - lo)
+    lo, hi = lo - pad, hi + pad
+    lk = np.log2(ks) if ks else np.array([0.0])
+    kmin, kmax = float(lk.min()), float(lk.max())
+    if kmax == kmin:
+        kmin, kmax = kmin - 1, kmax + 1
+    pw, ph = width - left - right, height - top - bottom
+
+    def X(k: float) -> float:
+        return left + pw * (np.log2(k) - kmin) / (kmax - kmin)
+
+    def Y(v: float) -> float:
+        return top + ph * (hi - v) / (hi - lo)
+
+    out = [f'<svg class="forgetting" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+           f'aria-label="forgetting curve">']
+    for t in _ticks(lo, hi):
+        out.append(f'<line x1="{left}" x2="{width - right}" y1="{_f(Y(t))}" y2="{_f(Y(t))}" stroke="#eef0f3"/>'
+                   f'<text x="{left - 4}" y="{_f(Y(t) + 4)}" font-size="10" text-anchor="end">{_num(t)}</text>')
+    for k in ks:
+        out.append(f'<text x="{_f(X(k))}" y="{height - bottom + 14}" font-size="10" text-anchor="middle">{k:g}</text>')
+    out.append(f'<text x="{left + pw / 2}" y="{height - 4}" font-size="11" text-anchor="middle">units lesioned (k)</text>'
+               f'<text x="12" y="{top + ph / 2}" font-size="11" transform="rotate(-90 12 {top + ph / 2})" '
+               f'text-anchor="middle">readout change</text>'
+               f'<line x1="{left}" x2="{width - right}" y1="{_f(Y(0))}" y2="{_f(Y(0))}" stroke="#888"/>')
+    lx = left
+    for i, (mode, c) in enumerate(curves.items()):
+        colr = PALETTE[i % len(PALETTE)]
+        k = [float(v) for v in c["k"]]
+        rnd, sd = list(c.get("random", [])), list(c.get("random_sd", []))
+        band = [(kk, m, s) for kk, m, s in zip(k, rnd, sd) if np.isfinite(m) and np.isfinite(s)]
+        if len(band) >= 1:
+            pts = [f"{_f(X(kk))},{_f(Y(m + s))}" for kk, m, s in band] + [f"{_f(X(kk))},{_f(Y(m - s))}" for kk, m, s in reversed(band)]
+            out.append(f'<polygon points="{" ".join(pts)}" fill="{colr}" fill-opacity="0.12" stroke="none"/>')
+        for key, dash, label in (("target", "", "target"), ("other", "2 3", "other concepts"), ("random", "6 3", "random lesions")):
+            v = [(kk, float(vv)) for kk, vv in zip(k, c.get(key, [])) if np.isfinite(vv)]
+            if not v:
+                continue
+            pts = " ".join(f"{_f(X(kk))},{_f(Y(vv))}" for kk, vv in v)
+            out.append(f'<polyline points="{pts}" fill="none" stroke="{colr}" stroke-width="{2 if key == "target" else 1.2}"'
+                       + (f' stroke-dasharray="{dash}"' if dash else "") + "/>")
+            if key == "target":
+                out += [f'<circle cx="{_f(X(kk))}" cy="{_f(Y(vv))}" r="3" fill="{colr}"><title>{mode}, k={kk:g}: {_num(vv)}</title></circle>'
+                        for kk, vv in v]
+        out.append(f'<line x1="{lx}" x2="{lx + 16}" y1="12" y2="12" stroke="{colr}" stroke-width="2"/>'
+                   f'<text x="{lx + 20}" y="16" font-size="11">{escape(str(mode))}</text>')
+        lx += 40 + 7 * len(str(mode))
+    out.append(f'<text x="{width - right}" y="16" font-size="10" text-anchor="end">solid: target · dotted: others · '
+               f'dashed + band: random (mean ± SD)</text>')
+    out.append("</svg>")
+    return "".join(out)

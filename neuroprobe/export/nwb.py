@@ -1,0 +1,271 @@
+"""Write a recording as an NWB file (Neurodata Without Borders) with pynwb, streamed.
+
+The mapping (also in ``recordings/README.md``):
+
+=====================  =========================================================================
+neuroprobe             NWB
+=====================  =========================================================================
+provenance             ``NWBFile`` (session description, start time = ``created``, notes = the
+                       provenance as JSON), ``Subject`` (subject name, checkpoint, revision,
+                       init; species "artificial neural network", age "P0D/" = unknown, sex
+                       "O" = other) and one ``Device`` (the model and its checkpoint)
+site                   one ``ElectrodeGroup`` per site (location = module path; description =
+                       direction, kind, stream, pooling) and one row of the electrodes table
+unit                   one row of the table ``units`` in processing module ``neuroprobe`` (NWB's
+                       ``Units`` type is for spike trains): ``site``, ``unit`` (index at its site),
+                       ``kind``, ``head``, ``electrode_group``, ``electrodes``; with a cells table
+                       also ``concept``, ``is_candidate``, ``is_cell``, ``invariant``,
+                       ``multimodal``, ``z``, ``q``, ``q_test``, ``si``, ``d_prime``
+stimulus               one row of the ``trials`` table: ``stimulus_id``, ``concept``, ``form``,
+                       ``modality``, ``split``, ``text``, ``image``; ``start_time`` = row,
+                       ``stop_time`` = row + 1 (a network has no clock: time is stimulus order)
+responses              processing module ``neuroprobe``, table ``responses``: one row per trial
+                       (``trial`` references it), one column per site, ``[n_stimuli, n_units]``,
+                       written chunk by chunk from the HDF5 recording (NaN kept)
+=====================  =========================================================================
+
+Not exported: per-token traces (``/tokens``, ``/sites/<site>/tokens``) — ragged token
+streams have no NWB type that the inspector and readers understand without an
+extension; use the HDF5 recording for them.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from neuroprobe.errors import NeuroprobeError
+from neuroprobe.recording.reader import Recording, open_recording
+
+#: cells-table columns copied into the units table when present (name, description).
+CELL_COLUMNS = (
+    ("concept", "the unit's concept (its best concept for units that are not cells)"),
+    ("is_candidate", "passes the screening criterion (k SD effect and rank-sum under FDR)"),
+    ("is_cell", "concept cell: candidate confirmed on the testing split"),
+    ("invariant", "cell whose response holds in every form of its concept"),
+    ("multimodal", "cell that answers in every modality"),
+    ("z", "screening effect: (median - baseline mean) / baseline SD"),
+    ("q", "screening q-value (FDR over every unit x concept test)"),
+    ("q_test", "confirmation q-value on the testing split"),
+    ("si", "selectivity index of the unit's concept"),
+    ("d_prime", "d-prime of the unit's concept"),
+)
+STIMULUS_COLUMNS = (
+    ("id", "stimulus_id", "stimulus id in the battery"),
+    ("concept", "concept", "the stimulus's concept"),
+    ("form", "form", "the stimulus's form (photo, drawing, written-name, text-name, ...)"),
+    ("modality", "modality", "text, image or pair"),
+    ("split", "split", "screening or testing"),
+    ("text", "text", "text payload (text and pair stimuli)"),
+    ("image", "image", "image path relative to the battery folder (image and pair stimuli)"),
+)
+
+
+def _need_pynwb():
+    try:
+        import pynwb  # noqa: F401
+    except ImportError:
+        raise NeuroprobeError("NWB export needs pynwb: pip install 'neuroprobe-cells[nwb]'.") from None
+
+
+def _start_time(created: Any) -> datetime:
+    try:
+        t = datetime.fromisoformat(str(created).replace("Z", "+00:00"))
+    except ValueError:
+        return datetime(1970, 1, 1, tzinfo=timezone.utc)
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def _iterator(dataset, buffer_mb: int):
+    """Chunks of a recording's ``[n_stimuli, n_units]`` dataset, read as they are written."""
+    from hdmf.data_utils import GenericDataChunkIterator
+
+    class _Responses(GenericDataChunkIterator):
+        def __init__(self, ds, **kw):
+            self._ds = ds
+            super().__init__(**kw)
+
+        def _get_data(self, selection):
+            return self._ds[selection]
+
+        def _get_maxshape(self):
+            return self._ds.shape
+
+        def _get_dtype(self):
+            return self._ds.dtype
+
+    n, m = dataset.shape
+    rows = max(1, min(n, int(dataset.chunks[0]) if dataset.chunks else 256))
+    row_bytes = max(1, m * dataset.dtype.itemsize)
+    buf_rows = max(rows, (buffer_mb * 2**20 // row_bytes) // rows * rows)
+    return _Responses(dataset, chunk_shape=(rows, m), buffer_shape=(min(n, buf_rows), m), display_progress=False)
+
+
+def export_nwb(
+    recording: Recording | str | Path,
+    out: str | Path,
+    *,
+    cells: pd.DataFrame | str | Path | None = None,
+    buffer_mb: int = 64,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``recording`` as an NWB file (see the module docstring for the mapping).
+
+    Parameters
+    ----------
+    recording
+        A recording or its path.
+    out
+        The ``.nwb`` file to write.
+    cells
+        A cells table (``neuroprobe cells --out``) whose labels join the units table.
+    buffer_mb
+        Responses held in memory at a time while writing (the writing is streamed).
+    overwrite
+        Replace an existing file.
+
+    Returns
+    -------
+    pathlib.Path
+        The file written.
+    """
+    _need_pynwb()
+    from hdmf.common import DynamicTable, DynamicTableRegion, VectorData
+    from pynwb import NWBHDF5IO, NWBFile
+    from pynwb.file import Subject
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise NeuroprobeError(f"{out} exists; pass --overwrite to replace it.")
+    own = not isinstance(recording, Recording)
+    rec = open_recording(recording) if own else recording
+    tmp = out.with_name(out.stem + ".partial.nwb")
+    try:
+        if not rec.complete:
+            raise NeuroprobeError(f"{rec.path} is incomplete ({rec.n_done} stimuli recorded); resume it before exporting.")
+        a = rec.attrs
+        if cells is not None and not isinstance(cells, pd.DataFrame):
+            from neuroprobe.analysis.criterion import load_cells
+
+            cells = load_cells(cells)
+        stim = rec.stimuli.reset_index(drop=True)
+        sites = rec.sites
+        n_stim = len(stim)
+        created = _start_time(a.get("created"))
+        ident = str(uuid.uuid5(uuid.NAMESPACE_URL, f"neuroprobe:{a.get('subject')}:{a.get('checkpoint')}:"
+                                                   f"{a.get('init')}:{a.get('battery_hash')}:{a.get('created')}"))
+        nwb = NWBFile(
+            session_description=f"neuroprobe recording of {a.get('subject')} ({a.get('init')}) shown battery "
+                                f"{a.get('battery')}: one trial per stimulus, one unit per recorded channel",
+            identifier=ident,
+            session_start_time=created,
+            session_id=rec.path.stem,
+            notes=json.dumps({k: (v if isinstance(v, (str, int, float, bool, list, dict)) or v is None else str(v))
+                              for k, v in a.items()}, ensure_ascii=False),
+            source_script=str(a.get("command") or ""),
+            source_script_file_name="neuroprobe",
+            keywords=["neuroprobe", "concept cells", "artificial neural network"],
+            experiment_description=f"pooling {a.get('pooling')}, montage {a.get('montage')}, dtype {a.get('dtype')}",
+        )
+        # The subject is a model.  NWB's Subject describes an animal; nwbinspector requires its age and sex:
+        # age "P0D/" (zero days or older: unknown) and sex "O" (other) are the true answers for a network.
+        nwb.subject = Subject(
+            subject_id=str(a.get("subject")),
+            description=(f"artificial neural network {a.get('subject')}: checkpoint {a.get('checkpoint') or '-'}, "
+                         f"revision {a.get('revision') or '-'}, init {a.get('init')}"),
+            species="artificial neural network", age="P0D/", sex="O",
+        )
+        device = nwb.create_device(
+            name=str(a.get("subject")) or "model",
+            description=(f"artificial neural network {a.get('subject')}: checkpoint {a.get('checkpoint') or '-'}, "
+                         f"revision {a.get('revision') or '-'}, init {a.get('init')}, dtype {a.get('dtype')}; "
+                         "recorded by neuroprobe electrodes (forward hooks)"))
+        groups = {}
+        nwb.add_electrode_column("site", "the site (module) this electrode records")
+        for i, r in enumerate(sites.itertuples(index=False)):
+            g = nwb.create_electrode_group(
+                name=r.site, device=device, location=r.module,
+                description=f"site {r.site}: {r.direction} of module {r.module}, kind {r.kind}, stream {r.stream}, "
+                            f"pooling {r.pooling}, {r.n_units} units")
+            groups[r.site] = (g, i)
+            nwb.add_electrode(group=g, location=r.module, site=r.site)
+        # units: built column-wise (a recording can have many)
+        units = rec.units
+        n_units = len(units)
+        cols = [
+            VectorData(name="site", description="site (electrode group) of the unit", data=units["site"].astype(str).tolist()),
+            VectorData(name="unit", description="index of the unit at its site (column of its responses)",
+                       data=units["unit"].to_numpy(np.int64)),
+            VectorData(name="kind", description="unit kind (mlp, resid, attn, conv, fc, embed)", data=units["kind"].astype(str).tolist()),
+            VectorData(name="head", description="attention head of the unit (-1: not an attention site)",
+                       data=units["head"].to_numpy(np.int64)),
+            VectorData(name="electrode_group", description="the unit's site as an electrode group",
+                       data=[groups[s][0] for s in units["site"]]),
+        ]
+        if cells is not None:
+            if not {"site", "unit"} <= set(cells.columns):
+                raise NeuroprobeError("the cells table has no site/unit columns; give a table written by `neuroprobe cells --out`.")
+            joined = units[["site", "unit"]].merge(cells.assign(site=cells["site"].astype(str)), on=["site", "unit"],
+                                                   how="left", validate="one_to_one")
+            for name, desc in CELL_COLUMNS:
+                if name not in joined:
+                    continue
+                v = joined[name]
+                if name in ("is_candidate", "is_cell", "invariant", "multimodal"):
+                    data = v.fillna(False).astype(bool).to_numpy()
+                elif name == "concept":
+                    data = v.fillna("").astype(str).tolist()
+                else:
+                    data = pd.to_numeric(v, errors="coerce").to_numpy(np.float64)
+                cols.append(VectorData(name=name, description=desc, data=data))
+        cols.append(DynamicTableRegion(name="electrodes", data=np.array([groups[s][1] for s in units["site"]]),
+                                       description="the unit's site in the electrodes table", table=nwb.electrodes))
+        unit_table = DynamicTable(name="units", description="every recorded unit: one scalar channel at a site "
+                                  "(not NWB's Units type, which is for spike trains)", id=list(range(n_units)), columns=cols)
+        # stimuli as trials
+        from pynwb.epoch import TimeIntervals
+
+        tcols = [VectorData(name="start_time", description="stimulus order (s); a network has no clock",
+                            data=np.arange(n_stim, dtype=np.float64)),
+                 VectorData(name="stop_time", description="start_time + 1", data=np.arange(1, n_stim + 1, dtype=np.float64))]
+        for src, name, desc in STIMULUS_COLUMNS:
+            if src in stim:
+                tcols.append(VectorData(name=name, description=desc, data=stim[src].fillna("").astype(str).tolist()))
+        nwb.trials = TimeIntervals(name="trials", description="one trial per stimulus of the battery, in recording order",
+                                   id=list(range(n_stim)), columns=tcols)
+        # responses: one row per trial, one column per site, streamed from the recording
+        rcols = [DynamicTableRegion(name="trial", data=np.arange(n_stim), description="the trial (stimulus) of each row",
+                                    table=nwb.trials)]
+        for r in sites.itertuples(index=False):
+            rcols.append(VectorData(name=r.site, data=_iterator(rec.responses(r.site), buffer_mb),
+                                    description=f"pooled ({r.pooling}) responses of the {r.n_units} units of site {r.site}: "
+                                                f"[n_trials, n_units]; NaN where the site did not see the stimulus"))
+        table = DynamicTable(name="responses", description="each unit's pooled response to each stimulus (row = trial)",
+                             id=list(range(n_stim)), columns=rcols)
+        module = nwb.create_processing_module("neuroprobe", "responses recorded by neuroprobe")
+        module.add(unit_table)
+        module.add(table)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with NWBHDF5IO(str(tmp), "w") as io:
+            io.write(nwb)
+        tmp.replace(out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+        if own:
+            rec.close()
+    return out
+
+
+def inspect_nwb(path: str | Path) -> list:
+    """nwbinspector's messages for a file (importance ``CRITICAL`` means it is not shareable as is)."""
+    try:
+        from nwbinspector import inspect_nwbfile
+    except ImportError:
+        raise NeuroprobeError("validation needs nwbinspector: pip install 'neuroprobe-cells[nwb]'.") from None
+    return list(inspect_nwbfile(nwbfile_path=str(path)))
