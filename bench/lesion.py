@@ -1,32 +1,49 @@
-"""Benchmark: what a lesioned evaluation costs over the intact one, and 100 random draws.
+"""Benchmark: many lesions one at a time, batched, and batched + prefix-cached; the quick start's lesion stage.
 
 Run by hand::
 
-    python bench/lesion.py [--repeats 3] [--k 16] [--draws 100] [--threads 1] [--append bench/RESULTS.md]
+    python bench/lesion.py [--draws 100] [--single-draws 20] [--k 16] [--threads 1] [--real-size] [--append bench/RESULTS.md]
 
-One evaluation = the real MiniLM's ``prototype`` readout over the kinship
-battery's testing split (137 stimuli, batches of 32).  Every contender runs in the
-same process, interleaved over ``--repeats`` rounds; the table reports the median
-time and its ratio to the intact evaluation measured in the same run.
+Every contender runs in the same process on the same model and the same lesions;
+times are CPU seconds of this process (``time.process_time``, torch on
+``--threads`` threads) beside wall seconds, because the machine is shared: CPU time
+is what the work costs, wall time is what the load let it have.  Ratios are to one
+intact evaluation (the readout over the evaluation split, measured in the same run).
 
-Contenders
-----------
-intact               ``subject.readout`` without a lesion
-neuroprobe-zero      ``with lesion(subject, top_k, "zero")``: the same readout
-neuroprobe-mean      mean ablation (reference: screening-split responses)
-neuroprobe-resample  resample ablation (same reference)
-torch-hook-zero      a hand-written ``register_forward_pre_hook`` zeroing the same units
-nnsight-zero         nnsight ``model.trace`` setting the same MLP inputs to 0 (if installed)
-study-evaluate       ``LesionStudy.evaluate`` (lesion + readout + per-concept change)
-random-100           ``LesionStudy.dose_response`` with 100 random-k draws (ratio to 100 intact evaluations
-                     is given as well)
+Sections
+--------
+1. ``--draws`` random lesions of ``--k`` units at one site, at the bottom block and at
+   the top block, on the organism (``zero_shot`` readout, digits testing split) and
+   on the real MiniLM (``prototype`` readout, kinship testing split):
+
+   one-at-a-time        ``LesionStudy.evaluate`` per lesion (the reference path),
+                        on the first ``--single-draws`` lesions
+   batched              replicas along the batch, raw inputs replicated, every block
+                        run (``--single-draws`` lesions)
+   batched+cached       replicas resumed at the lesioned block from the cached intact
+                        pass: ``--draws`` lesions at the top block, ``--single-draws``
+                        at the bottom block (where nothing upstream can be cached)
+
+   Batched timings include the intact pass that fills the cache.
+
+   Equality: the largest difference of the per-concept readout change between each
+   batched contender and one-at-a-time on the shared lesions.
+2. The organism quick start's lesion stage (``analyses/quickstart.py`` step 3: study,
+   top/bottom/50 random lesions for k = 2, 8, 16, zero and mean ablation) with
+   ``batched=False`` (the path before batching) and ``batched=True``.
+3. ``--real-size``: random-init BERT-base, GPT-2 medium, CLIP ViT-B/32 and LXMERT built
+   here from their published configurations (no download), a few stimuli each:
+   the cost of a lesioned forward pass against the intact one, and for BERT-base (which
+   has a batched runner) 100 last-layer lesions batched+cached.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import warnings
+import dataclasses
+import os
+import platform
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,134 +52,227 @@ import torch
 
 import neuroprobe as npb
 from neuroprobe.lesions import LesionStudy, lesion
+from neuroprobe.lesions.staged import BatchedEvaluator
+
+
+def clock(fn):
+    w, c = time.perf_counter(), time.process_time()
+    out = fn()
+    return time.perf_counter() - w, time.process_time() - c, out
+
+
+def load_case(name: str, batch_size: int):
+    if name == "organism":
+        subject = npb.load_subject("organism", device="cpu", quiet=True)
+        battery = npb.load_battery("digits")
+        return subject, battery, ("image.conv1", "text.proj"), batch_size or 256
+    subject = npb.load_subject("minilm", device="cpu", quiet=True)
+    battery = npb.load_battery("kinship")
+    return subject, battery, ("encoder.layer.0.mlp", "encoder.layer.5.mlp"), batch_size or 32
+
+
+def section_many(args) -> list[str]:
+    lines = ["| subject | lesion site | contender | lesions | CPU s | wall s | CPU × intact | per lesion × intact | max abs diff vs one-at-a-time |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    notes = []
+    for case in ("organism", "minilm"):
+        subject, battery, sites, bs = load_case(case, 0)
+        study = LesionStudy(subject, battery, None, sites=",".join(sites), quiet=True, batch_size=bs)
+        single = LesionStudy(subject, battery, None, sites=",".join(sites), quiet=True, batch_size=bs, batched=False)
+        readout = study.readout
+        iw, ic, _ = clock(lambda: subject.readout(study.test, battery, readout, batch_size=bs))
+        iw2, ic2, _ = clock(lambda: subject.readout(study.test, battery, readout, batch_size=bs))
+        iw, ic = min(iw, iw2), min(ic, ic2)
+        lines.append(f"| {case} | — | intact evaluation ({len(study.test)} stimuli, batches of {bs}) | 1 | {ic:.2f} | {iw:.2f} | 1.00 | | |")
+        for site in sites:
+            rng = np.random.default_rng([0, args.k])
+            pool = np.flatnonzero(study.active[site])
+            lesions = [{site: np.sort(rng.choice(pool, size=min(args.k, len(pool)), replace=False))} for _ in range(args.draws)]
+            n1 = min(args.single_draws, args.draws)
+            w1, c1, ref = clock(lambda: [single.evaluate(u) for u in lesions[:n1]])
+            ref = np.array([r.to_numpy() for r in ref])
+            lines.append(f"| {case} | {site} | one-at-a-time | {n1} | {c1:.2f} | {w1:.2f} | {c1 / ic:.1f} "
+                         f"| {c1 / n1 / ic:.2f} | reference |")
+            per_single = c1 / n1
+            top_layer = site == sites[-1]
+            for name, cached in (("batched", False), ("batched+cached", True)):
+                n = args.draws if (cached and top_layer) else n1
+                def run(cached=cached, n=n):
+                    study._engine = BatchedEvaluator(study._engine.runner, study.test, batch_size=bs, prefix_cache=cached)
+                    study.baseline = study._engine.intact()
+                    return study.evaluate_many(lesions[:n], "zero")
+                w, c, got = clock(run)
+                got = np.array([g.to_numpy() for g in got])
+                diff = float(np.abs(got[:n1] - ref).max())
+                lines.append(f"| {case} | {site} | {name} | {n} | {c:.2f} | {w:.2f} | **{c / ic:.1f}** | {c / n / ic:.3f} "
+                             f"| {'0 (bitwise)' if diff == 0 else f'{diff:.1e}'} |")
+                if name == "batched+cached":
+                    notes.append(f"{case}, {n} lesions at {site}: batched+cached {c / ic:.1f}× one intact evaluation, "
+                                 f"one at a time {per_single * n / ic:.0f}× ({per_single / ic:.2f}× per lesion, measured on {n1}): "
+                                 f"**{per_single * n / c:.1f}× faster**")
+            print("\n".join(lines[-3:]), flush=True)
+    return lines + [""] + [f"- {n}" for n in notes]
+
+
+def section_quickstart(args) -> list[str]:
+    subject = npb.load_subject("organism", device="cpu", quiet=True)
+    battery = npb.load_battery("digits")
+    cells_path = Path(args.cells)
+    if not cells_path.is_file():
+        tmp = Path(args.tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
+        rec = npb.record(subject, battery, tmp / "organism_digits_all.h5", montage="all", overwrite=True, quiet=True)
+        cells = npb.concept_cells(rec, quiet=True)
+        cells.to_csv(cells_path, index=False)
+    cells = pd.read_csv(cells_path)
+    out = {}
+    for name, batched in (("before (one at a time)", False), ("after (batched+cached)", True)):
+        def stage(batched=batched):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                study = LesionStudy(subject, battery, cells, quiet=True, batch_size=256, batched=batched)
+                return study.dose_response("seven", [2, 8, 16], ("zero", "mean"), random_draws=50,
+                                           orders=("top", "bottom", "random"))
+        out[name] = clock(stage)
+        print(name, out[name][:2], flush=True)
+    (wb, cb, db), (wa, ca, da) = out.values()
+    diff = float(np.abs(db[["target_change", "other_change"]].to_numpy() - da[["target_change", "other_change"]].to_numpy()).max())
+    return [
+        "| quick start lesion stage (312 lesions) | CPU s | wall s |",
+        "| --- | ---: | ---: |",
+        f"| before: one at a time (`batched=False`) | {cb:.1f} | {wb:.1f} |",
+        f"| after: batched + prefix-cached | {ca:.1f} | {wa:.1f} |",
+        "",
+        f"Speed-up **{cb / ca:.1f}×** in CPU time ({wb / wa:.1f}× wall); largest difference of any readout change "
+        f"between the two: {diff:.1e}{' (bitwise equal)' if diff == 0 else ''}.",
+    ]
+
+
+def _hf_subject(name, model, arch_key, tokenizer=None):
+    from neuroprobe.subjects.hf import ARCHITECTURES, READOUTS, HFSubject
+
+    s = HFSubject(name, model, device="cpu", init="random", checkpoint=f"{name} (random init, bench)")
+    s.arch = ARCHITECTURES[arch_key]
+    s.tokenizer, s.head_model = tokenizer, None
+    s.site_patterns = {m: [dataclasses.replace(p, n_heads=p.n_heads) for p in ps] for m, ps in s.arch.sites.items()}
+    s.readouts = {k: READOUTS[k] for k in s.arch.readouts if k in READOUTS}
+    s.default_readout = next(iter(s.readouts), None)
+    return s
+
+
+def section_real_size(args) -> list[str]:
+    import transformers as T
+
+    torch.manual_seed(0)
+    minilm = npb.load_subject("minilm", device="cpu", quiet=True)
+    tok = minilm.tokenizer  # the BERT uncased vocabulary (30522 tokens), as bert-base-uncased uses
+    texts = ["my mother baked bread on sunday morning", "the dog chased a red ball", "grandfather told a long story",
+             "she painted the door bright red"] * 2
+    enc = tok(texts, padding=True, return_tensors="pt")
+    lines = ["| architecture (random init, published config) | parameters | input | lesioned site | intact forward s (CPU) | "
+             "lesioned / intact |", "| --- | ---: | --- | --- | ---: | ---: |"]
+    cases = []
+    bert = T.BertModel(T.BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                    intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2)).eval()
+    cases.append(("BERT-base", _hf_subject("bert-base", bert, "minilm", tok), dict(enc), "encoder.layer.11.mlp",
+                  lambda s, inp: s.model(**inp)))
+    gpt = T.GPT2Model(T.GPT2Config(n_embd=1024, n_layer=24, n_head=16, n_positions=1024, vocab_size=50257)).eval()
+    cases.append(("GPT-2 medium", _hf_subject("gpt2-medium", gpt, "gpt2"), {"input_ids": enc["input_ids"] % 50257},
+                  "h.23.mlp", lambda s, inp: s.model(**inp)))
+    clip = T.CLIPModel(T.CLIPConfig(
+        text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
+                         max_position_embeddings=77, vocab_size=49408),
+        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                           image_size=224, patch_size=32), projection_dim=512)).eval()
+    cases.append(("CLIP ViT-B/32 (image tower)", _hf_subject("clip-b32", clip, "clip"),
+                  {"pixel_values": torch.randn(4, 3, 224, 224)}, "vision.11.mlp",
+                  lambda s, inp: s.model.get_image_features(**inp)))
+    lx = T.LxmertModel(T.LxmertConfig(vocab_size=30522, hidden_size=768, num_attention_heads=12, intermediate_size=3072,
+                                      l_layers=9, x_layers=5, r_layers=5, visual_feat_dim=2048, visual_pos_dim=4)).eval()
+    cases.append(("LXMERT", _hf_subject("lxmert", lx, "lxmert"),
+                  {"input_ids": enc["input_ids"][:4], "attention_mask": enc["attention_mask"][:4],
+                   "visual_feats": torch.randn(4, 36, 2048), "visual_pos": torch.rand(4, 36, 4)},
+                  "cross.4.lang_mlp", lambda s, inp: s.model(**inp)))
+    for name, subj, inp, site, fwd in cases:
+        units = {site: np.arange(0, 64, 4)}
+        def intact():
+            with torch.inference_mode():
+                fwd(subj, inp)
+        def lesioned():
+            with torch.inference_mode(), lesion(subj, units, "zero"):
+                fwd(subj, inp)
+        intact()
+        ti, tl = [], []
+        for _ in range(args.repeats):
+            ti.append(clock(intact)[1])
+            tl.append(clock(lesioned)[1])
+        rows = next(iter(v.shape[0] for v in inp.values()))
+        lines.append(f"| {name} | {subj.n_parameters / 1e6:.0f} M | {rows} stimuli | {site} (16 units) | {np.median(ti):.2f} | "
+                     f"{np.median(tl) / np.median(ti):.2f} |")
+        print(lines[-1], flush=True)
+    # BERT-base: 100 last-layer lesions, batched + prefix-cached, against one intact evaluation of the prototype readout
+    subj = cases[0][1]
+    kin = npb.load_battery("kinship")
+    test = kin.split("testing").groupby("concept").head(1).head(16)
+    small = npb.Battery.from_table(pd.concat([test, kin.split("screening").groupby("concept").head(1).head(16)]),
+                                   concepts=kin.concepts, name="kinship-small", root=kin.root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        study = LesionStudy(subj, small, None, sites="encoder.layer.11.mlp", quiet=True, batch_size=16)
+    ic = min(clock(lambda: subj.readout(study.test, small, "prototype", batch_size=16))[1] for _ in range(2))
+    rng = np.random.default_rng(0)
+    lesions = [{"encoder.layer.11.mlp": np.sort(rng.choice(3072, 16, replace=False))} for _ in range(args.draws)]
+    c1 = clock(lambda: [study.evaluate(u) for u in lesions[:5]])[1] / 5
+    def run():
+        study._engine = BatchedEvaluator(study._engine.runner, study.test, batch_size=16)
+        study.baseline = study._engine.intact()
+        return study.evaluate_many(lesions)
+    cb = clock(run)[1]
+    lines += ["", f"BERT-base (random init), `prototype` readout over {len(study.test)} kinship stimuli: one intact evaluation "
+              f"{ic:.2f} CPU s; one lesion at a time {c1 / ic:.2f}× intact each; **{args.draws} last-layer lesions batched + "
+              f"prefix-cached: {cb / ic:.1f}× one intact evaluation** ({c1 * args.draws / cb:.0f}× faster than one at a time)."]
+    return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--draws", type=int, default=100)
+    ap.add_argument("--single-draws", type=int, default=20)
+    ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--concept", default="mother")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--real-size", action="store_true")
+    ap.add_argument("--skip-many", action="store_true")
+    ap.add_argument("--skip-quickstart", action="store_true")
+    ap.add_argument("--cells", default="/tmp/neuroprobe-bench-lesion/cells_pretrained.csv")
+    ap.add_argument("--tmp", default="/tmp/neuroprobe-bench-lesion")
     ap.add_argument("--append", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", message=".*nnsight already serves.*")
-
-    subject = npb.load_subject("minilm", device="cpu", quiet=True)
-    battery = npb.load_battery("kinship")
-    study = LesionStudy(subject, battery, None, quiet=True)  # prepares the readout from the intact model
-    test = study.test
-    top = study.top(args.concept, args.k)
-    assert top is not None
-    ref = study.screen
-
-    def intact():
-        return subject.readout(test, battery, "prototype")
-
-    def np_mode(mode):
-        def run():
-            with lesion(subject, top, mode, reference=ref if mode != "zero" else None):
-                return subject.readout(test, battery, "prototype")
-        return run
-
-    def torch_hook():
-        handles = []
-        for site, units in top.items():
-            module = subject.model.get_submodule(site.replace(".mlp", ".output.dense"))
-            idx = torch.as_tensor(units)
-
-            def pre(mod, inputs, _idx=idx):
-                return (inputs[0].index_fill(-1, _idx, 0.0),) + tuple(inputs[1:])
-
-            handles.append(module.register_forward_pre_hook(pre))
-        try:
-            return subject.readout(test, battery, "prototype")
-        finally:
-            for h in handles:
-                h.remove()
-
-    contenders = {"intact": intact, "neuroprobe-zero": np_mode("zero"), "neuroprobe-mean": np_mode("mean"),
-                  "neuroprobe-resample": np_mode("resample"), "torch-hook-zero": torch_hook}
-    try:
-        from nnsight import NNsight
-
-        from neuroprobe.subjects.hf import PROTOTYPE_TEMPERATURE
-
-        nn_model = NNsight(subject.model)
-        concepts, protos = subject._prototypes
-
-        def nnsight_zero():
-            out = []
-            for a in range(0, len(test), 32):
-                rows = test.iloc[a : a + 32]
-                enc = subject.tokenizer(rows["text"].tolist(), padding=True, truncation=True, return_tensors="pt")
-                with torch.inference_mode(), nn_model.trace(**enc):
-                    for site, units in sorted(top.items(), key=lambda kv: int(kv[0].split(".")[2])):  # model order
-                        layer = int(site.split(".")[2])
-                        nn_model.encoder.layer[layer].E_output.dense.input[..., torch.as_tensor(units)] = 0.0
-                    hidden = nn_model.output.last_hidden_state.save()
-                h = getattr(hidden, "value", hidden).float()
-                m = enc["attention_mask"].unsqueeze(-1).float()
-                emb = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
-                lp = (emb @ protos.T / PROTOTYPE_TEMPERATURE).log_softmax(-1)
-                idx = torch.tensor([concepts.index(c) for c in rows["concept"]])
-                out.append(lp[torch.arange(len(idx)), idx].numpy())
-            return np.concatenate(out)
-
-        contenders["nnsight-zero"] = nnsight_zero
-    except ImportError:
-        pass
-    contenders["study-evaluate"] = lambda: study.evaluate(top, "zero")
-
-    # every contender must compute the same thing
-    expect = contenders["neuroprobe-zero"]()
-    for name in ("torch-hook-zero", "nnsight-zero"):
-        if name in contenders:
-            got = contenders[name]()
-            ok = np.allclose(got, expect, atol=1e-5)
-            print(f"{name} agrees with neuroprobe-zero: {ok} (max |diff| {np.abs(got - expect).max():.2e})")
-            if not ok:
-                del contenders[name]
-
-    times: dict[str, list[float]] = {k: [] for k in contenders}
-    rand_times = []
-    for r in range(args.repeats):
-        for name, fn in contenders.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        study.dose_response(args.concept, [args.k], "zero", random_draws=args.draws, orders=("random",))
-        rand_times.append(time.perf_counter() - t0)
-        print(f"round {r + 1}/{args.repeats} done")
-
-    base = statistics.median(times["intact"])
-    rows = [dict(contender=k, median_s=statistics.median(v), ratio_to_intact=statistics.median(v) / base) for k, v in times.items()]
-    rmed = statistics.median(rand_times)
-    rows.append(dict(contender=f"random-{args.draws}", median_s=rmed, ratio_to_intact=rmed / base))
-    df = pd.DataFrame(rows)
-    per_draw = rmed / args.draws / base
-    lines = [
-        "## Lesion cost (bench/lesion.py)",
+    Path(args.tmp).mkdir(parents=True, exist_ok=True)
+    load0, started = os.getloadavg()[0], time.strftime('%Y-%m-%d %H:%M', time.gmtime())
+    body = []
+    if not args.skip_many:
+        body += ["### Many lesions: one at a time, batched, batched + prefix-cached", "", *section_many(args), ""]
+    if not args.skip_quickstart:
+        body += ["### The organism quick start's lesion stage", "", *section_quickstart(args), ""]
+    if args.real_size:
+        body += ["### Real-size architectures (random init from published configs)", "", *section_real_size(args), ""]
+    load1 = os.getloadavg()[0]
+    head = [
+        "## Batched and prefix-cached lesions (bench/lesion.py)",
         "",
-        f"Real MiniLM (all-MiniLM-L6-v2), `prototype` readout over kinship testing split ({len(test)} stimuli, "
-        f"batches of 32), CPU, torch threads {args.threads}; top-{args.k} units for {args.concept!r} "
-        f"at {len(top)} site(s); median of {args.repeats} interleaved rounds; torch {torch.__version__}.",
-        "",
-        "| contender | median s | × intact |",
-        "| --- | ---: | ---: |",
-        *[f"| {r.contender} | {r.median_s:.3f} | {r.ratio_to_intact:.2f} |" for r in df.itertuples()],
-        "",
-        f"{args.draws} random draws cost {rmed / base:.1f}× one intact evaluation, i.e. {per_draw:.2f}× per draw "
-        f"({rmed:.1f} s in all).",
+        f"Run {started}–{time.strftime('%H:%M', time.gmtime())} UTC on {platform.machine()}, {os.cpu_count()} CPUs shared with "
+        f"other jobs (load average {load0:.1f} at start, {load1:.1f} at end); torch {torch.__version__} on {args.threads} "
+        f"thread(s); CPU s = this process's CPU time, the cost of the work whatever the load; wall s depends on the load. "
+        f"{args.k} random active units per lesion (zero ablation).",
         "",
     ]
-    text = "\n".join(lines)
+    text = "\n".join(head + body)
     print(text)
     if args.append:
         with open(args.append, "a", encoding="utf-8") as f:
-            f.write("\n" + text)
+            f.write("\n" + text + "\n")
 
 
 if __name__ == "__main__":

@@ -192,8 +192,119 @@ def one(name: str, n: int, bs: int, out: str) -> dict:
     return {"seconds": dt, "peak_rss_mb": peak_rss_mb(), "rss_before_mb": base, "file_mb": size}
 
 
+# ---------------------------------------------------------------- scaling out
+
+
+def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (user + system, every process of the command)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if res.returncode != 0:
+        raise RuntimeError(res.stderr[-2000:])
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def _data_bytes(path: Path) -> int:
+    total = 0
+
+    def add(name, obj):
+        nonlocal total
+        if isinstance(obj, h5py.Dataset) and not name.startswith("stimuli/"):
+            total += obj.size * obj.dtype.itemsize
+
+    with h5py.File(path, "r") as f:
+        f.visititems(add)
+    return total
+
+
+def scaling(args) -> str:
+    """1 vs 2 processes of ``neuroprobe record`` (torchrun, gloo), then the virtual file and merge per GB.
+
+    Each contender is the whole command (start-up, model load, recording, and for torchrun the
+    virtual file), run as a fresh process group; a 64-stimulus run of the same command gives the
+    fixed start-up cost, which the table subtracts to show the recording phase alone.
+    """
+    from neuroprobe.recording import shards as S
+
+    n, bs = args.n, args.batch_size
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.tmp or None) as d:
+        d = Path(d)
+        for size in (64, n):
+            folder = d / f"battery{size}"
+            folder.mkdir()
+            meta = json.loads((Path(Battery.load("kinship").root) / "battery.json").read_text())
+            meta["name"] = f"bench{size}"
+            (folder / "battery.json").write_text(json.dumps(meta))
+            sentences(size).to_csv(folder / "stimuli.csv", index=False)
+        common = ["record", "--model", "minilm", "--sites", "mlp", "--tokens", "--dtype", "float16",
+                  "--batch-size", str(bs), "--device", "cpu", "--quiet"]
+        one = [sys.executable, "-m", "neuroprobe"]
+        two = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", "29733", "-m", "neuroprobe"]
+        contenders = [
+            ("1 process, 2 threads", one, {}),
+            ("1 process, 1 thread", one, {"OMP_NUM_THREADS": "1"}),
+            ("2 processes (torchrun, gloo), 1 thread each", two, {"OMP_NUM_THREADS": "1"}),
+        ]
+        times: dict[tuple[str, int], list[float]] = {}
+        cpus: dict[tuple[str, int], list[float]] = {}
+        for r in range(args.repeats):
+            for size in (64, n):
+                for name, launcher, extra in contenders:
+                    out = d / f"out-{size}.h5"
+                    t, c = _timed([*launcher, *common, "--probe", str(d / f"battery{size}"), "--out", str(out),
+                                   "--overwrite"], {**env, **extra})
+                    times.setdefault((name, size), []).append(t)
+                    cpus.setdefault((name, size), []).append(c)
+                    print(f"round {r} n={size} {name}: {t:.1f}s wall, {c:.1f}s CPU, load {os.getloadavg()[0]:.1f}",
+                          file=sys.stderr)
+        first = contenders[0][0]
+        base = min(times[(first, n)]) - min(times[(first, 64)])
+        for name, _, _ in contenders:
+            total, fixed = min(times[(name, n)]), min(times[(name, 64)])
+            rows.append({"contender": name, f"wall s (n={n})": round(total, 1), "wall s (n=64)": round(fixed, 1),
+                         "wall, recording phase": round(total - fixed, 1),
+                         "speed-up": round(base / max(total - fixed, 1e-9), 2),
+                         f"CPU s (n={n})": round(min(cpus[(name, n)]), 1),
+                         "CPU s (n=64)": round(min(cpus[(name, 64)]), 1)})
+        table = pd.DataFrame(rows).to_string(index=False)
+        # the virtual file and merge, on the shards of the last two-process run
+        out = d / f"out-{n}.h5"
+        shards = S.check_shards(S.shard_path(out, r, 2) for r in range(2))
+        gb = _data_bytes(out) / 1e9
+        tv = []
+        for _ in range(3):
+            t = time.perf_counter()
+            S.write_virtual(d / "again.h5", shards)
+            tv.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        S.merge(out, d / "merged.h5")
+        tm = time.perf_counter() - t
+        site = "encoder.layer.3.mlp"
+        reads = {}
+        for label, path in (("virtual", out), ("merged", d / "merged.h5")):
+            t = time.perf_counter()
+            with h5py.File(path, "r") as f:
+                f[f"sites/{site}/tokens"][()]
+            reads[label] = time.perf_counter() - t
+        with h5py.File(out, "r") as f:
+            ntok = int(f["tokens/text"].attrs["n_tokens"])
+    text = (f"{table}\n\nrecording data: {gb:.3f} GB ({n} stimuli, {ntok} tokens, 6 sites, float16)\n"
+            f"virtual file: {min(tv) * 1000:.0f} ms (best of 3) = {min(tv) / gb:.3f} s/GB\n"
+            f"merge: {tm:.1f} s = {tm / gb:.1f} s/GB\n"
+            f"reading one site's per-token traces ({site}): virtual {reads['virtual']:.2f} s, merged {reads['merged']:.2f} s")
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--scaling", action="store_true", help="1 vs 2 processes under torchrun, virtual file and merge cost")
+    ap.add_argument("--tmp", default="", help="folder for the scaling run's files (default: system temp)")
     ap.add_argument("--n", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
@@ -205,6 +316,17 @@ def main() -> None:
     if args.child:
         with tempfile.TemporaryDirectory() as d:
             print(json.dumps(one(args.child, args.n, args.batch_size, f"{d}/out.h5")))
+        return
+    if args.scaling:
+        text = scaling(args)
+        print(text)
+        if args.append:
+            load = os.getloadavg()
+            head = (f"\n### bench/record.py --scaling — {time.strftime('%Y-%m-%d %H:%M')}, minilm mlp per-token float16, "
+                    f"n={args.n}, batch {args.batch_size}, best of {args.repeats}, {os.cpu_count()} CPU cores, "
+                    f"load average {load[0]:.1f} at the end\n\n")
+            with open(args.append, "a") as fh:
+                fh.write(head + "```\n" + text + "\n```\n")
         return
     names = [c for c in CONTENDERS if not args.only or c in args.only.split(",")]
     subject = npb.load_subject("minilm", device="cpu", quiet=True)

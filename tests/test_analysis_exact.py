@@ -93,13 +93,13 @@ def test_exact_p_vectorised_over_units_equals_one_by_one():
     rng = np.random.default_rng(3)
     labels = np.repeat(np.arange(5), 6)
     onehot = np.eye(5)[labels]
-    x = np.where(rng.random((50, 30)) < 0.7, 0.0, rng.exponential(size=(50, 30)))
+    x = np.where(rng.random((20, 30)) < 0.7, 0.0, rng.exponential(size=(20, 30)))
     x[:10] += 3.0 * (labels == 2)
     ranks, tie = midranks(x)
     U, p_asym = rank_sum(ranks, tie, onehot)
     p, ex, _ = exact_p(ranks, onehot, U, p_asym, margin=1.0)
     assert ex[np.ptp(x, axis=1) > 0].all()
-    for g in range(0, 50, 7):
+    for g in range(0, 20, 3):
         for c in range(5):
             one, _, _ = exact_p(ranks[g : g + 1], onehot, U[g : g + 1], p_asym[g : g + 1], margin=1.0)
             assert p[g, c] == pytest.approx(one[0, c], rel=1e-13)

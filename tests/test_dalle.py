@@ -516,3 +516,74 @@ def test_subject_encodes_images_with_the_vqgan(tmp_path):
         want = subject.vqgan(image_pixels(battery.load_image("img/0.png"), 64))[0]
     assert torch.equal(codes, want) and codes.shape == (config.image_token_count,)
     assert np.isfinite(scores).all() and not subject.codes.used_fallback
+
+
+# ---------------------------------------------------------------- OpenAI dVAE encoder, ported
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def _dvae_filled(shapes: dict[str, list[int]], seed: int) -> dict[str, torch.Tensor]:
+    """The fixture generator's weight rule (tests/data/make_dvae_encoder_fixture.py), repeated here."""
+    out = {}
+    for i, (k, shape) in enumerate(shapes.items()):
+        g = torch.Generator().manual_seed(seed + i)
+        scale = (shape[1] * shape[2] * shape[3]) ** -0.5 if len(shape) == 4 else 0.1
+        out[k] = torch.randn(tuple(shape), generator=g) * scale
+    return out
+
+
+def test_dvae_encoder_key_manifest_is_the_original():
+    from neuroprobe.subjects.dalle.dvae import DVAEEncoder
+
+    manifest = json.loads((DATA / "dvae_encoder_keys.json").read_text())
+    with torch.device("meta"):
+        sd = DVAEEncoder().state_dict()
+    assert list(sd) == list(manifest) and {k: list(v.shape) for k, v in sd.items()} == manifest
+
+
+def test_dvae_encoder_parity_with_openai_code():
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from neuroprobe.subjects.dalle.dvae import DVAEEncoder
+
+    ref = load_file(str(DATA / "dvae_encoder_tiny_parity.safetensors"))
+    meta = safe_open(str(DATA / "dvae_encoder_tiny_parity.safetensors"), "pt").metadata()
+    cfg = json.loads(meta["config"])
+    with torch.device("meta"):
+        shapes = {k: list(v.shape) for k, v in DVAEEncoder(**cfg).state_dict().items()}
+    model = DVAEEncoder.from_state_dict(_dvae_filled(shapes, int(meta["seed"])))
+    assert (model.n_hid, model.n_blk_per_group, model.vocab_size) == (cfg["n_hid"], cfg["n_blk_per_group"], cfg["vocab_size"])
+    with torch.no_grad():
+        logits = model(ref["in.images"])
+    want = ref["out.logits"]
+    assert float((logits - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    assert torch.equal(logits.argmax(1).reshape(2, -1), ref["out.codes"])
+
+
+def test_dvae_pickle_is_read_without_running_it(tmp_path):
+    """The original's pickled EncoderBlock gives its tensors through the restricted reader (no dall_e import)."""
+    import sys
+
+    from neuroprobe.subjects.archive import module_state_dict, read_module_tree
+    from neuroprobe.subjects.dalle.dvae import load_dvae_encoder
+
+    assert "dall_e" not in sys.modules
+    state = module_state_dict(read_module_tree(DATA / "dvae_encoder_block.pkl"))
+    want = json.loads((DATA / "dvae_encoder_block_state.json").read_text())
+    assert list(state) == list(want) and all(state[k].flatten().tolist() == want[k] for k in want)
+    assert "dall_e" not in sys.modules
+    # a block is not an encoder: the strict loader names what is missing
+    with pytest.raises(NeuroprobeError, match="blocks.input.w"):
+        load_dvae_encoder(DATA / "dvae_encoder_block.pkl")
+    # a pickle naming something outside the allowed set is not run; without --trust-pickle it is refused
+    path = tmp_path / "encoder.pkl"
+    torch.save(torch.nn.Conv2d(3, 4, 8, stride=8), path)
+    import zipfile
+
+    evil = tmp_path / "evil.pkl"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(evil, "w") as dst:
+        for item in src.namelist():
+            dst.writestr(item, b"\x80\x02cos\nsystem\nX\x04\x00\x00\x00true\x85R." if item.endswith("/data.pkl") else src.read(item))
+    with pytest.raises(NeuroprobeError, match="--trust-pickle"):
+        load_dvae_encoder(evil)

@@ -472,7 +472,8 @@ def test_missing_weights_offline_is_one_sentence(tmp_path: Path) -> None:
     assert len(lines) == 1, out.stdout + out.stderr
     message = lines[0][len("MISSING:"):]
     assert "\n" not in message and message.endswith(".") and message.count(". ") == 0
-    assert "google-bert/bert-base-uncased" in message and "--weights" in message and "config.json" in message
+    assert "google-bert/bert-base-uncased" in message and "--weights" in message and "model.safetensors" in message
+    assert "config.json" not in message  # the published config ships with neuroprobe
 
 
 def test_incomplete_weights_folder_names_the_missing_files(tmp_path: Path, tiny_dir) -> None:

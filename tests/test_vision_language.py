@@ -588,10 +588,12 @@ def test_cli_missing_detector_or_checkpoint_says_how(models, small_dir, tmp_path
     last = res.stderr.strip().splitlines()[-1]
     assert "--detector-weights" in last and "--features" in last and "Traceback" not in res.stderr
     assert not (tmp_path / "x.h5").exists()
-    # no checkpoint offline (and none in the cache): one sentence naming it and how to provide it
+    # nothing in the cache, offline: the untrained control needs no checkpoint (its config ships), only the
+    # detector for this image battery; one sentence names it and how to provide it, before anything loads
     env_home = tmp_path / "empty-hf-home"
     res = _cli("record", "--model", "visualbert", "--probe", str(small_dir), "--init", "random",
                "--out", str(tmp_path / "y.h5"), "--quiet", env={"HF_HOME": str(env_home)})
     assert res.returncode != 0 and "Traceback" not in res.stderr
     last = res.stderr.strip().splitlines()[-1]
-    assert "uclanlp/visualbert-vqa-coco-pre" in last and "--weights DIR" in last
+    assert "unc-nlp/frcnn-vg-finetuned" in last and "--detector-weights" in last and "--features" in last
+    assert "model.safetensors" not in last and "weights of" not in last

@@ -117,6 +117,7 @@ def register(app: typer.Typer) -> None:
         transform: str = typer.Option("shift", "--transform", help="Non-negative transform for SI/sparseness: shift or clip."),
         sites: Optional[str] = typer.Option(None, "--sites", help="Comma-separated sites (default: all)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the permutations."),
+        jobs: int = typer.Option(1, "--jobs", "-j", help="Scan sites in N processes (0: one per core); same table."),
         allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Analyse an unfinished recording (the stimuli it covers)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:
@@ -138,7 +139,7 @@ def register(app: typer.Typer) -> None:
         if not rotation:
             wanted.discard("rotation")
         opts = dict(k=k, fdr=fdr, method=method, family=family, exact=exact, n_perm=n_perm, transform=transform,
-                    seed=seed, quiet=quiet, sites=[s.strip() for s in sites.split(",")] if sites else None)
+                    seed=seed, quiet=quiet, jobs=jobs, sites=[s.strip() for s in sites.split(",")] if sites else None)
         with open_recording(recording) as rec:
             _note(rec.require_complete(allow_incomplete))
             _require_finite(rec)

@@ -134,6 +134,7 @@ def concept_cells(
     quiet: bool = True,
     read_bytes: int | None = None,
     block_units: int | None = None,
+    jobs: int = 1,
 ) -> pd.DataFrame:
     """Find concept cells: one row per unit of every site, with every index and the verdict.
 
@@ -171,6 +172,8 @@ def concept_cells(
         No progress bar.
     read_bytes, block_units
         Memory knobs of the stream.
+    jobs
+        Sites scanned in this many processes (0: one per core); same table as ``jobs=1``.
 
     Returns
     -------
@@ -206,7 +209,7 @@ def concept_cells(
     recording = as_recording(rec)
     res = scan(recording, sites=sites, transform=transform, criterion=True, k=k, alpha=alpha, n_perm=n_perm,
                seed=seed, labels=labels, quiet=quiet, read_bytes=read_bytes, block_units=block_units, exact=exact,
-               fdr=fdr)
+               fdr=fdr, jobs=jobs)
     df = apply_criterion(res, fdr=fdr, method=method, alpha=alpha, family=family)
     pairs = res.pairs
     p_scr = pairs.get("p_scr", np.zeros((0, 0)))

@@ -315,6 +315,7 @@ def unit_indices(
     quiet: bool = True,
     read_bytes: int | None = None,
     block_units: int | None = None,
+    jobs: int = 1,
 ) -> pd.DataFrame:
     """The standard indices of every unit of every site, streamed from the recording.
 
@@ -330,6 +331,8 @@ def unit_indices(
         No progress bar.
     read_bytes, block_units
         Memory knobs of the stream (see :mod:`neuroprobe.analysis.stream`).
+    jobs
+        Sites scanned in this many processes (0: one per core); same table as ``jobs=1``.
 
     Returns
     -------
@@ -343,7 +346,7 @@ def unit_indices(
     from neuroprobe.analysis.scan import scan
 
     return scan(rec, sites=sites, transform=transform, criterion=False, quiet=quiet, read_bytes=read_bytes,
-                block_units=block_units).table
+                block_units=block_units, jobs=jobs).table
 
 
 def population_sparseness(

@@ -136,6 +136,7 @@ def scan(
     quiet: bool = True,
     read_bytes: int | None = None,
     block_units: int | None = None,
+    jobs: int = 1,
     exact: bool = True,
     fdr: float = 0.05,
     margin: float = EXACT_MARGIN,
@@ -167,6 +168,9 @@ def scan(
         No progress bar.
     read_bytes, block_units
         Memory knobs.
+    jobs
+        Scan sites in this many processes (0: one per core); the result is the same
+        (see :mod:`neuroprobe.analysis.parallel`).
     exact
         Exact rank-sum p-values (conditional permutation null) where they can matter: screening
         pairs with an asymptotic p <= ``margin``, and testing pairs that can be confirmed (their
@@ -191,6 +195,16 @@ def scan(
     C = len(concepts)
     kinds = dict(zip(rec.sites["site"], rec.sites["kind"]))
     n_units_total = int(sum(int(rec.responses(s).shape[1]) for s in names))
+    from neuroprobe.analysis.parallel import n_jobs
+
+    if n_jobs(jobs) > 1 and len(names) > 1:
+        from neuroprobe.analysis.parallel import scan_sites
+
+        return scan_sites(rec.path, names, n_jobs(jobs), quiet=quiet,
+                          unit_counts=[int(rec.responses(s).shape[1]) for s in names], transform=transform,
+                          criterion=criterion, k=k, alpha=alpha, n_perm=n_perm, seed=seed, labels=labels,
+                          read_bytes=read_bytes, block_units=block_units, exact=exact, fdr=fdr, margin=margin,
+                          budget=budget)
     bar = tqdm(total=n_units_total, unit="unit", desc="cells" if criterion else "indices", disable=quiet,
                dynamic_ncols=True)
     null = PermutationNull(n_perm, seed)

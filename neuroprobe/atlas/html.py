@@ -82,7 +82,7 @@ def token_html(segments: list[tuple[str, list[int]]], values: np.ndarray, scale:
     """Text with each token's background shaded by the unit's activation at that token."""
     out = []
     for text, rows in segments:
-        v = float(np.nanmean(values[rows])) if rows else float("nan")
+        v = float(values[rows[0]]) if len(rows) == 1 else float(np.nanmean(values[rows])) if rows else float("nan")
         shown = escape(text).replace(" ", "&nbsp;").replace("\n", "↵") or "&#8203;"
         out.append(f'<span class="tok" data-act="{v:.4g}" style="background:{shade(v, scale)}" title="{v:.4g}">{shown}</span>')
     return "".join(out)

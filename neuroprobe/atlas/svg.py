@@ -73,11 +73,18 @@ def quiroga_panel(
     ok = np.isfinite(response)
     forms = list(dict.fromkeys(form[ok]))
     col = colours(forms)
-    order: list[tuple[str, list[int]]] = []
-    for c in concepts:
-        idx = [i for f in forms for i in np.flatnonzero(ok & (concept == c) & (form == f))]
-        if idx:
-            order.append((c, idx))
+    # stimuli sorted by (concept in battery order, form in order of appearance, file order), vectorised
+    c_rank = {c: i for i, c in enumerate(concepts)}
+    f_rank = {f: i for i, f in enumerate(forms)}
+    idx_ok = np.flatnonzero(ok & np.isin(concept, list(c_rank)))
+    cr = np.array([c_rank[c] for c in concept[idx_ok]], dtype=np.int64)
+    fr = np.array([f_rank[f] for f in form[idx_ok]], dtype=np.int64)
+    sorted_idx = idx_ok[np.lexsort((idx_ok, fr, cr))]
+    cr_sorted = np.array([c_rank[c] for c in concept[sorted_idx]], dtype=np.int64)
+    bounds = np.flatnonzero(np.r_[True, cr_sorted[1:] != cr_sorted[:-1]]) if len(sorted_idx) else np.array([], int)
+    ends = list(bounds[1:]) + [len(sorted_idx)]
+    order: list[tuple[str, np.ndarray]] = [(concepts[cr_sorted[a]], sorted_idx[a:b]) for a, b in zip(bounds, ends)]
+    labels = {f: escape(str(f)) for f in forms}
     n = sum(len(i) for _, i in order)
     left, right, top, bottom = 48, 10, 26, 70
     gap = 6.0
@@ -106,11 +113,14 @@ def quiroga_panel(
         w = bw * len(idx)
         if c == highlight:
             out.append(f'<rect x="{_f(x - 2)}" y="{top}" width="{_f(w + 4)}" height="{ph}" fill="#fff4d6"/>')
+        cname = escape(str(c))
+        wbar = f"{max(bw, 0.6):.2f}"
         for i in idx:
             v = response[i]
             y0, y1 = sorted((y(0.0), y(v)))
-            out.append(f'<rect x="{_f(x)}" y="{_f(y0)}" width="{max(bw, 0.6):.2f}" height="{max(y1 - y0, 0.5):.2f}" '
-                       f'fill="{col[form[i]]}"><title>{escape(str(c))} / {escape(str(form[i]))}: {_num(v)}</title></rect>')
+            f_ = form[i]
+            out.append(f'<rect x="{x:.1f}" y="{y0:.1f}" width="{wbar}" height="{max(y1 - y0, 0.5):.2f}" '
+                       f'fill="{col[f_]}"><title>{cname} / {labels[f_]}: {v:.3g}</title></rect>')
             x += bw
         cx = x - w / 2
         out.append(f'<text x="{_f(cx)}" y="{height - bottom + 12}" font-size="11" text-anchor="end" '
@@ -168,7 +178,7 @@ def bars(
         out.append(f'<text x="{label_width - 6}" y="{_f(y0 + row / 2 + 4)}" font-size="11" text-anchor="end">{escape(str(lab))}</text>')
         for j, s in enumerate(names):
             v = vals[j, i]
-            if not np.isfinite(v):
+            if not np.isfinite(v) or v == 0:  # nothing to draw (the tooltip-free gap reads as zero)
                 continue
             yy = y0 + 2 + j * bh
             out.append(f'<rect x="{label_width}" y="{_f(yy)}" width="{_f(x(v) - label_width)}" height="{_f(bh - 1)}" fill="{col[s]}">'

@@ -192,7 +192,9 @@ class Prepared:
         best = 0
         for states in self.states.values():
             for s in states:
-                t = s[0] if isinstance(s, tuple) else s
+                t = s
+                while isinstance(t, tuple) and t:  # (args, kwargs) of a captured call: its first argument
+                    t = t[0]
                 if isinstance(t, torch.Tensor):
                     best = max(best, t.numel() * t.element_size())
         return best
@@ -209,6 +211,10 @@ class Runner:
         self.battery = battery
         self.readout = readout
         self.blocks = resolve_blocks(subject)
+
+    def cut_of(self, site: Site) -> tuple[str, int] | None:
+        """Where replicas lesioning ``site`` must start: ``(chain, position)`` (default: its block's index)."""
+        return stage_of(self.blocks, site)
 
     def prepare(self, rows: pd.DataFrame) -> Prepared:  # pragma: no cover - interface
         raise NotImplementedError
@@ -350,6 +356,18 @@ class HFEncoderRunner(Runner):
 
     name = "hf-encoder"
     readouts = ("prototype",)
+    #: a layer's last sub-block, ``f(mlp hidden, attention output) -> layer output``: a site inside it
+    #: resumes there (positions: ``2 i`` = layer ``i``, ``2 i + 1`` = its output sub-block)
+    tail = "output"
+
+    def cut_of(self, site: Site) -> tuple[str, int] | None:
+        where = stage_of(self.blocks, site)
+        if where is None:
+            return None
+        chain, i = where
+        tail = f"{self.blocks[chain][i]}.{self.tail}"
+        inside = site.module == tail or site.module.startswith(tail + ".")
+        return chain, 2 * i + int(inside)
 
     def prepare(self, rows: pd.DataFrame) -> Prepared:
         from neuroprobe.subjects.hf import _forward_args, _prototypes
@@ -359,14 +377,15 @@ class HFEncoderRunner(Runner):
         enc = subj.tokenizer(rows["text"].tolist(), padding=True, truncation=True, return_tensors="pt").to(subj.device)
         inputs = {k: v for k, v in enc.items() if k in _forward_args(subj.model)}
         layers = self.blocks["text"]
+        tails = [f"{name}.{self.tail}" for name in layers]
         prep = Prepared(rows=len(rows))
         with torch.inference_mode():
-            calls = capture_calls(subj.model, layers, lambda: prep.outputs.__setitem__(
+            calls = capture_calls(subj.model, layers + tails, lambda: prep.outputs.__setitem__(
                 "text", subj.model(**inputs).last_hidden_state))
-        for name in layers:
+        for name in layers + tails:
             if len(calls[name]) != 1:
                 raise NeuroprobeError(f"block {name} ran {len(calls[name])} times in one pass; it cannot be resumed.")
-        prep.states["text"] = [calls[name][0] for name in layers]
+        prep.states["text"] = [calls[name][0] for pair in zip(layers, tails) for name in pair]
         prep.extra = dict(inputs=inputs, mask=enc["attention_mask"], protos=protos,
                           target=torch.tensor([concepts.index(c) for c in rows["concept"]], device=protos.device))
         return prep
@@ -383,10 +402,16 @@ class HFEncoderRunner(Runner):
             hidden = model(**_rep(prep.extra["inputs"], n_rep, rows)).last_hidden_state
         else:
             layers = self.blocks["text"]
-            args, kwargs = prep.states["text"][cut]
-            hidden = _rep(args[0], n_rep, rows)
-            for j in range(cut, len(layers)):
-                args, kwargs = prep.states["text"][j]
+            start = cut // 2
+            if cut % 2:  # resume at the layer's output sub-block with its captured (MLP hidden, attention output)
+                args, kwargs = prep.states["text"][cut]
+                out = model.get_submodule(f"{layers[start]}.{self.tail}")(*_rep(args, n_rep, rows), **_rep(kwargs, n_rep, rows))
+                hidden = out[0] if isinstance(out, (tuple, list)) else out
+                start += 1
+            else:
+                hidden = _rep(prep.states["text"][cut][0][0], n_rep, rows)
+            for j in range(start, len(layers)):
+                args, kwargs = prep.states["text"][2 * j]
                 out = model.get_submodule(layers[j])(hidden, *_rep(args[1:], n_rep, rows), **_rep(kwargs, n_rep, rows))
                 hidden = out[0] if isinstance(out, (tuple, list)) else out
         hidden = hidden.float()
@@ -469,7 +494,7 @@ class BatchedEvaluator:
         blocks = self.runner.blocks
         cut: dict[str, int | None] = {c: None for c in blocks}
         for name in units:
-            where = stage_of(blocks, sites[name])
+            where = self.runner.cut_of(sites[name])
             if where is None:  # a site outside every declared block: run everything
                 return tuple((c, 0) for c in blocks)
             chain, i = where

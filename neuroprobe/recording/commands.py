@@ -49,7 +49,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def record(
         model: str = typer.Option(..., "--model", "-m", help="Subject name (see `neuroprobe subjects`) or hf:<id|dir>."),
-        probe: str = typer.Option("kinship", "--probe", "-p", help="Battery name under probes/ or a battery folder."),
+        probe: Optional[str] = typer.Option(None, "--probe", "-p", help="Battery name under probes/ or a battery folder (default: one the subject's modalities reach, e.g. kinship for text models, pictures or digits for image-taking ones)."),
         sites: str = typer.Option("mlp", "--sites", help="Montage: mlp, resid, attn, all, or comma-separated globs."),
         pool: str = typer.Option("mean", "--pool", help="Pooling: mean, max, first, last, concept-token."),
         tokens: bool = typer.Option(False, "--tokens", help="Also keep per-token traces (ragged, no padding)."),
@@ -61,12 +61,16 @@ def register(app: typer.Typer) -> None:
         weights: Optional[Path] = typer.Option(None, "--weights", help="Local folder with the checkpoint files."),
         batch_size: int = typer.Option(32, "--batch-size", help="Stimuli per forward pass."),
         dtype: str = typer.Option("float32", "--dtype", help="Storage dtype: float32 or float16."),
+        model_dtype: str = typer.Option("float32", "--model-dtype", help="Weights dtype: float32, float16 or bfloat16."),
         compression: Optional[str] = typer.Option(None, "--compression", help="gzip or lzf (default none)."),
         seed: int = typer.Option(0, "--seed", help="Seed (random init and anything stochastic)."),
         trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let hf: models run their own code."),
         detector_weights: Optional[Path] = typer.Option(None, "--detector-weights", help="LXMERT/VisualBERT/ViLBERT: Faster R-CNN folder."),
         features: Optional[Path] = typer.Option(None, "--features", help="Precomputed region features (*_obj36.tsv or .h5)."),
         trust_pickle: bool = typer.Option(False, "--trust-pickle", help="DALL-E: allow loading OpenAI's pickled dVAE."),
+        device_map: Optional[str] = typer.Option(None, "--device-map", help="auto, balanced, sequential or a JSON file: spread a big transformers subject over GPUs, CPU and disk (accelerate)."),
+        max_memory: Optional[str] = typer.Option(None, "--max-memory", help="With --device-map: per-device budget, e.g. 0=20GiB,cpu=64GiB."),
+        offload_folder: Optional[Path] = typer.Option(None, "--offload-folder", help="With --device-map: where weights offloaded to disk go."),
         allow_outside_images: bool = typer.Option(False, "--allow-outside-images", help="Let the battery's image paths leave its folder."),
         option: list[str] = typer.Option([], "--option", "-O", help="Subject-specific KEY=VALUE (e.g. variant=mini, codes=FILE); repeatable."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -75,12 +79,16 @@ def register(app: typer.Typer) -> None:
         from neuroprobe.errors import NeuroprobeError
         from neuroprobe.recording.recorder import Recorder, check_output, default_output_for
         from neuroprobe.stimuli.battery import Battery
-        from neuroprobe.subjects.registry import load_subject
+        from neuroprobe.subjects.registry import get_spec, load_subject
 
         # everything that can be refused is refused before the model loads
         if not sites.strip():
             raise NeuroprobeError("--sites is empty; give mlp, resid, attn, all or comma-separated site patterns.")
         check_device(device)
+        if probe is None:
+            probe = get_spec(model).default_battery
+            if not quiet:
+                typer.echo(f"battery: {probe} (the default for {model}; choose another with --probe)", err=True)
         battery = Battery.load(probe, allow_outside_images=allow_outside_images)
         check_output(out if out is not None else default_output_for(model, init, battery.name, sites),
                      resume=resume, overwrite=overwrite)
@@ -92,12 +100,19 @@ def register(app: typer.Typer) -> None:
         if trust_pickle:
             options["trust_pickle"] = True
         options.update(parse_options(option))
-        subject = load_subject(model, init=init, weights=weights, device=device, seed=seed,
-                               trust_remote_code=trust_remote_code, quiet=quiet, **options)
+        for key, value in (("device_map", device_map), ("max_memory", max_memory), ("offload_folder", offload_folder)):
+            if value is not None:
+                options[key] = value
+        from neuroprobe.recording import distributed
+
+        device = distributed.local_device(device, distributed.world())
+        subject = load_subject(model, init=init, weights=weights, device=device, seed=seed, dtype=model_dtype,
+                               trust_remote_code=trust_remote_code, quiet=quiet,
+                               modalities=tuple(battery.table["modality"].unique()), **options)
         recorder = Recorder(subject, battery, montage=sites, pooling=pool, tokens=tokens, dtype=dtype,
                             batch_size=batch_size, compression=compression, quiet=quiet,
                             command=" ".join(["neuroprobe"] + sys.argv[1:]))
-        path = recorder.run(out, resume=resume, overwrite=overwrite)
+        path = distributed.run(recorder, out, resume=resume, overwrite=overwrite)
         if not quiet:
             typer.echo(f"wrote {path} ({len(battery)} stimuli, {len(recorder.sites)} sites)")
 
@@ -112,3 +127,16 @@ def register(app: typer.Typer) -> None:
                 if k != "sites_list":
                     typer.echo(f"  {k}: {v}")
             typer.echo(rec.sites.to_string(index=False))
+
+    @app.command()
+    def merge(
+        path: Path = typer.Argument(..., help="A virtual recording written by a sharded (torchrun) run."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write here (default: replace REC.h5 in place)."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    ) -> None:
+        """Materialise a virtual recording into one self-contained file (the shards are checked first)."""
+        from neuroprobe.recording.shards import merge as merge_shards, shard_dir
+
+        written = merge_shards(path, out, quiet=quiet)
+        if not quiet:
+            typer.echo(f"wrote {written}; the shards in {shard_dir(path)} are no longer needed by it")

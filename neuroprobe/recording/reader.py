@@ -119,6 +119,9 @@ class Recording:
         done = _decode(f.attrs.get("n_done", 0))
         if not isinstance(done, (int, np.integer)) or not 0 <= int(done) <= n:
             raise RecordingError(f"{p} has a malformed n_done {done!r} for {n} stimuli.")
+        from neuroprobe.recording.shards import check_sources
+
+        check_sources(f, p)  # a virtual recording needs its shards (HDF5 alone would read fill values)
 
     # -------------------------------------------------------------- metadata
     @cached_property

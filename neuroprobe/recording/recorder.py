@@ -213,11 +213,17 @@ class Recorder:
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             compression=self.compression or "none",
         )
+        prov.update(getattr(self.subject, "provenance_notes", None) or {})  # e.g. config_source, tokenizer_source
         return prov
 
     # ------------------------------------------------------------------- run
-    def run(self, out: str | Path | None = None, *, resume: bool = False, overwrite: bool = False) -> Path:
+    def run(self, out: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
+            span: tuple[int, int] | None = None, attrs: dict[str, Any] | None = None) -> Path:
         """Record the whole battery into ``out``; return its path.
+
+        ``span`` (``[start, stop)``, batch-aligned) records only those stimuli into a file
+        that still spans the battery, and ``attrs`` adds root attributes: together they
+        make a shard (see :mod:`neuroprobe.recording.distributed`).
 
         Raises
         ------
@@ -228,9 +234,10 @@ class Recorder:
         path = Path(out) if out is not None else default_output(self.subject, self.battery, self.montage)
         check_output(path, resume=resume, overwrite=overwrite)
         with WriterLock(path):
-            return self._run_locked(path, resume=resume, overwrite=overwrite)
+            return self._run_locked(path, resume=resume, overwrite=overwrite, span=span, attrs=attrs)
 
-    def _run_locked(self, path: Path, *, resume: bool, overwrite: bool) -> Path:
+    def _run_locked(self, path: Path, *, resume: bool, overwrite: bool, span: tuple[int, int] | None = None,
+                    attrs: dict[str, Any] | None = None) -> Path:
         """:meth:`run` while holding the path's writer lock.
 
         A new recording is created under a temporary name beside ``path`` and moved
@@ -252,14 +259,14 @@ class Recorder:
             pooling_per_site = {s.name: self._site_pooling(s) for s in self.sites}
             tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
             writer = RecordingWriter.create(
-                tmp, self.provenance(), self.battery.table, [(s, counts[s.name]) for s in self.sites],
+                tmp, {**self.provenance(), **(attrs or {})}, self.battery.table, [(s, counts[s.name]) for s in self.sites],
                 pooling_per_site=pooling_per_site, tokens=self.tokens, dtype=self.dtype,
                 compression=self.compression, chunk_rows=self.batch_size,
             )
             if not replace_at_end:
                 self._move(writer, path)
         try:
-            self._record(writer)
+            self._record(writer, span)
         except BaseException:
             if replace_at_end:
                 writer.close()
@@ -280,16 +287,16 @@ class Recorder:
             raise RecordingError(f"cannot move the new recording into place at {path} ({err.strerror}).") from None
         writer.path = path
 
-    def _record(self, writer: RecordingWriter) -> None:
-        """Stream every uncommitted batch through ``writer``, then mark it complete and close it."""
-        start = writer.n_done
-        n = len(self.battery)
+    def _record(self, writer: RecordingWriter, span: tuple[int, int] | None = None) -> None:
+        """Stream every uncommitted batch (of ``span``) through ``writer``, then mark it complete and close it."""
+        lo, hi = span if span is not None else (0, len(self.battery))
+        start = max(writer.n_done, lo)
         threaded = ThreadedWriter(writer)
-        bar = tqdm(total=n, initial=start, unit="stim", desc=f"record {self.subject.name}", disable=self.quiet,
-                   dynamic_ncols=True)
+        bar = tqdm(total=hi - lo, initial=start - lo, unit="stim", desc=f"record {self.subject.name}",
+                   disable=self.quiet, dynamic_ncols=True)
         try:
-            for offset in range(start, n, self.batch_size):
-                rows = self.battery.table.iloc[offset : offset + self.batch_size]
+            for offset in range(start, hi, self.batch_size):
+                rows = self.battery.table.iloc[offset : min(offset + self.batch_size, hi)]
                 threaded.put(self._compute(rows, offset))
                 bar.update(len(rows))
             threaded.close()
@@ -339,9 +346,13 @@ class Recorder:
                 self.subject.forward(batch)
         missing = [s.name for s in self.sites if s.name not in counts]
         if missing:
+            from neuroprobe.subjects.base import suggest_sites
+
+            fired = [s for s in self.sites if s.name in counts]
             raise NeuroprobeError(
-                f"site(s) {', '.join(missing[:5])} never fired for any stimulus of battery {self.battery.name!r}; "
-                f"choose a montage whose sites this battery reaches."
+                f"site(s) {', '.join(missing[:5])} never fired for any stimulus of battery {self.battery.name!r} "
+                f"({'+'.join(sorted(self.battery.table['modality'].unique()))} stimuli); "
+                f"{suggest_sites(fired, self.montage)}."
             )
         return counts
 
@@ -495,5 +506,7 @@ def record(
 
     if not isinstance(battery, Battery):
         battery = Battery.load(battery)
-    path = Recorder(subject, battery, **options).run(out, resume=resume, overwrite=overwrite)
+    from neuroprobe.recording.distributed import run
+
+    path = run(Recorder(subject, battery, **options), out, resume=resume, overwrite=overwrite)
     return open_recording(path)

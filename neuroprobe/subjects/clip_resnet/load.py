@@ -18,7 +18,6 @@ with a message naming the keys.
 from __future__ import annotations
 
 import os
-import pickle
 import zipfile
 from pathlib import Path
 from typing import Mapping
@@ -26,6 +25,7 @@ from typing import Mapping
 import torch
 
 from neuroprobe.errors import MissingWeightsError, NeuroprobeError
+from neuroprobe.subjects.archive import module_state_dict, read_module_tree
 from neuroprobe.subjects.clip_resnet.config import CLIPResNetConfig, Variant
 from neuroprobe.subjects.clip_resnet.model import CLIPResNet
 
@@ -69,54 +69,6 @@ def resolve_weights(weights: str | Path | None, variant: Variant) -> Path:
     raise MissingWeightsError(missing_message(variant, f"in {cached.parent}"))
 
 
-#: Storage classes a TorchScript archive names, and their dtypes.
-_STORAGES = {
-    "FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
-    "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
-}
-
-
-class _ScriptObject:
-    """Placeholder for a TorchScript module object: keeps its attributes, runs nothing."""
-
-    def __setstate__(self, state: object) -> None:
-        self.__dict__["_state"] = state
-
-
-def _rebuild_tensor(storage: torch.Tensor, offset: int, size: tuple, stride: tuple, *_: object) -> torch.Tensor:
-    return torch.as_strided(storage, size, stride, offset).clone()
-
-
-class _ArchiveUnpickler(pickle.Unpickler):
-    """Unpickles ``data.pkl`` of a TorchScript archive admitting only tensors, containers and placeholders."""
-
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str) -> None:
-        import io
-
-        super().__init__(io.BytesIO(data))
-        self.archive, self.prefix = archive, prefix
-
-    def find_class(self, module: str, name: str) -> object:
-        if module.startswith("__torch__"):
-            return _ScriptObject
-        if (module, name) in (("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor")):
-            return _rebuild_tensor
-        if module == "torch" and name in _STORAGES:
-            return _STORAGES[name]
-        if (module, name) == ("collections", "OrderedDict"):
-            import collections
-
-            return collections.OrderedDict
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint")
-
-    def persistent_load(self, pid: tuple) -> torch.Tensor:
-        _, dtype, key, _location, numel = pid
-        raw = self.archive.read(f"{self.prefix}/data/{key}")
-        flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype)
-        return flat[:numel]
-
-
 def read_torchscript_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor attribute of a TorchScript archive's module tree, by dotted name (its state dict).
 
@@ -124,22 +76,7 @@ def read_torchscript_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     tensors, storages, ordered dicts and the archive's own module classes (replaced by inert
     placeholders).
     """
-    with zipfile.ZipFile(path) as archive:
-        name = next(n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1)
-        prefix = name.split("/")[0]
-        root = _ArchiveUnpickler(archive.read(name), archive, prefix).load()
-    out: dict[str, torch.Tensor] = {}
-
-    def walk(obj: object, where: str) -> None:
-        state = obj.__dict__.get("_state", {}) if isinstance(obj, _ScriptObject) else {}
-        for key, value in (state.items() if isinstance(state, dict) else ()):
-            if isinstance(value, torch.Tensor):
-                out[where + key] = value
-            elif isinstance(value, _ScriptObject):
-                walk(value, f"{where}{key}.")
-
-    walk(root, "")
-    return out
+    return module_state_dict(read_module_tree(path))
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -90,7 +90,11 @@ def load_tokenizer(folder: Path | None) -> Any:
             return CLIPTokenizerFast(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"))
     try:
         return AutoTokenizer.from_pretrained(TOKENIZER_ID, local_files_only=True)
-    except Exception:  # not in the cache: say what to do
+    except Exception:  # not in the cache: CLIP's own BPE, shipped with neuroprobe (exact: same pieces and ids)
+        from neuroprobe.subjects.offline import build_tokenizer, recipe_available
+
+        if recipe_available("clip-bpe"):
+            return build_tokenizer("clip-bpe")
         raise MissingWeightsError(
             f"CLIP's tokenizer was not found: put its files (tokenizer.json, or vocab.json and merges.txt) beside "
             f"the weights, or get {TOKENIZER_ID} into the Hugging Face cache (HF_HOME)."

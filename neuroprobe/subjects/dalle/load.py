@@ -18,7 +18,6 @@ read with ``torch.load(weights_only=True)`` and loaded with ``strict=True``.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,7 +86,9 @@ def _hub_file(filename: str) -> Path | None:
         return Path(hf_hub_download(HUB_REPO, filename, local_files_only=True))
     except Exception:
         pass
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    from neuroprobe.subjects.offline import hub_reachable
+
+    if not hub_reachable():  # offline, or the hub does not answer: fail at once, no retries
         return None
     try:
         return Path(hf_hub_download(HUB_REPO, filename, etag_timeout=10))
@@ -203,8 +204,22 @@ def load_dalle(
     roles = {"vocab": config.hub_files["vocab"], "merges": config.hub_files["merges"]}
     if init == "pretrained":
         roles = {"encoder": config.hub_files["encoder"], "decoder": config.hub_files["decoder"], **roles}
-    files = resolve_files(roles, weights, variant, f"DALL-E {variant}")
+    substitute = False
+    try:
+        files = resolve_files(roles, weights, variant, f"DALL-E {variant}")
+    except MissingWeightsError:
+        if init != "random" or weights is not None:
+            raise
+        # the untrained control runs offline: a stated stand-in tokenizer (recorded in provenance)
+        from neuroprobe.subjects.offline import dalle_substitute_files
+
+        files = dict(zip(("vocab", "merges"), dalle_substitute_files(config)))
+        substitute = True
     tokenizer = TextTokenizer.from_files(files["vocab"], files["merges"])
+    if substitute:
+        from neuroprobe.subjects.offline import RECIPES
+
+        tokenizer.neuroprobe_source = RECIPES["gpt2-bpe-dalle"].description
     if init == "pretrained":
         with torch.device("meta"):
             model = DalleBart(config)

@@ -238,11 +238,12 @@ def load_dalle_subject(
         without a codes-file entry are encoded with it.  It is preprocessing: pretrained even
         for ``init="random"``.
     dvae
-        OpenAI's dVAE ``encoder.pkl``, attached as :attr:`DalleSubject.dvae` (an image
-        tokenizer for OpenAI-style tokens; they are not what this decoder scores).  It is a
-        pickled module: it loads only with ``trust_pickle`` (``--trust-pickle``).
+        OpenAI's dVAE ``encoder.pkl``, attached as :attr:`DalleSubject.dvae` (the ported
+        :class:`~neuroprobe.subjects.dalle.dvae.DVAEEncoder`: an image tokenizer for
+        OpenAI-style tokens; they are not what this decoder scores).  Its tensors are read
+        without running the pickle; a file in the old torch format needs ``trust_pickle``.
     trust_pickle
-        Allow unpickling ``dvae``; nothing pickled is ever loaded otherwise.
+        Allow fully unpickling ``dvae`` when the safe reader cannot take it.
     """
     options.pop("quiet", None)
     if options:
@@ -262,8 +263,8 @@ def load_dalle_subject(
         revision="main" if weights is None else "local", seed=seed,
     )
     if dvae is not None:
-        from neuroprobe.subjects.dalle.dvae import load_dvae
+        from neuroprobe.subjects.dalle.dvae import load_dvae_encoder
 
-        subject.dvae = load_dvae(dvae, trust_pickle=trust, device=device)
+        subject.dvae = load_dvae_encoder(dvae, trust_pickle=trust, device=device)
     subject.spec = spec
     return subject

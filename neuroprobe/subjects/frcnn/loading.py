@@ -37,7 +37,11 @@ def _offline() -> bool:
     from huggingface_hub import constants
 
     flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return flag.strip().upper() in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
+    if flag.strip().upper() in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE):
+        return True
+    from neuroprobe.subjects.offline import hub_reachable
+
+    return not hub_reachable()  # an unreachable hub fails at once instead of retrying
 
 
 def _resolve_files(weights: str | Path | None, hub_id: str, need_weights: bool) -> tuple[Path | None, Path | None]:

@@ -86,6 +86,10 @@ def resolve_weights(
     if cached.is_file():
         return cached
     offline = any(os.environ.get(v, "") not in ("", "0", "false", "False") for v in ("HF_HUB_OFFLINE", "NEUROPROBE_OFFLINE"))
+    if not offline:
+        from neuroprobe.subjects.offline import reachable
+
+        offline = not reachable(DOWNLOAD_URL.format(name=""))  # one quick check instead of a long failing download
     if not download or offline:
         raise MissingWeightsError(_missing_message(checkpoint, f"in the cache {cached.parent}"))
     cached.parent.mkdir(parents=True, exist_ok=True)

@@ -170,6 +170,10 @@ def load_tokenizer(source: str | Path | None = None, weights: Path | None = None
                 return AutoTokenizer.from_pretrained(ident, local_files_only=True)
             except (OSError, ValueError, TypeError):
                 pass
+        from neuroprobe.subjects.offline import build_tokenizer, minilm_vocab
+
+        if minilm_vocab() is not None:  # bert-base-uncased's own vocabulary, shipped by a dependency
+            return build_tokenizer("bert-wordpiece-uncased")
     source = source or TOKENIZER_ID
     try:
         return AutoTokenizer.from_pretrained(str(source))
