@@ -241,3 +241,12 @@ def test_reader_slices_lazily_and_exports(minilm, small_kinship, tmp_path):
     xr = rec.to_xarray(["encoder.layer.2"])
     assert np.array_equal(xr["encoder.layer.2"].values, ds[()])
     assert list(xr["concept"].values) == list(small_kinship.table["concept"])
+
+
+def test_default_output_folder_is_created_in_a_fresh_directory(tmp_path):
+    # a newcomer runs `record` without --out from a folder that has no recordings/ yet
+    res = cli("record", "--model", "organism", "--probe", "digits", "--sites", "image.fc", "--quiet", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "recordings" / "organism_digits_image.fc.h5"
+    with open_recording(out) as rec:
+        assert rec.attrs["complete"] and rec.n_stimuli == len(Battery.load("digits").table)
