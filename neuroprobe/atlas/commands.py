@@ -13,7 +13,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def atlas(
         recording: Path = typer.Argument(..., help="A recording (.h5)."),
-        out: Path = typer.Option(Path("atlas"), "--out", "-o", help="Folder for the atlas (index.html is its front page)."),
+        out: Path = typer.Option(Path("figures/atlas"), "--out", "-o", help="Folder for the atlas (index.html is its front page; default figures/atlas, ignored by git)."),
         cells: Optional[Path] = typer.Option(None, "--cells", help="Cells table (`neuroprobe cells --out`); its .untrained/.rotation siblings are shown beside it."),
         lesions: Optional[Path] = typer.Option(None, "--lesions", help="Lesion summary (forgetting.csv of `neuroprobe lesion`)."),
         untrained: Optional[Path] = typer.Option(None, "--untrained", help="Cells table of the untrained control."),
