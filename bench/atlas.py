@@ -168,8 +168,8 @@ def main() -> None:
         lines.append(f"| {name} | {r['wall']:.1f} s | {r['cpu']:.1f} s | {r['rss_mb']:.0f} MiB | {r['pages']:,} | {r['files']:,} | "
                      f"{r['size'] / 2**20:.1f} MiB | {r['index'] / 2**10:.0f} KiB | {r['ready_ms']:.0f} ms | "
                      f"{r['chromium_s']:.1f} s | {r['rows']} |")
-    lines += ["", "Atlas time is the `neuroprobe atlas` command end to end (including importing neuroprobe and torch, "
-              "about 6 s of CPU here); peak RSS is that process's (sampled every 20 ms). \"Index ready\" is the page's own clock "
+    lines += ["", "Atlas time is the `neuroprobe atlas` command end to end (Python start-up and imports included); "
+              "wall is several times CPU because the 2 cores were shared (load in the header); peak RSS is that process's (sampled every 20 ms). \"Index ready\" is the page's own clock "
               "(navigation start to the rendered cell table, which shows 200 rows at a time); \"chromium run\" is the "
               "whole headless browser start-up, render and exit. Median of 3 cold starts.", ""]
     text = "\n".join(lines)

@@ -265,8 +265,8 @@ Synthetic recording written with neuroprobe's writer (the layout of `neuroprobe 
 {s['passes']} pass(es) through the 256 MiB read buffer.  Per unit, the streamed criterion is
 **{s['loop_ms'] / 1e3 / (s['cells_wall'] / s['cells_units']):.0f}x** faster than the loop in wall time
 ({s['loop_cpu'] / s['loop_units'] / (s['cells_cpu'] / s['cells_units']):.0f}x in CPU time) while also running the
-invariance permutations the loop skips.  Wall is about twice CPU because the 2 cores were
-shared with other jobs (load in the header).  Peak memory is the read buffer plus the
+invariance permutations the loop skips.  Wall is {s['cells_wall'] / s['cells_cpu']:.0f}x CPU because the 2 cores were
+shared with other jobs (load in the header): compare CPU times.  Peak memory is the read buffer plus the
 block temporaries (~10 float64 arrays of 16 MiB), independent of the number of units
 and of the file size.
 Exact p-values against the asymptotic-only path, measured side by side in one process: **{s['cells_wall'] / s['asym_wall']:.2f}x**
@@ -277,6 +277,7 @@ deficit program fits the budget; {s['n_over']:,} were over it and kept the norma
 `uptime` at the end: {s['uptime']}.
 Agreement with the loop on its units (max |difference|): {', '.join(f'{k} {v:.1e}' for k, v in s['check'].items())}
 (p compared as |log10 p|, the normal approximation on both sides).
+
 """
     if head in text:
         start = text.index(head)

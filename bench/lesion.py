@@ -250,7 +250,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     Path(args.tmp).mkdir(parents=True, exist_ok=True)
-    load0 = os.getloadavg()[0]
+    load0, started = os.getloadavg()[0], time.strftime('%Y-%m-%d %H:%M', time.gmtime())
     body = []
     if not args.skip_many:
         body += ["### Many lesions: one at a time, batched, batched + prefix-cached", "", *section_many(args), ""]
@@ -262,7 +262,7 @@ def main() -> None:
     head = [
         "## Batched and prefix-cached lesions (bench/lesion.py)",
         "",
-        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.machine()}, {os.cpu_count()} CPUs shared with "
+        f"Run {started}–{time.strftime('%H:%M', time.gmtime())} UTC on {platform.machine()}, {os.cpu_count()} CPUs shared with "
         f"other jobs (load average {load0:.1f} at start, {load1:.1f} at end); torch {torch.__version__} on {args.threads} "
         f"thread(s); CPU s = this process's CPU time, the cost of the work whatever the load; wall s depends on the load. "
         f"{args.k} random active units per lesion (zero ablation).",

@@ -128,6 +128,12 @@ def test_organism_batched_equals_one_at_a_time(org_study):
 def test_minilm_batched_equals_one_at_a_time(minilm_study):
     study = minilm_study
     assert study.engine.startswith("batched (hf-encoder runner")
+    # an MLP site resumes at its layer's output sub-block (position 2i+1); an attention site at the layer (2i)
+    runner = study._engine.runner
+    sites = {s.name: s for s in study.subject.sites("all")}
+    assert runner.cut_of(sites["encoder.layer.5.mlp"]) == ("text", 11)
+    assert runner.cut_of(sites["encoder.layer.5.attn"]) == ("text", 10)
+    assert runner.cut_of(sites["encoder.layer.0"]) == ("text", 0)
     rng = np.random.default_rng(2)
     lesions = _lesions(study, "mother", rng)
     for mode in ("zero", "mean"):
@@ -216,7 +222,8 @@ def test_cli_takes_the_battery_from_the_recording_of_the_cells(tmp_path, tiny_di
     table = tiny_digits.table.copy()
     table["image"] = [str(tiny_digits.root / p) if p else "" for p in table["image"]]
     table.to_csv(folder / "stimuli.csv", index=False)
-    (folder / "battery.json").write_text(json.dumps({"name": "smalldigits", "concepts": tiny_digits.concepts}))
+    (folder / "battery.json").write_text(json.dumps({"name": "smalldigits", "concepts": tiny_digits.concepts,
+                                                     "allow_outside_images": True}))
     cells = pd.DataFrame({"site": ["image.fc"] * 3, "unit": [1, 2, 3], "concept": ["three"] * 3, "score": [3.0, 2.0, 1.0]})
     path = tmp_path / "cells.csv"
     cells.to_csv(path, index=False)

@@ -690,6 +690,7 @@ def test_steer_checks_bags_before_loading_the_model(model, tok, tmp_path, monkey
         assert isinstance(res.exception, NeuroprobeError) and needle in str(res.exception)
 
 
+@pytest.mark.slow
 def test_steer_cli_is_quiet_and_uses_the_cache_api(ko_model, ko_tok, tmp_path):
     """`neuroprobe steer -q` with two Korean bags: no progress bar, no deprecation warning, dropped words named."""
     import os

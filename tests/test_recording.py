@@ -153,7 +153,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert 0 < done < 299, f"the kill came too late or too early (n_done={done})"
-    with h5py.File(part, "r") as f:
+    with h5py.File(part, "r", swmr=True) as f:  # a killed SWMR writer leaves its flags: read it as SWMR
         assert not f.attrs["complete"]
     assert open_recording(part).n_done < 299
     res = cli(*common, "--out", str(part), "--resume")
@@ -241,3 +241,12 @@ def test_reader_slices_lazily_and_exports(minilm, small_kinship, tmp_path):
     xr = rec.to_xarray(["encoder.layer.2"])
     assert np.array_equal(xr["encoder.layer.2"].values, ds[()])
     assert list(xr["concept"].values) == list(small_kinship.table["concept"])
+
+
+def test_default_output_folder_is_created_in_a_fresh_directory(tmp_path):
+    # a newcomer runs `record` without --out from a folder that has no recordings/ yet
+    res = cli("record", "--model", "organism", "--probe", "digits", "--sites", "image.fc", "--quiet", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "recordings" / "organism_digits_image.fc.h5"
+    with open_recording(out) as rec:
+        assert rec.attrs["complete"] and rec.n_stimuli == len(Battery.load("digits").table)

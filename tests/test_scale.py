@@ -325,7 +325,7 @@ def test_torchrun_rank_sigkilled_then_resume_equals_one_process(tiny_dir, tmp_pa
         if not shard.exists():
             continue
         try:
-            with h5py.File(shard, "r", locking=False) as f:
+            with h5py.File(shard, "r", swmr=True) as f:  # a live shard is readable (SWMR)
                 start, stop = int(f.attrs["shard_start"]), int(f.attrs["shard_stop"])
                 done = int(f.attrs.get("n_done", 0))
         except Exception:

@@ -216,7 +216,7 @@ class Atlas:
             series.update({name: counts[name]["cells"] for name in self.controls})
             body.append("<div class='card'><h3>Concept cells per site"
                         + (" beside the controls" if self.controls else "") + "</h3>"
-                        + svg.bars(self.sites, series, width=560, label_width=200) + "</div>")
+                        + svg.bars(self.sites, series, width=430, label_width=170) + "</div>")
         body.append("</div>")
         # concepts
         crow = []
@@ -238,9 +238,9 @@ class Atlas:
         note = ("candidates pass screening; cells are confirmed on the testing split. " if self.cells is not None else
                 "no cells table given (--cells): the strongest units per concept by d\u2032 over all stimuli. ")
         body.append(
-            f"<h2>{title}</h2><p class='note'>{note}Click a column to sort; type to filter. Unit pages exist for every cell "
+            f"<h2>{title}</h2><p class='note'>{note}Click a column to sort; type to filter. Unit pages exist for every cell, "
             f"the top {self.top} units of each concept and its best unit at each site ({sum(len(v) for v in have_pages.values()):,} pages); "
-            "`--units all` or `--serve` gives every unit a page.</p>"
+            "<code>--units all</code> or <code>--serve</code> gives every unit a page.</p>"
             "<div id='cells' class='tablebox'><div class='controls'><input type='search' placeholder='filter (any column)'>"
             + ("<select class='verdict'><option value=''>cells and candidates</option><option value='cell'>cells</option>"
                "<option value='candidate'>candidates only</option><option value='top unit'>top units</option></select>")

@@ -178,7 +178,7 @@ def bars(
         out.append(f'<text x="{label_width - 6}" y="{_f(y0 + row / 2 + 4)}" font-size="11" text-anchor="end">{escape(str(lab))}</text>')
         for j, s in enumerate(names):
             v = vals[j, i]
-            if not np.isfinite(v):
+            if not np.isfinite(v) or v == 0:  # nothing to draw (the tooltip-free gap reads as zero)
                 continue
             yy = y0 + 2 + j * bh
             out.append(f'<rect x="{label_width}" y="{_f(yy)}" width="{_f(x(v) - label_width)}" height="{_f(bh - 1)}" fill="{col[s]}">'

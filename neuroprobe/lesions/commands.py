@@ -142,7 +142,8 @@ def register(app: typer.Typer) -> None:
         if unknown or not concepts:
             raise NeuroprobeError(
                 f"concept {', '.join(map(repr, unknown)) or '(none)'} is not in battery {battery.name!r} ({where}); "
-                f"it has {', '.join(battery.concept_names)}."
+                f"it has {', '.join(battery.concept_names)}"
+                + ("; name the cells' battery with --probe." if where == "the default" else ".")
             )
         columns = {"site": site_col, "unit": unit_col}
         if concept_col:

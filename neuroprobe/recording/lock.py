@@ -66,6 +66,10 @@ class WriterLock:
     def acquire(self) -> "WriterLock":
         if fcntl is None:  # pragma: no cover
             return self
+        try:  # the recording's folder (e.g. the default recordings/) may not exist yet
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RecordingError(f"cannot create the folder {self.file.parent} ({err.strerror}).") from None
         for _ in range(20):  # retry when the holder released (and unlinked) between our open and lock
             try:
                 fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)

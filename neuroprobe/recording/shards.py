@@ -138,9 +138,12 @@ def read_shard(path: Path) -> Shard:
     if not path.exists():
         raise RecordingError(f"shard {path.name} is missing from {path.parent}.")
     try:
-        f = h5py.File(path, "r")
-    except OSError as err:
-        raise RecordingError(f"shard {path} is not readable HDF5 ({str(err).splitlines()[0]}).") from None
+        f = h5py.File(path, "r", swmr=True)  # shards are written in SWMR mode: readable even while (or after) a rank dies
+    except OSError:
+        try:
+            f = h5py.File(path, "r")
+        except OSError as err:
+            raise RecordingError(f"shard {path} is not readable HDF5 ({str(err).splitlines()[0]}).") from None
     with f:
         if _attr(f, "format") != schema.FORMAT or any(k not in f.attrs for k in SHARD_KEYS):
             raise RecordingError(f"{path} is not a shard of a neuroprobe recording.")
