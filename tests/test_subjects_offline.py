@@ -325,6 +325,7 @@ def test_sites_command_lists_a_montage_before_recording(tmp_path: Path) -> None:
     assert listed.returncode == 0, listed.stderr
     rows = {line.split()[0]: line for line in listed.stdout.splitlines()[1:] if line.strip()}
     assert "random only" in rows["bert"] and " yes " in rows["organism"] and " yes " in rows["minilm"]
+    assert "random only (text; images need the detector)" in rows["lxmert"]  # nothing is cached here
 
 
 # ------------------------------------------------- the untrained control, offline

@@ -45,7 +45,8 @@ def register(app: typer.Typer) -> None:
                     for s in REGISTRY.values()]
             typer.echo(pd.DataFrame(rows).to_string(index=False))
             typer.echo("\nrunnable: yes = everything is here (pretrained and --init random); random only = the "
-                       "untrained control runs offline, the weights are missing; nothing is downloaded to decide this.")
+                       "untrained control runs offline, the weights are missing; (text; ...) = image stimuli also need "
+                       "the region detector; nothing is downloaded to decide this.")
             typer.echo("Also: hf:<hub id or local dir> for any transformers model.")
             return
         spec = get_spec(name)

@@ -502,7 +502,7 @@ def vilbert_needs(spec: Any, *, init: str, weights: Path | None, options: dict[s
         else:
             present = any((hub_cache_dir() / n).is_file() for n in names[:1] or CHECKPOINTS[:1])
             present = present or (not offline_env() and not _ASSUME_OFFLINE[0] and reachable(DOWNLOAD_URL.format(name="")))
-            where = ""
+            where = f" (not in the cache {hub_cache_dir()})"
         needs.append(Need(f"the ViLBERT weights {names[0]}{where}", present, how=how))
     tok = options.get("tokenizer")
     has_tok = (Path(str(tok)).expanduser().exists() if tok is not None and Path(str(tok)).expanduser().exists() else False)

@@ -304,13 +304,16 @@ def runnable(spec: SubjectSpec | str) -> str:
     spec = get_spec(spec) if isinstance(spec, str) else spec
     from neuroprobe.subjects.offline import assume_offline, missing_message
 
-    def ok(init: str) -> bool:
+    def ok(init: str, modalities: tuple[str, ...] | None = None) -> bool:
         try:
             with assume_offline():
-                return missing_message(spec.name, init, requirements(spec, init=init)) is None
+                return missing_message(spec.name, init, requirements(spec, init=init), modalities) is None
         except Exception:  # noqa: BLE001 - a table row must never fail
             return False
 
-    if ok("pretrained"):
-        return "yes"
-    return "random only" if ok("random") else "no"
+    images = "image" in spec.modalities
+    for init, word in (("pretrained", "yes"), ("random", "random only")):
+        if ok(init):
+            # region subjects run text stimuli without their (pretrained) detector
+            return word if not images or ok(init, ("image",)) else f"{word} (text; images need the detector)"
+    return "no"
