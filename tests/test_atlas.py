@@ -7,7 +7,6 @@ import sys
 import time
 import urllib.request
 from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from neuroprobe.errors import MissingWeightsError, NeuroprobeError
+from neuroprobe.errors import NeuroprobeError
 from neuroprobe.recording.reader import open_recording
 from neuroprobe.recording.recorder import Recorder
 from neuroprobe.stimuli.battery import Battery

@@ -192,7 +192,6 @@ def scan(
         if s not in rec.site_names:
             raise NeuroprobeError(f"{rec.path} has no site {s!r}; it has {', '.join(rec.site_names[:8])}.")
     concepts = battery_concepts(stimuli) if labels is None else list(dict.fromkeys(map(str, labels)))
-    C = len(concepts)
     kinds = dict(zip(rec.sites["site"], rec.sites["kind"]))
     n_units_total = int(sum(int(rec.responses(s).shape[1]) for s in names))
     from neuroprobe.analysis.parallel import n_jobs

@@ -356,6 +356,23 @@ class Subject:
         return f"<Subject {self.name} ({self.checkpoint or 'custom'}, init={self.init}, {self.n_parameters:,} params, {self.device})>"
 
 
+def single_modality(stimuli: pd.DataFrame, subject: str) -> str:
+    """The one modality of a batch, for subjects that encode one modality per batch (CLIP towers).
+
+    Raises
+    ------
+    NeuroprobeError
+        When the batch mixes modalities.
+    """
+    kinds = set(stimuli["modality"])
+    if len(kinds) != 1:
+        raise NeuroprobeError(
+            f"subject {subject!r} encodes one modality per batch but got {', '.join(sorted(kinds))}; "
+            f"group the stimuli by modality (the Recorder does this for CLIP)."
+        )
+    return kinds.pop()
+
+
 def iter_batches(table: pd.DataFrame, batch_size: int, start: int = 0) -> Iterable[tuple[int, pd.DataFrame]]:
     """Yield ``(offset, rows)`` batches of a stimulus table from ``start`` on."""
     for offset in range(start, len(table), batch_size):

@@ -271,8 +271,6 @@ def requirements(
     -------
     list of neuroprobe.subjects.offline.Need
     """
-    from neuroprobe.subjects import offline
-
     spec = get_spec(spec) if isinstance(spec, str) else spec
     options = dict(options or {})
     weights = Path(weights).expanduser() if weights else None

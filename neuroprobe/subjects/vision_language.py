@@ -69,7 +69,7 @@ import torch
 
 from neuroprobe.errors import MissingWeightsError, NeuroprobeError
 from neuroprobe.stimuli.images import ClipPreprocess
-from neuroprobe.subjects.base import Batch
+from neuroprobe.subjects.base import Batch, single_modality
 from neuroprobe.subjects.hf import HFSubject, masked_cloze, masked_target_logprob
 
 #: Question asked of image stimuli by the ``vqa`` readout (``battery.json`` key ``vqa_question`` overrides).
@@ -116,13 +116,7 @@ class CLIPSubject(HFSubject):
     # ---------------------------------------------------------------- encode
     def encode(self, stimuli: pd.DataFrame, battery) -> Batch:
         """One modality per batch: text tokens, image pixels, or both for pairs."""
-        kinds = set(stimuli["modality"])
-        if len(kinds) != 1:
-            raise NeuroprobeError(
-                f"subject {self.name!r} encodes one modality per batch but got {', '.join(sorted(kinds))}; "
-                f"group the stimuli by modality (the Recorder does this for CLIP)."
-            )
-        kind = kinds.pop()
+        kind = single_modality(stimuli, self.name)
         batch = Batch(inputs={})
         if kind in ("text", "pair"):
             enc, cmask = self._tokenize(stimuli["text"].tolist(), stimuli["concept"].tolist(), battery)

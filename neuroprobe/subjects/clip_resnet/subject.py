@@ -48,7 +48,7 @@ import torch
 
 from neuroprobe.errors import MissingWeightsError, NeuroprobeError
 from neuroprobe.stimuli.images import ClipPreprocess
-from neuroprobe.subjects.base import Batch, SitePattern as P, Subject
+from neuroprobe.subjects.base import Batch, SitePattern as P, Subject, single_modality
 from neuroprobe.subjects.clip_resnet.config import VARIANTS, CLIPResNetConfig, Variant
 from neuroprobe.subjects.clip_resnet.load import load_clip_resnet, resolve_weights
 from neuroprobe.subjects.clip_resnet.model import CLIPResNet
@@ -141,13 +141,7 @@ class CLIPResNetSubject(Subject):
 
     def encode(self, stimuli: pd.DataFrame, battery: Any) -> Batch:
         """One modality per batch: text tokens, image pixels, or both for pairs."""
-        kinds = set(stimuli["modality"])
-        if len(kinds) != 1:
-            raise NeuroprobeError(
-                f"subject {self.name!r} encodes one modality per batch but got {', '.join(sorted(kinds))}; "
-                f"group the stimuli by modality (the Recorder does this for CLIP)."
-            )
-        kind = kinds.pop()
+        kind = single_modality(stimuli, self.name)
         batch = Batch(inputs={})
         n = len(stimuli)
         if kind in ("text", "pair"):
