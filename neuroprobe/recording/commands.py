@@ -85,13 +85,15 @@ def register(app: typer.Typer) -> None:
         if not sites.strip():
             raise NeuroprobeError("--sites is empty; give mlp, resid, attn, all or comma-separated site patterns.")
         check_device(device)
+        if out is not None:  # an explicit output is checked before anything else is looked up
+            check_output(out, resume=resume, overwrite=overwrite)
         if probe is None:
             probe = get_spec(model).default_battery
             if not quiet:
                 typer.echo(f"battery: {probe} (the default for {model}; choose another with --probe)", err=True)
         battery = Battery.load(probe, allow_outside_images=allow_outside_images)
-        check_output(out if out is not None else default_output_for(model, init, battery.name, sites),
-                     resume=resume, overwrite=overwrite)
+        if out is None:
+            check_output(default_output_for(model, init, battery.name, sites), resume=resume, overwrite=overwrite)
         options = {}
         if detector_weights is not None:
             options["detector_weights"] = detector_weights
