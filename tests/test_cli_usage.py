@@ -29,6 +29,8 @@ USAGE_ERRORS = [
     pytest.param(["record", "--model", "organism", "--batch-size", "abc"], "--batch-size", id="not-an-integer"),
     pytest.param(["recrod"], "record", id="misspelled-command"),
     pytest.param(["subjects", "no-such-subject"], "unknown subject", id="neuroprobe-error"),
+    pytest.param(["lesion", "--model", "organism", "--cells", "missing.csv", "--concept", "seven"], "does not exist",
+                 id="lesion-missing-cells-table"),
 ]
 
 HEAVY = ("torch", "transformers", "pandas", "seaborn", "matplotlib", "scipy", "h5py", "sklearn")

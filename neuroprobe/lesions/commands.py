@@ -127,6 +127,8 @@ def register(app: typer.Typer) -> None:
         sequential = random_draws is None
         n_draws = max_draws if sequential else random_draws
         concepts = [c.strip() for c in concept.split(",") if c.strip()]
+        if cells is not None and not Path(cells).is_file():
+            raise NeuroprobeError(f"cells table {cells} does not exist; write one with `neuroprobe cells REC.h5 --out FILE`.")
         origin = cells_provenance(cells)
         if probe is None:
             probe = origin.get("battery") or "kinship"
