@@ -373,6 +373,43 @@ def single_modality(stimuli: pd.DataFrame, subject: str) -> str:
     return kinds.pop()
 
 
+def encode_dual_encoder(
+    stimuli: pd.DataFrame,
+    battery: Any,
+    subject: str,
+    tokenize: Callable[..., Any],
+    preprocess: Callable[[list], torch.Tensor],
+    image_streams: dict[str, int],
+) -> Batch:
+    """Encode a one-modality batch for a CLIP-style dual encoder.
+
+    Parameters
+    ----------
+    tokenize
+        ``tokenize(texts, concepts, battery) -> (encoding, concept_mask)``.
+    preprocess
+        PIL images -> pixel tensor.
+    image_streams
+        Image stream name -> number of positions it carries (one per grid for a ResNet).
+    """
+    kind = single_modality(stimuli, subject)
+    batch = Batch(inputs={})
+    n = len(stimuli)
+    if kind in ("text", "pair"):
+        enc, cmask = tokenize(stimuli["text"].astype(str).tolist(), stimuli["concept"].tolist(), battery)
+        batch.inputs.update(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        batch.masks["text"] = enc["attention_mask"].bool()
+        batch.token_ids["text"] = enc["input_ids"]
+        batch.concept_masks["text"] = cmask
+    if kind in ("image", "pair"):
+        images = [battery.load_image(row) for _, row in stimuli.iterrows()]
+        batch.inputs["pixel_values"] = preprocess(images)
+        for stream, positions in image_streams.items():
+            batch.masks[stream] = torch.ones(n, positions, dtype=torch.bool)
+            batch.token_ids[stream] = torch.arange(positions).expand(n, positions).clone()
+    return batch
+
+
 def iter_batches(table: pd.DataFrame, batch_size: int, start: int = 0) -> Iterable[tuple[int, pd.DataFrame]]:
     """Yield ``(offset, rows)`` batches of a stimulus table from ``start`` on."""
     for offset in range(start, len(table), batch_size):

@@ -69,7 +69,7 @@ import torch
 
 from neuroprobe.errors import MissingWeightsError, NeuroprobeError
 from neuroprobe.stimuli.images import ClipPreprocess
-from neuroprobe.subjects.base import Batch, single_modality
+from neuroprobe.subjects.base import Batch, encode_dual_encoder
 from neuroprobe.subjects.hf import HFSubject, masked_cloze, masked_target_logprob
 
 #: Question asked of image stimuli by the ``vqa`` readout (``battery.json`` key ``vqa_question`` overrides).
@@ -116,21 +116,8 @@ class CLIPSubject(HFSubject):
     # ---------------------------------------------------------------- encode
     def encode(self, stimuli: pd.DataFrame, battery) -> Batch:
         """One modality per batch: text tokens, image pixels, or both for pairs."""
-        kind = single_modality(stimuli, self.name)
-        batch = Batch(inputs={})
-        if kind in ("text", "pair"):
-            enc, cmask = self._tokenize(stimuli["text"].tolist(), stimuli["concept"].tolist(), battery)
-            batch.inputs.update(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-            batch.masks["text"] = enc["attention_mask"].bool()
-            batch.token_ids["text"] = enc["input_ids"]
-            batch.concept_masks["text"] = cmask
-        if kind in ("image", "pair"):
-            images = [battery.load_image(row) for _, row in stimuli.iterrows()]
-            batch.inputs["pixel_values"] = self.preprocess(images)
-            B, T = len(images), self.n_image_positions
-            batch.masks["image"] = torch.ones(B, T, dtype=torch.bool)
-            batch.token_ids["image"] = torch.arange(T).expand(B, T).clone()
-        return batch
+        return encode_dual_encoder(stimuli, battery, self.name, self._tokenize, self.preprocess,
+                                   {"image": self.n_image_positions})
 
     # --------------------------------------------------------------- forward
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:

@@ -48,7 +48,7 @@ import torch
 
 from neuroprobe.errors import MissingWeightsError, NeuroprobeError
 from neuroprobe.stimuli.images import ClipPreprocess
-from neuroprobe.subjects.base import Batch, SitePattern as P, Subject, single_modality
+from neuroprobe.subjects.base import Batch, SitePattern as P, Subject, encode_dual_encoder
 from neuroprobe.subjects.clip_resnet.config import VARIANTS, CLIPResNetConfig, Variant
 from neuroprobe.subjects.clip_resnet.load import load_clip_resnet, resolve_weights
 from neuroprobe.subjects.clip_resnet.model import CLIPResNet
@@ -141,22 +141,7 @@ class CLIPResNetSubject(Subject):
 
     def encode(self, stimuli: pd.DataFrame, battery: Any) -> Batch:
         """One modality per batch: text tokens, image pixels, or both for pairs."""
-        kind = single_modality(stimuli, self.name)
-        batch = Batch(inputs={})
-        n = len(stimuli)
-        if kind in ("text", "pair"):
-            enc, cmask = self._tokenize(stimuli["text"].astype(str).tolist(), stimuli["concept"].tolist(), battery)
-            batch.inputs.update(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-            batch.masks["text"] = enc["attention_mask"].bool()
-            batch.token_ids["text"] = enc["input_ids"]
-            batch.concept_masks["text"] = cmask
-        if kind in ("image", "pair"):
-            images = [battery.load_image(row) for _, row in stimuli.iterrows()]
-            batch.inputs["pixel_values"] = self.preprocess(images)
-            for stream, positions in self.image_streams().items():
-                batch.masks[stream] = torch.ones(n, positions, dtype=torch.bool)
-                batch.token_ids[stream] = torch.arange(positions).expand(n, positions).clone()
-        return batch
+        return encode_dual_encoder(stimuli, battery, self.name, self._tokenize, self.preprocess, self.image_streams())
 
     # --------------------------------------------------------------- forward
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
