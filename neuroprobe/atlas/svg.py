@@ -25,6 +25,13 @@ def _f(x: float) -> str:
     return f"{x:.1f}"
 
 
+def _gridlines(lo: float, hi: float, y, x0: float, x1: float) -> list[str]:
+    """Horizontal grid lines with their value labels at the ticks of ``[lo, hi]`` (``y`` maps value to pixels)."""
+    return [f'<line x1="{x0}" x2="{x1}" y1="{_f(y(t))}" y2="{_f(y(t))}" stroke="#eef0f3"/>'
+            f'<text x="{x0 - 4}" y="{_f(y(t) + 4)}" font-size="10" text-anchor="end">{_num(t)}</text>'
+            for t in _ticks(lo, hi)]
+
+
 def _ticks(lo: float, hi: float, n: int = 4) -> list[float]:
     if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
         return [lo] if np.isfinite(lo) else []
@@ -105,9 +112,7 @@ def quiroga_panel(
 
     out = [f'<svg class="quiroga" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
            f'aria-label="responses to every stimulus, grouped by concept">']
-    for t in _ticks(lo, hi):
-        out.append(f'<line x1="{left}" x2="{width - right}" y1="{_f(y(t))}" y2="{_f(y(t))}" stroke="#eef0f3"/>'
-                   f'<text x="{left - 4}" y="{_f(y(t) + 4)}" font-size="10" text-anchor="end">{_num(t)}</text>')
+    out.extend(_gridlines(lo, hi, y, left, width - right))
     x = float(left)
     for c, idx in order:
         w = bw * len(idx)
@@ -225,9 +230,7 @@ def forgetting_curve(curves: Mapping[str, Mapping[str, Sequence[float]]], *, wid
 
     out = [f'<svg class="forgetting" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
            f'aria-label="forgetting curve">']
-    for t in _ticks(lo, hi):
-        out.append(f'<line x1="{left}" x2="{width - right}" y1="{_f(Y(t))}" y2="{_f(Y(t))}" stroke="#eef0f3"/>'
-                   f'<text x="{left - 4}" y="{_f(Y(t) + 4)}" font-size="10" text-anchor="end">{_num(t)}</text>')
+    out.extend(_gridlines(lo, hi, Y, left, width - right))
     for k in ks:
         out.append(f'<text x="{_f(X(k))}" y="{height - bottom + 14}" font-size="10" text-anchor="middle">{k:g}</text>')
     out.append(f'<text x="{left + pw / 2}" y="{height - 4}" font-size="11" text-anchor="middle">units lesioned (k)</text>'
