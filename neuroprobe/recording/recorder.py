@@ -23,7 +23,7 @@ from neuroprobe.electrodes import Electrodes
 from neuroprobe.errors import NeuroprobeError, RecordingError
 from neuroprobe.recording import schema
 from neuroprobe.recording.lock import WriterLock
-from neuroprobe.recording.pooling import pool
+from neuroprobe.recording.pooling import BatchPooler
 from neuroprobe.recording.writer import BatchResult, RecordingWriter, ThreadedWriter
 from neuroprobe.stimuli.battery import Battery
 from neuroprobe.subjects.base import Site, Subject
@@ -370,17 +370,14 @@ class Recorder:
             batch = self.subject.encode(group, self.battery)
             results: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
 
-            def on_read(site: Site, x: torch.Tensor, _batch=batch, _results=results) -> None:
-                mask = _batch.masks.get(site.stream)
-                if mask is None or mask.shape != x.shape[:2]:
-                    raise RuntimeError(
-                        f"site {site.name}: activations {tuple(x.shape)} do not match the "
-                        f"{site.stream!r} stream mask {None if mask is None else tuple(mask.shape)}"
-                    )
-                mask = mask.to(x.device)
-                cmask = _batch.concept_masks.get(site.stream)
-                p = pool(x, mask, self.pooling, cmask).to(self.torch_dtype).cpu().numpy()
-                toks = x[mask].to(self.torch_dtype).cpu().numpy() if self.tokens else None
+            pooler = BatchPooler(self.pooling, batch.masks, batch.concept_masks)
+
+            def on_read(site: Site, x: torch.Tensor, _pooler=pooler, _results=results) -> None:
+                try:
+                    p = _pooler.pool(x, site.stream).to(self.torch_dtype).cpu().numpy()
+                    toks = _pooler.tokens(x, site.stream).to(self.torch_dtype).cpu().numpy() if self.tokens else None
+                except RuntimeError as err:
+                    raise RuntimeError(f"site {site.name}: {err}") from None
                 _results[site.name] = (p, toks)
 
             with torch.inference_mode(), Electrodes(self.subject.model, self.sites, on_read=on_read):

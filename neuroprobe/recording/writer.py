@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from neuroprobe.errors import RecordingError
-from neuroprobe.recording import schema
+from neuroprobe.recording import chunkio, schema
 from neuroprobe.subjects.base import Site
 
 
@@ -233,6 +233,7 @@ class RecordingWriter:
         self._handles: dict[str, Any] = {}
         self._fallocate_ok = _LIBC is not None
         self._streams_of: dict[str, str] = {}
+        self._row_writers: dict[str, chunkio.RowWriter | None] = {}
         self.n_tokens = {s: int(file[f"{schema.TOKENS}/{s}"].attrs["n_tokens"]) for s in self.streams} if tokens else {}
 
     # -------------------------------------------------------------- creation
@@ -283,7 +284,8 @@ class RecordingWriter:
                     t = f.create_group(f"{schema.TOKENS}/{stream}")
                     t.create_dataset("offsets", data=np.zeros(n + 1, dtype=np.int64), chunks=True)
                     for name in ("token_ids", "stimulus", "position"):
-                        t.create_dataset(name, shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
+                        t.create_dataset(name, shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,),
+                                         **chunkio.creation_kwargs())
                     t.attrs["n_tokens"] = 0
             for site, n_units in sites:
                 sg = f.create_group(schema.site_path(site.name))
@@ -297,8 +299,9 @@ class RecordingWriter:
                 )
                 if tokens:
                     trow = max(1, min(4096, (1 << 20) // (4 * width)))
+                    direct = {} if compression else chunkio.creation_kwargs()  # written by chunkio.RowWriter
                     sg.create_dataset(schema.SITE_TOKENS, shape=(0, n_units), maxshape=(None, n_units), dtype=dtype,
-                                      chunks=(trow, width), **comp)
+                                      chunks=(trow, width), **comp, **direct)
                 attrs = dict(module=site.module, direction=site.direction, kind=site.kind, stream=site.stream,
                              layout=site.layout, call=-1 if site.call is None else site.call, index=site.index,
                              n_heads=site.n_heads or 0, pooling=pooling_per_site[site.name], n_units=n_units)
@@ -428,6 +431,17 @@ class RecordingWriter:
             stream = self._streams_of[site] = str(self._handle(schema.site_path(site)).attrs["stream"])
         return stream
 
+    def _put_rows(self, key: str, ds: h5py.Dataset, start: int, data: np.ndarray) -> None:
+        """Write rows of a growing dataset (already resized): straight into its chunks where it allows, else h5py."""
+        if key not in self._row_writers:
+            fd = self._fd()
+            self._row_writers[key] = chunkio.RowWriter(ds, fd) if fd is not None and chunkio.supports(ds) else None
+        rows = self._row_writers[key]
+        if rows is not None:
+            rows.write(start, data)  # os.pwrite: the GIL is free for the forward pass meanwhile
+        else:
+            ds[start : start + len(data)] = data
+
     def write(self, r: BatchResult) -> None:
         """Write one batch and commit progress (data first, then counters, then flush)."""
         f = self.f
@@ -440,7 +454,9 @@ class RecordingWriter:
         h = self._handle
         try:
             for name, arr in r.pooled.items():
-                h(f"{schema.site_path(name)}/{schema.RESPONSES}")[sl] = arr
+                ds = h(f"{schema.site_path(name)}/{schema.RESPONSES}")
+                if not chunkio.write_chunk_rows(ds, r.offset, arr):
+                    ds[sl] = arr
             new_counts = {}
             if self.tokens:
                 for stream in self.streams:
@@ -455,14 +471,14 @@ class RecordingWriter:
                         for key in ("token_ids", "stimulus", "position"):
                             ds = h(f"{group}/{key}")
                             ds.resize((total,))
-                            ds[start:total] = info[key]
+                            self._put_rows(f"{group}/{key}", ds, start, info[key])
                     new_counts[stream] = total
                 for name, arr in r.site_tokens.items():
                     stream = self._stream_of(name)
                     start, total = self.n_tokens[stream], new_counts[stream]
                     ds = h(f"{schema.site_path(name)}/{schema.SITE_TOKENS}")
                     ds.resize((total, ds.shape[1]))
-                    ds[start:total] = arr
+                    self._put_rows(name, ds, start, arr)
             f.flush()  # raises if any of the batch's data did not reach the file
             # commit
             for stream, total in new_counts.items():
@@ -504,6 +520,7 @@ class RecordingWriter:
                 # keep every handle referenced: never collected, never closed twice (HDF5 would crash)
                 _UNCLOSABLE.append((self.f, self._handles))
         self._handles = {}
+        self._row_writers = {}
         if self._reserve is not None:
             self._reserve.unlink(missing_ok=True)
             self._reserve = None

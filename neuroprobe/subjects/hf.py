@@ -547,6 +547,20 @@ def _generic_sites(model: torch.nn.Module, seq2seq: bool = False) -> dict[str, l
 # ---------------------------------------------------------------------- subject
 
 
+def tokens_in_spans(offsets: np.ndarray, spans: list[list[tuple[int, int]]]) -> np.ndarray:
+    """``[B, T]`` mask of the tokens (character ``offsets [B, T, 2]``) that overlap any of stimulus i's ``spans[i]``.
+
+    Special and padding tokens (empty offsets) are never marked.
+    """
+    mask = np.zeros(offsets.shape[:2], dtype=bool)
+    start, end = offsets[..., 0], offsets[..., 1]
+    real = end > start
+    for i, row in enumerate(spans):
+        for a, b in row:
+            mask[i] |= (start[i] < b) & (end[i] > a) & real[i]
+    return mask
+
+
 class HFSubject(Subject):
     """A transformers model with its tokenizer; sites and readouts from :data:`ARCHITECTURES`."""
 
@@ -572,13 +586,11 @@ class HFSubject(Subject):
         enc = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt",
                              return_offsets_mapping=fast)
         offsets = enc.pop("offset_mapping", None)
-        concept_mask = torch.zeros_like(enc["input_ids"], dtype=torch.bool)
         if concepts is not None and offsets is not None:
-            for i, (text, concept) in enumerate(zip(texts, concepts)):
-                for a, b in battery.concept_spans(text, concept):
-                    o = offsets[i]
-                    hit = (o[:, 0] < b) & (o[:, 1] > a) & (o[:, 1] > o[:, 0])
-                    concept_mask[i] |= hit
+            spans = [battery.concept_spans(text, concept) for text, concept in zip(texts, concepts)]
+            concept_mask = torch.from_numpy(tokens_in_spans(offsets.numpy(), spans))
+        else:
+            concept_mask = torch.zeros_like(enc["input_ids"], dtype=torch.bool)
         return dict(enc), concept_mask
 
     def encode(self, stimuli: pd.DataFrame, battery) -> Batch:
