@@ -2,11 +2,14 @@
 
 Run by hand (``pip install -e ".[bench]"`` first)::
 
-    python bench/record.py [--n 1024] [--batch-size 32] [--repeats 2] [--append bench/RESULTS.md]
+    python bench/record.py [--n 1024] [--batch-size 32] [--repeats 8] [--shares] [--real-size] [--append bench/RESULTS.md]
 
 Every contender processes the same 1024 sentences in the same batches on the same
 model, in one process, interleaved over ``--repeats`` rounds; times are reported as
-ratios to the bare forward pass measured in the same run.  Peak memory is the RSS
+ratios to the bare forward pass measured in the same run: the best-of ratio (``x_bare``)
+and the median and quartiles of the per-round ratios (``x_bare_median``), which cancel
+the drift of a noisy machine.  ``--shares`` splits per-token recording into its steps;
+``--real-size`` repeats pooled and per-token recording on real-size random-init models.  Peak memory is the RSS
 high-water mark of a fresh subprocess per contender (``--memory``), so one contender's
 allocations do not hide another's.
 
@@ -71,10 +74,21 @@ def bare(subject, table, bs, out):
             subject.model(**enc)
 
 
+_BATTERIES: dict[int, tuple[pd.DataFrame, Battery]] = {}
+
+
+def bench_battery(table: pd.DataFrame) -> Battery:
+    """The battery of ``table``, built once (like the bare pass's table, it is input, not recording work)."""
+    key = id(table)
+    if key not in _BATTERIES or _BATTERIES[key][0] is not table:
+        _BATTERIES[key] = (table, Battery.from_table(table, concepts=Battery.load("kinship").concepts, name="bench"))
+    return _BATTERIES[key][1]
+
+
 def neuro(tokens: bool, dtype: str):
     def run(subject, table, bs, out):
-        battery = Battery.from_table(table, concepts=Battery.load("kinship").concepts, name="bench")
-        npb.Recorder(subject, battery, montage="mlp", tokens=tokens, dtype=dtype, batch_size=bs, quiet=True).run(out, overwrite=True)
+        npb.Recorder(subject, bench_battery(table), montage="mlp", tokens=tokens, dtype=dtype, batch_size=bs,
+                     quiet=True).run(out)
     return run
 
 
@@ -174,6 +188,135 @@ CONTENDERS = {
     "nnsight-cache": nnsight_cache,
     "tlens": tlens,
 }
+
+
+def interleaved(contenders: dict, subject, table, bs: int, repeats: int) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Wall seconds of each contender over ``repeats`` interleaved rounds (after one warm-up each).
+
+    Every run writes a new file, deleted outside the timed region: replacing or
+    truncating a file of hundreds of MB costs the file system real time (with
+    ``discard`` mounts, tens of ms), which is not recording work.
+    """
+    times: dict[str, list[float]] = {n: [] for n in contenders}
+    errors: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as d:
+        for name, fn in contenders.items():  # warm-up (and one-off set-up such as booting a bridge)
+            try:
+                fn(subject, table.iloc[: 2 * bs], bs, f"{d}/warm-{name}.h5")
+            except Exception as err:
+                errors[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        for r in range(repeats):
+            for name, fn in contenders.items():
+                if name in errors:
+                    continue
+                out = Path(d) / f"{name}-{r}.h5"
+                gc.collect()
+                t = time.perf_counter()
+                try:
+                    fn(subject, table, bs, str(out))
+                except Exception as err:  # a peer that cannot run this model is reported, not fatal
+                    errors[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+                    continue
+                times[name].append(time.perf_counter() - t)
+                out.unlink(missing_ok=True)
+                print(f"round {r} {name:18s} {times[name][-1]:.2f}s", file=sys.stderr)
+    return times, errors
+
+
+def ratios(times: dict[str, list[float]], name: str, base: str = "bare") -> dict[str, float]:
+    """Best-of seconds, best-of ratio to ``base``, and the median and quartiles of the per-round ratios.
+
+    The per-round ratio divides each round's time by the ``base`` run of the same round,
+    which cancels the drift of a noisy machine; both summaries are reported.
+    """
+    per_round = np.array(times[name]) / np.array(times[base][: len(times[name])])
+    return {"seconds": round(min(times[name]), 3), "x_bare": round(min(times[name]) / min(times[base]), 3),
+            "x_bare_median": round(float(np.median(per_round)), 3),
+            "x_bare_q25": round(float(np.quantile(per_round, 0.25)), 3),
+            "x_bare_q75": round(float(np.quantile(per_round, 0.75)), 3)}
+
+
+def shares(subject, table, args) -> str:
+    """Each step's share of per-token recording: the hooks and pooling, the device-to-host copy, the writer.
+
+    Measured by switching steps off in this process (bench instrumentation only):
+    ``hooks`` records pooled responses with a writer that discards every batch,
+    ``+ token copy`` also copies every real token's activations out of the hook,
+    ``+ writer`` is the full recording.  Differences of the median per-round ratios
+    give each step's share of the forward pass.
+    """
+    from neuroprobe.recording import writer as W
+
+    real_write = W.RecordingWriter.write
+
+    def discarding(tokens: bool):
+        def run(subject, table, bs, out):
+            W.RecordingWriter.write = lambda self, r: None
+            try:
+                neuro(tokens, "float32")(subject, table, bs, out)
+            finally:
+                W.RecordingWriter.write = real_write
+        return run
+
+    steps = {"bare": bare, "hooks + pooling": discarding(False), "+ token copy": discarding(True),
+             "+ writer (= neuroprobe-tok)": neuro(True, "float32")}
+    times, errors = interleaved(steps, subject, table, args.batch_size, args.repeats)
+    if errors:
+        return f"shares: {errors}"
+    rows, prev = [], 1.0
+    for name in steps:
+        r = ratios(times, name)
+        rows.append({"step": name, "x_bare_median": r["x_bare_median"], "share": round(r["x_bare_median"] - prev, 3),
+                     "x_bare": r["x_bare"]})
+        prev = r["x_bare_median"]
+    return "each step's share (median per-round ratio to bare; share = difference to the step before)\n" + \
+        pd.DataFrame(rows).to_string(index=False)
+
+
+def real_size(args) -> str:
+    """Pooled and per-token recording against the subject's own bare forward pass, on real-size random-init models.
+
+    The models are built offline from the published configs neuroprobe ships
+    (``load_subject(name, init="random")``), so their compute is that of the real
+    models; the kinship battery's texts are the stimuli (CLIP: its text tower;
+    LXMERT: its language stream with no regions, as offline without a detector).
+    """
+    from neuroprobe.stimuli.battery import Battery as Bat
+
+    kin = Bat.load("kinship")
+    table = kin.table.iloc[: args.real_n].reset_index(drop=True)
+    battery = Bat.from_table(table, concepts=kin.concepts, name="bench-real", root=kin.root)
+    rows = []
+    for label, name in (("BERT-base", "bert"), ("GPT-2 medium", "pplm"), ("CLIP ViT-B/32 (text)", "clip"),
+                        ("LXMERT (language)", "lxmert")):
+        torch.manual_seed(0)
+        subj = npb.load_subject(name, init="random", device="cpu", quiet=True)
+
+        def subject_bare(s, tab, bs, out):
+            with torch.inference_mode():
+                for a in range(0, len(tab), bs):
+                    s.forward(s.encode(battery.table.iloc[a : a + bs], battery))
+
+        def rec(tokens):
+            def run(s, tab, bs, out):
+                npb.Recorder(s, battery, montage="mlp", tokens=tokens, batch_size=bs, quiet=True).run(out)
+            return run
+
+        times, errors = interleaved({"bare": subject_bare, "neuroprobe-pool": rec(False), "neuroprobe-tok": rec(True)},
+                                    subj, table, args.batch_size, max(2, args.repeats // 2))
+        for c in ("neuroprobe-pool", "neuroprobe-tok"):
+            if c in errors:
+                rows.append({"architecture": label, "contender": c, "note": errors[c]})
+                continue
+            r = ratios(times, c)
+            rows.append({"architecture": label, "params_M": round(subj.n_parameters / 1e6), "sites": len(subj.sites("mlp")),
+                         "contender": c, "bare_s": round(min(times["bare"]), 2), "x_bare": r["x_bare"],
+                         "x_bare_median": r["x_bare_median"], "note": ""})
+        print(pd.DataFrame(rows).tail(2).to_string(index=False), file=sys.stderr)
+        del subj
+        gc.collect()
+    return (f"real-size architectures (random init from shipped published configs), {len(table)} kinship texts, "
+            f"montage mlp, float32\n" + pd.DataFrame(rows).to_string(index=False))
 
 
 def peak_rss_mb() -> float:
@@ -307,12 +450,18 @@ def main() -> None:
     ap.add_argument("--tmp", default="", help="folder for the scaling run's files (default: system temp)")
     ap.add_argument("--n", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 8; 2 with --scaling)")
     ap.add_argument("--only", default="")
     ap.add_argument("--memory", action="store_true", help="also measure peak RSS in a fresh subprocess per contender")
+    ap.add_argument("--shares", action="store_true", help="each step's share of neuroprobe-tok's overhead")
+    ap.add_argument("--real-size", action="store_true",
+                    help="pooled and per-token ratios on random-init BERT-base, GPT-2 medium, CLIP ViT-B/32, LXMERT")
+    ap.add_argument("--real-n", type=int, default=128, help="stimuli per real-size recording")
     ap.add_argument("--child", default="")
     ap.add_argument("--append", default="")
     args = ap.parse_args()
+    if args.repeats is None:
+        args.repeats = 2 if args.scaling else 8
     if args.child:
         with tempfile.TemporaryDirectory() as d:
             print(json.dumps(one(args.child, args.n, args.batch_size, f"{d}/out.h5")))
@@ -331,35 +480,13 @@ def main() -> None:
     names = [c for c in CONTENDERS if not args.only or c in args.only.split(",")]
     subject = npb.load_subject("minilm", device="cpu", quiet=True)
     table = sentences(args.n)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    errors: dict[str, str] = {}
-    with tempfile.TemporaryDirectory() as d:
-        for name in names:  # warm-up (and one-off set-up such as booting a bridge)
-            try:
-                CONTENDERS[name](subject, table.iloc[:64], args.batch_size, f"{d}/warm.h5")
-            except Exception as err:
-                errors[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
-        for r in range(args.repeats):
-            for name in names:
-                if name in errors:
-                    continue
-                gc.collect()
-                t = time.perf_counter()
-                try:
-                    CONTENDERS[name](subject, table, args.batch_size, f"{d}/{name}.h5")
-                except Exception as err:  # a peer that cannot run this model is reported, not fatal
-                    errors[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
-                    continue
-                times[name].append(time.perf_counter() - t)
-                print(f"round {r} {name:18s} {times[name][-1]:.2f}s", file=sys.stderr)
-    bare_t = min(times["bare"])
+    times, errors = interleaved({n: CONTENDERS[n] for n in names}, subject, table, args.batch_size, args.repeats)
     rows = []
     for name in names:
         if name in errors:
             rows.append({"contender": name, "seconds": np.nan, "x_bare": np.nan, "note": errors[name]})
             continue
-        best = min(times[name])
-        rows.append({"contender": name, "seconds": round(best, 2), "x_bare": round(best / bare_t, 3), "note": ""})
+        rows.append({"contender": name, **ratios(times, name), "note": ""})
     if args.memory:
         for row in rows:
             if row["note"]:
@@ -375,11 +502,20 @@ def main() -> None:
     df = pd.DataFrame(rows)
     text = df.to_string(index=False)
     print(text)
+    sections = [text]
+    if args.shares:
+        sections.append(shares(subject, table, args))
+        print(sections[-1])
+    if args.real_size:
+        sections.append(real_size(args))
+        print(sections[-1])
     if args.append:
-        head = (f"\n### bench/record.py — {time.strftime('%Y-%m-%d')}, n={args.n}, batch {args.batch_size}, "
-                f"best of {args.repeats} interleaved rounds, torch {torch.__version__}, {os.cpu_count()} CPU cores\n\n")
+        load = os.getloadavg()
+        head = (f"\n### bench/record.py — {time.strftime('%Y-%m-%d %H:%M')}, n={args.n}, batch {args.batch_size}, "
+                f"{args.repeats} interleaved rounds, torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
+                f"{os.cpu_count()} CPU cores, load average {load[0]:.1f} at the end\n\n")
         with open(args.append, "a") as fh:
-            fh.write(head + df.to_string(index=False) + "\n")
+            fh.write(head + "```\n" + "\n\n".join(sections) + "\n```\n")
 
 
 if __name__ == "__main__":

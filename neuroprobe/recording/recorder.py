@@ -295,10 +295,12 @@ class Recorder:
         bar = tqdm(total=hi - lo, initial=start - lo, unit="stim", desc=f"record {self.subject.name}",
                    disable=self.quiet, dynamic_ncols=True)
         try:
-            for offset in range(start, hi, self.batch_size):
-                rows = self.battery.table.iloc[offset : min(offset + self.batch_size, hi)]
-                threaded.put(self._compute(rows, offset))
-                bar.update(len(rows))
+            # one set of electrodes for the whole recording (implanting them costs ~3 ms, a few % of a batch)
+            with Electrodes(self.subject.model, self.sites, on_read=self._dispatch):
+                for offset in range(start, hi, self.batch_size):
+                    rows = self.battery.table.iloc[offset : min(offset + self.batch_size, hi)]
+                    threaded.put(self._compute(rows, offset))
+                    bar.update(len(rows))
             threaded.close()
             writer.finish()
         except BaseException:
@@ -312,6 +314,13 @@ class Recorder:
             writer.close()
 
     # --------------------------------------------------------------- helpers
+    _reader: Any = None
+
+    def _dispatch(self, site: Site, x: torch.Tensor) -> None:
+        """The electrodes' reader: hand a site's activations to the batch being computed (none outside a forward)."""
+        if self._reader is not None:
+            self._reader(site, x)
+
     def _site_pooling(self, site: Site) -> str:
         if self.pooling == "concept-token" and site.stream not in self._concept_streams():
             return "mean"
@@ -380,8 +389,12 @@ class Recorder:
                     raise RuntimeError(f"site {site.name}: {err}") from None
                 _results[site.name] = (p, toks)
 
-            with torch.inference_mode(), Electrodes(self.subject.model, self.sites, on_read=on_read):
-                self.subject.forward(batch)
+            self._reader = on_read
+            try:
+                with torch.inference_mode():
+                    self.subject.forward(batch)
+            finally:
+                self._reader = None
             for site in self.sites:
                 if site.name not in results:
                     continue
