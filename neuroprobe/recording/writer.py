@@ -3,6 +3,9 @@
 :class:`RecordingWriter` owns the h5py file; :class:`ThreadedWriter` hands it
 batches through a bounded queue so the model computes the next batch while the
 previous one goes to disk.  Memory stays flat: at most ``queue_size`` batches wait.
+The bulk of each batch is written with ``os.pwrite`` straight into chunks HDF5 has
+allocated (:mod:`neuroprobe.recording.chunkio`), so the thread does not hold the GIL
+against the forward pass while the bytes go to disk.
 
 Faults (see ``docs/GUARANTEES.md``):
 
