@@ -278,7 +278,7 @@ def real_size(args) -> str:
 
     The models are built offline from the published configs neuroprobe ships
     (``load_subject(name, init="random")``), so their compute is that of the real
-    models; the kinship battery's texts are the stimuli (CLIP: its text tower;
+    models; the kinship battery's texts are the stimuli (CLIP: its text tower's MLP sites;
     LXMERT: its language stream with no regions, as offline without a detector).
     """
     from neuroprobe.stimuli.battery import Battery as Bat
@@ -287,8 +287,8 @@ def real_size(args) -> str:
     table = kin.table.iloc[: args.real_n].reset_index(drop=True)
     battery = Bat.from_table(table, concepts=kin.concepts, name="bench-real", root=kin.root)
     rows = []
-    for label, name in (("BERT-base", "bert"), ("GPT-2 medium", "pplm"), ("CLIP ViT-B/32 (text)", "clip"),
-                        ("LXMERT (language)", "lxmert")):
+    for label, name, montage in (("BERT-base", "bert", "mlp"), ("GPT-2 medium", "pplm", "mlp"),
+                                 ("CLIP ViT-B/32 (text tower)", "clip", "text.*mlp"), ("LXMERT (language)", "lxmert", "mlp")):
         torch.manual_seed(0)
         subj = npb.load_subject(name, init="random", device="cpu", quiet=True)
 
@@ -297,9 +297,9 @@ def real_size(args) -> str:
                 for a in range(0, len(tab), bs):
                     s.forward(s.encode(battery.table.iloc[a : a + bs], battery))
 
-        def rec(tokens):
+        def rec(tokens, montage=montage):
             def run(s, tab, bs, out):
-                npb.Recorder(s, battery, montage="mlp", tokens=tokens, batch_size=bs, quiet=True).run(out)
+                npb.Recorder(s, battery, montage=montage, tokens=tokens, batch_size=bs, quiet=True).run(out)
             return run
 
         times, errors = interleaved({"bare": subject_bare, "neuroprobe-pool": rec(False), "neuroprobe-tok": rec(True)},
@@ -309,7 +309,7 @@ def real_size(args) -> str:
                 rows.append({"architecture": label, "contender": c, "note": errors[c]})
                 continue
             r = ratios(times, c)
-            rows.append({"architecture": label, "params_M": round(subj.n_parameters / 1e6), "sites": len(subj.sites("mlp")),
+            rows.append({"architecture": label, "params_M": round(subj.n_parameters / 1e6), "sites": len(subj.sites(montage)),
                          "contender": c, "bare_s": round(min(times["bare"]), 2), "x_bare": r["x_bare"],
                          "x_bare_median": r["x_bare_median"], "note": ""})
         print(pd.DataFrame(rows).tail(2).to_string(index=False), file=sys.stderr)
