@@ -130,3 +130,20 @@ def test_per_token_traces_equal_the_module_input_computed_directly(minilm, tmp_p
     with h5py.File(rec.path, "r") as f:
         direct = chunkio.supports(f[f"sites/{sites[0]}/tokens"])
     assert direct == ("compression" not in options)  # which path wrote them
+
+
+def test_a_dataset_without_allocated_chunks_falls_back_to_h5py(minilm, tmp_path, monkeypatch):
+    """If HDF5 ever left a chunk unallocated, the writer must notice and write through h5py, losing nothing."""
+    full = Battery.load("kinship")
+    battery = Battery.from_table(full.table.iloc[:9].reset_index(drop=True), concepts=full.concepts, name="k9",
+                                 root=full.root)
+    options = dict(montage="encoder.layer.2.mlp", tokens=True, batch_size=4, quiet=True)
+    want = record(minilm, battery, tmp_path / "a.h5", **options).tokens("encoder.layer.2.mlp")[()]
+    monkeypatch.setattr(chunkio, "creation_kwargs", lambda: {})  # chunks allocated on write, as h5py's default
+    monkeypatch.setattr(chunkio, "supports", lambda ds: True)  # ...and the writer told it may write them directly
+    with pytest.raises(chunkio.NotAllocated):
+        with h5py.File(tmp_path / "probe.h5", "w") as f:
+            ds = f.create_dataset("t", shape=(3, 2), maxshape=(None, 2), chunks=(2, 2), dtype="f4")
+            chunkio.RowWriter(ds, f.id.get_vfd_handle()).write(0, np.ones((3, 2), "f4"))
+    got = record(minilm, battery, tmp_path / "b.h5", **options).tokens("encoder.layer.2.mlp")[()]
+    assert np.array_equal(got, want)

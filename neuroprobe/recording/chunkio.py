@@ -40,6 +40,10 @@ def supports(ds: h5py.Dataset) -> bool:
             and dcpl.get_fill_time() == h5py.h5d.FILL_TIME_NEVER)
 
 
+class NotAllocated(RuntimeError):
+    """A chunk the rows belong to has no storage (yet): write this dataset through h5py instead."""
+
+
 class RowWriter:
     """Put rows into a 1-d or 2-d dataset that :func:`supports`, bypassing h5py.
 
@@ -66,7 +70,7 @@ class RowWriter:
         if addr is None:
             info = self.ds.id.get_chunk_info_by_coord(self.index(row0, col0))
             if info.byte_offset is None or info.size != self.rows * self.width * self.dtype.itemsize:
-                raise RuntimeError(f"chunk {key} of {self.ds.name} is not allocated as expected")
+                raise NotAllocated(f"chunk {key} of {self.ds.name} is not allocated as expected")
             addr = self._addr[key] = int(info.byte_offset)
         return addr
 

@@ -441,9 +441,12 @@ class RecordingWriter:
             self._row_writers[key] = chunkio.RowWriter(ds, fd) if fd is not None and chunkio.supports(ds) else None
         rows = self._row_writers[key]
         if rows is not None:
-            rows.write(start, data)  # os.pwrite: the GIL is free for the forward pass meanwhile
-        else:
-            ds[start : start + len(data)] = data
+            try:
+                rows.write(start, data)  # os.pwrite: the GIL is free for the forward pass meanwhile
+                return
+            except chunkio.NotAllocated:  # an HDF5 that did not allocate on growth: h5py from here on
+                self._row_writers[key] = None
+        ds[start : start + len(data)] = data
 
     def write(self, r: BatchResult) -> None:
         """Write one batch and commit progress (data first, then counters, then flush)."""
