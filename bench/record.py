@@ -9,7 +9,8 @@ model, in one process, interleaved over ``--repeats`` rounds; times are reported
 ratios to the bare forward pass measured in the same run: the best-of ratio (``x_bare``)
 and the median and quartiles of the per-round ratios (``x_bare_median``), which cancel
 the drift of a noisy machine.  ``--shares`` splits per-token recording into its steps;
-``--real-size`` repeats pooled and per-token recording on real-size random-init models.  Peak memory is the RSS
+``--real-size`` repeats pooled and per-token recording on real-size random-init models;
+``--compare DIR`` runs this checkout against another one (alternating fresh processes).  Peak memory is the RSS
 high-water mark of a fresh subprocess per contender (``--memory``), so one contender's
 allocations do not hide another's.
 
@@ -319,6 +320,50 @@ def real_size(args) -> str:
             f"montage mlp, float32\n" + pd.DataFrame(rows).to_string(index=False))
 
 
+def compare(args) -> str:
+    """This checkout against another neuroprobe (``--compare DIR``, e.g. a ``git worktree`` of an older commit).
+
+    Each round starts one fresh process per checkout, alternating, and each process times
+    ``bare`` and the chosen contenders once after a warm-up; a round's ratios divide by
+    the bare pass of the same process, so machine drift between rounds cancels.
+    """
+    import neuroprobe
+
+    here = str(Path(neuroprobe.__file__).resolve().parents[1])
+    names = [c for c in (args.only.split(",") if args.only else CONTENDERS) if c != "bare"]
+    per: dict[str, dict[str, list[float]]] = {"this": {n: [] for n in names}, "other": {n: [] for n in names}}
+    for r in range(args.repeats):
+        for label, root in (("other", args.compare), ("this", here)) if r % 2 else (("this", here), ("other", args.compare)):
+            env = dict(os.environ, PYTHONPATH=root, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+            res = subprocess.run([sys.executable, __file__, "--round", ",".join(["bare", *names]), "--n", str(args.n),
+                                  "--batch-size", str(args.batch_size)], capture_output=True, text=True, env=env)
+            if res.returncode != 0:
+                raise RuntimeError(res.stderr[-2000:])
+            t = json.loads(res.stdout.strip().splitlines()[-1])
+            for n in names:
+                per[label][n].append(t[n] / t["bare"])
+            print(f"round {r} {label}: " + " ".join(f"{n} {t[n] / t['bare']:.3f}" for n in names), file=sys.stderr)
+    rows = []
+    for n in names:
+        for label, root in (("other", args.compare), ("this", here)):
+            v = np.array(per[label][n])
+            rows.append({"contender": n, "checkout": f"{label} ({root})", "x_bare_median": round(float(np.median(v)), 3),
+                         "x_bare_q25": round(float(np.quantile(v, 0.25)), 3),
+                         "x_bare_q75": round(float(np.quantile(v, 0.75)), 3), "x_bare_best": round(float(v.min()), 3)})
+    return (f"this checkout against {args.compare}: {args.repeats} alternating rounds, one fresh process per checkout "
+            f"and round\n" + pd.DataFrame(rows).to_string(index=False))
+
+
+def one_round(names: list[str], n: int, bs: int) -> dict[str, float]:
+    """Seconds of each contender, run once after a warm-up, in this process (for ``--compare``)."""
+    subject = npb.load_subject("minilm", device="cpu", quiet=True)
+    table = sentences(n)
+    times, errors = interleaved({c: CONTENDERS[c] for c in names}, subject, table, bs, 1)
+    if errors:
+        raise RuntimeError(str(errors))
+    return {c: v[0] for c, v in times.items()}
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -457,11 +502,24 @@ def main() -> None:
     ap.add_argument("--real-size", action="store_true",
                     help="pooled and per-token ratios on random-init BERT-base, GPT-2 medium, CLIP ViT-B/32, LXMERT")
     ap.add_argument("--real-n", type=int, default=128, help="stimuli per real-size recording")
+    ap.add_argument("--compare", default="", help="a folder holding another neuroprobe checkout to compare against")
+    ap.add_argument("--round", default="", help=argparse.SUPPRESS)
     ap.add_argument("--child", default="")
     ap.add_argument("--append", default="")
     args = ap.parse_args()
     if args.repeats is None:
         args.repeats = 2 if args.scaling else 8
+    if args.round:
+        print(json.dumps(one_round(args.round.split(","), args.n, args.batch_size)))
+        return
+    if args.compare:
+        text = compare(args)
+        print(text)
+        if args.append:
+            with open(args.append, "a") as fh:
+                fh.write(f"\n### bench/record.py --compare — {time.strftime('%Y-%m-%d %H:%M')}, n={args.n}, "
+                         f"batch {args.batch_size}\n\n```\n{text}\n```\n")
+        return
     if args.child:
         with tempfile.TemporaryDirectory() as d:
             print(json.dumps(one(args.child, args.n, args.batch_size, f"{d}/out.h5")))

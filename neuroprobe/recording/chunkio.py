@@ -16,6 +16,7 @@ a copy that could later overwrite the file.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import h5py
@@ -103,7 +104,27 @@ def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
         buf, offset = buf[n:], offset + n
 
 
-def write_chunk_rows(ds: h5py.Dataset, start: int, data: np.ndarray) -> bool:
+@dataclass(frozen=True)
+class ChunkPlan:
+    """What :func:`write_chunk_rows` needs to know of a fixed-shape dataset (read once, not per batch)."""
+
+    ok: bool
+    rows: int = 0
+    width: int = 0
+    n: int = 0
+    n_units: int = 0
+    dtype: np.dtype | None = None
+    fill: Any = None
+
+
+def chunk_plan(ds: h5py.Dataset) -> ChunkPlan:
+    """The :class:`ChunkPlan` of ``ds`` (``ok=False``: not chunked, not 2-d, or filtered)."""
+    if ds.chunks is None or ds.ndim != 2 or ds.id.get_create_plist().get_nfilters():
+        return ChunkPlan(False)
+    return ChunkPlan(True, ds.chunks[0], ds.chunks[1], ds.shape[0], ds.shape[1], ds.dtype, ds.fillvalue)
+
+
+def write_chunk_rows(ds: h5py.Dataset, start: int, data: np.ndarray, plan: ChunkPlan | None = None) -> bool:
     """Write ``data`` as rows ``start ..`` of ``ds`` as whole chunks (``write_direct_chunk``).
 
     Only when the rows are exactly whole chunks (or run to the dataset's last row)
@@ -111,21 +132,21 @@ def write_chunk_rows(ds: h5py.Dataset, start: int, data: np.ndarray) -> bool:
     caller writes through h5py.  One HDF5 call per chunk, no chunk cache, no type
     conversion: the GIL is held for a single ``pwrite`` instead of h5py's selection
     machinery.  Rows of an edge chunk beyond the dataset are padded with its fill value.
+    ``plan`` is :func:`chunk_plan` of ``ds``, if the caller keeps it.
     """
-    if ds.chunks is None or ds.ndim != 2 or ds.id.get_create_plist().get_nfilters():
+    p = plan if plan is not None else chunk_plan(ds)
+    if not p.ok:
         return False
-    r, w = ds.chunks
-    n, n_units = ds.shape
+    r, w = p.rows, p.width
     k = len(data)
-    if start % r or (k % r and start + k != n) or data.dtype != ds.dtype:
+    if start % r or (k % r and start + k != p.n) or data.dtype != p.dtype:
         return False
-    fill = ds.fillvalue
     for c0 in range(start, start + k, r):
         rows = data[c0 - start : c0 - start + r]
-        for u0 in range(0, n_units, w):
+        for u0 in range(0, p.n_units, w):
             block = rows[:, u0 : u0 + w]
             if block.shape != (r, w):
-                padded = np.full((r, w), fill, ds.dtype)
+                padded = np.full((r, w), p.fill, p.dtype)
                 padded[: block.shape[0], : block.shape[1]] = block
                 block = padded
             ds.id.write_direct_chunk((c0, u0), np.ascontiguousarray(block))
