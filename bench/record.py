@@ -237,6 +237,20 @@ def ratios(times: dict[str, list[float]], name: str, base: str = "bare") -> dict
             "x_bare_q75": round(float(np.quantile(per_round, 0.75)), 3)}
 
 
+def discarding(run):
+    """``run`` with a recording writer that discards every batch (bench instrumentation: the writer's share)."""
+    from neuroprobe.recording import writer as W
+
+    def wrapped(subject, table, bs, out):
+        real_write = W.RecordingWriter.write
+        W.RecordingWriter.write = lambda self, r: None
+        try:
+            run(subject, table, bs, out)
+        finally:
+            W.RecordingWriter.write = real_write
+    return wrapped
+
+
 def shares(subject, table, args) -> str:
     """Each step's share of per-token recording: the hooks and pooling, the device-to-host copy, the writer.
 
@@ -246,20 +260,8 @@ def shares(subject, table, args) -> str:
     ``+ writer`` is the full recording.  Differences of the median per-round ratios
     give each step's share of the forward pass.
     """
-    from neuroprobe.recording import writer as W
-
-    real_write = W.RecordingWriter.write
-
-    def discarding(tokens: bool):
-        def run(subject, table, bs, out):
-            W.RecordingWriter.write = lambda self, r: None
-            try:
-                neuro(tokens, "float32")(subject, table, bs, out)
-            finally:
-                W.RecordingWriter.write = real_write
-        return run
-
-    steps = {"bare": bare, "hooks + pooling": discarding(False), "+ token copy": discarding(True),
+    steps = {"bare": bare, "hooks + pooling": discarding(neuro(False, "float32")),
+             "+ token copy": discarding(neuro(True, "float32")),
              "+ writer (= neuroprobe-tok)": neuro(True, "float32")}
     times, errors = interleaved(steps, subject, table, args.batch_size, args.repeats)
     if errors:
@@ -303,9 +305,10 @@ def real_size(args) -> str:
                 npb.Recorder(s, battery, montage=montage, tokens=tokens, batch_size=bs, quiet=True).run(out)
             return run
 
-        times, errors = interleaved({"bare": subject_bare, "neuroprobe-pool": rec(False), "neuroprobe-tok": rec(True)},
-                                    subj, table, args.batch_size, max(2, args.repeats // 2))
-        for c in ("neuroprobe-pool", "neuroprobe-tok"):
+        contenders = {"bare": subject_bare, "neuroprobe-pool": rec(False),
+                      "neuroprobe-tok, writer discards": discarding(rec(True)), "neuroprobe-tok": rec(True)}
+        times, errors = interleaved(contenders, subj, table, args.batch_size, max(2, args.repeats // 2))
+        for c in list(contenders)[1:]:
             if c in errors:
                 rows.append({"architecture": label, "contender": c, "note": errors[c]})
                 continue
@@ -313,7 +316,7 @@ def real_size(args) -> str:
             rows.append({"architecture": label, "params_M": round(subj.n_parameters / 1e6), "sites": len(subj.sites(montage)),
                          "contender": c, "bare_s": round(min(times["bare"]), 2), "x_bare": r["x_bare"],
                          "x_bare_median": r["x_bare_median"], "note": ""})
-        print(pd.DataFrame(rows).tail(2).to_string(index=False), file=sys.stderr)
+        print(pd.DataFrame(rows).tail(3).to_string(index=False), file=sys.stderr)
         del subj
         gc.collect()
     return (f"real-size architectures (random init from shipped published configs), {len(table)} kinship texts, "
