@@ -4,7 +4,7 @@ h5py holds the GIL for the whole of every write, so a writer thread that writes
 through h5py stalls the model's forward pass (every torch op needs the GIL between
 its kernels).  The per-token datasets are the bulk of a recording, so the writer
 lets HDF5 do only what is small — grow the dataset (which allocates its chunks,
-:data:`ALLOC_EARLY`), tell where a chunk lies — and puts the rows into the file
+see :func:`creation_kwargs`), tell where a chunk lies — and puts the rows into the file
 itself with ``os.pwrite``, which releases the GIL.
 
 This is sound because of what such a dataset is (checked by :func:`supports`):
@@ -22,7 +22,6 @@ from typing import Any
 import h5py
 import numpy as np
 
-#: Dataset-creation keywords for a dataset that :class:`RowWriter` can write.
 def creation_kwargs() -> dict[str, Any]:
     """``create_dataset`` keywords: chunks allocated as the dataset grows, never filled by HDF5."""
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
@@ -32,9 +31,7 @@ def creation_kwargs() -> dict[str, Any]:
 
 def supports(ds: h5py.Dataset) -> bool:
     """Whether ``ds`` can be written by :class:`RowWriter` (else write it through h5py)."""
-    if ds.chunks is None or ds.compression is not None or ds.shuffle or ds.fletcher32 or ds.scaleoffset is not None:
-        return False
-    if ds.ndim not in (1, 2) or ds.dtype.kind not in "fiu" or not hasattr(ds.id, "get_chunk_info_by_coord"):
+    if ds.chunks is None or ds.ndim not in (1, 2) or ds.dtype.kind not in "fiu" or not hasattr(ds.id, "get_chunk_info_by_coord"):
         return False
     dcpl = ds.id.get_create_plist()
     return (dcpl.get_nfilters() == 0 and dcpl.get_alloc_time() == h5py.h5d.ALLOC_TIME_EARLY
@@ -88,14 +85,19 @@ class RowWriter:
         r, w = self.rows, self.width
         for c0 in range(start // r * r, start + k, r):
             a, b = max(start, c0), min(start + k, c0 + r)
-            for u0 in range(0, self.n_units, w):
-                block = data[a - start : b - start, u0 : u0 + w]
-                if block.shape[1] < w:  # the last column block is padded to the chunk's width
-                    padded = np.zeros((b - a, w), self.dtype)
-                    padded[:, : block.shape[1]] = block
-                    block = padded
-                block = np.ascontiguousarray(block)
+            for u0 in range(0, self.n_units, w):  # the last column block is padded to the chunk's width
+                block = _chunk_block(data[a - start : b - start], u0, w, 0)
                 _pwrite_all(self.fd, memoryview(block).cast("B"), self._address(c0, u0) + (a - c0) * w * item)
+
+
+def _chunk_block(rows: np.ndarray, u0: int, width: int, fill: Any) -> np.ndarray:
+    """Columns ``u0 .. u0 + width`` of ``rows`` as a contiguous block, padded with ``fill`` past the last unit."""
+    block = rows[:, u0 : u0 + width]
+    if block.shape[1] < width:
+        padded = np.full((len(rows), width), fill, rows.dtype)
+        padded[:, : block.shape[1]] = block
+        return padded
+    return np.ascontiguousarray(block)
 
 
 def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
@@ -108,20 +110,19 @@ def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
 class ChunkPlan:
     """What :func:`write_chunk_rows` needs to know of a fixed-shape dataset (read once, not per batch)."""
 
-    ok: bool
-    rows: int = 0
-    width: int = 0
-    n: int = 0
-    n_units: int = 0
-    dtype: np.dtype | None = None
-    fill: Any = None
+    rows: int
+    width: int
+    n: int
+    n_units: int
+    dtype: np.dtype
+    fill: Any
 
 
-def chunk_plan(ds: h5py.Dataset) -> ChunkPlan:
-    """The :class:`ChunkPlan` of ``ds`` (``ok=False``: not chunked, not 2-d, or filtered)."""
+def chunk_plan(ds: h5py.Dataset) -> ChunkPlan | None:
+    """The :class:`ChunkPlan` of ``ds``, or ``None`` if it cannot take whole chunks (not chunked, not 2-d, filtered)."""
     if ds.chunks is None or ds.ndim != 2 or ds.id.get_create_plist().get_nfilters():
-        return ChunkPlan(False)
-    return ChunkPlan(True, ds.chunks[0], ds.chunks[1], ds.shape[0], ds.shape[1], ds.dtype, ds.fillvalue)
+        return None
+    return ChunkPlan(ds.chunks[0], ds.chunks[1], ds.shape[0], ds.shape[1], ds.dtype, ds.fillvalue)
 
 
 def write_chunk_rows(ds: h5py.Dataset, start: int, data: np.ndarray, plan: ChunkPlan | None = None) -> bool:
@@ -135,7 +136,7 @@ def write_chunk_rows(ds: h5py.Dataset, start: int, data: np.ndarray, plan: Chunk
     ``plan`` is :func:`chunk_plan` of ``ds``, if the caller keeps it.
     """
     p = plan if plan is not None else chunk_plan(ds)
-    if not p.ok:
+    if p is None:
         return False
     r, w = p.rows, p.width
     k = len(data)
@@ -143,11 +144,8 @@ def write_chunk_rows(ds: h5py.Dataset, start: int, data: np.ndarray, plan: Chunk
         return False
     for c0 in range(start, start + k, r):
         rows = data[c0 - start : c0 - start + r]
+        if len(rows) < r:  # the dataset's last chunk: rows past its end are padded with the fill value
+            rows = np.concatenate([rows, np.full((r - len(rows), p.n_units), p.fill, p.dtype)])
         for u0 in range(0, p.n_units, w):
-            block = rows[:, u0 : u0 + w]
-            if block.shape != (r, w):
-                padded = np.full((r, w), p.fill, p.dtype)
-                padded[: block.shape[0], : block.shape[1]] = block
-                block = padded
-            ds.id.write_direct_chunk((c0, u0), np.ascontiguousarray(block))
+            ds.id.write_direct_chunk((c0, u0), _chunk_block(rows, u0, w, p.fill))
     return True

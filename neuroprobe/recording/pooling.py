@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["pool", "BatchPooler"]
+__all__ = ["pool", "BatchPooler", "MaskMismatch"]
 
 
 def _masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -55,6 +55,10 @@ def pool(x: torch.Tensor, mask: torch.Tensor, how: str, concept_mask: torch.Tens
     raise ValueError(f"unknown pooling {how!r}")
 
 
+class MaskMismatch(RuntimeError):
+    """A site's activations do not line up with its stream's mask (a subject declared the wrong stream or layout)."""
+
+
 class BatchPooler:
     """Pool every site of one batch, with what the sites share computed once per stream.
 
@@ -81,7 +85,7 @@ class BatchPooler:
     def _mask(self, stream: str, x: torch.Tensor) -> torch.Tensor:
         mask = self.masks.get(stream)
         if mask is None or mask.shape != x.shape[:2]:
-            raise RuntimeError(
+            raise MaskMismatch(
                 f"activations {tuple(x.shape)} do not match the {stream!r} stream mask "
                 f"{None if mask is None else tuple(mask.shape)}"
             )

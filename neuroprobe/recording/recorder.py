@@ -23,7 +23,7 @@ from neuroprobe.electrodes import Electrodes
 from neuroprobe.errors import NeuroprobeError, RecordingError
 from neuroprobe.recording import schema
 from neuroprobe.recording.lock import WriterLock
-from neuroprobe.recording.pooling import BatchPooler
+from neuroprobe.recording.pooling import BatchPooler, MaskMismatch
 from neuroprobe.recording.writer import BatchResult, RecordingWriter, ThreadedWriter
 from neuroprobe.stimuli.battery import Battery
 from neuroprobe.subjects.base import Site, Subject
@@ -385,8 +385,8 @@ class Recorder:
                 try:
                     p = _pooler.pool(x, site.stream).to(self.torch_dtype).cpu().numpy()
                     toks = _pooler.tokens(x, site.stream).to(self.torch_dtype).cpu().numpy() if self.tokens else None
-                except RuntimeError as err:
-                    raise RuntimeError(f"site {site.name}: {err}") from None
+                except MaskMismatch as err:
+                    raise MaskMismatch(f"site {site.name}: {err}") from None
                 _results[site.name] = (p, toks)
 
             self._reader = on_read

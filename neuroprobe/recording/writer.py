@@ -237,7 +237,7 @@ class RecordingWriter:
         self._fallocate_ok = _LIBC is not None
         self._streams_of: dict[str, str] = {}
         self._row_writers: dict[str, chunkio.RowWriter | None] = {}
-        self._chunk_plans: dict[str, chunkio.ChunkPlan] = {}
+        self._chunk_plans: dict[str, chunkio.ChunkPlan | None] = {}
         self.n_tokens = {s: int(file[f"{schema.TOKENS}/{s}"].attrs["n_tokens"]) for s in self.streams} if tokens else {}
 
     # -------------------------------------------------------------- creation
@@ -463,10 +463,10 @@ class RecordingWriter:
             for name, arr in r.pooled.items():
                 key = f"{schema.site_path(name)}/{schema.RESPONSES}"
                 ds = h(key)
-                plan = self._chunk_plans.get(key)
-                if plan is None:
-                    plan = self._chunk_plans[key] = chunkio.chunk_plan(ds)
-                if not chunkio.write_chunk_rows(ds, r.offset, arr, plan):
+                if key not in self._chunk_plans:
+                    self._chunk_plans[key] = chunkio.chunk_plan(ds)
+                plan = self._chunk_plans[key]
+                if plan is None or not chunkio.write_chunk_rows(ds, r.offset, arr, plan):
                     ds[sl] = arr
             new_counts = {}
             if self.tokens:

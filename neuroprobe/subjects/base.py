@@ -356,6 +356,20 @@ class Subject:
         return f"<Subject {self.name} ({self.checkpoint or 'custom'}, init={self.init}, {self.n_parameters:,} params, {self.device})>"
 
 
+def tokens_in_spans(offsets: np.ndarray, spans: list[list[tuple[int, int]]]) -> np.ndarray:
+    """``[B, T]`` mask of the tokens (character ``offsets [B, T, 2]``) that overlap any of stimulus i's ``spans[i]``.
+
+    Special and padding tokens (empty offsets) are never marked.
+    """
+    mask = np.zeros(offsets.shape[:2], dtype=bool)
+    start, end = offsets[..., 0], offsets[..., 1]
+    real = end > start
+    for i, row in enumerate(spans):
+        for a, b in row:
+            mask[i] |= (start[i] < b) & (end[i] > a) & real[i]
+    return mask
+
+
 def single_modality(stimuli: pd.DataFrame, subject: str) -> str:
     """The one modality of a batch, for subjects that encode one modality per batch (CLIP towers).
 

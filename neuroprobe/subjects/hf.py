@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 
 from neuroprobe.errors import MissingWeightsError, NeuroprobeError, is_refused_pickle, refused_pickle
-from neuroprobe.subjects.base import Batch, SitePattern as P, Subject
+from neuroprobe.subjects.base import Batch, SitePattern as P, Subject, tokens_in_spans
 from neuroprobe.subjects.registry import SubjectSpec
 
 # --------------------------------------------------------------------------- data
@@ -547,18 +547,6 @@ def _generic_sites(model: torch.nn.Module, seq2seq: bool = False) -> dict[str, l
 # ---------------------------------------------------------------------- subject
 
 
-def tokens_in_spans(offsets: np.ndarray, spans: list[list[tuple[int, int]]]) -> np.ndarray:
-    """``[B, T]`` mask of the tokens (character ``offsets [B, T, 2]``) that overlap any of stimulus i's ``spans[i]``.
-
-    Special and padding tokens (empty offsets) are never marked.
-    """
-    mask = np.zeros(offsets.shape[:2], dtype=bool)
-    start, end = offsets[..., 0], offsets[..., 1]
-    real = end > start
-    for i, row in enumerate(spans):
-        for a, b in row:
-            mask[i] |= (start[i] < b) & (end[i] > a) & real[i]
-    return mask
 
 
 class HFSubject(Subject):

@@ -63,7 +63,7 @@ import pandas as pd
 import torch
 
 from neuroprobe.errors import MissingWeightsError, NeuroprobeError
-from neuroprobe.subjects.base import Batch, SitePattern as P, Subject
+from neuroprobe.subjects.base import Batch, SitePattern as P, Subject, tokens_in_spans
 from neuroprobe.subjects.vilbert.config import CHECKPOINTS, TASK_IDS, ViLBERTConfig
 from neuroprobe.subjects.vilbert.load import load_vilbert, prepare_regions, resolve_weights
 from neuroprobe.subjects.vilbert.model import ViLBERTModel, ViLBERTOutput
@@ -288,12 +288,8 @@ class ViLBERTSubject(Subject):
         offsets = enc.pop("offset_mapping")
         ids, amask = enc["input_ids"], enc["attention_mask"]
         n = len(texts)
-        cmask = torch.zeros_like(ids, dtype=torch.bool)
-        if concept_spans is not None:
-            for i, spans in enumerate(concept_spans):
-                o = offsets[i]
-                for a, b in spans:
-                    cmask[i] |= (o[:, 0] < b) & (o[:, 1] > a) & (o[:, 1] > o[:, 0])
+        cmask = (torch.from_numpy(tokens_in_spans(offsets.numpy(), concept_spans)) if concept_spans is not None
+                 else torch.zeros_like(ids, dtype=torch.bool))
         feat, loc, imask = self._image_batch(images)
         inputs: dict[str, Any] = {
             "input_ids": ids,
