@@ -1,10 +1,21 @@
 """Image transforms in Pillow and torch (no torchvision).
 
-:class:`ClipPreprocess` reproduces the CLIP image processor of ``transformers``
-(and OpenAI's ``clip.load`` transform): convert to RGB, resize the shortest side
-to ``size`` with a bicubic filter (the long side becomes ``int(size * long / short)``),
-centre-crop ``crop`` pixels (top-left corner at ``(H - h) // 2, (W - w) // 2``),
-scale to ``[0, 1]`` and normalise with the processor's mean and standard deviation.
+:class:`ClipPreprocess` reproduces one of two references, which differ on some images:
+
+``reference="transformers"`` (the ``clip`` subject; ``CLIPImageProcessor`` of ``transformers``)
+    Convert to RGB first (``do_convert_rgb``), resize the shortest side to ``size`` with a
+    bicubic filter (the long side becomes ``int(size * long / short)``), centre-crop with
+    the corner at ``((H - h) // 2, (W - w) // 2)`` (``image_transforms.center_crop``), scale
+    to ``[0, 1]``, normalise.
+``reference="openai"`` (the ``clip-rn*`` subjects; ``_transform`` of openai/CLIP's ``clip/clip.py``)
+    ``Resize(n_px, BICUBIC)``, ``CenterCrop(n_px)``, then ``_convert_image_to_rgb``,
+    ``ToTensor``, ``Normalize``: the resize runs on the image in its own mode (Pillow
+    resizes palette images with nearest-neighbour whatever filter is asked for, and RGBA
+    with premultiplied alpha), and torchvision's crop corner is rounded,
+    ``int(round((H - h) / 2.0))`` (``torchvision/transforms/functional.py``, ``center_crop``;
+    Python's ``round`` takes halves to even).  The long side is ``int(size * long / short)``
+    as in ``_compute_resized_output_size``.
+
 The settings come from ``preprocessor_config.json`` next to the checkpoint when
 there is one, else from CLIP's published defaults at the model's image size.
 """
@@ -49,23 +60,43 @@ def resize_shortest_side(image: Image.Image, size: int, resample: int = 3) -> Im
     return image.resize((new_w, new_h), resample=_RESAMPLE[int(resample)])
 
 
-def center_crop(image: Image.Image, height: int, width: int) -> Image.Image:
-    """Crop the centre ``height`` × ``width``; the corner is ``((H - h) // 2, (W - w) // 2)``.
+def crop_origin(size: int, crop: int, convention: str = "transformers") -> int:
+    """First kept row (or column) when ``crop`` of ``size >= crop`` pixels are kept from the centre.
 
-    An image smaller than the crop is padded with black on both sides first.
+    ``transformers`` takes ``(size - crop) // 2``; ``torchvision`` rounds,
+    ``int(round((size - crop) / 2.0))``, so an odd margin leaves its extra pixel on the
+    other side half of the time (Python's ``round`` goes to even).
+    """
+    if convention == "torchvision":
+        return int(round((size - crop) / 2.0))
+    return (size - crop) // 2
+
+
+def center_crop(image: Image.Image, height: int, width: int, convention: str = "transformers") -> Image.Image:
+    """Crop the centre ``height`` × ``width`` (corner from :func:`crop_origin`).
+
+    An image smaller than the crop is padded with zeros first: the larger half of an odd
+    padding goes before the image for ``transformers`` (``ceil``), after it for ``torchvision``.
     """
     w, h = image.size
     if w < width or h < height:
-        canvas = Image.new(image.mode, (max(w, width), max(h, height)))
-        canvas.paste(image, ((max(w, width) - w + 1) // 2, (max(h, height) - h + 1) // 2))
+        W, H = max(w, width), max(h, height)
+        canvas = Image.new(image.mode, (W, H))
+        if image.mode == "P":
+            canvas.putpalette(image.getpalette() or [])
+        before = (lambda d: d // 2) if convention == "torchvision" else (lambda d: (d + 1) // 2)
+        canvas.paste(image, (before(W - w), before(H - h)))
         image, (w, h) = canvas, canvas.size
-    top, left = (h - height) // 2, (w - width) // 2
+    top, left = crop_origin(h, height, convention), crop_origin(w, width, convention)
     return image.crop((left, top, left + width, top + height))
 
 
 def to_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float], scale: float = 1 / 255) -> torch.Tensor:
-    """RGB ``PIL`` image -> float32 tensor ``[3, H, W]``, scaled then normalised per channel."""
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32) * np.float32(scale)
+    """RGB ``PIL`` image -> float32 tensor ``[3, H, W]``, scaled then normalised per channel.
+
+    The scaling divides by ``1 / scale`` (255), as torchvision's ``ToTensor`` does.
+    """
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / np.float32(1.0 / scale)
     arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
@@ -100,6 +131,9 @@ class ClipPreprocess:
         Steps of the processor config that are switched on.
     rescale_factor
         Multiplier turning 8-bit values into ``[0, 1]``.
+    reference
+        ``"transformers"`` or ``"openai"``: whose order and crop rounding to follow
+        (see the module docstring).
     """
 
     size: int = 224
@@ -112,6 +146,16 @@ class ClipPreprocess:
     do_center_crop: bool = True
     do_normalize: bool = True
     rescale_factor: float = 1 / 255
+    reference: str = "transformers"
+
+    def __post_init__(self) -> None:
+        if self.reference not in ("transformers", "openai"):
+            raise ValueError(f"reference must be 'transformers' or 'openai', not {self.reference!r}")
+
+    @classmethod
+    def openai(cls, n_px: int) -> "ClipPreprocess":
+        """openai/CLIP's ``_transform(n_px)`` (what ``clip.load`` returns for a model of input size ``n_px``)."""
+        return cls(size=n_px, crop_height=n_px, crop_width=n_px, reference="openai")
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | None, image_size: int = 224) -> "ClipPreprocess":
@@ -167,11 +211,13 @@ class ClipPreprocess:
         """Preprocess a list of images into ``pixel_values`` ``[B, 3, crop_height, crop_width]``."""
         out = []
         for im in images:
-            im = im.convert("RGB")
+            if self.reference == "transformers":  # do_convert_rgb runs first; openai/CLIP converts after the crop
+                im = im.convert("RGB")
             if self.do_resize:
                 im = resize_shortest_side(im, self.size, self.resample)
             if self.do_center_crop:
-                im = center_crop(im, self.crop_height, self.crop_width)
+                convention = "torchvision" if self.reference == "openai" else "transformers"
+                im = center_crop(im, self.crop_height, self.crop_width, convention)
             mean, std = (self.mean, self.std) if self.do_normalize else ((0.0,) * 3, (1.0,) * 3)
             out.append(to_tensor(im, mean, std, self.rescale_factor))
         return torch.stack(out)

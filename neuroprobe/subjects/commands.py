@@ -8,19 +8,77 @@ from typing import Optional
 import typer
 
 
-def sites_table(subject, montage: str):
-    """The sites a montage of ``subject`` records, as a DataFrame (site, kind, direction, stream, layout, module)."""
+def site_unit_counts(subject, sites, battery=None) -> list:
+    """Units of each site: read off one forward pass when the model has weights and ``battery`` is given
+    (one stimulus per modality), else from the modules' shapes (:mod:`neuroprobe.subjects.widths`); ``None``
+    where neither tells."""
+    from neuroprobe.subjects.widths import measured_units, units_of
+
+    measured = measured_units(subject, sites, battery) if battery is not None else {}
+    return [measured.get(s.name, static) for s, static in zip(sites, units_of(subject.model, sites))]
+
+
+def sites_table(subject, montage: str, battery=None):
+    """The sites a montage of ``subject`` records, as a DataFrame (site, kind, direction, stream, layout, units,
+    module); ``units`` is ``"?"`` where :func:`site_unit_counts` cannot tell."""
     import pandas as pd
 
-    rows = [dict(site=s.name, kind=s.kind, direction=s.direction, stream=s.stream, layout=s.layout, module=s.module)
-            for s in subject.sites(montage)]
-    return pd.DataFrame(rows, columns=["site", "kind", "direction", "stream", "layout", "module"])
+    sites = subject.sites(montage)
+    units = site_unit_counts(subject, sites, battery)
+    rows = [dict(site=s.name, kind=s.kind, direction=s.direction, stream=s.stream, layout=s.layout,
+                 units="?" if n is None else int(n), module=s.module) for s, n in zip(sites, units)]
+    return pd.DataFrame(rows, columns=["site", "kind", "direction", "stream", "layout", "units", "module"])
+
+
+def terminal_width() -> int:
+    """Columns to fit: ``$COLUMNS`` or the terminal's width, else 100."""
+    import shutil
+
+    return max(40, shutil.get_terminal_size((100, 24)).columns)
+
+
+def registry_text(width: int | None = None) -> str:
+    """The registry as text that fits ``width`` columns (default :func:`terminal_width`).
+
+    One line per subject (name, parameters, whether it runs here, modalities), then an
+    indented line, wrapped to the width, with the checkpoint, revision, licence and description.
+    """
+    import textwrap
+
+    from neuroprobe.subjects.registry import REGISTRY, runnable
+
+    width = width or terminal_width()
+    rows = [(s.name, s.params, runnable(s), "+".join(s.modalities),
+             f"{s.checkpoint} @ {s.revision}; {s.licence}; {s.description}") for s in REGISTRY.values()]
+    head = ("subject", "params", "runnable", "modalities")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+    lines = [" ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip()]
+    lines.append(textwrap.fill("checkpoint @ revision; licence; description", width, initial_indent="    ",
+                               subsequent_indent="    "))
+    for row in rows:
+        lines.append(" ".join(c.ljust(w) for c, w in zip(row[:4], widths)).rstrip())
+        lines.append(textwrap.fill(row[4], width, initial_indent="    ", subsequent_indent="    ",
+                                   break_on_hyphens=False))
+    notes = ("runnable: yes = everything is here (pretrained and --init random); random only = the untrained control "
+             "runs offline, the weights are missing; (text; ...) = image stimuli also need the region detector; "
+             "nothing is downloaded to decide this. Also: hf:<hub id or local dir> for any transformers model.")
+    return "\n".join(lines) + "\n\n" + textwrap.fill(notes, width)
 
 
 def _load_for_sites(name: str, init: str, weights: Optional[Path], options: dict):
     from neuroprobe.subjects.registry import load_subject
 
     return load_subject(name, init=init, weights=weights, device="cpu", quiet=True, **options)
+
+
+def _battery_for(spec):
+    """The subject's default battery (one stimulus per modality measures the widths), or ``None``."""
+    from neuroprobe.stimuli import Battery
+
+    try:
+        return Battery.load(spec.default_battery)
+    except Exception:  # noqa: BLE001 - widths then come from the shapes alone
+        return None
 
 
 def register(app: typer.Typer) -> None:
@@ -34,20 +92,10 @@ def register(app: typer.Typer) -> None:
         weights: Optional[str] = typer.Option(None, "--weights", help="With --sites: local folder with the checkpoint files."),
     ) -> None:
         """List subjects: checkpoint, licence, parameters, and whether each runs here right now."""
-        import pandas as pd
-
-        from neuroprobe.subjects.registry import REGISTRY, get_spec, load_subject, runnable
+        from neuroprobe.subjects.registry import get_spec, load_subject, runnable
 
         if name is None:
-            rows = [dict(subject=s.name, checkpoint=s.checkpoint, revision=s.revision, licence=s.licence,
-                         params=s.params, modalities="+".join(s.modalities), runnable=runnable(s),
-                         description=s.description)
-                    for s in REGISTRY.values()]
-            typer.echo(pd.DataFrame(rows).to_string(index=False))
-            typer.echo("\nrunnable: yes = everything is here (pretrained and --init random); random only = the "
-                       "untrained control runs offline, the weights are missing; (text; ...) = image stimuli also need "
-                       "the region detector; nothing is downloaded to decide this.")
-            typer.echo("Also: hf:<hub id or local dir> for any transformers model.")
+            typer.echo(registry_text())
             return
         spec = get_spec(name)
         for k in ("name", "checkpoint", "revision", "licence", "params", "modalities", "description", "note"):
@@ -67,10 +115,10 @@ def register(app: typer.Typer) -> None:
         if callable(card):
             typer.echo(json.dumps(card(), indent=2, ensure_ascii=False))
         if sites:
-            subject = load_subject(name, init=init, weights=weights, device="cpu", quiet=True)
+            meta = init == "random" and spec.builds_on_meta
+            subject = load_subject(name, init=init, weights=weights, device="meta" if meta else "cpu", quiet=True)
             typer.echo(f"sites ({sites}):")
-            for s in subject.sites(sites):
-                typer.echo(f"  {s.name:40s} {s.kind:6s} {s.direction:6s} {s.stream:8s} {s.module}")
+            typer.echo(sites_table(subject, sites, _battery_for(spec)).to_string(index=False))
 
     @app.command("sites")
     def sites_command(
@@ -86,11 +134,16 @@ def register(app: typer.Typer) -> None:
         from neuroprobe.recording.commands import parse_options
         from neuroprobe.subjects.registry import get_spec, load_subject
 
-        # transformers models without weights are built on the meta device: no memory, no waiting
-        meta = init == "random" and get_spec(model).loader.endswith("load_hf_subject")
+        # models without weights are built on the meta device when their loader can: no memory, no waiting
+        spec = get_spec(model)
+        meta = init == "random" and spec.builds_on_meta
         subject = load_subject(model, init=init, weights=weights, device="meta" if meta else "cpu", quiet=True,
                                trust_remote_code=trust_remote_code, **parse_options(option))
-        table = sites_table(subject, sites)
+        table = sites_table(subject, sites, _battery_for(spec))
         typer.echo(table.to_string(index=False))
         kinds = ", ".join(f"{k} {n}" for k, n in table["kind"].value_counts().items())
-        typer.echo(f"{len(table)} sites ({kinds}); record them with `neuroprobe record --model {model} --sites {sites}`.")
+        known = [int(u) for u in table["units"] if u != "?"]
+        units = f"{sum(known):,} units" + (f" (+ {len(table) - len(known)} sites of unknown width)"
+                                            if len(known) < len(table) else "")
+        typer.echo(f"{len(table)} sites ({kinds}), {units}; record them with "
+                   f"`neuroprobe record --model {model} --sites {sites}`.")

@@ -283,7 +283,8 @@ def detector_need(hub_id: str, options: dict[str, Any], download: bool | None = 
     from neuroprobe.subjects import offline
 
     what = f"the Faster R-CNN detector {hub_id} (config.yaml and pytorch_model.bin)"
-    how = "pass --detector-weights DIR with a local copy of it, or --features FILE with precomputed region features"
+    how = ("pass --detector-weights DIR with a local copy of it, or --features FILE with precomputed region features, "
+           "or record text stimuli only (--probe kinship)")
     if options.get("features") is not None or options.get("regions") is not None:
         return offline.Need(what, True, "images", how)
     folder = options.get("detector_weights")

@@ -9,6 +9,7 @@ for Hugging Face models, which architecture entry in
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,14 @@ class SubjectSpec:
     battery: str = ""
 
     @property
+    def builds_on_meta(self) -> bool:
+        """Whether its loader builds ``init="random"`` on the meta device (shapes only, nothing allocated).
+
+        ``neuroprobe sites`` uses this to list a montage of a model of any size at once.
+        """
+        return self.loader in _META_LOADERS
+
+    @property
     def default_battery(self) -> str:
         """``battery``, else ``pictures`` for image-taking subjects and ``kinship`` for text ones."""
         if self.battery:
@@ -73,6 +82,9 @@ class SubjectSpec:
 
 _HF = "neuroprobe.subjects.hf:load_hf_subject"
 _CLIP_RN = "neuroprobe.subjects.clip_resnet.subject:load_clip_resnet_subject"
+_DALLE = "neuroprobe.subjects.dalle.subject:load_dalle_subject"
+#: Loaders that build an untrained model directly on ``device="meta"``.
+_META_LOADERS = frozenset({_HF, _CLIP_RN, _DALLE})
 
 REGISTRY: dict[str, SubjectSpec] = {
     s.name: s
@@ -122,11 +134,11 @@ REGISTRY: dict[str, SubjectSpec] = {
                     "neuroprobe.subjects.vilbert.subject:load_vilbert_subject",
                     modalities=("text", "image", "pair"),
                     description="ViLBERT two-stream (Lu et al. 2019), 12-in-1 multi-task weights"),
-        SubjectSpec("dalle", "kuprel/min-dalle (DALL-E Mega; variant=mini: 0.44B)", "main", "MIT", "2.6B",
-                    "neuroprobe.subjects.dalle.subject:load_dalle_subject",
+        SubjectSpec("dalle", "kuprel/min-dalle (DALL-E Mega; variant=mini: 0.44B)", "main", "MIT", "2.6B", _DALLE,
                     modalities=("text", "image", "pair"),
-                    description="DALL-E Mega/Mini transformer via min-dalle, scoring VQGAN image codes (codes file, "
-                                "VQGAN encoder with --option vqgan=FILE, or stand-in)",
+                    description="DALL-E Mega (the default on every device; minutes per batch on a CPU) or Mini "
+                                "(--option variant=mini) via min-dalle, scoring VQGAN image codes (codes file, VQGAN "
+                                "encoder with --option vqgan=FILE, or stand-in)",
                     extra={"image_encoders": {
                         "vqgan": "dalle-mini/vqgan_imagenet_f16_16384, taming-transformers state-dict layout; key list "
                                  "INFERRED from taming's code (not read from the released file), loaded strictly",
@@ -239,6 +251,7 @@ def load_subject(
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise NeuroprobeError("--device cuda was asked for but no CUDA device is available; use --device cpu.")
     hf = spec.loader.endswith("load_hf_subject")
+    takes_quiet = hf or "quiet" in inspect.signature(loader).parameters
     subject = loader(
         spec,
         init=init,
@@ -248,7 +261,7 @@ def load_subject(
         heads=heads,
         seed=seed,
         trust_remote_code=trust_remote_code,
-        **({"quiet": True} if quiet and hf else {}),
+        **({"quiet": True} if quiet and takes_quiet else {}),
         **({"modalities": tuple(modalities)} if hf and modalities is not None else {}),
         **options,
     )

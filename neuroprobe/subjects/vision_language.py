@@ -250,8 +250,8 @@ class RegionSource:
                 raise MissingWeightsError(
                     f"{self.subject} sees images as Faster R-CNN regions and the detector {DEFAULT_HUB_ID} "
                     f"(config.yaml + pytorch_model.bin) is not in {where}; download it once online, pass "
-                    f"--detector-weights DIR with a local copy, or pass --features FILE with precomputed "
-                    f"*_obj36.tsv / HDF5 region features."
+                    f"--detector-weights DIR with a local copy, pass --features FILE with precomputed "
+                    f"*_obj36.tsv / HDF5 region features, or record text stimuli only (--probe kinship)."
                 ) from None
         return self._detector
 

@@ -116,7 +116,8 @@ class CLIPResNetSubject(Subject):
         self.tokenizer = tokenizer
         self.site_patterns = clip_resnet_site_patterns(self.config)
         self.readouts = {"zero_shot": readout_zero_shot}
-        self.preprocess = ClipPreprocess.from_config(None, self.config.image_resolution)
+        #: openai/CLIP's own transform (resize in the image's mode, rounded crop, then RGB), not transformers'
+        self.preprocess = ClipPreprocess.openai(self.config.image_resolution)
         self._prompt_cache: tuple[tuple[str, ...], torch.Tensor] | None = None
 
     # ---------------------------------------------------------------- encode
@@ -204,7 +205,7 @@ def load_clip_resnet_subject(
     """Registry loader for the CLIP ResNet subjects (``spec.extra["variant"]`` names the release).
 
     ``init="random"`` builds the published shape (or ``config.json`` in ``--weights DIR``) with the
-    original initialisation, seeded by ``seed``.  Takes no options.
+    original initialisation, seeded by ``seed`` (on ``device="meta"``: the shapes only).  Takes no options.
     """
     if options:
         raise NeuroprobeError(f"subject {spec.name!r} takes no options, not {', '.join(sorted(options))}.")
@@ -227,7 +228,10 @@ def load_clip_resnet_subject(
             problems.append(str(err).rstrip("."))
     if problems:
         raise MissingWeightsError("; and ".join(problems) + ".")
-    if init == "random":
+    if init == "random" and torch.device(device).type == "meta":  # shapes only (`neuroprobe sites`)
+        with torch.device("meta"):
+            model = CLIPResNet(config)
+    elif init == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = CLIPResNet(config)

@@ -108,13 +108,23 @@ def config_beside(path: str | Path) -> VQGANEncoderConfig | None:
 
 
 def image_pixels(image, side: int) -> torch.Tensor:
-    """A PIL image as ``[1, 3, side, side]`` in ``[0, 1]``: centre-cropped to a square, resized (bicubic)."""
-    import numpy as np
-    from PIL import Image
+    """A PIL image as ``[1, 3, side, side]`` in ``[0, 1]``, prepared the way dalle-mini prepared what it encoded.
 
-    image = image.convert("RGB")
-    w, h = image.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    image = image.crop((left, top, left + s, top + s)).resize((side, side), Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.asarray(image, np.float32) / 255.0).permute(2, 0, 1).unsqueeze(0)
+    dalle-mini's dataset-encoding notebooks (borisdayma/dalle-mini,
+    ``dev/encoding/vqgan-jax-encoding-streaming.ipynb``, ``-webdataset.ipynb``, ``-alamy.ipynb``,
+    2021; removed in 07eca3c) convert to RGB, ``TF.resize(image, 256, InterpolationMode.LANCZOS)``
+    (shorter side to 256), ``TF.center_crop(image, [256, 256])`` and ``T.ToTensor()``, and give
+    those ``[0, 1]`` pixels straight to ``VQModel.encode`` (patil-suraj/vqgan-jax,
+    ``modeling_flax_vqgan.py``: ``encode`` runs the encoder on ``pixel_values`` unchanged); its
+    ``tools/dataset/encode_dataset.ipynb`` does the same with webdataset's ``decode("rgb")``
+    (floats in ``[0, 1]``).  Hence :attr:`VQGANEncoderConfig.pixel_range` ``(0, 1)``.  Sizes and
+    the crop corner follow torchvision (:func:`~neuroprobe.stimuli.images.resize_shortest_side`,
+    :func:`~neuroprobe.stimuli.images.center_crop` with ``convention="torchvision"``).
+    """
+    import numpy as np
+
+    from neuroprobe.stimuli.images import center_crop, resize_shortest_side
+
+    image = resize_shortest_side(image.convert("RGB"), side, resample=1)  # 1 = Lanczos
+    image = center_crop(image, side, side, convention="torchvision")
+    return torch.from_numpy(np.asarray(image, np.float32) / np.float32(255)).permute(2, 0, 1).unsqueeze(0)

@@ -188,7 +188,8 @@ def load_dalle(
         ``"pretrained"`` or ``"random"`` (same architecture, normal(0, init_std)
         weights; the tokenizer files are still needed).
     device, dtype
-        Where and in which precision the model lives (the files are float16).
+        Where and in which precision the model lives (the files are float16); ``"meta"``
+        builds the architecture without weights (nothing is read or allocated).
     seed
         Seed of the random initialisation.
 
@@ -220,7 +221,10 @@ def load_dalle(
         from neuroprobe.subjects.offline import RECIPES
 
         tokenizer.neuroprobe_source = RECIPES["gpt2-bpe-dalle"].description
-    if init == "pretrained":
+    if torch.device(device).type == "meta":  # shapes only (`neuroprobe sites`): no memory, no weights read
+        with torch.device("meta"):
+            model = DalleBart(config)
+    elif init == "pretrained":
         with torch.device("meta"):
             model = DalleBart(config)
         load_into(model.encoder, files["encoder"], f"DALL-E {variant} encoder")

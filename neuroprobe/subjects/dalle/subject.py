@@ -42,6 +42,7 @@ same architecture at test size, from a local folder only.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +191,11 @@ class DalleSubject(Subject):
         return encode_image_dvae(self.dvae, battery.load_image(image))
 
 
+#: Printed before DALL·E Mega loads on a CPU (the parameter count and size are those of :meth:`DalleConfig.mega`).
+CPU_NOTE = ("dalle: DALL-E Mega (2.59B parameters, 10.4 GB in float32) runs slowly on a CPU, minutes per batch; "
+            "--option variant=mini (0.44B) is six times smaller, --device cuda is much faster.")
+
+
 def _flag(value: Any, name: str) -> bool:
     """A boolean option given as a bool or as text (``--option trust_pickle=yes``)."""
     if isinstance(value, bool):
@@ -217,6 +223,7 @@ def load_dalle_subject(
     vqgan: str | Path | None = None,
     dvae: str | Path | None = None,
     trust_pickle: bool | str = False,
+    quiet: bool = False,
     **options: Any,
 ) -> DalleSubject:
     """Registry loader for ``dalle``.
@@ -244,13 +251,18 @@ def load_dalle_subject(
         without running the pickle; a file in the old torch format needs ``trust_pickle``.
     trust_pickle
         Allow fully unpickling ``dvae`` when the safe reader cannot take it.
+
+    Mega stays the default on every device, so one command names one model everywhere; on a
+    CPU a line on stderr says, before loading, what Mega costs and how to pick Mini (unless
+    ``quiet``).
     """
-    options.pop("quiet", None)
     if options:
         raise NeuroprobeError(
             f"subject 'dalle' takes the options variant, codes, vqgan, dvae and trust_pickle, not {', '.join(sorted(options))}."
         )
     trust = _flag(trust_pickle, "trust_pickle")
+    if str(variant) == "mega" and torch.device(device).type == "cpu" and not quiet:
+        print(CPU_NOTE, file=sys.stderr)
     tokenizer = None
     if vqgan is not None:  # checked before the transformer loads
         from neuroprobe.subjects.dalle.encoder import load_vqgan_tokenizer

@@ -213,9 +213,12 @@ class VQGANEncoderConfig:
     eps
         GroupNorm epsilon (taming: 1e-6).
     pixel_range
-        Input pixel range the encoder expects: ``(-1, 1)`` for taming's checkpoints;
-        dalle-mini's f16-16384 is *inferred* to take ``(0, 1)``, because min-dalle's
-        detokenizer (same model) outputs ``[0, 1]`` (clipped) — a fact to confirm on the real file.
+        Input pixel range the encoder expects: ``(-1, 1)`` for taming's own checkpoints;
+        ``(0, 1)`` for dalle-mini's f16-16384, as dalle-mini encoded its training images
+        (``T.ToTensor()`` pixels given unchanged to ``VQModel.encode``: borisdayma/dalle-mini
+        ``dev/encoding/vqgan-jax-encoding*.ipynb`` and ``tools/dataset/encode_dataset.ipynb``;
+        see :func:`neuroprobe.subjects.dalle.encoder.image_pixels`), matching min-dalle's
+        detokenizer, whose output is clipped to ``[0, 1]``.
     """
 
     ch: int = 128
