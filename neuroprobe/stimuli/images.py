@@ -3,15 +3,17 @@
 :class:`ClipPreprocess` reproduces one of two references, which differ on some images:
 
 ``reference="transformers"`` (the ``clip`` subject; ``CLIPImageProcessor`` of ``transformers``)
-    Convert to RGB first (``do_convert_rgb``), resize the shortest side to ``size`` with a
-    bicubic filter (the long side becomes ``int(size * long / short)``), centre-crop with
-    the corner at ``((H - h) // 2, (W - w) // 2)`` (``image_transforms.center_crop``), scale
-    to ``[0, 1]``, normalise.
+    Convert to RGB first (``do_convert_rgb``; transparent pixels are composited onto white,
+    as ``image_transforms.convert_to_rgb`` does in transformers 5 — 4.x dropped the alpha),
+    resize the shortest side to ``size`` with a bicubic filter (the long side becomes
+    ``int(size * long / short)``), centre-crop with the corner at ``((H - h) // 2, (W - w) // 2)``
+    (``image_transforms.center_crop``), scale to ``[0, 1]``, normalise.
 ``reference="openai"`` (the ``clip-rn*`` subjects; ``_transform`` of openai/CLIP's ``clip/clip.py``)
     ``Resize(n_px, BICUBIC)``, ``CenterCrop(n_px)``, then ``_convert_image_to_rgb``,
     ``ToTensor``, ``Normalize``: the resize runs on the image in its own mode (Pillow
     resizes palette images with nearest-neighbour whatever filter is asked for, and RGBA
-    with premultiplied alpha), and torchvision's crop corner is rounded,
+    with premultiplied alpha; the final conversion drops the alpha), and torchvision's crop
+    corner is rounded,
     ``int(round((H - h) / 2.0))`` (``torchvision/transforms/functional.py``, ``center_crop``;
     Python's ``round`` takes halves to even).  The long side is ``int(size * long / short)``
     as in ``_compute_resized_output_size``.
@@ -43,6 +45,17 @@ _RESAMPLE = {
     4: Image.Resampling.BOX,
     5: Image.Resampling.HAMMING,
 }
+
+
+def to_rgb(image: Image.Image, onto_white: bool = False) -> Image.Image:
+    """The image in RGB: Pillow's ``convert("RGB")`` (drops any alpha), or, with ``onto_white``, transparent
+    pixels composited onto white first (an alpha band or a ``transparency`` entry, as transformers 5 does)."""
+    if image.mode == "RGB" and "transparency" not in image.info:
+        return image
+    if onto_white and ("A" in image.getbands() or image.info.get("transparency") is not None):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def resize_shortest_side(image: Image.Image, size: int, resample: int = 3) -> Image.Image:
@@ -212,7 +225,7 @@ class ClipPreprocess:
         out = []
         for im in images:
             if self.reference == "transformers":  # do_convert_rgb runs first; openai/CLIP converts after the crop
-                im = im.convert("RGB")
+                im = to_rgb(im, onto_white=True)
             if self.do_resize:
                 im = resize_shortest_side(im, self.size, self.resample)
             if self.do_center_crop:
