@@ -224,6 +224,21 @@ def test_unit_counts_equal_the_recording(arch, tiny_dir, tmp_path):
     assert static == {k: int(v) for k, v in recorded.items()}
 
 
+def test_unit_counts_measured_where_shapes_do_not_tell(tmp_path):
+    """The organism taps an ``nn.Identity`` (its heads) and activations: their widths come from one forward pass."""
+    from neuroprobe.subjects.commands import site_unit_counts
+
+    subject = load_subject("organism", device="cpu", quiet=True)
+    battery = Battery.load("digits")
+    small = Battery.from_table(battery.table.groupby("modality", sort=False).head(1).reset_index(drop=True),
+                               concepts=battery.concepts, name="small", root=battery.root)
+    rec = open_recording(Recorder(subject, small, montage="all", quiet=True).run(tmp_path / "r.h5"))
+    recorded = dict(zip(rec.sites["site"], rec.sites["n_units"]))
+    sites = subject.sites("all")
+    assert None in site_unit_counts(subject, sites)  # the shapes alone leave these open
+    assert dict(zip([s.name for s in sites], site_unit_counts(subject, sites, battery))) == recorded
+
+
 # ------------------------------------------------------------------ user-facing text
 
 

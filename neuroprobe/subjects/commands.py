@@ -9,13 +9,16 @@ import typer
 
 
 def site_unit_counts(subject, sites, battery=None) -> list:
-    """Units of each site: read off one forward pass when the model has weights and ``battery`` is given
-    (one stimulus per modality), else from the modules' shapes (:mod:`neuroprobe.subjects.widths`); ``None``
-    where neither tells."""
+    """Units of each site, from the modules' shapes (:mod:`neuroprobe.subjects.widths`); where the shapes do not
+    tell and the model has weights, read off one forward pass over ``battery`` (one stimulus per modality);
+    ``None`` where neither tells."""
     from neuroprobe.subjects.widths import measured_units, units_of
 
-    measured = measured_units(subject, sites, battery) if battery is not None else {}
-    return [measured.get(s.name, static) for s, static in zip(sites, units_of(subject.model, sites))]
+    static = units_of(subject.model, sites)
+    if battery is None or all(n is not None for n in static):
+        return static
+    measured = measured_units(subject, [s for s, n in zip(sites, static) if n is None], battery)
+    return [measured.get(s.name, n) if n is None else n for s, n in zip(sites, static)]
 
 
 def sites_table(subject, montage: str, battery=None):
