@@ -19,6 +19,7 @@ standalone ``click`` (typer < 0.26) or the copy it vendors as ``typer._click``.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Any
 
@@ -152,12 +153,35 @@ def _run(args: list[str]) -> None:
         sys.exit(rv)
 
 
+def _disk_full(err: OSError) -> None:
+    """A full disk met where no command expected it: still one line (the commands' own writes say more)."""
+    where = f"{err.filename} could not be written" if getattr(err, "filename", None) else "a file could not be written"
+    _fail(f"the disk is full: {where}; free some space and rerun.")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; user errors and usage errors end in one line and exit 2."""
     try:
-        _run(list(sys.argv[1:] if argv is None else argv))
-    except KeyboardInterrupt:
-        _interrupted()
+        try:
+            _run(list(sys.argv[1:] if argv is None else argv))
+        except KeyboardInterrupt:
+            _interrupted()
+        except OSError as err:
+            from neuroprobe.output import is_disk_full
+
+            if not is_disk_full(err):
+                raise
+            _disk_full(err)
+    except SystemExit:
+        # after an HDF5 write that failed half-way, HDF5's own exit handler would crash on the objects it
+        # could not close: end the process here, after the message (neuroprobe/output.py, UNCLOSABLE)
+        output = sys.modules.get("neuroprobe.output")
+        if output is not None and output.hdf5_left_unclosable():
+            code = sys.exc_info()[1].code
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code if isinstance(code, int) else 1)
+        raise
 
 
 if __name__ == "__main__":
