@@ -8,7 +8,8 @@ file only wires them together and turns every way a run can end into an exit cod
   as a missing option, an unknown option or command, a value of the wrong type) prints
   one line ``neuroprobe: error: ...`` on stderr and exits 2, never a traceback;
 * ``neuroprobe`` alone prints the help on stdout, then that one line, and exits 2;
-* Ctrl-C (at start-up or mid-run) prints ``neuroprobe: interrupted`` and exits 130.
+* Ctrl-C (at start-up or mid-run) prints ``neuroprobe: interrupted`` and exits 130;
+* a full disk that no command turned into its own sentence is still one line, exit 2.
 
 This module imports nothing heavy: typer and the command modules load inside
 :func:`main` (so a Ctrl-C while they load is handled too), and the command modules
@@ -159,8 +160,15 @@ def _disk_full(err: OSError) -> None:
     _fail(f"the disk is full: {where}; free some space and rerun.")
 
 
+def _unclosable() -> int:
+    """How many HDF5 objects failed writes have left unclosable so far in this process."""
+    output = sys.modules.get("neuroprobe.output")
+    return len(output.UNCLOSABLE) if output is not None else 0
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; user errors and usage errors end in one line and exit 2."""
+    unclosable = _unclosable()
     try:
         try:
             _run(list(sys.argv[1:] if argv is None else argv))
@@ -173,10 +181,9 @@ def main(argv: list[str] | None = None) -> None:
                 raise
             _disk_full(err)
     except SystemExit:
-        # after an HDF5 write that failed half-way, HDF5's own exit handler would crash on the objects it
-        # could not close: end the process here, after the message (neuroprobe/output.py, UNCLOSABLE)
-        output = sys.modules.get("neuroprobe.output")
-        if output is not None and output.hdf5_left_unclosable():
+        # after an HDF5 write that failed half-way in this run, HDF5's own exit handler would crash on the
+        # objects it could not close: end the process here, after the message (neuroprobe/output.py, UNCLOSABLE)
+        if _unclosable() > unclosable:
             code = sys.exc_info()[1].code
             sys.stdout.flush()
             sys.stderr.flush()

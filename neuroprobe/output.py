@@ -13,6 +13,11 @@ module (the recording writer keeps its own resumable protocol, ``recording/write
 * An error that comes from a full disk (``ENOSPC``/``EDQUOT`` anywhere in the exception's
   chain, or HDF5's text for it) becomes :func:`disk_full`, one sentence; any other
   ``OSError`` while writing becomes "cannot write PATH (reason)".
+* A library that cannot survive a full disk half-way through a file (HDF5: the NWB export)
+  writes into space claimed up front as the file's own blocks (:func:`claim_space`, given
+  back with :func:`release_past_end`); HDF5 objects that still could not be closed are kept
+  in :data:`UNCLOSABLE`, and the CLI then ends the process after its message without
+  HDF5's exit handler, which would crash on them.
 * :func:`write_csv` escapes cells against spreadsheet formula injection as OWASP's
   "CSV Injection" page says: a text cell (or column or index label) that begins with
   ``=``, ``+``, ``-``, ``@``, a tab or a carriage return gets a single quote ``'`` in
@@ -83,13 +88,8 @@ def output_error(err: BaseException, path: str | Path) -> BaseException:
 
 #: HDF5 files (h5py/pynwb objects) that could not be closed after a write error.  They stay referenced
 #: (collecting them crashes HDF5), and HDF5's own exit handler would crash on their dataset ids: the
-#: CLI ends such a process with ``os._exit`` after its one-line message (:func:`hdf5_left_unclosable`).
+#: CLI ends a run that added to this list with ``os._exit`` after its one-line message.
 UNCLOSABLE: list[Any] = []
-
-
-def hdf5_left_unclosable() -> bool:
-    """Whether a failed HDF5 write left objects behind that HDF5's exit handler would crash on."""
-    return bool(UNCLOSABLE)
 
 
 @contextmanager

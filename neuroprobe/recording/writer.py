@@ -40,7 +40,7 @@ from neuroprobe.errors import RecordingError
 # free space and fallocate are shared with the other writers of output files (neuroprobe/output.py)
 from neuroprobe.output import LIBC as _LIBC
 from neuroprobe.output import fallocate_keep_size as _fallocate_keep_size
-from neuroprobe.output import free_bytes, release_past_end
+from neuroprobe.output import UNCLOSABLE, free_bytes, release_past_end
 from neuroprobe.recording import chunkio, schema
 from neuroprobe.subjects.base import Site
 
@@ -80,8 +80,9 @@ def _str_attr(value: Any) -> Any:
 #: format at 1.10 keeps recordings readable by every HDF5 since.
 LIBVER = ("v110", "v110")
 
-#: Files HDF5 failed to close after a write error (kept referenced on purpose; see ``close``).
-_UNCLOSABLE: list[Any] = []
+#: Files HDF5 failed to close after a write error (kept referenced on purpose; see ``close``).  The list is
+#: shared with the other writers (neuroprobe/output.py): the CLI then skips HDF5's exit handler, which would crash.
+_UNCLOSABLE = UNCLOSABLE
 
 #: Free space kept in reserve beyond twice a batch's size (HDF5 metadata, index growth).
 RESERVE_BYTES = 1 << 20
