@@ -168,7 +168,7 @@ def fallocate_punch(fd: int, offset: int, length: int) -> None:
 def release_past_end(fd: int) -> None:
     """Give back the blocks claimed past the end of the open file ``fd`` (the unused part of :func:`claim_space`).
 
-    Punching a hole frees them on tmpfs and XFS; ext4 ignores holes past the end of a file
+    Punching a hole frees them on tmpfs; ext4 ignores holes past the end of a file
     and frees them only on a truncate, so the file is also truncated to its own size.
     """
     size = os.fstat(fd).st_size
