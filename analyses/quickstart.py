@@ -23,6 +23,7 @@ from neuroprobe.analysis import figures as cell_figures  # noqa: E402
 from neuroprobe.analysis.criterion import summarize  # noqa: E402
 from neuroprobe.lesions import figures as lesion_figures  # noqa: E402
 from neuroprobe.lesions.forgetting import LesionStudy  # noqa: E402
+from neuroprobe.output import save_figure, write_csv  # noqa: E402
 
 
 def main() -> None:
@@ -50,7 +51,7 @@ def main() -> None:
     # 2. concept cells: screening split, k*SD + rank-sum under FDR, confirmed on the testing split
     cells = {init: npb.concept_cells(rec, quiet=args.quiet) for init, rec in recs.items()}
     for init, c in cells.items():
-        c.to_csv(out / f"cells_{init}.csv", index=False)
+        write_csv(c, out / f"cells_{init}.csv")
     print(f"[{time.perf_counter() - t0:5.1f}s] concept cells per site (trained | untrained):")
     table = summarize(cells["pretrained"], by="site").merge(
         summarize(cells["random"], by="site"), left_index=True, right_index=True, suffixes=("", " (untrained)"))
@@ -75,11 +76,11 @@ def main() -> None:
     study = LesionStudy(subject, battery, cells["pretrained"], quiet=args.quiet, batch_size=256)
     dose = study.dose_response(args.concept, ks, modes, random_draws=args.random_draws,
                                orders=("top", "bottom", "random"))
-    dose.to_csv(out / f"dose_response_{args.concept}.csv", index=False)
+    write_csv(dose, out / f"dose_response_{args.concept}.csv")
     from neuroprobe.lesions import summarize as lesion_summary
 
     forgetting = lesion_summary(dose)
-    forgetting.to_csv(out / f"forgetting_{args.concept}.csv", index=False)
+    write_csv(forgetting, out / f"forgetting_{args.concept}.csv")
     print(f"\n[{time.perf_counter() - t0:5.1f}s] forgetting after lesioning '{args.concept}' units:")
     print(forgetting.to_string(index=False))
 
@@ -94,7 +95,7 @@ def main() -> None:
         figs["concept_cell"] = cell_figures.plot_unit(recs["pretrained"], top["site"], int(top["unit"]),
                                                       cells=cells["pretrained"])
     for name, fig in figs.items():
-        fig.savefig(out / f"{name}.png", dpi=120, bbox_inches="tight")
+        save_figure(fig, out / f"{name}.png", dpi=120, bbox_inches="tight")
         plt.close(fig)
     print(f"\n[{time.perf_counter() - t0:5.1f}s] wrote {', '.join(sorted(p.name for p in out.iterdir()))} in {out}/")
 

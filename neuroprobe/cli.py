@@ -8,7 +8,8 @@ file only wires them together and turns every way a run can end into an exit cod
   as a missing option, an unknown option or command, a value of the wrong type) prints
   one line ``neuroprobe: error: ...`` on stderr and exits 2, never a traceback;
 * ``neuroprobe`` alone prints the help on stdout, then that one line, and exits 2;
-* Ctrl-C (at start-up or mid-run) prints ``neuroprobe: interrupted`` and exits 130.
+* Ctrl-C (at start-up or mid-run) prints ``neuroprobe: interrupted`` and exits 130;
+* a full disk that no command turned into its own sentence is still one line, exit 2.
 
 This module imports nothing heavy: typer and the command modules load inside
 :func:`main` (so a Ctrl-C while they load is handled too), and the command modules
@@ -19,6 +20,7 @@ standalone ``click`` (typer < 0.26) or the copy it vendors as ``typer._click``.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Any
 
@@ -152,12 +154,41 @@ def _run(args: list[str]) -> None:
         sys.exit(rv)
 
 
+def _disk_full(err: OSError) -> None:
+    """A full disk met where no command expected it: still one line (the commands' own writes say more)."""
+    where = f"{err.filename} could not be written" if getattr(err, "filename", None) else "a file could not be written"
+    _fail(f"the disk is full: {where}; free some space and rerun.")
+
+
+def _unclosable() -> int:
+    """How many HDF5 objects failed writes have left unclosable so far in this process."""
+    output = sys.modules.get("neuroprobe.output")
+    return len(output.UNCLOSABLE) if output is not None else 0
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; user errors and usage errors end in one line and exit 2."""
+    unclosable = _unclosable()
     try:
-        _run(list(sys.argv[1:] if argv is None else argv))
-    except KeyboardInterrupt:
-        _interrupted()
+        try:
+            _run(list(sys.argv[1:] if argv is None else argv))
+        except KeyboardInterrupt:
+            _interrupted()
+        except OSError as err:
+            from neuroprobe.output import is_disk_full
+
+            if not is_disk_full(err):
+                raise
+            _disk_full(err)
+    except SystemExit:
+        # after an HDF5 write that failed half-way in this run, HDF5's own exit handler would crash on the
+        # objects it could not close: end the process here, after the message (neuroprobe/output.py, UNCLOSABLE)
+        if _unclosable() > unclosable:
+            code = sys.exc_info()[1].code
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code if isinstance(code, int) else 1)
+        raise
 
 
 if __name__ == "__main__":

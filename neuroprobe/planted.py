@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from neuroprobe.output import write_csv
 from neuroprobe.stimuli.battery import Battery
 from neuroprobe.subjects.base import Batch, SitePattern, Subject
 
@@ -167,7 +168,7 @@ def make_planted(
     import json
 
     (root / "battery.json").write_text(json.dumps({"name": "planted", "concepts": meta_concepts}, indent=1))
-    table.to_csv(root / "stimuli.csv", index=False)
+    write_csv(table, root / "stimuli.csv")
     battery = Battery.load(root)
 
     torch_gen = torch.Generator().manual_seed(seed)

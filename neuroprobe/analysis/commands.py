@@ -151,14 +151,17 @@ def register(app: typer.Typer) -> None:
             untrained = untrained_control(rec, control, **opts) if control is not None else None
         typer.echo(cells_report(table, rot, untrained, shuf), nl=False)
         if out is not None:
-            save_cells(table, out)
-            written = [out]
-            if rot is not None:
-                written.append(save_cells(rot, _sibling(out, "rotation")))
-            if untrained is not None:
-                written.append(save_cells(untrained, _sibling(out, "untrained")))
-            if shuf is not None:
-                written.append(save_cells(shuf, _sibling(out, "shuffle")))
+            from neuroprobe.output import staged_outputs
+
+            with staged_outputs():  # the table and its controls appear together, complete, or not at all
+                save_cells(table, out)
+                written = [out]
+                if rot is not None:
+                    written.append(save_cells(rot, _sibling(out, "rotation")))
+                if untrained is not None:
+                    written.append(save_cells(untrained, _sibling(out, "untrained")))
+                if shuf is not None:
+                    written.append(save_cells(shuf, _sibling(out, "shuffle")))
             if not quiet:
                 typer.echo("wrote " + ", ".join(map(str, written)))
 
@@ -183,6 +186,7 @@ def register(app: typer.Typer) -> None:
 
         from neuroprobe.analysis import figures as F
         from neuroprobe.analysis.criterion import load_cells
+        from neuroprobe.output import save_figure, staged_outputs
         from neuroprobe.recording.reader import open_recording
 
         _check_range("--top", top, low=0)
@@ -195,23 +199,26 @@ def register(app: typer.Typer) -> None:
         rotation = rotation or (_sibling(cells_table, "rotation") if _sibling(cells_table, "rotation").exists() else None)
         u_table = load_cells(untrained) if untrained else None
         r_table = load_cells(rotation) if rotation else None
-        out.mkdir(parents=True, exist_ok=True)
         written = []
 
         def save(fig, name: str) -> None:
             path = out / name
-            fig.savefig(path, dpi=dpi)
-            plt.close(fig)
+            try:
+                save_figure(fig, path, dpi=dpi)
+            finally:
+                plt.close(fig)
             written.append(path)
 
-        save(F.plot_selectivity(table, index), f"selectivity_{index}.png")
-        save(F.plot_cells_per_layer(table, u_table, r_table), "cells_per_layer.png")
-        if table["is_cell"].any():
-            save(F.plot_invariance(table), "invariance.png")
-        best = table[table["is_cell"]].sort_values("z", ascending=False).head(top)
-        with open_recording(recording) as rec:
-            for row in best.itertuples(index=False):
-                save(F.plot_unit(rec, row.site, int(row.unit), cells=table),
-                     f"unit_{row.site.replace('/', '_')}_{int(row.unit)}.png")
+        # every figure is written under a temporary name; they take their names together at the end
+        with staged_outputs():
+            save(F.plot_selectivity(table, index), f"selectivity_{index}.png")
+            save(F.plot_cells_per_layer(table, u_table, r_table), "cells_per_layer.png")
+            if table["is_cell"].any():
+                save(F.plot_invariance(table), "invariance.png")
+            best = table[table["is_cell"]].sort_values("z", ascending=False).head(top)
+            with open_recording(recording) as rec:
+                for row in best.itertuples(index=False):
+                    save(F.plot_unit(rec, row.site, int(row.unit), cells=table),
+                         f"unit_{row.site.replace('/', '_')}_{int(row.unit)}.png")
         if not quiet:
             typer.echo(f"wrote {len(written)} figures to {out}")

@@ -412,23 +412,30 @@ def summarize(cells: pd.DataFrame, by: str = "site") -> pd.DataFrame:
 
 
 def save_cells(cells: pd.DataFrame, out: str | Path) -> Path:
-    """Write a cells table as CSV or Parquet (by the file's suffix)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix.lower() in (".parquet", ".pq"):
-        frame = cells.copy()
-        frame.attrs = {k: v for k, v in cells.attrs.items() if isinstance(v, (str, int, float, bool, list))}
-        frame.to_parquet(out, index=False)
-    elif out.suffix.lower() in (".csv", ".tsv"):
-        cells.to_csv(out, index=False, sep="\t" if out.suffix.lower() == ".tsv" else ",")
-    else:
-        raise NeuroprobeError(f"cannot write {out}: use a .csv or .parquet file name.")
-    # where the table came from (recording, subject, init, battery): `neuroprobe lesion --cells` reads it
-    meta = {k: cells.attrs[k] for k in ("recording", "subject", "init", "battery") if k in cells.attrs}
-    if meta:
-        import json
+    """Write a cells table as CSV or Parquet (by the file's suffix), atomically, with its provenance sidecar.
 
-        Path(str(out) + ".json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    CSV text cells that a spreadsheet would run as a formula (``=``, ``+``, ``-``, ``@``, tab,
+    carriage return first) are written with a leading ``'``; :func:`load_cells` removes it.
+    """
+    from neuroprobe.output import atomic_path, staged_outputs, write_csv, write_text
+
+    out = Path(out)
+    if out.suffix.lower() not in (".parquet", ".pq", ".csv", ".tsv"):
+        raise NeuroprobeError(f"cannot write {out}: use a .csv or .parquet file name.")
+    with staged_outputs():  # the table and its sidecar appear together, complete, or not at all
+        if out.suffix.lower() in (".parquet", ".pq"):
+            frame = cells.copy()
+            frame.attrs = {k: v for k, v in cells.attrs.items() if isinstance(v, (str, int, float, bool, list))}
+            with atomic_path(out) as tmp:
+                frame.to_parquet(tmp, index=False)
+        else:  # text cells escaped against spreadsheet formulas; load_cells gives them back
+            write_csv(cells, out)
+        # where the table came from (recording, subject, init, battery): `neuroprobe lesion --cells` reads it
+        meta = {k: cells.attrs[k] for k in ("recording", "subject", "init", "battery") if k in cells.attrs}
+        if meta:
+            import json
+
+            write_text(Path(str(out) + ".json"), json.dumps(meta, indent=1))
     return out
 
 
@@ -443,7 +450,9 @@ def load_cells(path: str | Path) -> pd.DataFrame:
         if path.suffix.lower() in (".parquet", ".pq"):
             table = pd.read_parquet(path)
         else:
-            table = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",")
+            from neuroprobe.output import read_csv
+
+            table = read_csv(path)
     except Exception as err:  # noqa: BLE001 - any parser error is a bad file
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise NeuroprobeError(f"{path} cannot be read as a cells table ({text}).") from None

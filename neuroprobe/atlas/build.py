@@ -6,7 +6,6 @@ carries only the cells table (as a script beside the page, so it opens from disk
 """
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass, field
 from html import escape
@@ -24,6 +23,7 @@ from neuroprobe.atlas import tables as T
 from neuroprobe.atlas.html import js_data, kv, num, page, pill, stim_card, table, token_html
 from neuroprobe.atlas.stimuli import Thumbnails, find_battery, token_decoder
 from neuroprobe.errors import NeuroprobeError
+from neuroprobe.output import staged_folder, write_text
 from neuroprobe.recording import schema
 from neuroprobe.recording.reader import Recording, open_recording
 
@@ -404,11 +404,14 @@ class Atlas:
         if not 0 <= unit < n:
             raise NeuroprobeError(f"site {site} has {n} units; unit {unit} does not exist.")
         (self.out / "units" / T.slug(site)).mkdir(parents=True, exist_ok=True)
-        return self._write_unit(site, unit, np.asarray(self.rec.responses(site)[:, unit], dtype=np.float64))
+        return self._write_unit(site, unit, np.asarray(self.rec.responses(site)[:, unit], dtype=np.float64), atomic=True)
 
-    def _write_unit(self, site: str, unit: int, x: np.ndarray) -> Path:
+    def _write_unit(self, site: str, unit: int, x: np.ndarray, atomic: bool = False) -> Path:
         path = self.out / T.unit_href(site, unit)
-        path.write_text(self._unit_page(site, unit, x), encoding="utf-8")
+        if atomic:  # --serve writes pages into a finished atlas: never a half-written page
+            write_text(path, self._unit_page(site, unit, x))
+        else:  # a build writes into its staging folder, which is discarded whole on failure
+            path.write_text(self._unit_page(site, unit, x), encoding="utf-8")
         return path
 
     def _unit_page(self, site: str, unit: int, x: np.ndarray) -> str:
@@ -575,10 +578,6 @@ def build_atlas(
     if units not in ("cells", "all"):
         raise NeuroprobeError(f"--units is 'cells' or 'all', not {units!r}.")
     out = Path(out)
-    if out.exists() and overwrite:
-        for sub in ("units", "concepts", "stimuli", "data", "static"):
-            shutil.rmtree(out / sub, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
     own = not isinstance(recording, Recording)
     rec = open_recording(recording) if own else recording
     try:
@@ -587,15 +586,18 @@ def build_atlas(
             ctrl_paths["untrained"] = untrained if untrained is not None else T.control_sibling(Path(cells), "untrained")
             ctrl_paths["rotated"] = rotation if rotation is not None else T.control_sibling(Path(cells), "rotation")
         read = lambda v, what: v if isinstance(v, pd.DataFrame) or v is None else T.read_table(v, what)  # noqa: E731
-        atlas = Atlas(rec, out, cells=read(cells, "cells"), lesions=read(lesions, "lesion"),
-                      controls={k: read(v, f"{k} control cells") for k, v in ctrl_paths.items() if v is not None},
-                      battery=battery, top=top, per_site=per_site, n_show=n_show, memory_mb=memory_mb,
-                      quiet=quiet)
-        atlas.write_static()
-        chosen = atlas.page_units(units)
-        n_units = atlas.write_units(chosen)
-        n_concepts = atlas.write_concepts()
-        atlas.write_index(chosen)
+        # written into a hidden staging folder inside ``out`` and moved into place when complete (index.html
+        # last): a failure (a full disk) leaves the old atlas as it was and nothing half-written
+        with staged_folder(out, replace=overwrite) as stage:
+            atlas = Atlas(rec, stage, cells=read(cells, "cells"), lesions=read(lesions, "lesion"),
+                          controls={k: read(v, f"{k} control cells") for k, v in ctrl_paths.items() if v is not None},
+                          battery=battery, top=top, per_site=per_site, n_show=n_show, memory_mb=memory_mb,
+                          quiet=quiet)
+            atlas.write_static()
+            chosen = atlas.page_units(units)
+            n_units = atlas.write_units(chosen)
+            n_concepts = atlas.write_concepts()
+            atlas.write_index(chosen)
     finally:
         if own:
             rec.close()

@@ -58,7 +58,9 @@ def read_table(path: str | Path | None, what: str) -> pd.DataFrame | None:
         raise NeuroprobeError(f"{what} table {path} does not exist.")
     if path.suffix.lower() in (".parquet", ".pq"):
         return pd.read_parquet(path)
-    return pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",")
+    from neuroprobe.output import read_csv
+
+    return read_csv(path)
 
 
 def check_cells(cells: pd.DataFrame, sites: Iterable[str], what: str = "cells") -> pd.DataFrame:

@@ -44,7 +44,7 @@ def cells_provenance(cells: Path | None) -> dict[str, str]:
     if side.is_file():
         try:
             meta = {k: str(v) for k, v in json.loads(side.read_text(encoding="utf-8")).items()}
-        except (ValueError, OSError):
+        except (ValueError, OSError, RecursionError, AttributeError):  # unreadable, too deep, not an object
             meta = {}
     rec = meta.get("recording")
     if rec and Path(rec).is_file() and not {"battery", "init"} <= set(meta):
@@ -108,7 +108,8 @@ def register(app: typer.Typer) -> None:
         from neuroprobe.errors import NeuroprobeError
         from neuroprobe.lesions.figures import plot_dose_response, plot_forgetting_matrix
         from neuroprobe.lesions.forgetting import LesionStudy, importance_summary, summarize
-        from neuroprobe.lesions.lesion import MODES
+        from neuroprobe.lesions.lesion import MODES, scale_factor
+        from neuroprobe.output import make_folder, save_figure, write_csv
         from neuroprobe.recording.commands import parse_options
         from neuroprobe.stimuli.battery import Battery
         from neuroprobe.subjects.registry import load_subject
@@ -118,8 +119,8 @@ def register(app: typer.Typer) -> None:
         bad = [m for m in modes if m not in MODES]
         if bad or not modes:
             raise NeuroprobeError(f"--mode {mode!r}: use one or more of {', '.join(MODES)}, comma-separated.")
-        if "scale" in modes and factor is None:
-            raise NeuroprobeError("--mode scale needs --factor (0.5 halves, 2 amplifies).")
+        if "scale" in modes:
+            factor = scale_factor(factor, "--factor")
         if (random_draws is not None and random_draws < 0) or keep_draws < 0 or max_draws < 1:
             raise NeuroprobeError("--random-draws and --keep-draws must be >= 0, --max-draws >= 1.")
         if not 0 < alpha < 1:
@@ -132,7 +133,8 @@ def register(app: typer.Typer) -> None:
         origin = cells_provenance(cells)
         if probe is None:
             probe = origin.get("battery") or "kinship"
-            where = f"the battery of {origin['recording']}, which the cells came from" if origin.get("battery") else "the default"
+            where = (f"the battery of {origin.get('recording') or cells}, which the cells came from" if origin.get("battery")
+                     else "the default")
         else:
             where = "--probe"
         if init is None:
@@ -160,8 +162,7 @@ def register(app: typer.Typer) -> None:
                             quiet=quiet, batch_size=batch_size)
         for c in concepts:
             study.check_concept(c)
-        out_dir = out or default_out(subject.name, subject.init, battery.name)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = make_folder(out or default_out(subject.name, subject.init, battery.name))
 
         orders = ["top", "bottom", "random", "keep_top"] + (["keep_random"] if keep_draws else [])
         doses = []
@@ -170,12 +171,12 @@ def register(app: typer.Typer) -> None:
                                        factor=factor, sequential=sequential, alpha=alpha)
             doses.append(dose)
             fig = plot_dose_response(dose)
-            fig.savefig(out_dir / f"dose_response_{_slug(c)}.png", dpi=130)
+            save_figure(fig, out_dir / f"dose_response_{_slug(c)}.png", dpi=130)
             plt.close(fig)
         dose_all = pd.concat(doses, ignore_index=True)
         table = summarize(dose_all)
-        dose_all.to_csv(out_dir / "dose_response.csv", index=False)
-        table.to_csv(out_dir / "forgetting.csv", index=False)
+        write_csv(dose_all, out_dir / "dose_response.csv")
+        write_csv(table, out_dir / "forgetting.csv")
 
         with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
             typer.echo(f"{subject.name} ({subject.init}) x {battery.name}: readout {study.readout!r}, "
@@ -191,7 +192,7 @@ def register(app: typer.Typer) -> None:
             mats = []
             for m in modes:
                 mat = study.forgetting_matrix(None, mk, m, factor=factor)
-                mat.to_csv(out_dir / f"forgetting_matrix_{m}.csv")
+                write_csv(mat, out_dir / f"forgetting_matrix_{m}.csv", index=True)
                 mats.append((f"{m} ablation, top-{mk} units", mat))
                 diag = pd.Series({c: mat.loc[c, c] for c in mat.index})
                 off = mat.where(~pd.DataFrame(mat.index.to_numpy()[:, None] == mat.columns.to_numpy()[None, :],
@@ -201,16 +202,16 @@ def register(app: typer.Typer) -> None:
                                f"mean off-diagonal {off.mean():.4g}; "
                                f"{int((diag < off).sum())}/{int(diag.notna().sum())} concepts lose most on themselves")
             fig = plot_forgetting_matrix(mats)
-            fig.savefig(out_dir / "forgetting_matrix.png", dpi=130)
+            save_figure(fig, out_dir / "forgetting_matrix.png", dpi=130)
             plt.close(fig)
 
         if importance > 0:
             parts = [study.selectivity_vs_importance(c, modes[0], n_top=importance, n_random=3 * importance, factor=factor)
                      for c in concepts]
             units = pd.concat(parts, ignore_index=True)
-            units.to_csv(out_dir / "importance.csv", index=False)
+            write_csv(units, out_dir / "importance.csv")
             summary = importance_summary(units)
-            summary.to_csv(out_dir / "importance_summary.csv", index=False)
+            write_csv(summary, out_dir / "importance_summary.csv")
             with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3g}".format):
                 typer.echo(summary.to_string(index=False))
         if not quiet:

@@ -79,7 +79,9 @@ def _load_cells(cells: Any) -> Any:
 
             return open_recording(path)
         try:
-            return pd.read_csv(path)
+            from neuroprobe.output import read_csv
+
+            return read_csv(path)
         except Exception as err:  # pandas names the problem
             raise NeuroprobeError(f"cells file {path} cannot be read as CSV ({err}).") from None
     return cells
@@ -310,9 +312,15 @@ class LesionStudy:
         ref = self.screen if mode in ("mean", "resample") else None
         with lesion(self.subject, units, mode, factor=factor if mode == "scale" else None, reference=ref, seed=self.seed):
             scores = self._score()
-        return self._change(scores, self._baseline_single())
+        return self._change(scores, self._baseline_single(), mode, factor)
 
-    def _change(self, scores: np.ndarray, baseline: np.ndarray) -> pd.Series:
+    def _change(self, scores: np.ndarray, baseline: np.ndarray, mode: str = "zero", factor: float | None = None) -> pd.Series:
+        bad = ~np.isfinite(np.asarray(scores, dtype=np.float64)) & np.isfinite(np.asarray(baseline, dtype=np.float64))
+        if bad.any():
+            why = (f"a scale factor of {factor:g} overflows the subject's activations; use a smaller --factor"
+                   if mode == "scale" else "the lesioned subject computes no number for them")
+            raise NeuroprobeError(f"the {mode} lesion made the readout NaN or infinite for {int(bad.sum())} of "
+                                  f"{len(bad)} stimuli: {why}.")
         change = pd.Series(scores - baseline).groupby(self.test_concepts).mean()
         return change.reindex(self.concepts)
 
@@ -352,14 +360,14 @@ class LesionStudy:
             scores = self._engine.scores([lesions[i] for i in todo], mode, factor=factor if mode == "scale" else None,
                                          reference=self.screen if mode == "mean" else None, sites=sites, progress=progress)
             for j, i in enumerate(todo):
-                out[i] = self._change(scores[j], self.baseline)
+                out[i] = self._change(scores[j], self.baseline, mode, factor)
         if progress is not None and len(lesions) > len(todo):
             progress(len(lesions) - len(todo))
         return out  # type: ignore[return-value]
 
     def _row(self, concept: str, change: pd.Series, **extra: Any) -> dict[str, Any]:
         others = change.drop(concept)
-        worst = others.idxmin() if len(others) else None
+        worst = others.idxmin() if others.notna().any() else None  # a readout may be NaN (e.g. an overflowing scale)
         return dict(concept=concept, **extra, target_change=float(change[concept]),
                     other_change=float(others.mean()) if len(others) else np.nan,
                     most_hit_other=worst, most_hit_other_change=float(others.min()) if len(others) else np.nan,

@@ -53,6 +53,41 @@ MODES = ("zero", "mean", "resample", "scale")
 UnitsLike = Any  # Mapping[str, Iterable[int]] | pd.DataFrame | Iterable[tuple[str, int]]
 
 
+# ------------------------------------------------------------------ scale factor
+
+
+def scale_factor(factor: Any, name: str = "factor=") -> float:
+    """Check the factor of a ``scale`` lesion: any finite number.
+
+    ``x -> factor * x``: 0 silences the units, 0 < f < 1 weakens them, f > 1 amplifies them,
+    and a negative factor inverts them (a sign flip scaled by ``|f|``, a meaningful edit of a
+    signed activation).  NaN and infinity are refused: they would turn every activation
+    downstream into NaN and the readout into no number at all.
+
+    Parameters
+    ----------
+    factor
+        The factor given.
+    name
+        How the caller names it in the message (``--factor`` for the CLI).
+
+    Returns
+    -------
+    float
+        The factor.
+    """
+    if factor is None:
+        raise NeuroprobeError(f"a scale lesion needs {name.rstrip('=')} (0 silences, 0.5 halves, 2 amplifies, -1 inverts).")
+    try:
+        value = float(factor)
+    except (TypeError, ValueError):
+        raise NeuroprobeError(f"the scale factor ({name.rstrip('=')}) must be a number, not {factor!r}.") from None
+    if not np.isfinite(value):
+        raise NeuroprobeError(f"the scale factor ({name.rstrip('=')}) must be a finite number, not {value}; "
+                              f"0 silences, 0.5 halves, 2 amplifies, -1 inverts.")
+    return value
+
+
 # ------------------------------------------------------------------ units
 
 
@@ -307,11 +342,7 @@ class Lesion:
         if mode not in MODES:
             raise NeuroprobeError(f"lesion mode {mode!r} is not one of {', '.join(MODES)}.")
         if mode == "scale":
-            if factor is None:
-                raise NeuroprobeError("a scale lesion needs factor= (0 silences, 0.5 halves, 2 amplifies).")
-            factor = float(factor)
-            if not np.isfinite(factor):
-                raise NeuroprobeError(f"the scale factor must be finite, not {factor}.")
+            factor = scale_factor(factor)
         elif factor is not None:
             raise NeuroprobeError(f"factor= only applies to mode 'scale', not {mode!r}.")
         self.subject = subject

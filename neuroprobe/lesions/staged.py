@@ -97,6 +97,10 @@ def replica_edits(
     """
     if mode not in BATCHED_MODES:
         raise NeuroprobeError(f"mode {mode!r} cannot be evaluated in replicas; use one of {', '.join(BATCHED_MODES)}.")
+    if mode == "scale":
+        from neuroprobe.lesions.lesion import scale_factor
+
+        factor = scale_factor(factor)
     n_rep = len(lesions)
     sites = list(dict.fromkeys(s for les in lesions for s in les))
     values = [lesion_values(les, reference) for les in lesions] if mode == "mean" else None

@@ -26,7 +26,7 @@ def _decode(v: Any) -> Any:
     if isinstance(v, str) and v[:1] in "[{":
         try:
             return json.loads(v)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # not JSON, or nested too deeply to be ours
             return v
     return v
 

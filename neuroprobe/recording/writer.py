@@ -37,6 +37,10 @@ import numpy as np
 import pandas as pd
 
 from neuroprobe.errors import RecordingError
+# free space and fallocate are shared with the other writers of output files (neuroprobe/output.py)
+from neuroprobe.output import LIBC as _LIBC
+from neuroprobe.output import fallocate_keep_size as _fallocate_keep_size
+from neuroprobe.output import UNCLOSABLE, free_bytes, release_past_end
 from neuroprobe.recording import chunkio, schema
 from neuroprobe.subjects.base import Site
 
@@ -76,8 +80,9 @@ def _str_attr(value: Any) -> Any:
 #: format at 1.10 keeps recordings readable by every HDF5 since.
 LIBVER = ("v110", "v110")
 
-#: Files HDF5 failed to close after a write error (kept referenced on purpose; see ``close``).
-_UNCLOSABLE: list[Any] = []
+#: Files HDF5 failed to close after a write error (kept referenced on purpose; see ``close``).  The list is
+#: shared with the other writers (neuroprobe/output.py): the CLI then skips HDF5's exit handler, which would crash.
+_UNCLOSABLE = UNCLOSABLE
 
 #: Free space kept in reserve beyond twice a batch's size (HDF5 metadata, index growth).
 RESERVE_BYTES = 1 << 20
@@ -96,45 +101,6 @@ def os_error(err: BaseException, path: Path, doing: str) -> RecordingError:
         return RecordingError(disk_full_message(path))
     reason = err.strerror if getattr(err, "strerror", None) else text
     return RecordingError(f"cannot {doing} {path} ({reason}).")
-
-
-def free_bytes(path: Path) -> int | None:
-    """Bytes an unprivileged user may still write on ``path``'s file system (``None`` if unknown)."""
-    try:
-        st = os.statvfs(path if path.exists() else path.parent)
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
-
-
-def _load_libc() -> Any:
-    try:
-        import ctypes
-        import ctypes.util
-
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-        return libc
-    except (OSError, AttributeError):  # not Linux/glibc: the free-space check stands in
-        return None
-
-
-_LIBC = _load_libc()
-_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 1, 2
-
-
-def _fallocate_keep_size(fd: int, offset: int, length: int) -> int:
-    """Allocate ``length`` bytes past ``offset`` without changing the file's size; 0 or an errno."""
-    import ctypes
-
-    if _LIBC.fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
-        return 0
-    return ctypes.get_errno() or errno.EOPNOTSUPP
-
-
-def _fallocate_punch(fd: int, offset: int, length: int) -> None:
-    """Free blocks from ``offset`` on, keeping the size (the unused part of a claim)."""
-    _LIBC.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
 
 
 def _make_reserve(path: Path) -> Path | None:
@@ -414,7 +380,7 @@ class RecordingWriter:
         """Give back the blocks claimed past the end of the file (before closing it)."""
         fd = self._fd()
         if fd is not None and self._fallocate_ok:
-            _fallocate_punch(fd, os.fstat(fd).st_size, 1 << 40)
+            release_past_end(fd)  # a punch alone frees nothing past the end of the file on ext4
 
     # ------------------------------------------------------------------ write
     def _handle(self, name: str) -> Any:

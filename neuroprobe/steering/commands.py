@@ -114,7 +114,6 @@ def register(app: typer.Typer) -> None:
                     per = result.mass.groupby("run")[column].mean()
                     typer.echo(f"  {column[9:-1]}: unsteered {per['unsteered']:.4f}, steered {per['steered']:.4f}")
         if out is not None:
-            try:
-                result.mass.to_csv(out, index=False)
-            except OSError as err:
-                raise NeuroprobeError(f"cannot write {str(out)!r} ({err.strerror}); choose a writable --out path.") from None
+            from neuroprobe.output import write_csv
+
+            write_csv(result.mass, out)  # atomic; a full disk or an unwritable path is one sentence

@@ -29,9 +29,13 @@ may not hold NUL characters; column names may not be ``index`` (the recording's
 own row column) or hold ``/``; every image must lie inside the battery folder
 (``../`` and absolute paths are refused unless ``battery.json`` says
 ``"allow_outside_images": true`` or the caller passes ``allow_outside_images=True``,
-the CLI's ``--allow-outside-images``), and every image is decoded once, before any
-model is loaded, so a corrupt, truncated, empty or oversized image stops the run
-at validation with its row named.
+the CLI's ``--allow-outside-images``), ``battery.json`` and ``stimuli.csv`` may not be
+links to files outside the folder (no opt-in: the folder itself may be a link), and
+``battery.json`` may nest at most ``MAX_JSON_DEPTH`` levels; every image is decoded
+once, before any model is loaded, so a corrupt, truncated, empty or oversized image
+stops the run at validation with its row named.  Text cells of ``stimuli.csv`` that
+begin with ``'`` followed by ``=``, ``+``, ``-``, ``@``, tab, carriage return or ``'``
+lose that one quote (the spreadsheet escape neuroprobe writes, :mod:`neuroprobe.output`).
 """
 from __future__ import annotations
 
@@ -50,6 +54,9 @@ MODALITIES = ("text", "image", "pair")
 SPLITS = ("screening", "testing")
 REQUIRED = ("id", "concept", "modality", "form", "split")
 OPTIONAL = ("text", "image", "cloze", "target")
+
+#: Deepest nesting of objects and lists ``battery.json`` may have (the format itself needs 4).
+MAX_JSON_DEPTH = 32
 
 #: Largest image (in pixels) a battery may hold: 64 megapixels (e.g. 8000 x 8000).
 MAX_IMAGE_PIXELS = 64_000_000
@@ -98,6 +105,28 @@ def _inside(path: Path, root: Path) -> bool:
         return path.resolve().is_relative_to(root.resolve())
     except OSError:
         return False
+
+
+def _target(path: Path) -> str:
+    """Where a link points (for messages)."""
+    try:
+        return str(path.resolve())
+    except OSError:
+        return "unreadable link"
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a JSON value (objects and lists), counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            v = list(v.values())
+        if isinstance(v, list):
+            deepest = max(deepest, d)
+            if d <= MAX_JSON_DEPTH:
+                stack.extend((x, d + 1) for x in v)
+    return deepest
 
 
 def _concepts(raw: Any, where: Path) -> dict[str, dict[str, Any]]:
@@ -181,22 +210,36 @@ class Battery:
 
     @classmethod
     def _load_dir(cls, root: Path, allow_outside_images: bool = False) -> "Battery":
+        from neuroprobe.output import read_csv
+
         meta_path, csv_path = root / "battery.json", root / "stimuli.csv"
         for p in (meta_path, csv_path):
             if not p.exists():
                 raise BatteryError(f"{p}: missing; a battery folder needs battery.json and stimuli.csv.")
+            # the battery's own files obey the rule its images do, and no opt-in lifts it for them
+            # (allow_outside_images is declared in battery.json itself and is about shared image folders)
+            if not _inside(p, root):
+                raise BatteryError(
+                    f"{p}: is a link to a file outside the battery folder ({_target(p)}); a battery may not read "
+                    f"files elsewhere — copy the file into the folder (a battery folder that is itself a link is fine)."
+                )
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            meta = json.loads(meta_path.resolve().read_text(encoding="utf-8"))
         except UnicodeDecodeError as err:
             raise BatteryError(f"{meta_path}: not UTF-8 text (byte {err.start}); save it as UTF-8.") from None
         except json.JSONDecodeError as err:
             raise BatteryError(f"{meta_path}: not valid JSON ({err.msg} at line {err.lineno}).") from None
+        except RecursionError:
+            raise BatteryError(f"{meta_path}: nested too deeply to read (more than {MAX_JSON_DEPTH} levels).") from None
         except OSError as err:
             raise BatteryError(f"{meta_path}: cannot be read ({err.strerror}).") from None
+        if _depth(meta) > MAX_JSON_DEPTH:
+            raise BatteryError(f"{meta_path}: nested too deeply (more than {MAX_JSON_DEPTH} levels of objects and lists).")
         if not isinstance(meta, dict) or not isinstance(meta.get("concepts"), dict):
             raise BatteryError(f"{meta_path}: needs an object with a 'concepts' mapping.")
         try:
-            table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8")
+            # cells that a spreadsheet would run as formulas may carry a leading ' (neuroprobe writes them so)
+            table = read_csv(csv_path.resolve(), dtype=str, keep_default_na=False, encoding="utf-8")
         except UnicodeDecodeError as err:
             raise BatteryError(f"{csv_path}: not UTF-8 text (byte {err.start}); save it as UTF-8.") from None
         except Exception as err:  # pandas parser errors name the line

@@ -19,7 +19,6 @@ a Lanczos filter (anti-aliasing without any dependency beyond Pillow).
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import random
@@ -604,7 +603,10 @@ def build_battery(
             rows.append(dict(id=f"{c}-drawing-question-{k}", concept=c, modality="pair", form="drawing-question",
                              split=splits[k % 2], text=q, image=rel, cloze=cloze_img, target=c))
 
+    import pandas as pd
     from PIL import features
+
+    from neuroprobe.output import write_csv
 
     meta = {
         "name": name,
@@ -620,8 +622,5 @@ def build_battery(
     }
     (out / "battery.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     cols = ["id", "concept", "modality", "form", "split", "text", "image", "cloze", "target"]
-    with open(out / "stimuli.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(pd.DataFrame(rows, columns=cols), out / "stimuli.csv", encoding="utf-8")
     return out

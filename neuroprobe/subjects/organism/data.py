@@ -498,6 +498,8 @@ def build_digits_battery(out_dir: str | Path, *, handwritten_per_split: int = 15
         "readout": "zero_shot",
         "subject": "organism",
     }
+    from neuroprobe.output import write_csv
+
     (out / "battery.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    table.to_csv(out / "stimuli.csv", index=False, encoding="utf-8")
+    write_csv(table, out / "stimuli.csv", encoding="utf-8")
     return table
