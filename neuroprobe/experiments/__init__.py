@@ -1,0 +1,33 @@
+"""Shared steps of the experiment scripts in ``analyses/``.
+
+Every script in ``analyses/`` is one experiment of the field (Quiroga's concept cells,
+Goh's typographic attack, Bau's rotation control, Morcos' selectivity against
+importance, ...).  What they have in common lives here, not in copies across scripts:
+
+* :func:`experiment_args` — the options every script takes (``--model``, ``--out``,
+  ``--quick``, ``--seed``, ``--device``, ``--quiet``);
+* :func:`cached_recording` — record a subject on a battery once and reuse the file
+  while its provenance (subject, checkpoint hash, init, seed, battery hash, montage,
+  pooling, neuroprobe version) is unchanged;
+* :func:`cells_with_controls` — concept cells of a subject beside its untrained twin,
+  the rotated basis and the label shuffle, cached the same way;
+* :func:`organism_weights` — organisms trained from other seeds, trained once and cached;
+* :class:`Report` — ``results.csv`` (every number in the figures), ``results.md``
+  (question, finding, control, published number) and the figures.
+"""
+from __future__ import annotations
+
+from neuroprobe._lazy import lazy_exports
+
+_EXPORTS = {
+    "experiment_args": "neuroprobe.experiments.cli",
+    "cached_recording": "neuroprobe.experiments.cache",
+    "cache_key": "neuroprobe.experiments.cache",
+    "organism_weights": "neuroprobe.experiments.cache",
+    "cells_with_controls": "neuroprobe.experiments.study",
+    "cached_cells": "neuroprobe.experiments.study",
+    "Report": "neuroprobe.experiments.report",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+__all__ = sorted(_EXPORTS)
