@@ -51,6 +51,8 @@ def experiment_args(
     ap.add_argument("--cache", type=Path, default=Path("recordings") / "cache",
                     help="folder where recordings are kept and reused by provenance (default recordings/cache)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--gallery", type=Path, default=None, metavar="DIR",
+                    help="also write a thumbnail of the main figure as DIR/<name>.png (the gallery's: docs/figures/analyses)")
     if add is not None:
         add(ap)
     args = ap.parse_args(argv)

@@ -102,16 +102,42 @@ class Report:
         return float(hits["value"].iloc[0])
 
     # ------------------------------------------------------------------ figures
-    def figure(self, fig: Any, name: str, *, dpi: int = 150) -> Path:
-        """Save a matplotlib figure as ``<name>.png`` and close it."""
+    def figure(self, fig: Any, name: str, *, dpi: int = 150, main: bool = False) -> Path:
+        """Save a matplotlib figure as ``<name>.png`` and close it.
+
+        The first figure saved (or the one with ``main=True``) is the experiment's main
+        figure: with ``--gallery DIR`` a 480-pixel-wide thumbnail of it is written as
+        ``DIR/<experiment>.png``.
+        """
         import matplotlib.pyplot as plt
 
         from neuroprobe.output import save_figure
 
         path = save_figure(fig, self.out / f"{name}.png", dpi=dpi, bbox_inches="tight")
         plt.close(fig)
-        self.figures.append(path)
+        if main:
+            self.figures.insert(0, path)
+        else:
+            self.figures.append(path)
         return path
+
+    def _thumbnail(self) -> Path | None:
+        gallery = getattr(self.args, "gallery", None)
+        if gallery is None or not self.figures:
+            return None
+        from PIL import Image
+
+        from neuroprobe.output import atomic_path
+
+        Path(gallery).mkdir(parents=True, exist_ok=True)
+        dest = Path(gallery) / f"{self.name}.png"
+        with Image.open(self.figures[0]) as im:
+            im = im.convert("RGB")
+            width = min(480, im.width)
+            im = im.resize((width, max(1, round(im.height * width / im.width))), Image.Resampling.LANCZOS)
+            with atomic_path(dest) as tmp:
+                im.save(tmp, format="PNG", optimize=True)
+        return dest
 
     # ------------------------------------------------------------------ writing
     def conditions(self) -> dict[str, str]:
@@ -166,6 +192,7 @@ class Report:
         lines += [f"Run: {cond['date']}; {cond['machine']}; {cond['time']}.", "", f"    {cond['command']}", ""]
         from neuroprobe.output import write_text
 
+        self._thumbnail()
         return write_text(self.out / "results.md", "\n".join(lines))
 
 
