@@ -129,16 +129,15 @@ def _legend_entries_drawn(fig) -> dict[str, bool]:
     return out
 
 
-@pytest.mark.parametrize("which", ["one_k", "two_k"])
-def test_dose_response_draws_every_legend_entry(planted, which):
+def test_dose_response_draws_every_legend_entry(planted):
     """With one k the random band and the other concepts were in the legend but drew nothing (zero-width band,
-    a one-point median line without markers, white-edged x markers)."""
-    dose = planted[which]
-    fig = plot_dose_response(dose)
-    drawn = _legend_entries_drawn(fig)
-    assert any(label.startswith("random-k") and "%" in label for label in drawn)  # the band is in the legend
-    assert any("other concepts" in label for label in drawn)
-    assert all(drawn.values()), drawn
+    a one-point median line without markers, white-edged x markers); with two k they are drawn as lines."""
+    for which in ("one_k", "two_k"):
+        fig = plot_dose_response(planted[which])
+        drawn = _legend_entries_drawn(fig)
+        assert any(label.startswith("random-k") and "%" in label for label in drawn)  # the band is in the legend
+        assert any("other concepts" in label for label in drawn)
+        assert all(drawn.values()), (which, drawn)
 
 
 def test_dose_response_y_label_names_the_readout(planted):
