@@ -41,7 +41,8 @@ def _ticks(lo: float, hi: float, n: int = 4) -> list[float]:
             step *= m
             break
     start = np.ceil(lo / step) * step
-    return [float(v) for v in np.arange(start, hi + step * 1e-9, step)]
+    # whole multiples of the step: floating-point residue would print 0 as -3.47e-18
+    return [float(np.round(v / step) * step) + 0.0 for v in np.arange(start, hi + step * 1e-9, step)]
 
 
 def _num(v: float) -> str:
@@ -213,7 +214,7 @@ def forgetting_curve(curves: Mapping[str, Mapping[str, Sequence[float]]], *, rea
     readout
         The readout's name, for the y label.
     """
-    left, right, top, bottom = 56, 14, 46, 36
+    left, right, top, bottom = 66, 14, 46, 36
     ks = sorted({float(k) for c in curves.values() for k in c["k"]})
     allv = [float(v) for c in curves.values() for key in ("target", "other", "random") for v in c.get(key, []) if np.isfinite(v)]
     for c in curves.values():

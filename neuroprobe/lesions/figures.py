@@ -23,7 +23,7 @@ def _plt():
 def readout_label(readout: str | None) -> str:
     """The y label of a readout change: names the readout when it is known."""
     name = f"{readout!s} readout" if readout else "readout"
-    return f"change in {name} (lesioned − intact)"
+    return f"change in {name}\n(lesioned − intact)"
 
 
 def _readout_of(table: pd.DataFrame) -> str | None:
