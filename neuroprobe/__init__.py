@@ -5,9 +5,9 @@ The public API (everything a CLI command does is one call of it)::
     import neuroprobe as npb
     subject = npb.load_subject("minilm")
     battery = npb.load_battery("kinship")
-    rec = npb.record(subject, battery, "rec.h5", montage="mlp")
+    rec = npb.record(subject, battery, "recordings/minilm_kinship_mlp.h5", montage="mlp")
     cells = npb.concept_cells(rec)                # one row per unit
-    table = npb.forgetting(subject, battery, cells, concept="mother")
+    table = npb.forgetting(subject, battery, cells, concept="halle berry")
 
 Names load on first use (torch, transformers, scipy and seaborn are imported only when
 needed), so ``import neuroprobe`` and ``neuroprobe --help`` are fast.

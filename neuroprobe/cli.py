@@ -24,7 +24,7 @@ import os
 import sys
 from typing import Any
 
-from neuroprobe.errors import NeuroprobeError
+from neuroprobe.errors import NeuroprobeError, cli_spelling
 
 #: Modules that contribute commands; each defines ``register(app: typer.Typer)``.
 COMMAND_MODULES = (
@@ -138,7 +138,8 @@ def _run(args: list[str]) -> None:
         sys.stdout.flush()
         _fail("no command given; pick one of the commands above (neuroprobe COMMAND --help).")
     try:
-        rv = app(args=args, prog_name="neuroprobe", standalone_mode=False)
+        with cli_spelling():  # messages name options as flags (--resume), not as keywords (resume=True)
+            rv = app(args=args, prog_name="neuroprobe", standalone_mode=False)
     except NeuroprobeError as err:
         _fail(str(err))
     except typer.Abort:  # click (typer < 0.26) turns Ctrl-C into Abort outside standalone mode

@@ -7,6 +7,39 @@ sentence on stderr and exits non-zero; the library lets it propagate.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
+#: How messages name an option: ``api`` (``resume=True``) unless the command line runs (``cli``: ``--resume``).
+#: A plain module global, not a context variable: writer threads compose messages too.
+_SPELLING = {"style": "api"}
+
+
+def option(name: str, value: object = True) -> str:
+    """An option as the user gives it: ``--resume`` on the command line, ``resume=True`` in Python.
+
+    Parameters
+    ----------
+    name
+        The Python keyword (``allow_incomplete``); its flag has ``-`` for ``_``.
+    value
+        The value the keyword takes to ask for it.
+    """
+    if _SPELLING["style"] == "cli":
+        return "--" + name.replace("_", "-")
+    return f"{name}={value!r}"
+
+
+@contextmanager
+def cli_spelling() -> Iterator[None]:
+    """Within this block, messages name options as command-line flags (the CLI runs its commands in it)."""
+    old = _SPELLING["style"]
+    _SPELLING["style"] = "cli"
+    try:
+        yield
+    finally:
+        _SPELLING["style"] = old
+
 
 class NeuroprobeError(Exception):
     """An error caused by the user's input, with a one-sentence message."""

@@ -33,6 +33,13 @@ def _plt():
     return plt, sns
 
 
+def _legend_outside(ax, sns, title: str | None = None) -> None:
+    """Move the axes' legend (if any) to the right of the axes, where it cannot cover the data."""
+    if ax.get_legend() is not None:
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, title=title, frameon=False,
+                        fontsize=7, title_fontsize=7)
+
+
 def plot_unit(
     rec: "Recording | str | Path",
     site: str,
@@ -131,6 +138,7 @@ def plot_selectivity(cells: pd.DataFrame, index: str = "si", *, hue: str | None 
     ax.tick_params(axis="x", labelrotation=60, labelsize=7)
     ax.set_xlabel("site")
     ax.set_title(f"{index} per site ({len(live)} live units)", fontsize=9)
+    _legend_outside(ax, sns, title=use_hue)
     sns.despine(fig)
     fig.tight_layout()
     return fig
@@ -156,13 +164,15 @@ def plot_cells_per_layer(cells: pd.DataFrame, untrained: pd.DataFrame | None = N
     for container in ax.containers:
         ax.bar_label(container, fmt="%d", fontsize=6, padding=1)
     ax.margins(y=0.12)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: whole numbers only
     ax.tick_params(axis="x", labelrotation=60, labelsize=7)
     what = "concept cells" if column == "is_cell" else column
     ax.set_ylabel(what)
     totals = df.groupby("condition", sort=False)["count"].sum()
     ax.set_title(f"{what} per site: " + ", ".join(f"{name} {int(n)}" for name, n in totals.items()), fontsize=9)
-    if ax.get_legend() is not None:
-        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), title=None, frameon=False, fontsize=7)
+    _legend_outside(ax, sns)
     sns.despine(fig)
     fig.tight_layout()
     return fig
@@ -187,6 +197,7 @@ def plot_invariance(cells: pd.DataFrame) -> "Figure":
     ax.axhline(0.5, color="k", ls="--", lw=0.8)
     ax.set_ylim(0, 1.02)
     ax.set_title(f"invariance across forms ({sel.shape[0]} cells)", fontsize=9)
+    _legend_outside(ax, sns, title="invariant")
     sns.despine(fig)
     fig.tight_layout()
     return fig

@@ -29,6 +29,8 @@ from neuroprobe.recording.reader import Recording, open_recording
 
 #: criterion threshold drawn on Quiroga panels (baseline mean + K SD), as in ``neuroprobe cells`` by default.
 K_SD = 5.0
+#: what a unit without a page says (static atlas; ``--serve`` writes every unit's page on demand).
+NO_PAGE = "no page in this atlas: rerun neuroprobe atlas with --units all, or browse it with --serve"
 
 
 @dataclass
@@ -122,6 +124,8 @@ class Atlas:
                 self.cell_rows[key] = self.cells.iloc[self._pos[key]].to_dict()
         self._offsets: dict[str, np.ndarray] = {}
         self._token_ids: dict[str, np.ndarray] = {}
+        #: units whose page this atlas wrote (links go only there; ``--serve`` writes the others on demand)
+        self.pages: set[tuple[str, int]] = set()
 
     # ------------------------------------------------------------ selection
     def _top_units(self) -> pd.DataFrame:
@@ -184,6 +188,9 @@ class Atlas:
         pkg = resources.files("neuroprobe.atlas") / "static"
         for name in ("atlas.css", "atlas.js"):
             (dst / name).write_bytes((pkg / name).read_bytes())
+        # from disk the atlas is static; `--serve` answers this file with ATLAS_LIVE = true (pages on demand)
+        (self.out / T.LIVE_JS).parent.mkdir(parents=True, exist_ok=True)
+        (self.out / T.LIVE_JS).write_text("window.ATLAS_LIVE = false;\n", encoding="utf-8")
 
     # ----------------------------------------------------------------- index
     def write_index(self, have_pages: dict[str, np.ndarray]) -> None:
@@ -247,13 +254,14 @@ class Atlas:
             + "<select class='concept'><option value=''>every concept</option></select>"
             "<select class='site'><option value=''>every site</option></select><span class='count'></span></div>"
             "<table class='data'><thead><tr></tr></thead><tbody></tbody></table><button class='more'>show more</button></div>")
-        # unit lookup
+        # unit lookup (atlas.js opens a unit's page, or says why there is none, from data/units.js)
         opts = "".join(f"<option value='{escape(T.slug(s))}'>{escape(s)} ({int(self.site_info.loc[s, 'n_units'])})</option>"
                        for s in self.sites)
-        body.append("<h2>Any unit</h2><form class='controls' onsubmit=\"location.href='units/'+this.site.value+'/'+"
-                    "this.unit.value+'.html';return false;\"><select name='site'>" + opts + "</select>"
+        n_pages = sum(len(v) for v in have_pages.values())
+        body.append("<h2>Any unit</h2><form class='controls unitbox' action='#'><select name='site'>" + opts + "</select>"
                     "<input name='unit' type='number' min='0' value='0' style='width:90px'><button>open</button>"
-                    "<span class='note'>(a page exists for listed units, or every unit with --units all / --serve)</span></form>")
+                    f"<span class='note unitmsg'>{n_pages:,} of {n_units:,} units have a page here (every unit with "
+                    "<code>--units all</code>, or on demand with <code>--serve</code>).</span></form>")
         prov = [(k, escape(str(a.get(k)))) for k in ("checkpoint", "revision", "init", "dtype", "montage", "pooling", "tokens",
                                                        "seed", "created", "command") if a.get(k) not in (None, "")]
         body.append("<h2>Provenance</h2>" + kv(prov))
@@ -261,8 +269,19 @@ class Atlas:
         data.mkdir(parents=True, exist_ok=True)
         (data / "cells.js").write_text("window.ATLAS_TABLES = window.ATLAS_TABLES || {};\n"
                                        + js_data("ATLAS_TABLES.cells", spec), encoding="utf-8")
+        (data / "units.js").write_text(js_data("ATLAS_UNITS", self._units_spec(have_pages)), encoding="utf-8")
         (self.out / "index.html").write_text(page(f"atlas: {a.get('subject')} × {a.get('battery')}", "".join(body), 0,
-                                                  scripts=["data/cells.js"]), encoding="utf-8")
+                                                  scripts=[T.LIVE_JS, "data/cells.js", "data/units.js"]),
+                                             encoding="utf-8")
+
+    def _units_spec(self, have_pages: dict[str, np.ndarray]) -> dict:
+        """What the "any unit" box reads: per site slug, its name, unit count and the units with a page ("all" or a list)."""
+        sites = {}
+        for s in self.sites:
+            n = int(self.site_info.loc[s, "n_units"])
+            us = np.unique(np.asarray(have_pages.get(s, []), dtype=np.int64))
+            sites[T.slug(s)] = dict(name=s, n_units=n, pages="all" if len(us) == n else [int(u) for u in us])
+        return dict(sites=sites, noPage=NO_PAGE)
 
     def _cell_table_spec(self, have_pages: dict[str, np.ndarray]) -> dict:
         pages = {(s, int(u)) for s, us in have_pages.items() for u in us}
@@ -280,12 +299,16 @@ class Atlas:
         else:
             rows_df = self.top_units.assign(verdict="top unit")
             cols += [dict(key="d_prime", label="d\u2032", kind="num", title="d-prime over all stimuli")]
-        cols += [dict(key="href", label="", kind="link"), dict(key="chref", label="", kind="link")]
+        cols += [dict(key="href", label="", kind="link"), dict(key="chref", label="", kind="link"),
+                 dict(key="uhref", label="", kind="link")]
+        cols[0]["live"] = cols[1]["live"] = "uhref"  # served (--serve): every unit's page exists on demand
         rows_df = rows_df.assign(
             href=[T.unit_href(s, u) if (s, int(u)) in pages else None for s, u in zip(rows_df["site"], rows_df["unit"])],
+            uhref=[T.unit_href(s, u) for s, u in zip(rows_df["site"], rows_df["unit"])],
             chref=[T.concept_href(c) if isinstance(c, str) else None for c in rows_df["concept"]])
         rows = [[_clean(v) for v in r] for r in rows_df[[c["key"] for c in cols]].itertuples(index=False, name=None)]
-        return dict(columns=cols, rows=rows, pageSize=200, sort="z" if "z" in rows_df else cols[4]["key"] if len(cols) > 6 else None)
+        return dict(columns=cols, rows=rows, pageSize=200, noPage=NO_PAGE,
+                    sort="z" if "z" in rows_df else cols[4]["key"] if len(cols) > 7 else None)
 
     # -------------------------------------------------------------- concepts
     def write_concepts(self) -> int:
@@ -323,6 +346,8 @@ class Atlas:
         top = self.top_units[self.top_units["concept"].astype(str) == c]
         body.append(f"<h2>Its strongest units</h2><p class='note'>the {self.top} strongest anywhere and the best at each "
                     "site, strongest first.</p><p>" + " ".join(self._unit_link(r.site, int(r.unit), depth=1) for r in top.itertuples()) + "</p>")
+        if any("class='nopage'" in part for part in body):
+            body.append(f"<p class='note'>Units shown in grey have no page: {NO_PAGE}.</p>")
         if self.lesions is not None:
             les = self.lesions[self.lesions["concept"].astype(str) == c]
             body.append("<h2>Forgetting</h2>")
@@ -335,16 +360,28 @@ class Atlas:
                     curves[str(mode)] = {key: g[col].astype(float).tolist() if col in g else [np.nan] * len(g)
                                          for key, col in (("k", "k"), ("target", "target_change"), ("other", "other_change"),
                                                           ("random", "random_target_change"), ("random_sd", "random_target_sd"))}
-                body.append("<div class='card'>" + svg.forgetting_curve(curves) + "</div>")
+                readout = ", ".join(map(str, dict.fromkeys(les["readout"].dropna()))) if "readout" in les else None
+                body.append("<div class='card'>" + svg.forgetting_curve(curves, readout=readout or None) + "</div>")
                 body.append(self._lesion_table(les, depth=1))
-        return page(f"concept {c}", "".join(body), 1, crumbs=[(f"concept {c}", T.concept_href(c))])
+        return page(f"concept {c}", "".join(body), 1, crumbs=[(f"concept {c}", T.concept_href(c))],
+                    scripts=[T.LIVE_JS])
 
     def _concept_counts(self, cells: pd.DataFrame, c: str) -> np.ndarray:
         sub = cells[(cells["concept"].astype(str) == c) & cells["is_cell"]]
         return sub.groupby("site").size().reindex(self.sites).fillna(0).astype(int).to_numpy()
 
     def _unit_link(self, site: str, unit: int, depth: int) -> str:
-        return f"<a href='{'../' * depth}{escape(T.unit_href(site, unit))}'>{escape(site)} #{unit}</a>"
+        """A link to a unit's page when this atlas wrote it; else the unit in grey, saying why (atlas.js links it under --serve)."""
+        href = escape(("../" * depth) + T.unit_href(site, unit))
+        if (site, int(unit)) in self.pages:
+            return f"<a href='{href}'>{escape(site)} #{unit}</a>"
+        return f"<span class='nopage' data-href='{href}' title='{escape(NO_PAGE)}'>{escape(site)} #{unit}</span>"
+
+    def _concept_link(self, concept: str, depth: int) -> str:
+        """A link to a concept's page (every battery concept has one); a concept outside the battery is plain text."""
+        if concept not in self.concepts:
+            return escape(concept)
+        return f"<a href='{'../' * depth}{escape(T.concept_href(concept))}'>{escape(concept)}</a>"
 
     def _lesion_table(self, les: pd.DataFrame, depth: int) -> str:
         cols = [c for c in ("concept", "mode", "k", "target_change", "other_change", "specificity", "random_target_change",
@@ -355,7 +392,7 @@ class Atlas:
             for c in cols:
                 v = r[c]
                 if c == "concept":
-                    v = f"<a href='{'../' * depth}{escape(T.concept_href(str(v)))}'>{escape(str(v))}</a>"
+                    v = self._concept_link(str(v), depth)
                 elif isinstance(v, str):
                     v = escape(v)
                 line.append(v)
@@ -412,6 +449,7 @@ class Atlas:
             write_text(path, self._unit_page(site, unit, x))
         else:  # a build writes into its staging folder, which is discarded whole on failure
             path.write_text(self._unit_page(site, unit, x), encoding="utf-8")
+        self.pages.add((site, int(unit)))
         return path
 
     def _unit_page(self, site: str, unit: int, x: np.ndarray) -> str:
@@ -427,7 +465,7 @@ class Atlas:
         head = [f"<h1>{escape(site)} · unit {unit}</h1><p class='sub'>{escape(str(info['kind']))} unit of stream "
                 f"{escape(str(info['stream']))} ({int(info['n_units'])} units at this site)"]
         if concept:
-            head.append(f" — <a href='../../{escape(T.concept_href(concept))}'>{escape(concept)}</a> "
+            head.append(f" — {self._concept_link(concept, depth=2)} "
                         + pill(verdict or "", "cell" if verdict == "concept cell" else "cand" if verdict == "candidate" else ""))
         head.append("</p>")
         body = ["".join(head)]
@@ -485,7 +523,7 @@ class Atlas:
                         + (self._lesion_table(self.lesions.iloc[hits], depth=2) if hits else
                            "<p class='note'>no lesion in the lesion table included this unit.</p>"))
         crumbs = [(f"{site} #{unit}", T.unit_href(site, unit))]
-        if concept:
+        if concept in self.concepts:
             crumbs.insert(0, (f"concept {concept}", T.concept_href(concept)))
         return page(f"{site} unit {unit}", "".join(body), 2, crumbs=crumbs)
 

@@ -19,7 +19,17 @@ class _Handler(SimpleHTTPRequestHandler):
     by_slug: dict[str, str] = {}
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        m = _UNIT.match(unquote(urlparse(self.path).path))
+        url_path = unquote(urlparse(self.path).path)
+        if url_path == "/" + T.LIVE_JS and self.atlas is not None:  # pages learn that every unit's page exists on demand
+            body = b"window.ATLAS_LIVE = true;\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/javascript; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        m = _UNIT.match(url_path)
         if m and self.atlas is not None:
             site = self.by_slug.get(m.group(1))
             path = Path(self.directory) / "units" / m.group(1) / f"{m.group(2)}.html"

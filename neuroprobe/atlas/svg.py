@@ -41,7 +41,8 @@ def _ticks(lo: float, hi: float, n: int = 4) -> list[float]:
             step *= m
             break
     start = np.ceil(lo / step) * step
-    return [float(v) for v in np.arange(start, hi + step * 1e-9, step)]
+    # whole multiples of the step: floating-point residue would print 0 as -3.47e-18
+    return [float(np.round(v / step) * step) + 0.0 for v in np.arange(start, hi + step * 1e-9, step)]
 
 
 def _num(v: float) -> str:
@@ -195,16 +196,25 @@ def bars(
     return "".join(out)
 
 
-def forgetting_curve(curves: Mapping[str, Mapping[str, Sequence[float]]], *, width: int = 560, height: int = 280) -> str:
+def forgetting_curve(curves: Mapping[str, Mapping[str, Sequence[float]]], *, readout: str | None = None,
+                     width: int = 560, height: int = 300) -> str:
     """Readout change against lesion size ``k`` (log-spaced axis).
+
+    Every series is marked at every ``k`` (a line through one point draws nothing): the
+    target as dots, the other concepts as open squares, the random lesions as their mean
+    with a ± SD whisker, joined by a band when there are several ``k``. Each drawn mark
+    carries ``data-series`` and each legend entry ``data-legend`` (``target``, ``other``,
+    ``random``).
 
     Parameters
     ----------
     curves
         Per lesion mode: ``{"k": [...], "target": [...], "other": [...], "random": [...], "random_sd": [...]}``
         (``random`` and ``random_sd`` may be missing or NaN).
+    readout
+        The readout's name, for the y label.
     """
-    left, right, top, bottom = 56, 14, 28, 36
+    left, right, top, bottom = 66, 14, 46, 36
     ks = sorted({float(k) for c in curves.values() for k in c["k"]})
     allv = [float(v) for c in curves.values() for key in ("target", "other", "random") for v in c.get(key, []) if np.isfinite(v)]
     for c in curves.values():
@@ -228,38 +238,78 @@ def forgetting_curve(curves: Mapping[str, Mapping[str, Sequence[float]]], *, wid
     def Y(v: float) -> float:
         return top + ph * (hi - v) / (hi - lo)
 
+    ylabel = f"change in {readout} readout" if readout else "readout change"
     out = [f'<svg class="forgetting" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
            f'aria-label="forgetting curve">']
     out.extend(_gridlines(lo, hi, Y, left, width - right))
     for k in ks:
         out.append(f'<text x="{_f(X(k))}" y="{height - bottom + 14}" font-size="10" text-anchor="middle">{k:g}</text>')
     out.append(f'<text x="{left + pw / 2}" y="{height - 4}" font-size="11" text-anchor="middle">units lesioned (k)</text>'
-               f'<text x="12" y="{top + ph / 2}" font-size="11" transform="rotate(-90 12 {top + ph / 2})" '
-               f'text-anchor="middle">readout change</text>'
+               f'<text class="ylabel" x="12" y="{top + ph / 2}" font-size="11" transform="rotate(-90 12 {top + ph / 2})" '
+               f'text-anchor="middle">{escape(ylabel)}</text>'
                f'<line x1="{left}" x2="{width - right}" y1="{_f(Y(0))}" y2="{_f(Y(0))}" stroke="#888"/>')
+    drawn: set[str] = set()
     lx = left
     for i, (mode, c) in enumerate(curves.items()):
         colr = PALETTE[i % len(PALETTE)]
         k = [float(v) for v in c["k"]]
         rnd, sd = list(c.get("random", [])), list(c.get("random_sd", []))
         band = [(kk, m, s) for kk, m, s in zip(k, rnd, sd) if np.isfinite(m) and np.isfinite(s)]
-        if len(band) >= 1:
+        if len(band) >= 2:
             pts = [f"{_f(X(kk))},{_f(Y(m + s))}" for kk, m, s in band] + [f"{_f(X(kk))},{_f(Y(m - s))}" for kk, m, s in reversed(band)]
-            out.append(f'<polygon points="{" ".join(pts)}" fill="{colr}" fill-opacity="0.12" stroke="none"/>')
-        for key, dash, label in (("target", "", "target"), ("other", "2 3", "other concepts"), ("random", "6 3", "random lesions")):
+            out.append(f'<polygon data-series="random" points="{" ".join(pts)}" fill="{colr}" fill-opacity="0.12" stroke="none"/>')
+        for kk, m, s in band:  # the ± SD whisker at every k (a band over one k has no width)
+            x = _f(X(kk))
+            out.append(f'<line data-series="random" x1="{x}" x2="{x}" y1="{_f(Y(m + s))}" y2="{_f(Y(m - s))}" '
+                       f'stroke="{colr}" stroke-opacity="0.6" stroke-width="1.2"/>'
+                       f'<line data-series="random" x1="{_f(X(kk) - 4)}" x2="{_f(X(kk) + 4)}" y1="{_f(Y(m + s))}" '
+                       f'y2="{_f(Y(m + s))}" stroke="{colr}" stroke-opacity="0.6"/>'
+                       f'<line data-series="random" x1="{_f(X(kk) - 4)}" x2="{_f(X(kk) + 4)}" y1="{_f(Y(m - s))}" '
+                       f'y2="{_f(Y(m - s))}" stroke="{colr}" stroke-opacity="0.6"/>')
+        for key, dash in (("target", ""), ("other", "2 3"), ("random", "6 3")):
             v = [(kk, float(vv)) for kk, vv in zip(k, c.get(key, [])) if np.isfinite(vv)]
             if not v:
                 continue
-            pts = " ".join(f"{_f(X(kk))},{_f(Y(vv))}" for kk, vv in v)
-            out.append(f'<polyline points="{pts}" fill="none" stroke="{colr}" stroke-width="{2 if key == "target" else 1.2}"'
-                       + (f' stroke-dasharray="{dash}"' if dash else "") + "/>")
-            if key == "target":
-                out += [f'<circle cx="{_f(X(kk))}" cy="{_f(Y(vv))}" r="3" fill="{colr}"><title>{mode}, k={kk:g}: {_num(vv)}</title></circle>'
-                        for kk, vv in v]
+            drawn.add(key)
+            if len(v) >= 2:
+                pts = " ".join(f"{_f(X(kk))},{_f(Y(vv))}" for kk, vv in v)
+                out.append(f'<polyline data-series="{key}" points="{pts}" fill="none" stroke="{colr}" '
+                           f'stroke-width="{2 if key == "target" else 1.2}"' + (f' stroke-dasharray="{dash}"' if dash else "") + "/>")
+            for kk, vv in v:
+                tip = f"<title>{escape(str(mode))}, k={kk:g}, {_SERIES[key]}: {_num(vv)}</title>"
+                if key == "target":
+                    out.append(f'<circle data-series="target" cx="{_f(X(kk))}" cy="{_f(Y(vv))}" r="3.5" fill="{colr}">{tip}</circle>')
+                elif key == "other":
+                    out.append(f'<rect data-series="other" x="{_f(X(kk) - 3)}" y="{_f(Y(vv) - 3)}" width="6" height="6" '
+                               f'fill="#fff" stroke="{colr}" stroke-width="1.4">{tip}</rect>')
+                else:
+                    out.append(f'<line data-series="random" x1="{_f(X(kk) - 5)}" x2="{_f(X(kk) + 5)}" y1="{_f(Y(vv))}" '
+                               f'y2="{_f(Y(vv))}" stroke="{colr}" stroke-width="2">{tip}</line>')
         out.append(f'<line x1="{lx}" x2="{lx + 16}" y1="12" y2="12" stroke="{colr}" stroke-width="2"/>'
                    f'<text x="{lx + 20}" y="16" font-size="11">{escape(str(mode))}</text>')
         lx += 40 + 7 * len(str(mode))
-    out.append(f'<text x="{width - right}" y="16" font-size="10" text-anchor="end">solid: target · dotted: others · '
-               f'dashed + band: random (mean ± SD)</text>')
+    # the legend: one glyph per series that is drawn, as it is drawn
+    lx, ly = float(left), 32
+    for key in ("target", "other", "random"):
+        if key not in drawn:
+            continue
+        text = _SERIES[key]
+        out.append(f'<g data-legend="{key}">{_glyph(key, lx + 8, ly)}'
+                   f'<text x="{_f(lx + 18)}" y="{ly + 4}" font-size="10">{escape(text)}</text></g>')
+        lx += 30 + 5.6 * len(text)
     out.append("</svg>")
     return "".join(out)
+
+
+def _glyph(key: str, x: float, y: float, colour: str = "#555") -> str:
+    """A forgetting-curve series' legend glyph centred at ``(x, y)``, drawn as its marks are."""
+    if key == "target":
+        return f'<circle cx="{_f(x)}" cy="{_f(y)}" r="3.5" fill="{colour}"/>'
+    if key == "other":
+        return f'<rect x="{_f(x - 3)}" y="{_f(y - 3)}" width="6" height="6" fill="#fff" stroke="{colour}" stroke-width="1.4"/>'
+    return (f'<line x1="{_f(x)}" x2="{_f(x)}" y1="{_f(y - 6)}" y2="{_f(y + 6)}" stroke="{colour}"/>'
+            f'<line x1="{_f(x - 5)}" x2="{_f(x + 5)}" y1="{_f(y)}" y2="{_f(y)}" stroke="{colour}" stroke-width="2"/>')
+
+
+#: legend text of the forgetting curve's series.
+_SERIES = {"target": "target concept", "other": "other concepts (mean)", "random": "random lesions (mean ± SD)"}

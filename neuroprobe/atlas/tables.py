@@ -39,6 +39,10 @@ def slug(text: str) -> str:
     return s
 
 
+#: the script that tells pages whether they are served live: ``ATLAS_LIVE = false`` on disk, ``true`` from ``--serve``.
+LIVE_JS = "data/live.js"
+
+
 def unit_href(site: str, unit: int) -> str:
     """Path of a unit page, relative to the atlas root."""
     return f"units/{slug(site)}/{int(unit)}.html"

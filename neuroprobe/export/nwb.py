@@ -6,9 +6,10 @@ The mapping (also in ``recordings/README.md``):
 neuroprobe             NWB
 =====================  =========================================================================
 provenance             ``NWBFile`` (session description, start time = ``created``, notes = the
-                       provenance as JSON), ``Subject`` (subject name, checkpoint, revision,
-                       init; species "artificial neural network", age "P0D/" = unknown, sex
-                       "O" = other) and one ``Device`` (the model and its checkpoint)
+                       provenance as JSON; ``experimenter`` and ``institution`` when given),
+                       ``Subject`` (subject name, checkpoint, revision, init; species
+                       :data:`SPECIES` unless given, age "P0D/" = unknown, sex "O" = other)
+                       and one ``Device`` (the model and its checkpoint)
 site                   one ``ElectrodeGroup`` per site (location = module path; description =
                        direction, kind, stream, pooling) and one row of the electrodes table
 unit                   one row of the table ``units`` in processing module ``neuroprobe`` (NWB's
@@ -35,14 +36,19 @@ import os
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
-from neuroprobe.errors import NeuroprobeError
+from neuroprobe.errors import NeuroprobeError, option
 from neuroprobe.output import UNCLOSABLE, atomic_path, claim_space, quiet_close_errors, release_past_end, require_free
 from neuroprobe.recording.reader import Recording, open_recording
+
+#: NWB's ``Subject.species`` for a network: NCBI Taxonomy's "synthetic construct" (taxon 32630, the taxon
+#: GenBank gives man-made sequences). NWB's species is an animal's, and nwbinspector accepts only a Latin
+#: binomial or an NCBI taxon IRI; a model has no species, and this is the one taxon for things made, not born.
+SPECIES = "http://purl.obolibrary.org/obo/NCBITaxon_32630"
 
 #: cells-table columns copied into the units table when present (name, description).
 CELL_COLUMNS = (
@@ -115,6 +121,9 @@ def export_nwb(
     cells: pd.DataFrame | str | Path | None = None,
     buffer_mb: int = 64,
     overwrite: bool = False,
+    experimenter: str | Sequence[str] | None = None,
+    institution: str | None = None,
+    species: str = SPECIES,
 ) -> Path:
     """Write ``recording`` as an NWB file (see the module docstring for the mapping).
 
@@ -130,6 +139,13 @@ def export_nwb(
         Responses held in memory at a time while writing (the writing is streamed).
     overwrite
         Replace an existing file.
+    experimenter
+        Who ran the experiment, one name or several, each as DANDI asks: ``"Last, First"``.
+    institution
+        Where it was run.
+    species
+        ``Subject.species``: a Latin binomial or an NCBI taxon IRI (default :data:`SPECIES`, "synthetic
+        construct": a network has no species).
 
     Returns
     -------
@@ -143,7 +159,7 @@ def export_nwb(
 
     out = Path(out)
     if out.exists() and not overwrite:
-        raise NeuroprobeError(f"{out} exists; pass --overwrite to replace it.")
+        raise NeuroprobeError(f"{out} exists; pass {option('overwrite')} to replace it.")
     own = not isinstance(recording, Recording)
     rec = open_recording(recording) if own else recording
     try:
@@ -172,14 +188,17 @@ def export_nwb(
             source_script_file_name="neuroprobe",
             keywords=["neuroprobe", "concept cells", "artificial neural network"],
             experiment_description=f"pooling {a.get('pooling')}, montage {a.get('montage')}, dtype {a.get('dtype')}",
+            experimenter=[experimenter] if isinstance(experimenter, str) else (list(experimenter) if experimenter else None),
+            institution=institution or None,
         )
         # The subject is a model.  NWB's Subject describes an animal; nwbinspector requires its age and sex:
-        # age "P0D/" (zero days or older: unknown) and sex "O" (other) are the true answers for a network.
+        # age "P0D/" (zero days or older: unknown) and sex "O" (other) are the true answers for a network,
+        # and its species is NCBI's "synthetic construct" (SPECIES) unless the caller names one.
         nwb.subject = Subject(
             subject_id=str(a.get("subject")),
             description=(f"artificial neural network {a.get('subject')}: checkpoint {a.get('checkpoint') or '-'}, "
                          f"revision {a.get('revision') or '-'}, init {a.get('init')}"),
-            species="artificial neural network", age="P0D/", sex="O",
+            species=species, age="P0D/", sex="O",
         )
         device = nwb.create_device(
             name=str(a.get("subject")) or "model",

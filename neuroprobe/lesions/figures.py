@@ -20,8 +20,27 @@ def _plt():
     return plt
 
 
-def plot_dose_response(dose: pd.DataFrame, *, band: tuple[float, float] = (2.5, 97.5), keep: bool = False):
+def readout_label(readout: str | None) -> str:
+    """The y label of a readout change: names the readout when it is known."""
+    name = f"{readout!s} readout" if readout else "readout"
+    return f"change in {name}\n(lesioned − intact)"
+
+
+def _readout_of(table: pd.DataFrame) -> str | None:
+    """The readout a lesion table was scored with (its ``readout`` column), when it says."""
+    if "readout" not in table.columns:
+        return None
+    names = [str(r) for r in dict.fromkeys(table["readout"].dropna())]
+    return ", ".join(names) or None
+
+
+def plot_dose_response(dose: pd.DataFrame, *, band: tuple[float, float] = (2.5, 97.5), keep: bool = False,
+                       readout: str | None = None):
     """Target readout change over ``k`` per lesion order, with the random-lesion band.
+
+    Every legend entry is drawn at every ``k``: with one ``k`` the random lesions'
+    percentile band is a bar at that ``k`` (a band over one point has no width), and
+    every series carries markers.
 
     Parameters
     ----------
@@ -32,6 +51,8 @@ def plot_dose_response(dose: pd.DataFrame, *, band: tuple[float, float] = (2.5, 
         Percentiles of the random lesions' target change drawn as the band.
     keep
         Also draw the keep-only-``k`` complements (they are usually on another scale).
+    readout
+        The readout's name for the y label (default: the table's ``readout`` column).
 
     Returns
     -------
@@ -40,6 +61,7 @@ def plot_dose_response(dose: pd.DataFrame, *, band: tuple[float, float] = (2.5, 
     import seaborn as sns
 
     plt = _plt()
+    readout = readout or _readout_of(dose)
     modes = list(dict.fromkeys(dose["mode"]))
     concept = ", ".join(dict.fromkeys(dose["concept"].astype(str)))
     fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes) + 1.6, 3.6), squeeze=False, sharey=False)
@@ -49,25 +71,32 @@ def plot_dose_response(dose: pd.DataFrame, *, band: tuple[float, float] = (2.5, 
         if len(rnd):
             q = rnd.groupby("k")["target_change"].agg(
                 lo=lambda v: np.percentile(v, band[0]), hi=lambda v: np.percentile(v, band[1]), med="median")
-            ax.fill_between(q.index, q["lo"], q["hi"], color="0.75", alpha=0.6, lw=0,
-                            label=f"random-k {band[0]:g}–{band[1]:g}%")
-            ax.plot(q.index, q["med"], color="0.45", lw=1, ls=":", label="random-k median")
+            label = f"random-k {band[0]:g}–{band[1]:g}%"
+            if len(q) > 1:
+                ax.fill_between(q.index, q["lo"], q["hi"], color="0.75", alpha=0.6, lw=0, label=label)
+            else:  # one k: the band is a bar at that k
+                ax.vlines(q.index, q["lo"], q["hi"], colors="0.75", lw=9, alpha=0.8, label=label)
+            ax.plot(q.index, q["med"], color="0.45", lw=1, ls=":", marker="_", ms=12, mew=1.5, label="random-k median")
         det = d[d["order"].isin([o for o in ORDER_STYLE if keep or not o.startswith("keep")])]
         det = det.groupby(["order", "k"], as_index=False)[["target_change", "other_change"]].mean()
         for order, (label, colour) in ORDER_STYLE.items():
             sub = det[det["order"] == order]
             if sub.empty:
                 continue
-            sns.lineplot(data=sub, x="k", y="target_change", ax=ax, color=colour, marker="o", label=label)
-            if order == "top":
+            sns.lineplot(data=sub, x="k", y="target_change", ax=ax, color=colour, marker="o", markeredgecolor=colour,
+                         label=label)
+            if order == "top":  # an "x" has no face: its edge must carry the colour (seaborn's default edge is white)
                 sns.lineplot(data=sub, x="k", y="other_change", ax=ax, color=colour, ls="--", marker="x",
-                             label="top-k: other concepts")
+                             markeredgecolor=colour, markeredgewidth=1.5, label="top-k: other concepts (mean)")
         ax.axhline(0, color="k", lw=0.6)
         ax.set_xscale("log", base=2)
         ks = sorted(d["k"].unique())
         ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
+        if len(ks) == 1:
+            ax.set_xlim(ks[0] / 1.6, ks[0] * 1.6)
         ax.set_xlabel("units lesioned (k)")
-        ax.set_ylabel("readout change (lesioned − intact)")
+        ax.set_ylabel(readout_label(readout))
         ax.set_title(f"{concept}: {mode} ablation")
         ax.get_legend().remove() if ax.get_legend() else None
     handles, labels = axes[0][0].get_legend_handles_labels()

@@ -368,7 +368,7 @@ class LesionStudy:
     def _row(self, concept: str, change: pd.Series, **extra: Any) -> dict[str, Any]:
         others = change.drop(concept)
         worst = others.idxmin() if others.notna().any() else None  # a readout may be NaN (e.g. an overflowing scale)
-        return dict(concept=concept, **extra, target_change=float(change[concept]),
+        return dict(concept=concept, readout=self.readout, **extra, target_change=float(change[concept]),
                     other_change=float(others.mean()) if len(others) else np.nan,
                     most_hit_other=worst, most_hit_other_change=float(others.min()) if len(others) else np.nan,
                     target_rank=1 + int((others < change[concept]).sum()))
@@ -408,7 +408,7 @@ class LesionStudy:
         Returns
         -------
         pandas.DataFrame
-            One row per evaluated lesion: ``concept, mode, order, k, draw`` (-1 for
+            One row per evaluated lesion: ``concept, readout, mode, order, k, draw`` (-1 for
             deterministic orders), ``n_units, n_sites, units`` (top only),
             ``target_change, other_change, most_hit_other, most_hit_other_change, target_rank``;
             random rows also ``max_draws`` and ``alpha`` (``NaN`` when the draws were fixed).
@@ -626,7 +626,7 @@ def summarize(dose: pd.DataFrame) -> pd.DataFrame:
         ``p_random_specific``, ``n_random`` (the draws used), ``p_method``
         (``fixed``: ``(1 + g) / (1 + n)``; ``sequential``: :func:`sequential_p`), and when present ``bottom_target_change``,
         ``keep_top_target_change``/``keep_top_other_change`` and
-        ``keep_random_target_change``; plus ``units`` (the top-``k`` lesion).
+        ``keep_random_target_change``; plus ``units`` (the top-``k`` lesion) and ``readout`` (its name).
     """
     rows = []
     for (concept, mode, k), g in dose.groupby(["concept", "mode", "k"], sort=False):
@@ -666,6 +666,8 @@ def summarize(dose: pd.DataFrame) -> pd.DataFrame:
                 row[f"{order}_target_change"] = sub["target_change"].mean()
                 row[f"{order}_other_change"] = sub["other_change"].mean()
         row["units"] = t["units"]
+        if "readout" in t.index:
+            row["readout"] = t["readout"]
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from neuroprobe.errors import NeuroprobeError, RecordingError
+from neuroprobe.errors import NeuroprobeError, RecordingError, option
 from neuroprobe.recording import shards as S
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -115,13 +115,13 @@ def _precheck(path: Path, w: World, resume: bool, overwrite: bool) -> str | None
     """Rank 0's verdict on the output before anyone writes (an error sentence, or None)."""
     folder = S.shard_dir(path)
     if resume and overwrite:
-        return "give either --resume or --overwrite, not both."
+        return f"give either {option('resume')} or {option('overwrite')}, not both."
     if overwrite:
         return None
     worlds = S.world_sizes_in(folder)
     if not resume:
         if path.exists() or worlds:
-            return f"{path} already exists; pass --resume to continue it or --overwrite to replace it."
+            return f"{path} already exists; pass {option('resume')} to continue it or {option('overwrite')} to replace it."
         return None
     if path.exists():
         import h5py
@@ -131,17 +131,17 @@ def _precheck(path: Path, w: World, resume: bool, overwrite: bool) -> str | None
                 virtual = S.is_virtual(f)
                 complete = bool(f.attrs.get("complete", False))
         except OSError:
-            return f"cannot resume {path}: it is not a readable recording; use --overwrite to start over."
+            return f"cannot resume {path}: it is not a readable recording; use {option('overwrite')} to start over."
         if not virtual:
             return (f"cannot resume {path} with {w.size} processes: it was recorded by one process; "
-                    f"resume it without torchrun, or use --overwrite.")
+                    f"resume it without torchrun, or use {option('overwrite')}.")
         if complete and worlds == {w.size}:
-            return f"{path} is already complete; nothing to resume (use --overwrite to record again)."
+            return f"{path} is already complete; nothing to resume (use {option('overwrite')} to record again)."
     other = sorted(worlds - {w.size})
     if other:
         return (f"cannot resume {path} with {w.size} processes: its shards in {folder} were recorded by "
                 f"{other[0]} processes; rerun with {other[0]} processes (torchrun --nproc-per-node {other[0]}) "
-                f"or use --overwrite.")
+                f"or use {option('overwrite')}.")
     return None
 
 
@@ -158,9 +158,10 @@ def check_single_process(path: Path, resume: bool, overwrite: bool) -> None:
         n = sorted(worlds)[0]
         raise RecordingError(
             f"cannot resume {path} with one process: it was recorded by {n} processes (shards in {folder}); "
-            f"rerun under torchrun --nproc-per-node {n}, or use --overwrite."
+            f"rerun under torchrun --nproc-per-node {n}, or use {option('overwrite')}."
         )
-    raise RecordingError(f"{path} already exists as shards in {folder}; pass --resume to continue it or --overwrite to replace it.")
+    raise RecordingError(f"{path} already exists as shards in {folder}; pass {option('resume')} to continue it or "
+                         f"{option('overwrite')} to replace it.")
 
 
 def record_sharded(recorder: "Recorder", out: str | Path | None, *, resume: bool = False,

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from neuroprobe.electrodes import Electrodes
-from neuroprobe.errors import NeuroprobeError, RecordingError
+from neuroprobe.errors import NeuroprobeError, RecordingError, option
 from neuroprobe.recording import schema
 from neuroprobe.recording.lock import WriterLock
 from neuroprobe.recording.pooling import BatchPooler, MaskMismatch
@@ -73,11 +73,11 @@ def check_output(path: Path, *, resume: bool = False, overwrite: bool = False) -
         ``resume``/``overwrite``, or its folder cannot be created or written.
     """
     if resume and overwrite:
-        raise NeuroprobeError("give either --resume or --overwrite, not both.")
+        raise NeuroprobeError(f"give either {option('resume')} or {option('overwrite')}, not both.")
     if path.is_dir():
         raise RecordingError(f"{path} is a directory; give a file name for the recording (e.g. {path / 'recording.h5'}).")
     if path.exists() and not resume and not overwrite:
-        raise RecordingError(f"{path} already exists; pass --resume to continue it or --overwrite to replace it.")
+        raise RecordingError(f"{path} already exists; pass {option('resume')} to continue it or {option('overwrite')} to replace it.")
     parent = path.parent
     for p in [parent, *parent.parents]:
         if p.exists():

@@ -36,7 +36,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from neuroprobe.errors import RecordingError
+from neuroprobe.errors import RecordingError, option
 # free space and fallocate are shared with the other writers of output files (neuroprobe/output.py)
 from neuroprobe.output import LIBC as _LIBC
 from neuroprobe.output import fallocate_keep_size as _fallocate_keep_size
@@ -91,7 +91,7 @@ RESERVE_BYTES = 1 << 20
 def disk_full_message(path: Path) -> str:
     """The one sentence for a full disk."""
     return (f"the disk is full: {path} cannot grow any further; its committed stimuli are safe — "
-            f"free some space and rerun with --resume.")
+            f"free some space and rerun with {option('resume')}.")
 
 
 def os_error(err: BaseException, path: Path, doing: str) -> RecordingError:
@@ -303,11 +303,11 @@ class RecordingWriter:
             f = h5py.File(path, "r+", libver=LIBVER)
         except OSError as err:
             raise RecordingError(
-                f"cannot resume {path}: it is not a readable recording ({str(err).splitlines()[0]}); use --overwrite to start over."
+                f"cannot resume {path}: it is not a readable recording ({str(err).splitlines()[0]}); use {option('overwrite')} to start over."
             ) from None
         if f.attrs.get("format") != schema.FORMAT:
             f.close()
-            raise RecordingError(f"cannot resume {path}: it is not a neuroprobe recording; use --overwrite or another --out.")
+            raise RecordingError(f"cannot resume {path}: it is not a neuroprobe recording; use {option('overwrite')} or another output path.")
         for key in schema.IDENTITY_KEYS:
             have, want = f.attrs.get(key), _str_attr(identity.get(key))
             if isinstance(have, bytes):
@@ -318,11 +318,11 @@ class RecordingWriter:
                 f.close()
                 raise RecordingError(
                     f"cannot resume {path}: it was recorded with {key}={have!r}, not {want!r}; "
-                    f"resume with the same settings or use --overwrite."
+                    f"resume with the same settings or use {option('overwrite')}."
                 )
         if bool(f.attrs.get("complete", False)):
             f.close()
-            raise RecordingError(f"{path} is already complete; nothing to resume (use --overwrite to record again).")
+            raise RecordingError(f"{path} is already complete; nothing to resume (use {option('overwrite')} to record again).")
         sites = list(f[schema.SITES].keys())
         streams = list(f[schema.TOKENS].keys()) if schema.TOKENS in f else []
         tokens = bool(f.attrs["tokens"])

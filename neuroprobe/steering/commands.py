@@ -15,6 +15,15 @@ def _class_label(text: Optional[str]) -> str | int | None:
     return int(text) if text.lstrip("-").isdigit() else text
 
 
+def mass_text(mass: float) -> str:
+    """A bag's probability mass as printed: scientific notation with 3 significant digits.
+
+    Masses span many orders of magnitude (a multi-token word's whole-word probability is a
+    product of its pieces': Korean bags sit near 1e-5), so fixed decimals would print 0.0000.
+    """
+    return f"{float(mass):.2e}"
+
+
 def _early_tokenizer(model: str, weights: Optional[Path]) -> Any | None:
     """The subject's tokenizer alone (fast), when it can be found without loading the model; else ``None``."""
     try:
@@ -107,12 +116,12 @@ def register(app: typer.Typer) -> None:
         typer.echo(prompt + result.steered_text)
         if result.bags:
             means = result.mean_mass()
-            typer.echo(f"mean bag probability mass per token (whole words): unsteered {means['unsteered']:.4f}, "
-                       f"steered {means['steered']:.4f}")
+            typer.echo(f"mean bag probability mass per token (whole words): unsteered {mass_text(means['unsteered'])}, "
+                       f"steered {mass_text(means['steered'])}")
             if len(result.bags) > 1:
                 for column in [c for c in result.mass.columns if c.startswith("bag_mass[")]:
                     per = result.mass.groupby("run")[column].mean()
-                    typer.echo(f"  {column[9:-1]}: unsteered {per['unsteered']:.4f}, steered {per['steered']:.4f}")
+                    typer.echo(f"  {column[9:-1]}: unsteered {mass_text(per['unsteered'])}, steered {mass_text(per['steered'])}")
         if out is not None:
             from neuroprobe.output import write_csv
 

@@ -13,6 +13,9 @@
     }
     return String(v);
   }
+  /* true when `neuroprobe atlas --serve` serves the atlas (it writes any unit's page on demand) */
+  function live() { return window.ATLAS_LIVE === true; }
+  var NO_PAGE = "no page in this atlas: rerun neuroprobe atlas with --units all, or browse it with --serve";
   function missing(v) { return v === null || v === undefined || (typeof v === "number" && isNaN(v)); }
   function cmp(a, b) {
     if (typeof a === "number" && typeof b === "number") return a === b ? 0 : (a < b ? -1 : 1);
@@ -89,8 +92,12 @@
           if (c.kind === "str") td.className = "l";
           if (c.kind === "bool") td.className = v ? "yes" : "no";
           var link = c.link !== undefined ? r[idx[c.link]] : null;
+          if (!link && c.live !== undefined && live()) link = r[idx[c.live]];
           if (link) { var a = document.createElement("a"); a.href = link; a.textContent = fmt(v, c.kind); td.appendChild(a); }
-          else td.textContent = fmt(v, c.kind);
+          else {
+            td.textContent = fmt(v, c.kind);
+            if (c.live !== undefined) { td.className += " nopage"; td.title = spec.noPage || NO_PAGE; }
+          }
           if (c.kind !== "link") tr.appendChild(td);
         });
         frag.appendChild(tr);
@@ -105,13 +112,41 @@
     if (more) more.addEventListener("click", function () { shown += page; render(); });
     apply();
   }
-  window.NeuroprobeAtlas = {CellTable: CellTable};
+  /* Where the "any unit" box goes: {href} of a unit's page, or {error} saying why there is none (data/units.js). */
+  function unitTarget(siteSlug, unitText) {
+    var data = window.ATLAS_UNITS || {sites: {}}, s = data.sites[siteSlug];
+    if (!s) return {error: "unknown site " + siteSlug + "."};
+    var text = String(unitText).trim();
+    if (!/^[0-9]+$/.test(text)) return {error: "a unit is a whole number from 0 to " + (s.n_units - 1) + "."};
+    var u = parseInt(text, 10);
+    if (u >= s.n_units) return {error: s.name + " has " + s.n_units + " units (0 to " + (s.n_units - 1) + "); there is no unit " + u + "."};
+    var href = "units/" + siteSlug + "/" + u + ".html";
+    if (live() || s.pages === "all" || s.pages.indexOf(u) >= 0) return {href: href};
+    return {error: s.name + " #" + u + " has " + (data.noPage || NO_PAGE) + "."};
+  }
+  function UnitBox(form) {
+    var msg = form.querySelector(".unitmsg");
+    form.addEventListener("submit", function (ev) {
+      ev.preventDefault();
+      var t = unitTarget(form.elements.site.value, form.elements.unit.value);
+      if (t.href) { window.location.href = t.href; return; }
+      if (msg) { msg.textContent = t.error; msg.classList.add("warn"); }
+    });
+  }
+  window.NeuroprobeAtlas = {CellTable: CellTable, unitTarget: unitTarget};
   document.addEventListener("DOMContentLoaded", function () {
     var specs = window.ATLAS_TABLES || {};
     Object.keys(specs).forEach(function (id) {
       var root = document.getElementById(id);
       if (root) CellTable(root, specs[id]);
     });
+    Array.prototype.forEach.call(document.querySelectorAll("form.unitbox"), UnitBox);
+    if (live()) {  /* served: units without a static page get one on demand, so link them */
+      Array.prototype.forEach.call(document.querySelectorAll(".nopage[data-href]"), function (el) {
+        var a = document.createElement("a"); a.href = el.getAttribute("data-href"); a.textContent = el.textContent;
+        el.parentNode.replaceChild(a, el);
+      });
+    }
     /* how long the page took to become usable (read by bench/atlas.py from the rendered DOM) */
     document.body.setAttribute("data-ready-ms", String(Math.round(performance.now())));
   });
