@@ -58,7 +58,7 @@ def run_forward(fn: Callable[[], T]) -> T:
     box: dict[str, Any] = {}
     torch = sys.modules.get("torch")
     device = None
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch is not None and torch.cuda.is_initialized():
         device = torch.cuda.current_device()  # the current CUDA device is per thread
 
     def work() -> None:

@@ -11,9 +11,11 @@
   exit 130, once or twice in a row, and ``--resume`` then completes the recording
   bit for bit equal to an uninterrupted one.
 
-Every case runs the real command in a subprocess (``python -m neuroprobe``).  The
-long forward pass comes from a small script that puts a slow module into the planted
-subject and runs the command's entry point (``neuroprobe.cli.entry``).
+Every case runs the real command in a subprocess.  The refusals of ``--resume`` use
+minilm; the rest use a small script that puts a slow module into the planted subject
+and then runs ``neuroprobe`` exactly as ``python -m neuroprobe`` does: its long pass is
+one operator Python cannot interrupt (Ctrl-C tests), or a sleep that keeps a writer
+live while a second one comes through a link.
 """
 from __future__ import annotations
 
@@ -104,10 +106,11 @@ def test_resume_refuses_a_file_that_is_no_recording_and_leaves_it(kin16, tmp_pat
     before = snapshot(tmp_path)
     for name, word in (("notes.txt", "not an HDF5 file"), ("garbage.h5", "not an HDF5 file"),
                        ("theirs.h5", "without format=neuroprobe-recording")):
-        line = one_sentence(*run_cli("record", *MINILM, "--probe", str(battery), "--resume",
-                                     "--out", str(tmp_path / name), cwd=tmp_path))
+        code, err = run_cli("record", *MINILM, "--probe", str(battery), "--resume", "--out", str(tmp_path / name),
+                            cwd=tmp_path)
+        assert snapshot(tmp_path) == before, (name, code, err)
+        line = one_sentence(code, err)
         assert "not a neuroprobe recording" in line and word in line and "left as it is" in line, line
-        assert snapshot(tmp_path) == before, name
 
 
 def test_resume_refuses_a_recording_of_other_settings_naming_what_differs(kin16, tmp_path):
@@ -130,56 +133,16 @@ def test_resume_refuses_a_recording_of_other_settings_naming_what_differs(kin16,
     ]
     for out, extra, words in cases:
         args = MINILM if "--sites" not in extra else [*MINILM[:2], *MINILM[4:]]  # MINILM without its --sites
-        line = one_sentence(*run_cli("record", *args, *extra, "--resume", "--out", str(out)))
+        code, err = run_cli("record", *args, *extra, "--resume", "--out", str(out))
+        assert snapshot(tmp_path) == before, (out.name, extra, err)
+        line = one_sentence(code, err)
         assert "cannot resume" in line and "left as it is" in line and all(w in line for w in words), line
-        assert snapshot(tmp_path) == before, (out.name, extra)
 
 
-# --------------------------------------------------------------------------- a second writer through a link
-
-
-def hold_live(recording: Path) -> subprocess.Popen:
-    """Another process that holds ``recording`` as its writer does (its lock, and its claim on the file)."""
-    code = ("import time\nfrom neuroprobe.recording.lock import WriterLock\n"
-            f"lock = WriterLock({str(recording)!r}).acquire()\nlock.claim({str(recording)!r})\n"
-            "print('locked', flush=True)\ntime.sleep(120)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    line = proc.stdout.readline().strip()
-    if line != "locked":
-        proc.kill()
-        raise AssertionError(f"the holder did not start: {line!r} {proc.communicate()}")
-    return proc
-
-
-@pytest.mark.parametrize("link", ["symlink", "hard link"])
-def test_a_link_to_a_live_recording_is_refused_naming_its_writer(kin16, tmp_path, link):
-    battery, partial = kin16
-    live = tmp_path / "a.h5"
-    live.write_bytes(partial.read_bytes())
-    other = tmp_path / "b.h5"
-    if link == "symlink":
-        other.symlink_to(live.name)
-    else:
-        os.link(live, other)
-    holder = hold_live(live)
-    try:
-        before = sha(live)
-        line = one_sentence(*run_cli("record", *MINILM, "--probe", str(battery), "--resume", "--out", str(other)))
-        assert f"process {holder.pid} on host {socket.gethostname()}" in line, line
-        assert "being written by" in line, line
-        assert sha(live) == before
-        with h5py.File(live, "r") as f:
-            assert int(f.attrs["n_done"]) == 8 and not f.attrs["complete"]
-    finally:
-        holder.kill()
-        holder.wait()
-
-
-# ------------------------------------------------------------------------------------------------- Ctrl-C
+# ------------------------------------------------------------------------------------- a slow recording
 
 SLOW_SCRIPT = """
-import os, sys
+import os, runpy, sys, time
 import torch
 torch.set_num_threads(1)
 from neuroprobe.planted import make_planted
@@ -195,15 +158,15 @@ class SlowReLU(torch.nn.ReLU):
         SlowReLU.calls += 1
         if SlowReLU.calls == SLOW_AT:
             print("slow pass", flush=True)
+            if os.environ.get("SLOW_KIND") == "sleep":  # a writer that stays live (and idle) until it is killed
+                time.sleep(600)
             # one operator Python cannot interrupt: 123 products of 4096 x 4096 matrices (minutes on one core)
             torch.linalg.matrix_power(torch.zeros(4096, 4096), (1 << 62) - 1)
         return super().forward(x)
 
 planted.subject.model.act = SlowReLU()
 registry.load_subject = lambda *args, **kwargs: planted.subject
-sys.argv[0] = "neuroprobe"
-from neuroprobe.cli import entry
-entry()
+runpy.run_module("neuroprobe", run_name="__main__", alter_sys=True)  # as python -m neuroprobe does
 """
 
 
@@ -220,9 +183,20 @@ class Slow:
         return [sys.executable, str(self.script), "record", "--model", "planted", "--probe", str(self.battery),
                 "--sites", "all", "--batch-size", "4", "--quiet", "--out", str(out), *extra]
 
-    def env(self, slow_at: int) -> dict[str, str]:
-        """``slow_at``: which forward pass is the long one (0: none)."""
-        return dict(os.environ, PYTHONPATH=str(ROOT), SLOW_AT=str(slow_at), SCRATCH=str(self.scratch))
+    def env(self, slow_at: int, kind: str = "compute") -> dict[str, str]:
+        """``slow_at``: which forward pass is the long one (0: none); ``kind``: ``compute`` or ``sleep``."""
+        return dict(os.environ, PYTHONPATH=str(ROOT), SLOW_AT=str(slow_at), SLOW_KIND=kind, SCRATCH=str(self.scratch))
+
+    def start(self, out: Path, slow_at: int, kind: str = "compute") -> subprocess.Popen:
+        """Start a recording whose pass ``slow_at`` is long; return once that pass has begun."""
+        proc = subprocess.Popen(self.command(out), env=self.env(slow_at, kind), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        line = proc.stdout.readline().strip()
+        if line != "slow pass":
+            proc.kill()
+            raise AssertionError(f"the recording did not reach its slow pass: {proc.communicate()}")
+        return proc
 
     def run(self, out: Path, *extra: str) -> subprocess.CompletedProcess:
         return subprocess.run(self.command(out, *extra), env=self.env(0), capture_output=True, text=True, timeout=300)
@@ -242,10 +216,8 @@ def slow(tmp_path_factory) -> Slow:
 def interrupt_during_the_slow_pass(slow: Slow, out: Path, signals: int) -> tuple[int, str, float]:
     """Run the command, send ``signals`` SIGINTs (20 ms apart) once the long pass runs; (exit code, stderr, seconds)."""
     # the 4th pass is the long one: the unit count, two batches (committed), then the third batch
-    proc = subprocess.Popen(slow.command(out), env=slow.env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = slow.start(out, 4)
     try:
-        assert proc.stdout.readline().strip() == "slow pass", proc.communicate()
         time.sleep(0.3)  # well inside the one operator
         t0 = time.monotonic()
         for i in range(signals):
@@ -263,6 +235,9 @@ def interrupt_during_the_slow_pass(slow: Slow, out: Path, signals: int) -> tuple
             proc.wait()
 
 
+# ------------------------------------------------------------------------------------------------- Ctrl-C
+
+
 @pytest.mark.parametrize("signals", [1, 2], ids=["one Ctrl-C", "two Ctrl-C"])
 def test_ctrl_c_during_one_long_forward_pass_ends_at_once_and_resume_completes(slow, tmp_path, signals):
     out = tmp_path / "r.h5"
@@ -277,3 +252,31 @@ def test_ctrl_c_during_one_long_forward_pass_ends_at_once_and_resume_completes(s
     assert res.returncode == 0, res.stderr
     assert_same_recording(slow.reference, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.h5"]  # no lock, partial or reserve file left
+
+
+# --------------------------------------------------------------------------- a second writer through a link
+
+
+@pytest.mark.parametrize("link", ["symlink", "hard link"])
+def test_a_link_to_a_live_recording_is_refused_naming_its_writer(slow, tmp_path, link):
+    """A recording is being written (its writer waits inside a forward pass); the same job resumed through a
+    link to it must not write into the live file."""
+    live, other = tmp_path / "a.h5", tmp_path / "b.h5"
+    writer = slow.start(live, 4, kind="sleep")
+    try:
+        time.sleep(0.5)  # the two batches before the slow pass are on disk
+        if link == "symlink":
+            other.symlink_to(live.name)
+        else:
+            os.link(live, other)
+        before = sha(live)
+        res = subprocess.run(slow.command(other, "--resume"), env=slow.env(0), capture_output=True, text=True,
+                             timeout=300)
+        assert sha(live) == before, res.stderr
+        line = one_sentence(res.returncode, res.stderr)
+        assert f"being written by process {writer.pid} on host {socket.gethostname()}" in line, line
+        with h5py.File(live, "r", swmr=True) as f:
+            assert not f.attrs["complete"]
+    finally:
+        writer.kill()
+        writer.wait()
