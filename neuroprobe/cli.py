@@ -8,7 +8,13 @@ file only wires them together and turns every way a run can end into an exit cod
   as a missing option, an unknown option or command, a value of the wrong type) prints
   one line ``neuroprobe: error: ...`` on stderr and exits 2, never a traceback;
 * ``neuroprobe`` alone prints the help on stdout, then that one line, and exits 2;
-* Ctrl-C (at start-up or mid-run) prints ``neuroprobe: interrupted`` and exits 130;
+* Ctrl-C (at start-up or mid-run) prints ``neuroprobe: interrupted`` and exits 130:
+  the first one raises ``KeyboardInterrupt`` (a recording closes its file, still
+  resumable), any further one ends the process at once with the same line and code
+  (the file is then as after a kill: valid up to its committed progress, resumable).
+  Run as a program (:func:`entry`), the process exits without the interpreter's slow
+  teardown once it is interrupted, and forward passes run where Ctrl-C reaches them
+  (:mod:`neuroprobe.interrupts`).
 * a full disk that no command turned into its own sentence is still one line, exit 2.
 
 This module imports nothing heavy: typer and the command modules load inside
@@ -19,10 +25,14 @@ standalone ``click`` (typer < 0.26) or the copy it vendors as ``typer._click``.
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import importlib
 import os
+import signal
 import sys
-from typing import Any
+import threading
+from typing import Any, Iterator
 
 from neuroprobe.errors import NeuroprobeError, cli_spelling
 
@@ -113,9 +123,51 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+INTERRUPTED = "neuroprobe: interrupted"
+
+
 def _interrupted() -> None:
-    print("neuroprobe: interrupted", file=sys.stderr)
+    from neuroprobe.interrupts import state
+
+    if not state.announced:
+        state.announced = True
+        print(INTERRUPTED, file=sys.stderr)
     sys.exit(130)
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    """First Ctrl-C: raise ``KeyboardInterrupt``; any later one: say so and end the process now."""
+    from neuroprobe.interrupts import state
+
+    if not state.requested:
+        state.requested = True
+        raise KeyboardInterrupt
+    # cleanup of the first one is under way: end like a kill (every recording stays resumable)
+    if not state.announced:
+        state.announced = True
+        os.write(2, (INTERRUPTED + "\n").encode())
+    os._exit(130)
+
+
+def _default_sigint() -> bool:
+    """Whether SIGINT still has Python's own handler (not ignored as under ``nohup``, not handled already)."""
+    return signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@contextlib.contextmanager
+def _sigint_handled() -> Iterator[None]:
+    """Handle SIGINT with :func:`_on_sigint` inside the block (main thread only; restored after it)."""
+    from neuroprobe.interrupts import state
+
+    if threading.current_thread() is not threading.main_thread() or not _default_sigint():
+        yield  # not ours to change: another thread, a handler already set (ours), or SIGINT ignored (nohup)
+        return
+    previous = signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        state.requested = state.announced = False  # an in-process caller may run the command again
 
 
 def _usage_error(err: Exception) -> None:
@@ -168,29 +220,65 @@ def _unclosable() -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app; user errors and usage errors end in one line and exit 2."""
+    """Run the command (in-process: raises ``SystemExit``); user and usage errors end in one line and exit 2."""
     unclosable = _unclosable()
-    try:
+    with _sigint_handled():
         try:
-            _run(list(sys.argv[1:] if argv is None else argv))
-        except KeyboardInterrupt:
-            _interrupted()
-        except OSError as err:
-            from neuroprobe.output import is_disk_full
+            try:
+                _run(list(sys.argv[1:] if argv is None else argv))
+            except KeyboardInterrupt:
+                _interrupted()
+            except OSError as err:
+                from neuroprobe.output import is_disk_full
 
-            if not is_disk_full(err):
-                raise
-            _disk_full(err)
-    except SystemExit:
-        # after an HDF5 write that failed half-way in this run, HDF5's own exit handler would crash on the
-        # objects it could not close: end the process here, after the message (neuroprobe/output.py, UNCLOSABLE)
-        if _unclosable() > unclosable:
-            code = sys.exc_info()[1].code
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code if isinstance(code, int) else 1)
+                if not is_disk_full(err):
+                    raise
+                _disk_full(err)
+        except SystemExit:
+            # after an HDF5 write that failed half-way in this run, HDF5's own exit handler would crash on the
+            # objects it could not close: end the process here, after the message (neuroprobe/output.py, UNCLOSABLE)
+            if _unclosable() > unclosable:
+                code = sys.exc_info()[1].code
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code if isinstance(code, int) else 1)
+            raise
+
+
+def entry() -> None:
+    """The ``neuroprobe`` program (console script, ``python -m neuroprobe``): :func:`main`, and then the exit.
+
+    After an interrupt the recording is closed already, so the process ends at once
+    (``atexit`` handlers run, the interpreter's teardown of torch and friends — seconds
+    — is skipped); after any other end Ctrl-C is ignored during that teardown, so it
+    cannot turn a finished run into a death by signal.
+    """
+    from neuroprobe.interrupts import state
+
+    if _default_sigint():
+        signal.signal(signal.SIGINT, _on_sigint)
+    state.process_ends = True
+    try:
+        main()
+    except SystemExit as exc:
+        if exc.code == 130:
+            try:
+                atexit._run_exitfuncs()
+            finally:
+                for stream in (sys.stdout, sys.stderr):
+                    with contextlib.suppress(Exception):
+                        stream.flush()
+                os._exit(130)
+        _ignore_sigint()
         raise
+    _ignore_sigint()
+
+
+def _ignore_sigint() -> None:
+    """Ignore Ctrl-C from here on (the interpreter's teardown) unless it was never ours to handle."""
+    if signal.getsignal(signal.SIGINT) is _on_sigint:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":
-    main()
+    entry()

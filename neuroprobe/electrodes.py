@@ -20,6 +20,9 @@ reader or an edit never has to know the architecture::
 A module that fires more than once per forward pass is addressed by the site's
 ``call`` index; if a site without a call index fires twice during one forward pass
 the electrode raises instead of silently overwriting the first value.
+
+Every hook first calls :func:`neuroprobe.interrupts.check`: after a Ctrl-C, a
+forward pass stops at the next module on the way to a site.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from neuroprobe import interrupts
 from neuroprobe.errors import NeuroprobeError
 from neuroprobe.subjects.base import Site
 
@@ -147,6 +151,7 @@ class Electrodes:
 
     # ----------------------------------------------------------------- hooks
     def _process(self, site_list: list[Site], key: tuple[str, str], native_obj: Any) -> Any:
+        interrupts.check()  # Ctrl-C ends a forward pass here, between modules
         call = self._calls[key]
         self._calls[key] = call + 1
         for site in site_list:
@@ -235,6 +240,7 @@ class Electrodes:
             self._handles.append(module.register_forward_hook(self._leave, always_call=True))
 
     def _enter(self, module: torch.nn.Module, args: Any) -> None:
+        interrupts.check()  # Ctrl-C ends a forward pass here, before the module runs
         if self._depth == 0:
             self._new_pass()
         self._depth += 1

@@ -570,9 +570,16 @@ def test_second_writer_is_refused_naming_the_first(planted, tmp_path):
 
 
 def test_resume_of_a_stub_starts_afresh_and_stale_temporaries_go(planted, tmp_path):
+    """Files that hold nothing: empty, a cut signature, the bare superblock a killed older neuroprobe left."""
     ref = tmp_path / "ref.h5"
     Recorder(planted.subject, planted.battery, montage="all", batch_size=4, quiet=True).run(ref)
-    for stub in (b"", b"\x89HD", b"garbage that is not HDF5 at all"):
+    old = tmp_path / "old-stub.h5"  # an older neuroprobe created the file in place, then was killed
+    subprocess.run([sys.executable, "-c", f"import h5py, os\nf = h5py.File({str(old)!r}, 'w', track_order=True)\n"
+                    "f.attrs['format'] = 'neuroprobe-recording'\nos._exit(0)\n"], check=True)
+    superblock_only = old.read_bytes()
+    old.unlink()
+    assert superblock_only.startswith(b"\x89HDF") and len(superblock_only) <= 96
+    for stub in (b"", b"\x89HD", superblock_only):
         out = tmp_path / "stub.h5"
         out.write_bytes(stub)
         (tmp_path / ".stub.h5.12345.partial").write_bytes(b"left by a killed writer")

@@ -19,12 +19,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from neuroprobe import interrupts
 from neuroprobe.electrodes import Electrodes
 from neuroprobe.errors import NeuroprobeError, RecordingError, option
 from neuroprobe.recording import schema
-from neuroprobe.recording.lock import WriterLock
+from neuroprobe.recording.lock import WriterLock, real_path
 from neuroprobe.recording.pooling import BatchPooler, MaskMismatch
-from neuroprobe.recording.writer import BatchResult, RecordingWriter, ThreadedWriter
+from neuroprobe.recording.writer import BatchResult, RecordingWriter, ThreadedWriter, check_resumable
 from neuroprobe.stimuli.battery import Battery
 from neuroprobe.subjects.base import Site, Subject
 
@@ -70,7 +71,8 @@ def check_output(path: Path, *, resume: bool = False, overwrite: bool = False) -
     ------
     RecordingError
         ``path`` is a directory, lies under a regular file, exists without
-        ``resume``/``overwrite``, or its folder cannot be created or written.
+        ``resume``/``overwrite``, exists with ``resume`` but is no recording (not HDF5,
+        and not a file that holds nothing), or its folder cannot be created or written.
     """
     if resume and overwrite:
         raise NeuroprobeError(f"give either {option('resume')} or {option('overwrite')}, not both.")
@@ -78,6 +80,8 @@ def check_output(path: Path, *, resume: bool = False, overwrite: bool = False) -
         raise RecordingError(f"{path} is a directory; give a file name for the recording (e.g. {path / 'recording.h5'}).")
     if path.exists() and not resume and not overwrite:
         raise RecordingError(f"{path} already exists; pass {option('resume')} to continue it or {option('overwrite')} to replace it.")
+    if resume and path.is_file():
+        check_resumable(path)  # a file that is no recording at all is refused before the model loads
     parent = path.parent
     for p in [parent, *parent.parents]:
         if p.exists():
@@ -93,20 +97,6 @@ def _read_only_fs(p: Path) -> bool:
         return bool(os.statvfs(p).f_flag & os.ST_RDONLY)
     except OSError:
         return False
-
-
-def _is_stub(path: Path) -> bool:
-    """A file at ``path`` that holds nothing committed: empty, or not even an HDF5 superblock.
-
-    (Recordings are created under a temporary name and moved into place, so a stub
-    only comes from a crash of an older neuroprobe; ``--resume`` starts it afresh.)
-    """
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-    except OSError:
-        return False
-    return len(head) < 8 or head != b"\x89HDF\r\n\x1a\n"
 
 
 class Recorder:
@@ -233,12 +223,14 @@ class Recorder:
         """
         path = Path(out) if out is not None else default_output(self.subject, self.battery, self.montage)
         check_output(path, resume=resume, overwrite=overwrite)
-        with WriterLock(path):
-            return self._run_locked(path, resume=resume, overwrite=overwrite, span=span, attrs=attrs)
+        real = real_path(path)  # the file a symlink leads to is the one locked, resumed or replaced
+        with WriterLock(real) as lock:
+            self._run_locked(real, resume=resume, overwrite=overwrite, span=span, attrs=attrs, lock=lock)
+        return path
 
     def _run_locked(self, path: Path, *, resume: bool, overwrite: bool, span: tuple[int, int] | None = None,
-                    attrs: dict[str, Any] | None = None) -> Path:
-        """:meth:`run` while holding the path's writer lock.
+                    attrs: dict[str, Any] | None = None, lock: WriterLock | None = None) -> Path:
+        """:meth:`run` while holding the path's writer lock (``lock``, which claims each file written).
 
         A new recording is created under a temporary name beside ``path`` and moved
         into place once its layout is on disk (so ``path`` is never a stub).  With
@@ -247,11 +239,13 @@ class Recorder:
         overwrite leaves the old recording untouched (and is not resumable).
         """
         check_output(path, resume=resume, overwrite=overwrite)  # again, now that no other writer can race us
+        if lock is not None and resume and path.is_file():
+            lock.claim(path)  # before anything reads it: another name of it (a hard link) may be in use
         for stale in path.parent.glob(f".{path.name}.*"):  # temporary files left by killed writers of this path
             if stale.name.endswith((".partial", ".reserve")):
                 stale.unlink(missing_ok=True)
         replace_at_end = False
-        if path.exists() and resume and not _is_stub(path):
+        if path.exists() and resume and check_resumable(path, self.identity()):  # False: it holds nothing
             writer = RecordingWriter.resume(path, self.identity())
         else:
             replace_at_end = path.exists() and not resume  # overwrite; a stub to resume is simply replaced
@@ -263,6 +257,13 @@ class Recorder:
                 pooling_per_site=pooling_per_site, tokens=self.tokens, dtype=self.dtype,
                 compression=self.compression, chunk_rows=self.batch_size,
             )
+            if lock is not None:
+                try:
+                    lock.claim(writer.path)  # the inode keeps the claim when it is moved into place
+                except BaseException:
+                    writer.close()
+                    writer.path.unlink(missing_ok=True)
+                    raise
             if not replace_at_end:
                 self._move(writer, path)
         try:
@@ -303,11 +304,14 @@ class Recorder:
                     bar.update(len(rows))
             threaded.close()
             writer.finish()
+        except KeyboardInterrupt:
+            threaded.abort()  # Ctrl-C: finish the batch being written, drop the queued ones (resume redoes them)
+            raise
         except BaseException:
             try:
                 threaded.close()  # batches already computed are still committed
             except BaseException:  # noqa: BLE001 - the first error is the one to report
-                pass
+                threaded.abort()
             raise
         finally:
             bar.close()
@@ -315,6 +319,11 @@ class Recorder:
 
     # --------------------------------------------------------------- helpers
     _reader: Any = None
+
+    def _forward(self, batch: Any) -> None:
+        """One forward pass without autograd (run through :func:`neuroprobe.interrupts.run_forward`)."""
+        with torch.inference_mode():
+            self.subject.forward(batch)
 
     def _dispatch(self, site: Site, x: torch.Tensor) -> None:
         """The electrodes' reader: hand a site's activations to the batch being computed (none outside a forward)."""
@@ -351,8 +360,8 @@ class Recorder:
 
         for rows in groups:
             batch = self.subject.encode(rows, self.battery)
-            with torch.inference_mode(), Electrodes(self.subject.model, self.sites, on_read=on_read):
-                self.subject.forward(batch)
+            with Electrodes(self.subject.model, self.sites, on_read=on_read):
+                interrupts.run_forward(lambda: self._forward(batch))
         missing = [s.name for s in self.sites if s.name not in counts]
         if missing:
             from neuroprobe.subjects.base import suggest_sites
@@ -391,8 +400,7 @@ class Recorder:
 
             self._reader = on_read
             try:
-                with torch.inference_mode():
-                    self.subject.forward(batch)
+                interrupts.run_forward(lambda: self._forward(batch))
             finally:
                 self._reader = None
             for site in self.sites:

@@ -186,6 +186,120 @@ def clear_status_flags(path: Path) -> bool:
     return True
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+#: How much of a refused file's differing settings a message shows.
+_SHOWN_DIFFERENCES, _SHOWN_CHARS = 4, 60
+
+
+def _superblock_size(head: bytes) -> int:
+    """Bytes of the HDF5 superblock that ``head`` (a file's first bytes) starts with (0 if unknown)."""
+    if len(head) < 16:
+        return 1 << 30  # not even the superblock's fixed fields: a superblock cut short
+    version = head[8]
+    if version in (0, 1):  # fixed fields, 4 addresses, the root group's symbol table entry
+        o = head[13]
+        return 24 + (4 if version == 1 else 0) + 4 * o + (2 * o + 24)
+    if version in (2, 3):  # fixed fields, 4 addresses, checksum
+        return 12 + 4 * head[9] + 4
+    return 0
+
+
+def holds_nothing(path: Path) -> bool:
+    """Whether the file at ``path`` holds no data at all, so ``--resume`` may start it afresh.
+
+    True for an empty file, the HDF5 signature cut short, or an HDF5 superblock with
+    nothing after it (no group, no dataset, no attribute can be in it): what a crash of
+    an older neuroprobe left while creating a recording in place.  Anything else is
+    somebody's data and is never replaced by ``--resume``.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+    except OSError:
+        return False
+    if size == 0:
+        return True
+    if size < len(HDF5_SIGNATURE):
+        return HDF5_SIGNATURE.startswith(head)
+    return head.startswith(HDF5_SIGNATURE) and size <= _superblock_size(head)
+
+
+def _attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, np.generic):
+        value = value.item()
+    return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
+
+
+def check_resumable(path: Path, identity: dict[str, Any] | None = None) -> bool:
+    """Whether ``--resume`` may continue ``path``; it reads the file and never changes a byte of it.
+
+    Returns ``False`` for a file that holds nothing (:func:`holds_nothing`: start it
+    afresh) and ``True`` for an incomplete neuroprobe recording made with ``identity``
+    (every key of :data:`~neuroprobe.recording.schema.IDENTITY_KEYS`; ``None`` checks
+    only that it is a neuroprobe recording).
+
+    Raises
+    ------
+    RecordingError
+        ``path`` is not HDF5, not readable, not a neuroprobe recording, a recording of
+        other settings (the message names each difference), or complete.
+    """
+    if holds_nothing(path):
+        return False
+    left = f"it was left as it is; give another output path, or {option('overwrite')} to replace it."
+    try:
+        with open(path, "rb") as fh:
+            is_hdf5 = fh.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE
+    except OSError as err:
+        raise RecordingError(f"cannot resume {path}: cannot read it ({err.strerror}).") from None
+    if not is_hdf5:
+        raise RecordingError(f"cannot resume {path}: it is not a neuroprobe recording (not an HDF5 file); {left}")
+    if identity is None:
+        return True
+    try:  # read-only; a file a killed SWMR writer left flagged opens as a SWMR reader
+        try:
+            f = h5py.File(path, "r")
+        except OSError:
+            f = h5py.File(path, "r", swmr=True)
+    except OSError as err:
+        raise RecordingError(
+            f"cannot resume {path}: it is not a readable recording ({str(err).splitlines()[0]}); {left}"
+        ) from None
+    with f:
+        attrs = f.attrs
+        if _attr(attrs.get("format")) != schema.FORMAT:
+            raise RecordingError(
+                f"cannot resume {path}: it is not a neuroprobe recording (an HDF5 file without "
+                f"format={schema.FORMAT}); {left}"
+            )
+        differences = []
+        for key in schema.IDENTITY_KEYS:
+            have, want = _attr(attrs.get(key)), _str_attr(identity.get(key))
+            if have != want:
+                differences.append(f"{key}={_short(have)} (not {_short(want)})")
+        if differences:
+            more = len(differences) - _SHOWN_DIFFERENCES
+            shown = ", ".join(differences[:_SHOWN_DIFFERENCES]) + (f" and {more} more" if more > 0 else "")
+            raise RecordingError(
+                f"cannot resume {path}: it was recorded with {shown}; it was left as it is — resume with the "
+                f"same settings, give another output path, or {option('overwrite')} to replace it."
+            )
+        if bool(attrs.get("complete", False)):
+            raise RecordingError(f"{path} is already complete; nothing to resume (use {option('overwrite')} to record again).")
+        if schema.SITES not in f or "tokens" not in attrs or "n_done" not in attrs:
+            raise RecordingError(f"cannot resume {path}: its layout is incomplete (no /sites or progress); {left}")
+    return True
+
+
 class RecordingWriter:
     """Create or resume a recording file and append batches to it."""
 
@@ -296,8 +410,12 @@ class RecordingWriter:
     def resume(cls, path: Path, identity: dict[str, Any]) -> "RecordingWriter":
         """Open an interrupted recording; check it is the same job; drop uncommitted tokens.
 
-        Hold the recording's :class:`~neuroprobe.recording.lock.WriterLock` while calling this.
+        Hold the recording's :class:`~neuroprobe.recording.lock.WriterLock` (with the file
+        claimed) while calling this.  Nothing is written to a file that
+        :func:`check_resumable` refuses.
         """
+        if not check_resumable(path, identity):
+            raise RecordingError(f"cannot resume {path}: it holds nothing yet; record it afresh.")
         try:
             clear_status_flags(path)
             f = h5py.File(path, "r+", libver=LIBVER)
@@ -305,24 +423,6 @@ class RecordingWriter:
             raise RecordingError(
                 f"cannot resume {path}: it is not a readable recording ({str(err).splitlines()[0]}); use {option('overwrite')} to start over."
             ) from None
-        if f.attrs.get("format") != schema.FORMAT:
-            f.close()
-            raise RecordingError(f"cannot resume {path}: it is not a neuroprobe recording; use {option('overwrite')} or another output path.")
-        for key in schema.IDENTITY_KEYS:
-            have, want = f.attrs.get(key), _str_attr(identity.get(key))
-            if isinstance(have, bytes):
-                have = have.decode()
-            if isinstance(have, np.generic):
-                have = have.item()
-            if have != want:
-                f.close()
-                raise RecordingError(
-                    f"cannot resume {path}: it was recorded with {key}={have!r}, not {want!r}; "
-                    f"resume with the same settings or use {option('overwrite')}."
-                )
-        if bool(f.attrs.get("complete", False)):
-            f.close()
-            raise RecordingError(f"{path} is already complete; nothing to resume (use {option('overwrite')} to record again).")
         sites = list(f[schema.SITES].keys())
         streams = list(f[schema.TOKENS].keys()) if schema.TOKENS in f else []
         tokens = bool(f.attrs["tokens"])
@@ -516,6 +616,7 @@ class ThreadedWriter:
         self.writer = writer
         self.q: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self.error: BaseException | None = None
+        self._dropping = False
         self.thread = threading.Thread(target=self._run, name="neuroprobe-writer", daemon=True)
         self.thread.start()
 
@@ -524,7 +625,7 @@ class ThreadedWriter:
             item = self.q.get()
             if item is self._STOP:
                 return
-            if self.error is None:
+            if self.error is None and not self._dropping:
                 try:
                     self.writer.write(item)
                 except BaseException as err:  # noqa: BLE001 - re-raised in the caller
@@ -545,3 +646,22 @@ class ThreadedWriter:
         self.q.put(self._STOP)
         self.thread.join()
         self._check()
+
+    def abort(self) -> None:
+        """Stop after the batch being written (after Ctrl-C): queued batches are dropped, ``--resume`` redoes them.
+
+        Waits for the thread whatever happens meanwhile (a further Ctrl-C included):
+        the file must not be closed under a write.
+        """
+        self._dropping = True
+        while True:
+            try:
+                self.q.get_nowait()
+            except queue.Empty:
+                break
+        self.q.put(self._STOP)  # room: the queue was just emptied and only this thread puts
+        while self.thread.is_alive():
+            try:
+                self.thread.join()
+            except KeyboardInterrupt:
+                continue
