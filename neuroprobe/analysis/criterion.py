@@ -373,7 +373,14 @@ def _most_units(p_floor: float, n_units: int, n_concepts: int, fdr: float, metho
     """About how many units a screening floor allows (0: not even one)."""
     fewer = int(fdr / (n_concepts * p_floor) / (_harmonic(n_units * n_concepts) if method == "by" else 1.0))
     if fewer < 1 and p_floor <= first_threshold(1, n_concepts, fdr, method):
-        fewer = 1  # BY's estimate above uses the harmonic number of all the units; one unit would do
+        # BY's estimate above takes the harmonic number of all the units: search the largest count
+        lo, hi = 1, 2
+        while p_floor <= first_threshold(hi, n_concepts, fdr, method):
+            lo, hi = hi, 2 * hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if p_floor <= first_threshold(mid, n_concepts, fdr, method) else (lo, mid)
+        fewer = lo
     return fewer
 
 
