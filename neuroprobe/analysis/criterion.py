@@ -486,8 +486,8 @@ def design_check(screening: dict[str, tuple[int, list[int]]], n_units: int, n_co
                  f"no number of units helps (even a single unit needs p <= "
                  f"{first_threshold(1, n_concepts, fdr, method):.2g}): only more stimuli per concept do")
         lines.append(f"design: a perfectly selective unit could NOT pass the screening stage: give each concept at "
-                     f"least {out.get('needed_per_concept')} stimuli (both splits, {out.get('needed_screening')} of "
-                     f"them screening){'; ' if fewer < 1 else ', '}{units}" + _exact_hint(exact, screening, None, thr))
+                     f"least {out.get('needed_per_concept')} stimuli (both splits), {out.get('needed_screening')} of "
+                     f"them screening{'; ' if fewer < 1 else ', '}{units}" + _exact_hint(exact, screening, None, thr))
     if "testing" in failing:
         lines.append(f"design: a perfectly selective unit could NOT pass the testing stage (confirmation on the "
                      f"testing split): give each concept at least {out.get('needed_testing')} testing stimuli; "
