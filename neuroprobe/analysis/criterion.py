@@ -480,7 +480,9 @@ def design_check(screening: dict[str, tuple[int, list[int]]], n_units: int, n_co
         out["needed_per_concept"] = power(max(1, n_units), n_concepts, fdr=fdr, method=method, exact=exact)
         out["needed_screening"] = _stimuli_needed(thr, n_concepts, exact)
         out["needed_testing"] = _stimuli_needed(fdr, n_concepts, exact)
-    if "screening" in failing:
+    if n_concepts < 2:
+        lines.append("design: a concept can only be tested against others: the battery needs at least two concepts")
+    elif "screening" in failing:
         fewer = _most_units(p_floor, n_units, n_concepts, fdr, method)
         units = (f"or test fewer units (--sites; at most about {fewer}) or fewer concepts" if fewer >= 1 else
                  f"no number of units helps (even a single unit needs p <= "
@@ -488,7 +490,7 @@ def design_check(screening: dict[str, tuple[int, list[int]]], n_units: int, n_co
         lines.append(f"design: a perfectly selective unit could NOT pass the screening stage: give each concept at "
                      f"least {out.get('needed_per_concept')} stimuli (both splits), {out.get('needed_screening')} of "
                      f"them screening{'; ' if fewer < 1 else ', '}{units}" + _exact_hint(exact, screening, None, thr))
-    if "testing" in failing:
+    if "testing" in failing and n_concepts >= 2:
         lines.append(f"design: a perfectly selective unit could NOT pass the testing stage (confirmation on the "
                      f"testing split): give each concept at least {out.get('needed_testing')} testing stimuli; "
                      f"the number of units does not matter there" + _exact_hint(exact, testing, used, fdr))
