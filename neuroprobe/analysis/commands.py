@@ -23,9 +23,13 @@ def cells_report(cells, rotation=None, untrained=None, shuffle=None) -> str:
     fam = (f"Bonferroni over each unit's concepts, {str(a.get('method')).upper()} FDR {a.get('fdr'):g} over "
            f"{a.get('n_units_tested')} units, concept within each selected unit" if family == "units" else
            f"{str(a.get('method')).upper()} FDR {a.get('fdr'):g} over {a.get('n_tests')} unit x concept tests")
+    lo, hi = a.get("exact_cutoff_min", 0.01), a.get("exact_cutoff", 0.01)
+    cut = f"{hi:.2g}" if f"{lo:.2g}" == f"{hi:.2g}" else f"{lo:.2g}-{hi:.2g} (by site)"
+    over = a.get("n_over_budget")
     null = (f"exact permutation null for {a.get('n_exact')} of {a.get('n_tests')} tests (every one with asymptotic "
-            f"p <= 0.01{'' if not a.get('n_over_budget') else ', but ' + str(a.get('n_over_budget')) + ' over the budget'}),"
-            f" normal approximation elsewhere" if a.get("exact") else "normal approximation")
+            f"p <= {cut}, the largest threshold that can apply but at least 0.01"
+            f"{'' if not over else ', but ' + str(over) + ' over the budget'}), normal approximation elsewhere"
+            if a.get("exact") else "normal approximation")
     lines = [
         f"{a.get('recording')}: {a.get('subject')} ({a.get('init')}) x {a.get('battery')}",
         f"criterion: median > baseline mean + {a.get('k'):g} SD on screening (constant baseline: median above it), "

@@ -12,7 +12,8 @@ For every live unit and every concept ``c``, on the **screening** split:
    permutation distribution** of the concept's mid-rank sum given the unit's tie pattern
    (every relabelling of the split's stimuli equally likely), computed by the deficit
    program of :mod:`neuroprobe.analysis.exact` for every pair whose normal-approximation p
-   is <= 0.01 (column ``p_exact``); elsewhere, and with ``exact=False``, the normal
+   is at or below :func:`exact_cutoff` (the largest threshold step 3 can apply to it, and
+   never below 0.01; column ``p_exact``); elsewhere, and with ``exact=False``, the normal
    approximation with tie and continuity correction (``p_asymptotic``).
 3. **multiple comparisons** (``family``):
 
@@ -29,7 +30,8 @@ For every live unit and every concept ``c``, on the **screening** split:
        BH (or BY) at level ``fdr`` over all unit x concept tests of the recording.
        Guarantee: FDR over (unit, concept) claims under BH's dependence assumptions.
 
-   For a lone discovery both need ``p <= fdr / (units x concepts)``.
+   For a lone discovery both need ``p <= fdr / (units x concepts)``; no pair is ever
+   significant above :func:`largest_threshold` (``fdr / C`` for ``units``, ``fdr`` for ``pairs``).
 
 A unit's **responsive concepts** (``concepts``, ``n_concepts``) are the concepts significant
 in step 3 with the median above the baseline mean, whatever ``k`` is.  A unit is a
@@ -41,9 +43,11 @@ over the family of candidates.  A unit is a **concept cell** (``is_cell``) when 
 is confirmed.  Invariance and multimodality (see :mod:`neuroprobe.analysis.invariance`) are
 properties of cells: ``invariant``, ``lofo_pass`` and ``multimodal`` are only ever true for cells.
 
-:func:`design_check` states, before any test, the smallest p-value the battery's screening
-split allows (``1 / C(n, m)``, a perfectly selective unit's exact p) against the threshold a
-first discovery needs; :func:`power` answers "how many stimuli per concept for N units?".
+:func:`design_check` states, before any test, the smallest p-value each stage a cell must pass
+allows a perfectly selective unit (``1 / C(n, m)`` exact, or its normal approximation with
+``exact=False``) against the threshold that stage needs — screening: the first discovery among
+units x concepts; testing: confirming a lone candidate — and names the stage that fails;
+:func:`power` answers "how many stimuli per concept for N units?".
 """
 from __future__ import annotations
 
@@ -190,8 +194,9 @@ def concept_cells(
         p_form:<f>, n_forms, auc_form_min, p_form_max, invariant``; leave-one-form-out
         ``lofo_auc:<f>, lofo_p:<f>, lofo_auc_min, lofo_p_max, lofo_pass``; with two or more
         modalities ``auc_modality:<m>, p_modality:<m>, z_modality:<m>``; ``multimodal``.
-        Settings, the design check (:func:`design_check`) and the counts of exact p-values are
-        in ``DataFrame.attrs``.
+        Settings, the design check (:func:`design_check`), the counts of exact p-values and the
+        cut-off below which they were computed (``exact_cutoff``, the largest over sites, and
+        ``exact_cutoff_min``; see :func:`exact_cutoff`) are in ``DataFrame.attrs``.
 
     Examples
     --------
@@ -209,7 +214,7 @@ def concept_cells(
     recording = as_recording(rec)
     res = scan(recording, sites=sites, transform=transform, criterion=True, k=k, alpha=alpha, n_perm=n_perm,
                seed=seed, labels=labels, quiet=quiet, read_bytes=read_bytes, block_units=block_units, exact=exact,
-               fdr=fdr, jobs=jobs)
+               fdr=fdr, family=family, jobs=jobs)
     df = apply_criterion(res, fdr=fdr, method=method, alpha=alpha, family=family)
     pairs = res.pairs
     p_scr = pairs.get("p_scr", np.zeros((0, 0)))
@@ -224,8 +229,11 @@ def concept_cells(
         n_exact_test=int(pairs["exact_test"].sum()) if "exact_test" in pairs else 0,
         concepts=list(res.concepts), forms=list(res.forms), modalities=list(res.modalities),
         passes=res.passes,
-        design=design_check(res.screening, n_units, len(res.concepts), fdr=fdr, method=method),
+        design=design_check(res.screening, n_units, len(res.concepts), fdr=fdr, method=method,
+                            testing=res.testing, exact=exact),
     )
+    if exact and res.cutoffs:
+        df.attrs.update(exact_cutoff=max(res.cutoffs.values()), exact_cutoff_min=min(res.cutoffs.values()))
     return df
 
 
@@ -243,15 +251,90 @@ def first_threshold(n_units: int, n_concepts: int, fdr: float = 0.05, method: st
     return fdr / M / (_harmonic(M) if method == "by" else 1.0)
 
 
+def largest_threshold(fdr: float, n_tests: int, family: str = "units") -> float:
+    """The largest screening p-value at which a unit x concept test can ever be significant.
+
+    ``pairs``: BH's last step, when every test of the recording is significant: ``fdr``.
+    ``units``: a unit is selected only when ``C min_c p <= fdr`` (BH over units never allows
+    more) and a concept is significant only when ``C p <= fdr R / M <= fdr``: ``fdr / C``, with
+    ``C = n_tests`` the unit's concept tests.  BY only divides these by a harmonic number, so
+    the bound holds for both methods.  With two concepts it is 0.025 (``units``) and 0.05
+    (``pairs``) at ``fdr = 0.05``.
+
+    Parameters
+    ----------
+    fdr
+        FDR level.
+    n_tests
+        Concept tests of a unit (concepts with stimuli both in and outside the concept).
+    family
+        ``units`` or ``pairs``.
+    """
+    if family not in FAMILIES:
+        raise NeuroprobeError(f"FDR family {family!r} is not one of {', '.join(FAMILIES)}.")
+    return float(fdr) if family == "pairs" or n_tests < 1 else float(fdr) / int(n_tests)
+
+
+def exact_cutoff(fdr: float, n_tests: int, family: str = "units") -> float:
+    """The asymptotic p at or below which a screening pair gets its exact p-value.
+
+    The rule: ``max(largest_threshold(fdr, n_tests, family), EXACT_MARGIN)``.
+
+    * It reaches :func:`largest_threshold`, the largest threshold any step of the family can
+      apply: every pair whose normal-approximation p could be declared significant is tested
+      on its exact p (which can be far larger: a mostly silent unit with asymptotic p 0.015
+      has exact p 0.035), so no pair is significant on the approximation alone.  A pair above
+      the cut-off keeps an asymptotic p above every threshold: it is never significant.
+    * :data:`~neuroprobe.analysis.exact.EXACT_MARGIN` (0.01) is a floor: it keeps the p-values
+      of earlier releases (exact at or below 0.01) identical, and it gives exact p-values to
+      pairs the approximation makes *less* significant than they are (heavily tied units: exact
+      0.012 with asymptotic 0.073 in a random search of small batteries).  The guarantee above
+      does not need the floor.  Lowering it (down to the bound itself) skips only pairs that
+      cannot be significant on their asymptotic p, and changes their ``p``, ``p_test`` and
+      ``concept``; a verdict changes only where that asymptotic p is larger than the exact one:
+      a discovery lost, never a false one gained.
+
+    Parameters
+    ----------
+    fdr, n_tests, family
+        As for :func:`largest_threshold`.
+    """
+    from neuroprobe.analysis.exact import EXACT_MARGIN
+
+    return max(largest_threshold(fdr, n_tests, family), EXACT_MARGIN)
+
+
+def smallest_attainable_p(n: int, m: int, exact: bool = True) -> float:
+    """A perfectly selective unit's p-value (``m`` concept stimuli above ``n - m`` others).
+
+    ``exact``: ``1 / C(n, m)``, the smallest exact rank-sum p-value of any unit.  Otherwise its
+    normal approximation for untied responses (what ``exact=False`` uses; see
+    :func:`~neuroprobe.analysis.indices.perfect_p_asymptotic`).
+    """
+    from neuroprobe.analysis.exact import smallest_p
+    from neuroprobe.analysis.indices import perfect_p_asymptotic
+
+    return smallest_p(n, m) if exact else perfect_p_asymptotic(n, m)
+
+
+def _stimuli_needed(threshold: float, n_concepts: int, exact: bool) -> int:
+    """The fewest stimuli per concept in one split for a perfect unit's p to reach ``threshold``."""
+    m = 1
+    while smallest_attainable_p(n_concepts * m, m, exact) > threshold:
+        m += 1
+    return m
+
+
 def power(n_units: int, n_concepts: int, *, fdr: float = 0.05, method: str = "bh",
-          screening_fraction: float = 0.5) -> int:
+          screening_fraction: float = 0.5, exact: bool = True) -> int:
     """Stimuli per concept a battery needs so that one perfectly selective unit can be found.
 
     A perfectly selective unit (every one of its concept's screening stimuli above every other
     screening stimulus) has the exact rank-sum p-value ``1 / C(n, m)``, the smallest any unit
     can have, with ``m`` screening stimuli per concept and ``n = n_concepts x m``.  It can be
     the first discovery among ``n_units`` units only when that p-value is at most
-    :func:`first_threshold`.
+    :func:`first_threshold`, and it is confirmed only when its testing split's p-value can
+    reach ``fdr`` (a lone candidate); both splits must be large enough.
 
     Parameters
     ----------
@@ -263,6 +346,9 @@ def power(n_units: int, n_concepts: int, *, fdr: float = 0.05, method: str = "bh
         FDR level and procedure (``bh`` or ``by``).
     screening_fraction
         Fraction of each concept's stimuli in the screening split (the rest confirm).
+    exact
+        Exact p-values (default), or the normal approximation (``exact=False``), whose
+        perfect unit needs more stimuli.
 
     Returns
     -------
@@ -274,68 +360,151 @@ def power(n_units: int, n_concepts: int, *, fdr: float = 0.05, method: str = "bh
     >>> power(10_000, 8)   # 6 screening + 6 testing stimuli per concept
     12
     """
-    from neuroprobe.analysis.exact import smallest_p
-
     if n_units < 1 or n_concepts < 2:
         raise NeuroprobeError("power needs at least one unit and two concepts.")
     if not 0 < screening_fraction < 1:
         raise NeuroprobeError(f"screening_fraction must be between 0 and 1, not {screening_fraction}.")
-    need = first_threshold(n_units, n_concepts, fdr, method)
-    m = 1
-    while smallest_p(n_concepts * m, m) > need:
-        m += 1
-    return int(np.ceil(m / screening_fraction - 1e-9))
+    m_scr = _stimuli_needed(first_threshold(n_units, n_concepts, fdr, method), n_concepts, exact)
+    m_test = _stimuli_needed(fdr, n_concepts, exact)
+    return int(max(np.ceil(m_scr / screening_fraction - 1e-9), np.ceil(m_test / (1 - screening_fraction) - 1e-9)))
+
+
+def _most_units(p_floor: float, n_units: int, n_concepts: int, fdr: float, method: str) -> int:
+    """About how many units a screening floor allows (0: not even one)."""
+    fewer = int(fdr / (n_concepts * p_floor) / (_harmonic(n_units * n_concepts) if method == "by" else 1.0))
+    if fewer < 1 and p_floor <= first_threshold(1, n_concepts, fdr, method):
+        # BY's estimate above takes the harmonic number of all the units: search the largest count
+        lo, hi = 1, 2
+        while p_floor <= first_threshold(hi, n_concepts, fdr, method):
+            lo, hi = hi, 2 * hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if p_floor <= first_threshold(mid, n_concepts, fdr, method) else (lo, mid)
+        fewer = lo
+    return fewer
+
+
+def _floors(split: dict[str, tuple[int, list[int]]], exact: bool,
+            used: dict[str, list[bool]] | None = None) -> tuple[float, float, int, int, int] | None:
+    """``(worst floor, best floor, fewest stimuli, fewest and most per concept)`` of one split.
+
+    Concepts are those with stimuli in the split, or, with ``used``, those marked there (a used
+    concept with no stimuli in the split has floor 1: it cannot pass).
+    """
+    rows = []
+    for site, (n, counts) in split.items():
+        wanted = [c > 0 for c in counts] if used is None else used.get(site, [False] * len(counts))
+        rows += [(smallest_attainable_p(n, c, exact) if c > 0 else 1.0, n, c) for c, w in zip(counts, wanted) if w]
+    if used is not None:  # sites screened but missing from the split
+        rows += [(1.0, 0, 0) for site in used if site not in split and any(used[site])]
+    if not rows:
+        return None
+    fl = [r[0] for r in rows]
+    per = [r[2] for r in rows]
+    return max(fl), min(fl), min(r[1] for r in rows), min(per), max(per)
 
 
 def design_check(screening: dict[str, tuple[int, list[int]]], n_units: int, n_concepts: int, *,
-                 fdr: float = 0.05, method: str = "bh") -> dict[str, object]:
-    """Can the battery's screening split show a lone perfectly selective unit at all?
+                 fdr: float = 0.05, method: str = "bh", testing: dict[str, tuple[int, list[int]]] | None = None,
+                 exact: bool = True) -> dict[str, object]:
+    """Can a lone perfectly selective unit pass every stage a concept cell must pass?
+
+    The stages, each with the smallest p-value the battery allows a perfectly selective unit
+    (:func:`smallest_attainable_p`: exact ``1 / C(n, m)``, or its normal approximation when
+    ``exact=False``, the p-values then actually used):
+
+    * ``screening``: the first discovery among ``n_units x n_concepts`` tests needs
+      :func:`first_threshold`; fewer units or more screening stimuli help.
+    * ``testing`` (confirmation): a lone candidate is confirmed when its testing p is at most
+      ``fdr`` (BH or BY over one candidate); only more testing stimuli help.  A concept with
+      screening but no testing stimuli can never be confirmed.
+
+    The effect size never stops a perfectly selective unit (its concept can lie any distance
+    above the rest), so the p-values decide.
 
     Parameters
     ----------
-    screening
-        Site -> (screening stimuli, stimuli per concept), as :func:`~neuroprobe.analysis.scan.scan` reports.
+    screening, testing
+        Site -> (stimuli of the split, stimuli per concept), as
+        :func:`~neuroprobe.analysis.scan.scan` reports; without ``testing`` only screening is checked.
     n_units, n_concepts
         Live units tested and concepts.
     fdr, method
         FDR level and procedure.
+    exact
+        Whether the p-values are exact (default) or the normal approximation.
 
     Returns
     -------
     dict
-        ``n_screening, per_concept`` (the smallest over sites), ``p_floor`` (exact ``1 / C(n, m)``
-        for the concept with the fewest screening stimuli; the best *every* concept can reach),
-        ``p_floor_best`` (for the concept with the most), ``threshold`` (what the first discovery
-        needs), ``ok`` (``p_floor <= threshold``), ``needed_per_concept`` (stimuli per concept in
-        both splits that would make it possible, from :func:`power`), and ``message`` (one line).
+        ``n_screening, per_concept`` (the smallest over sites), ``p_floor`` (for the concept with
+        the fewest screening stimuli; the best *every* concept can reach), ``p_floor_best`` (for
+        the concept with the most), ``threshold`` (what the first discovery needs),
+        ``ok_screening``; with ``testing`` also ``n_testing, per_concept_test, p_floor_test,
+        threshold_test, ok_testing``; ``ok`` (every stage), ``failing`` (the stages that fail, in
+        order), ``null`` (``exact`` or ``asymptotic``), ``needed_per_concept`` (stimuli per
+        concept in both splits that would make it possible, from :func:`power`),
+        ``needed_screening`` and ``needed_testing`` (per split), and ``message`` (one line per
+        stage, then one per failing stage saying what would fix it).
     """
-    from neuroprobe.analysis.exact import smallest_p
-
-    if not screening or n_concepts < 1:
-        return dict(ok=True, message="design: no screening stimuli")
-    n = min(v[0] for v in screening.values())
-    counts = [c for v in screening.values() for c in v[1] if c > 0]
-    if not counts:
-        return dict(ok=True, message="design: no screening stimuli")
-    m_lo, m_hi = min(counts), max(counts)
-    floors = [smallest_p(v[0], c) for v in screening.values() for c in v[1] if c > 0]
-    p_floor, p_best = max(floors), min(floors)
+    none = dict(ok=True, failing=[], message="design: no screening stimuli")
+    scr = _floors(screening, exact) if screening and n_concepts >= 1 else None
+    if scr is None:
+        return none
+    p_floor, p_best, n, m_lo, m_hi = scr
     thr = first_threshold(max(1, n_units), n_concepts, fdr, method)
-    ok = p_floor <= thr
+    ok_scr = p_floor <= thr
     per = f"{m_lo}" if m_lo == m_hi else f"{m_lo}-{m_hi}"
-    msg = (f"design: {n} screening stimuli, {per} per concept: the smallest attainable p is {p_floor:.2g} "
-           f"(exact rank-sum, a perfectly selective unit); the first discovery needs p <= {thr:.2g} "
-           f"({method.upper()} {fdr:g} over {n_units} units x {n_concepts} concepts)")
+    how = ("exact rank-sum, a perfectly selective unit" if exact else
+           "normal approximation as with --asymptotic, a perfectly selective unit with untied responses")
+    lines = [f"design: {n} screening stimuli, {per} per concept: the smallest attainable p is {p_floor:.2g} "
+             f"({how}); the first discovery needs p <= {thr:.2g} "
+             f"({method.upper()} {fdr:g} over {n_units} units x {n_concepts} concepts)"]
     out: dict[str, object] = dict(n_screening=n, per_concept=m_lo, p_floor=p_floor, p_floor_best=p_best,
-                                  threshold=thr, ok=ok, message=msg)
+                                  threshold=thr, ok_screening=ok_scr, null="exact" if exact else "asymptotic")
+    failing = [] if ok_scr else ["screening"]
+    used = {site: [c > 0 for c in counts] for site, (_, counts) in screening.items()}
+    test = _floors(testing, exact, used) if testing is not None else None
+    if test is not None:
+        p_test, _, n_test, t_lo, t_hi = test
+        ok_test = p_test <= fdr
+        out.update(n_testing=n_test, per_concept_test=t_lo, p_floor_test=p_test, threshold_test=float(fdr),
+                   ok_testing=ok_test)
+        lines.append(f"design: {n_test} testing stimuli, {t_lo if t_lo == t_hi else f'{t_lo}-{t_hi}'} per concept: "
+                     f"the smallest attainable p is {p_test:.3g}; confirming a lone candidate needs p <= {fdr:g} "
+                     f"({method.upper()} {fdr:g} over the candidates)")
+        if not ok_test:
+            failing.append("testing")
+    out.update(ok=not failing, failing=failing)
     if n_concepts >= 2:
-        out["needed_per_concept"] = power(max(1, n_units), n_concepts, fdr=fdr, method=method)
-    if not ok:
-        fewer = int(fdr / (n_concepts * p_floor) / (_harmonic(n_units * n_concepts) if method == "by" else 1.0))
-        out["message"] = msg + (f"\ndesign: a perfectly selective unit could NOT pass: give each concept at least "
-                                f"{out.get('needed_per_concept')} stimuli (both splits), or test fewer units "
-                                f"(--sites; at most about {fewer}) or fewer concepts")
+        out["needed_per_concept"] = power(max(1, n_units), n_concepts, fdr=fdr, method=method, exact=exact)
+        out["needed_screening"] = _stimuli_needed(thr, n_concepts, exact)
+        out["needed_testing"] = _stimuli_needed(fdr, n_concepts, exact)
+    if n_concepts < 2:
+        lines.append("design: a concept can only be tested against others: the battery needs at least two concepts")
+    elif "screening" in failing:
+        fewer = _most_units(p_floor, n_units, n_concepts, fdr, method)
+        units = (f"or test fewer units (--sites; at most about {fewer}) or fewer concepts" if fewer >= 1 else
+                 f"no number of units helps (even a single unit needs p <= "
+                 f"{first_threshold(1, n_concepts, fdr, method):.2g}): only more stimuli per concept do")
+        lines.append(f"design: a perfectly selective unit could NOT pass the screening stage: give each concept at "
+                     f"least {out.get('needed_per_concept')} stimuli (both splits), {out.get('needed_screening')} of "
+                     f"them screening{'; ' if fewer < 1 else ', '}{units}" + _exact_hint(exact, screening, None, thr))
+    if "testing" in failing and n_concepts >= 2:
+        lines.append(f"design: a perfectly selective unit could NOT pass the testing stage (confirmation on the "
+                     f"testing split): give each concept at least {out.get('needed_testing')} testing stimuli; "
+                     f"the number of units does not matter there" + _exact_hint(exact, testing, used, fdr))
+    out["message"] = "\n".join(lines)
     return out
+
+
+def _exact_hint(exact: bool, split: dict[str, tuple[int, list[int]]] | None, used: dict[str, list[bool]] | None,
+                threshold: float) -> str:
+    """With the normal approximation, say when exact p-values alone would pass the stage."""
+    floors = None if exact or split is None else _floors(split, True, used)
+    if floors is None or floors[0] > threshold:
+        return ""
+    return f"; or use exact p-values (drop --asymptotic: their floor here is {floors[0]:.2g})"
 
 
 def apply_criterion(res: ScanResult, *, fdr: float, method: str, alpha: float, family: str = "units") -> pd.DataFrame:

@@ -36,15 +36,20 @@ carries probabilities (all <= 1), so there is no overflow of ``C(n, m)``; the
 relative rounding error is a few ``n`` ulps.  Pairs of units and concepts of the
 same concept size are processed together, vectorised over pairs.
 
-Which pairs get it (see :func:`exact_p`)
-----------------------------------------
-Only pairs whose asymptotic p is at most ``margin`` (default ``1e-2``, hundreds of
-times any threshold a family of more than a few tests uses) and whose program
-costs at most ``budget`` state updates.  The normal approximation overstates the
-tail only at the edge of the support (a perfectly separated concept), where its
-p-value is itself small, so pairs above the margin are not significant under the
-exact null either; pairs over the budget (hundreds of stimuli per concept in
-thousands, far from the support's edge) keep the asymptotic p and are counted.
+Which pairs get it (see :func:`exact_p` and :func:`neuroprobe.analysis.criterion.exact_cutoff`)
+-------------------------------------------------------------------------------------------------
+Every pair whose asymptotic p is at or below the *cut-off*, and whose program costs at
+most ``budget`` state updates.  The cut-off is derived from the largest threshold any
+multiple-comparison family can apply to a pair (``fdr`` over every test with
+``family="pairs"``; ``fdr / C`` with ``family="units"``, ``C`` the unit's concepts):
+a pair whose asymptotic p is at or under it could be declared significant, so it must
+get its exact p, which may be far larger (a mostly silent unit: asymptotic 0.015,
+exact 0.035, with two concepts).  The cut-off never goes below :data:`EXACT_MARGIN`.
+A pair above the cut-off keeps its asymptotic p, which is then above every threshold;
+the approximation can also *understate* the evidence (heavily tied units), so such a
+pair may be a missed discovery, never a false one.  Pairs over the budget (hundreds of
+stimuli per concept in thousands, far from the support's edge) keep the asymptotic p
+and are counted.
 """
 from __future__ import annotations
 
@@ -52,7 +57,10 @@ import math
 
 import numpy as np
 
-#: Asymptotic p-values at or below this get the exact p-value.
+#: The least cut-off: asymptotic p-values at or below it always get the exact p-value.  Not
+#: needed for correctness (that needs the cut-off to reach the largest threshold that can
+#: apply: :func:`neuroprobe.analysis.criterion.exact_cutoff`); it keeps every p-value of the
+#: earlier releases, which computed exact p at or below 0.01 only, unchanged.
 EXACT_MARGIN = 1e-2
 #: Most state updates (window x (m + 1) x (d_obs + 1)) spent on one pair.
 EXACT_BUDGET = 20_000_000
@@ -183,7 +191,10 @@ def exact_p(
     want
         ``[G, C]`` pairs to consider (default: every finite pair); of those, the ones with
         ``p_asym <= margin`` and a program cost within ``budget`` are computed exactly.
-    margin, budget
+    margin
+        The cut-off on the asymptotic p (:func:`neuroprobe.analysis.criterion.exact_cutoff`
+        gives the one the concept-cell criterion needs; ``1.0``: every pair considered).
+    budget
         See the module docstring.
 
     Returns

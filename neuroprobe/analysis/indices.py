@@ -286,6 +286,22 @@ def rank_sum(ranks: np.ndarray, tie: np.ndarray, onehot: np.ndarray) -> tuple[np
     return np.where(ok, U, np.nan), np.where(ok, np.clip(p, 0.0, 1.0), np.nan)
 
 
+def perfect_p_asymptotic(n: int, m: int) -> float:
+    """The normal-approximation p of a perfectly selective unit with untied responses.
+
+    ``m`` stimuli of a concept above the ``n - m`` others, every response distinct: the p-value
+    :func:`rank_sum` gives it (tie and continuity correction), what ``exact=False`` (``--asymptotic``)
+    uses where the exact floor is ``1 / C(n, m)``.  Ties below or inside the concept make the
+    approximation smaller still (a binary unit), overstating the evidence.
+    """
+    if m <= 0 or m >= n:
+        return 1.0
+    ranks = np.arange(1.0, n + 1.0)[None, :]
+    onehot = np.zeros((n, 1))
+    onehot[n - m :, 0] = 1.0
+    return float(rank_sum(ranks, np.zeros(1), onehot)[1][0, 0])
+
+
 def auc_from_u(U: np.ndarray, n_c: np.ndarray, n_b: np.ndarray) -> np.ndarray:
     """ROC AUC ``U / (n_c n_b)``."""
     with np.errstate(invalid="ignore", divide="ignore"):

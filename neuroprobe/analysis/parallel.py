@@ -115,4 +115,6 @@ def scan_sites(path: str | Path, sites: Sequence[str], jobs: int, *, quiet: bool
         pairs={name: np.concatenate(v) for name, v in pairs.items()},
         passes=sum(r.passes for r in parts),
         screening={site: v for r in parts for site, v in getattr(r, "screening", {}).items()},
+        testing={site: v for r in parts for site, v in r.testing.items()},
+        cutoffs={site: v for r in parts for site, v in r.cutoffs.items()},
     )

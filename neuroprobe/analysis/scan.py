@@ -47,6 +47,8 @@ class ScanResult:
     pairs: dict[str, np.ndarray] = field(default_factory=dict)  # [units, concepts] arrays (criterion)
     passes: int = 0                     # super-block reads
     screening: dict[str, tuple[int, list[int]]] = field(default_factory=dict)  # site -> (n, per-concept counts)
+    testing: dict[str, tuple[int, list[int]]] = field(default_factory=dict)    # site -> (n, per-concept counts)
+    cutoffs: dict[str, float] = field(default_factory=dict)  # site -> exact-p cut-off used on screening pairs
 
 
 def as_recording(rec: Recording | str | Path) -> Recording:
@@ -139,7 +141,8 @@ def scan(
     jobs: int = 1,
     exact: bool = True,
     fdr: float = 0.05,
-    margin: float = EXACT_MARGIN,
+    family: str = "units",
+    margin: float | None = None,
     budget: float = EXACT_BUDGET,
 ) -> ScanResult:
     """Stream every unit of ``sites`` through the statistics (see module docstring).
@@ -173,12 +176,17 @@ def scan(
         (see :mod:`neuroprobe.analysis.parallel`).
     exact
         Exact rank-sum p-values (conditional permutation null) where they can matter: screening
-        pairs with an asymptotic p <= ``margin``, and testing pairs that can be confirmed (their
-        screening pair passes the effect size with p <= ``fdr``); see
+        pairs with an asymptotic p at or below the cut-off, and testing pairs that can be
+        confirmed (their screening pair passes the effect size with p <= ``fdr``); see
         :mod:`neuroprobe.analysis.exact`.  ``False``: the normal approximation everywhere.
-    fdr
-        The FDR level the caller will use (decides which testing pairs need exact p-values).
-    margin, budget
+    fdr, family
+        The FDR level and family the caller will use: they decide the cut-off and which testing
+        pairs need exact p-values.
+    margin
+        The cut-off on screening pairs' asymptotic p; ``None`` (default): per site,
+        :func:`neuroprobe.analysis.criterion.exact_cutoff` of ``fdr``, the site's concept tests
+        per unit and ``family`` (reported in ``ScanResult.cutoffs``).
+    budget
         See :func:`neuroprobe.analysis.exact.exact_p`.
     """
     if transform not in TRANSFORMS:
@@ -202,8 +210,8 @@ def scan(
         return scan_sites(rec.path, names, n_jobs(jobs), quiet=quiet,
                           unit_counts=[int(rec.responses(s).shape[1]) for s in names], transform=transform,
                           criterion=criterion, k=k, alpha=alpha, n_perm=n_perm, seed=seed, labels=labels,
-                          read_bytes=read_bytes, block_units=block_units, exact=exact, fdr=fdr, margin=margin,
-                          budget=budget)
+                          read_bytes=read_bytes, block_units=block_units, exact=exact, fdr=fdr, family=family,
+                          margin=margin, budget=budget)
     bar = tqdm(total=n_units_total, unit="unit", desc="cells" if criterion else "indices", disable=quiet,
                dynamic_ncols=True)
     null = PermutationNull(n_perm, seed)
@@ -213,7 +221,9 @@ def scan(
     mods_all: list[str] = []
     passes = 0
     screening: dict[str, tuple[int, list[int]]] = {}
-    opts = dict(exact=exact, fdr=fdr, margin=margin, budget=budget)
+    testing: dict[str, tuple[int, list[int]]] = {}
+    cutoffs: dict[str, float] = {}
+    from neuroprobe.analysis.criterion import exact_cutoff  # criterion imports this module
     try:
         for site in names:
             ds = rec.responses(site)
@@ -229,7 +239,9 @@ def scan(
                     mods_all += [m for m in design.modalities if m not in mods_all]
                     s1 = np.zeros(x.shape[1])
                     s2 = np.zeros(x.shape[1])
-                blk = _block(x, design, transform=transform, criterion=criterion, k=k, null=null, **opts)
+                    cut = margin if margin is not None else exact_cutoff(fdr, tests_per_unit(design.screening), family)
+                blk = _block(x, design, transform=transform, criterion=criterion, k=k, null=null, exact=exact, fdr=fdr,
+                             margin=cut, budget=budget)
                 live = ~blk["dead"]
                 r = blk.pop("_r")
                 s1 += r[live].sum(0)
@@ -243,6 +255,9 @@ def scan(
             if design is None:  # a site with no units
                 continue
             screening[site] = (design.screening.n, [int(c) for c in design.screening.counts])
+            testing[site] = (design.testing.n, [int(c) for c in design.testing.counts])
+            if criterion and exact:
+                cutoffs[site] = float(cut)
             arr = {name: np.concatenate(v) for name, v in cols.items()}
             tables.append(_site_table(site, kinds.get(site, ""), design, arr, transform, criterion))
             for name in ("p_scr", "effect_scr", "z_scr", "p_test", "effect_test", "z_test", "exact_scr", "over_scr",
@@ -259,7 +274,12 @@ def scan(
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     population = pd.concat(pops, ignore_index=True) if pops else pd.DataFrame()
     pairs = {name: np.concatenate(v) for name, v in pair_parts.items()}
-    return ScanResult(table, population, concepts, forms_all, mods_all, pairs, passes, screening)
+    return ScanResult(table, population, concepts, forms_all, mods_all, pairs, passes, screening, testing, cutoffs)
+
+
+def tests_per_unit(sub: Subset) -> int:
+    """Concept tests a live unit gets on a subset: concepts with stimuli both in and outside them."""
+    return int(((sub.counts > 0) & (sub.counts < sub.n)).sum())
 
 
 def _block(x: np.ndarray, design: Design, *, transform: str, criterion: bool, k: float,
