@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from neuroprobe.errors import RecordingError
-from neuroprobe.recording import schema
+from neuroprobe.recording import schema, superblock
 
 
 #: Metadata read attempts of a SWMR read: HDF5 sleeps 2**(k-1) ns after the k-th failed
@@ -98,23 +98,11 @@ def _open_failure(path: Path, err: BaseException) -> RecordingError:
     return RecordingError(f"{path} cannot be opened as HDF5 ({text.splitlines()[0] if text else type(err).__name__}).")
 
 
-def _superblock_eof(path: Path) -> int | None:
-    """The end-of-file address a version 2/3 superblock at the file's start records (``None`` if there is none)."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(12 + 4 * 8)
-    except OSError:
-        return None
-    width = head[9] if len(head) > 9 else 0
-    if head[:8] != b"\x89HDF\r\n\x1a\n" or head[8] not in (2, 3) or width not in (2, 4, 8) or len(head) < 12 + 3 * width:
-        return None
-    return int.from_bytes(head[12 + 2 * width : 12 + 3 * width], "little")
-
-
 def _damaged(path: Path, err: BaseException) -> RecordingError:
     """One sentence for a file whose HDF5 structure fails while it is read."""
     text = str(err).splitlines()[0] if str(err) else ""
-    eof = _superblock_eof(path)
+    sb = superblock.read(path)
+    eof = sb.eof if sb is not None else None
     size = path.stat().st_size if path.exists() else None
     short = f"it has {size:,} bytes where its HDF5 superblock says {eof:,}, and " if eof and size is not None and size < eof else ""
     if "checksum" in text:
@@ -123,21 +111,6 @@ def _damaged(path: Path, err: BaseException) -> RecordingError:
     if short:
         return RecordingError(f"{path} is truncated: {short}reading it fails ({type(err).__name__}: {text}).")
     return RecordingError(f"{path} is a damaged recording ({type(err).__name__}: {text}).")
-
-
-def _marked_open_for_write(path: Path) -> bool:
-    """Whether the superblock (version 2 or 3, at the file's start) says a writer has the file open.
-
-    A live SWMR writer leaves these flags set while it writes, and a killed one leaves
-    them behind.  Such a file opens only for SWMR reading, and its superblock's length
-    may legitimately run ahead of the file, so HDF5's length check does not apply.
-    """
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(12)
-    except OSError:
-        return False  # HDF5 says why
-    return len(head) == 12 and head[:8] == b"\x89HDF\r\n\x1a\n" and head[8] in (2, 3) and head[11] != 0
 
 
 def open_h5(path: str | Path) -> h5py.File:
@@ -154,11 +127,15 @@ def open_h5(path: str | Path) -> h5py.File:
         If HDF5 cannot open the file (naming the file, and its two lengths if it is truncated).
     """
     path = Path(path)
-    if not _marked_open_for_write(path):
+    sb = superblock.read(path)
+    # a live SWMR writer keeps the superblock's status flags set, and a killed one leaves them behind: such a
+    # file opens only for SWMR reading, and its superblock's length may run ahead of the file
+    if sb is None or sb.flags == 0:
         try:
             return h5py.File(path, "r")
         except OSError as err:
-            if "already open for write" not in str(err):
+            again = superblock.read(path) if sb is None else sb  # the first read may have met a writer mid-update
+            if "already open for write" not in str(err) and (again is None or again.flags == 0):
                 raise _open_failure(path, err) from None
     if _SWMR_DRIVER not in h5py.registered_drivers():
         h5py.register_driver(_SWMR_DRIVER, _swmr_read_fapl)
