@@ -266,9 +266,14 @@ def test_live_recording_is_read_by_inspect_and_open_recording(tmp_path):
 
 def test_real_recorder_with_tokens_is_read_while_it_writes(tmp_path):
     """``neuroprobe record --tokens`` in another process: every poll reads the committed rows the final file holds."""
+    battery = tmp_path / "digit-names"  # the digits battery's 300 text stimuli (a shorter run)
+    battery.mkdir()
+    shutil.copy(ROOT / "probes" / "digits" / "battery.json", battery)
+    lines = (ROOT / "probes" / "digits" / "stimuli.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+    (battery / "stimuli.csv").write_text(lines[0] + "".join(l for l in lines[1:] if l.split(",")[2] == "text"))
     path = tmp_path / "org.h5"
-    proc = subprocess.Popen([sys.executable, "-m", "neuroprobe.cli", "record", "--model", "organism", "--tokens",
-                             "--sites", "text.layers.0.mlp.act", "--batch-size", "8", "--quiet", "--out", str(path)], env=ENV,
+    proc = subprocess.Popen([sys.executable, "-m", "neuroprobe.cli", "record", "--model", "organism", "--probe", str(battery),
+                             "--tokens", "--sites", "text.layers.0.mlp.act", "--batch-size", "8", "--quiet", "--out", str(path)], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     snaps = []
     try:
@@ -282,7 +287,7 @@ def test_real_recorder_with_tokens_is_read_while_it_writes(tmp_path):
         proc.kill() if proc.poll() is None else None
         _, err = proc.communicate()
     assert proc.returncode == 0, err
-    live = [s for s in snaps if 0 < s[0] < 960]
+    live = [s for s in snaps if 0 < s[0] < 300]
     assert live, "no poll saw the recording mid-way"
     with open_recording(path) as rec:
         assert rec.complete
