@@ -3,8 +3,9 @@
 Responses stay on disk (h5py datasets): slicing a site reads only that slice, so a
 recording larger than memory can be analysed chunk by chunk.
 
-Every reader opens recording files through :func:`open_h5` and checks them with
-:func:`check_storage`, so a damaged file fails at once, in one sentence:
+Readers open recording files through :func:`open_h5` and check them with
+:func:`check_storage` (``open_recording`` does both), so a damaged file fails at once,
+in one sentence:
 
 - A finished file is opened as plain read-only HDF5, which checks that the file is as
   long as its superblock says and reads each piece of metadata once.  Only a file
@@ -12,8 +13,8 @@ Every reader opens recording files through :func:`open_h5` and checks them with
   is opened for SWMR reading.  HDF5 retries a SWMR read whose metadata checksum fails
   (a torn read of a block the writer is rewriting), sleeping 1 ns, 2 ns, 4 ns, ...
   between its 100 default attempts: on a damaged block that is 2**100 ns, a hang.
-  :func:`open_h5` bounds the attempts (:data:`SWMR_READ_ATTEMPTS`, about one second
-  of retrying in all).
+  :func:`open_h5` bounds the attempts (:data:`SWMR_READ_ATTEMPTS`: a damaged file
+  opened this way fails in about a second).
 - A SWMR read skips HDF5's end-of-file check, and a truncated file reads as zeros
   where its data should be; :func:`check_storage` checks that every chunk holding
   committed data lies inside the file (committed: rows below ``n_done``, token rows
