@@ -2,20 +2,232 @@
 
 Responses stay on disk (h5py datasets): slicing a site reads only that slice, so a
 recording larger than memory can be analysed chunk by chunk.
+
+Readers open recording files through :func:`open_h5` and check them with
+:func:`check_storage` (``open_recording`` does both), so a damaged file fails at once,
+in one sentence:
+
+- A finished file is opened as plain read-only HDF5, which checks that the file is as
+  long as its superblock says and reads each piece of metadata once.  Only a file
+  marked "open for write" — being written now (SWMR), or left so by a killed writer —
+  is opened for SWMR reading.  HDF5 retries a SWMR read whose metadata checksum fails
+  (a torn read of a block the writer is rewriting), sleeping 1 ns, 2 ns, 4 ns, ...
+  between its 100 default attempts: on a damaged block that is 2**100 ns, a hang.
+  :func:`open_h5` bounds the attempts (:data:`SWMR_READ_ATTEMPTS`: a damaged file
+  opened this way fails in about a second).
+- A SWMR read skips HDF5's end-of-file check, and a truncated file reads as zeros
+  where its data should be; :func:`check_storage` checks that every chunk holding
+  committed data lies inside the file (committed: rows below ``n_done``, token rows
+  below ``n_tokens``), which also holds while a writer is still growing the file.
 """
 from __future__ import annotations
 
+import ctypes
 import json
-from functools import cached_property
+import os
+import re
+from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import h5py
 import numpy as np
 import pandas as pd
 
 from neuroprobe.errors import RecordingError
-from neuroprobe.recording import schema
+from neuroprobe.recording import schema, superblock
+
+
+#: Metadata read attempts of a SWMR read: HDF5 sleeps 2**(k-1) ns after the k-th failed
+#: attempt, so 30 attempts retry a torn read for up to ~0.5 s (HDF5's default, 100, never ends).
+SWMR_READ_ATTEMPTS = 30
+
+_SWMR_DRIVER = "neuroprobe-swmr-read"
+
+
+@lru_cache(maxsize=1)
+def _read_attempts_setter() -> Callable[[int, int], int] | None:
+    """``H5Pset_metadata_read_attempts`` of the libhdf5 that h5py uses (h5py does not wrap it), or ``None``.
+
+    The candidate libraries are those mapped into this process (or bundled beside
+    h5py); the right one is recognised by setting a property through it and reading
+    it back through h5py.
+    """
+    names: list[str] = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            names = [line.split(None, 5)[5].strip() for line in maps if len(line.split(None, 5)) == 6]
+    except OSError:  # not Linux: the libraries bundled with h5py's wheel
+        here = Path(h5py.__file__).parent
+        names = [str(p) for p in (*here.parent.glob("h5py.libs/libhdf5*"), *here.glob(".dylibs/libhdf5*"))]
+    seen: set[str] = set()
+    for name in names:
+        base = os.path.basename(name)
+        if name in seen or not base.startswith("libhdf5") or "_hl" in base or not (".so" in base or base.endswith(".dylib")):
+            continue
+        seen.add(name)
+        try:
+            lib = ctypes.CDLL(name)
+            setter, probe = lib.H5Pset_metadata_read_attempts, lib.H5Pset_meta_block_size
+        except (OSError, AttributeError):
+            continue
+        setter.argtypes, setter.restype = [ctypes.c_int64, ctypes.c_uint], ctypes.c_int
+        probe.argtypes, probe.restype = [ctypes.c_int64, ctypes.c_uint64], ctypes.c_int
+        fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+        if probe(fapl.id, 12345) >= 0 and fapl.get_meta_block_size() == 12345:
+            return setter
+    return None
+
+
+def _swmr_read_fapl(plist: h5py.h5p.PropFAID, **_: Any) -> None:
+    """h5py driver hook: the default (sec2) driver with bounded metadata read attempts."""
+    plist.set_fapl_sec2()
+    setter = _read_attempts_setter()
+    if setter is not None:
+        setter(plist.id, SWMR_READ_ATTEMPTS)
+
+
+def _open_failure(path: Path, err: BaseException) -> RecordingError:
+    """One sentence for a file HDF5 refused to open."""
+    text = str(err)
+    m = re.search(r"truncated file: eof = (\d+).*stored_eof = (\d+)", text)
+    if m:
+        return RecordingError(f"{path} is truncated: it has {int(m[1]):,} bytes where its HDF5 superblock says "
+                              f"{int(m[2]):,}; it cannot be read (copy or record it again).")
+    if "checksum" in text:
+        return _damaged(path, err)
+    return RecordingError(f"{path} cannot be opened as HDF5 ({text.splitlines()[0] if text else type(err).__name__}).")
+
+
+def _damaged(path: Path, err: BaseException) -> RecordingError:
+    """One sentence for a file whose HDF5 structure fails while it is read."""
+    text = str(err).splitlines()[0] if str(err) else ""
+    sb = superblock.read(path)
+    eof = sb.eof if sb is not None else None
+    size = path.stat().st_size if path.exists() else None
+    short = f"it has {size:,} bytes where its HDF5 superblock says {eof:,}, and " if eof and size is not None and size < eof else ""
+    if "checksum" in text:
+        return RecordingError(f"{path} is {'truncated' if short else 'damaged'}: {short}a block of its HDF5 metadata "
+                              f"fails its checksum; it cannot be read (copy or record it again).")
+    if short:
+        return RecordingError(f"{path} is truncated: {short}reading it fails ({type(err).__name__}: {text}).")
+    return RecordingError(f"{path} is a damaged recording ({type(err).__name__}: {text}).")
+
+
+def open_h5(path: str | Path) -> h5py.File:
+    """Open a recording file (or shard) for reading; fail fast and in one sentence if it is damaged.
+
+    A finished file opens as plain read-only HDF5 (which checks its length and reads
+    metadata once); a file that is being written, or was left open by a killed
+    writer, opens for SWMR reading with at most :data:`SWMR_READ_ATTEMPTS` metadata
+    read attempts.  Pair it with :func:`check_storage`.
+
+    Raises
+    ------
+    RecordingError
+        If HDF5 cannot open the file (naming the file, and its two lengths if it is truncated).
+    """
+    path = Path(path)
+    sb = superblock.read(path)
+    # a live SWMR writer keeps the superblock's status flags set, and a killed one leaves them behind: such a
+    # file opens only for SWMR reading, and its superblock's length may run ahead of the file
+    if sb is None or sb.flags == 0:
+        try:
+            return h5py.File(path, "r")
+        except OSError as err:
+            again = superblock.read(path) if sb is None else sb  # the first read may have met a writer mid-update
+            if "already open for write" not in str(err) and (again is None or again.flags == 0):
+                raise _open_failure(path, err) from None
+    if _SWMR_DRIVER not in h5py.registered_drivers():
+        h5py.register_driver(_SWMR_DRIVER, _swmr_read_fapl)
+    try:
+        return h5py.File(path, "r", swmr=True, driver=_SWMR_DRIVER)
+    except OSError as err:
+        raise _open_failure(path, err) from None
+
+
+def _committed_rows(f: h5py.File, name: str, ds: h5py.Dataset) -> int:
+    """Rows of ``ds`` (along its first axis) that hold committed data."""
+    parts = name.strip("/").split("/")
+    try:
+        if parts[0] == schema.SITES and parts[-1] == schema.RESPONSES:
+            return min(ds.shape[0], int(f.attrs.get("n_done", ds.shape[0])))
+        if parts[0] == schema.SITES and parts[-1] == schema.SITE_TOKENS:
+            stream = _decode(f["/".join(parts[:-1])].attrs["stream"])
+            return min(ds.shape[0], int(f[f"{schema.TOKENS}/{stream}"].attrs["n_tokens"]))
+        if parts[0] == schema.TOKENS and parts[-1] != "offsets":
+            return min(ds.shape[0], int(f["/".join(parts[:-1])].attrs["n_tokens"]))
+    except (KeyError, TypeError, ValueError):
+        pass
+    return ds.shape[0]
+
+
+def _chunks(ds: h5py.Dataset) -> list[tuple[int, int, int]]:
+    """``(first row, byte offset, bytes)`` of every allocated chunk of ``ds``."""
+    out: list[tuple[int, int, int]] = []
+    sid = ds.id
+    if hasattr(sid, "chunk_iter"):
+        sid.chunk_iter(lambda c: out.append((c.chunk_offset[0], c.byte_offset, c.size)))
+    else:  # older HDF5: one lookup per chunk
+        for i in range(sid.get_num_chunks()):
+            c = sid.get_chunk_info(i)
+            out.append((c.chunk_offset[0], c.byte_offset, c.size))
+    return [c for c in out if c[1] is not None]
+
+
+def _data_end(f: h5py.File, name: str, ds: h5py.Dataset) -> int:
+    """The byte just past the last committed data of ``ds`` in its file (0 if it has none stored there)."""
+    dcpl = ds.id.get_create_plist()
+    layout = dcpl.get_layout()
+    if layout == h5py.h5d.CONTIGUOUS:
+        offset = ds.id.get_offset()
+        return 0 if offset is None else offset + ds.id.get_storage_size()
+    if layout != h5py.h5d.CHUNKED or ds.ndim == 0:
+        return 0  # compact (inside its object header) or virtual (its sources are checked on their own)
+    limit = _committed_rows(f, name, ds)
+    rows = ds.chunks[0]
+    filtered = dcpl.get_nfilters() > 0
+    end = 0
+    for first, offset, size in _chunks(ds):
+        if first >= limit:
+            continue
+        if filtered or first + rows <= limit:
+            end = max(end, offset + size)
+        else:  # rows first .. limit of an unfiltered chunk: its leading bytes (rows are stored row-major)
+            end = max(end, offset + (limit - first) * (size // rows))
+    return end
+
+
+def _file_size(f: h5py.File, path: Path) -> int:
+    try:
+        return os.fstat(f.id.get_vfd_handle()).st_size
+    except Exception:  # noqa: BLE001 - a driver without a descriptor
+        return path.stat().st_size
+
+
+def check_storage(f: h5py.File, path: str | Path) -> None:
+    """Refuse a file that ends before data it has committed (a truncated copy).
+
+    Every stored dataset is checked: each chunk that holds committed rows (every row,
+    except rows at or past ``n_done`` of responses and past ``n_tokens`` of token
+    rows, which a live writer may not have written yet) must lie inside the file.
+    A live writer only ever grows the file, and it writes data before the metadata
+    that points to it, so the file's size is read again after each index: a live
+    recording passes.  Reading every chunk index also surfaces damaged metadata here.
+
+    Raises
+    ------
+    RecordingError
+        Naming the file, the dataset and the two lengths.
+    """
+    path = Path(path)
+    datasets: list[tuple[str, h5py.Dataset]] = []
+    f.visititems(lambda name, obj: datasets.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
+    for name, ds in datasets:
+        end = _data_end(f, name, ds)
+        if end and end > (size := _file_size(f, path)):
+            raise RecordingError(f"{path} is truncated: /{name} has data up to byte {end:,} but the file ends at "
+                                 f"byte {size:,}; it cannot be read (copy or record it again).")
 
 
 def _decode(v: Any) -> Any:
@@ -59,19 +271,18 @@ class Recording:
             raise RecordingError(f"{self.path} does not exist.")
         if self.path.is_dir():
             raise RecordingError(f"{self.path} is a directory, not a recording file.")
+        self._f = open_h5(self.path)  # a recording that is still being written opens too (SWMR)
         try:
-            # SWMR read: a recording that is still being written can be opened (and a finished one as usual)
-            self._f = h5py.File(self.path, "r", swmr=True)
-        except OSError as err:
-            raise RecordingError(f"{self.path} cannot be opened as HDF5 ({str(err).splitlines()[0]}).") from None
-        try:
+            self.attrs  # noqa: B018 - read every attribute now: a damaged one must not pass for a missing one
             self._check_layout()
+            check_storage(self._f, self.path)
+            self.stimuli  # noqa: B018 - read now: a damaged table fails here, not in the middle of an analysis
         except RecordingError:
             self._f.close()
             raise
         except Exception as err:  # noqa: BLE001 - a damaged file must still end in one sentence
             self._f.close()
-            raise RecordingError(f"{self.path} is a damaged recording ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}).") from None
+            raise _damaged(self.path, err) from None
 
     def _check_layout(self) -> None:
         """Check the parts every reader relies on, so a damaged file fails here in one sentence."""

@@ -137,14 +137,9 @@ def read_shard(path: Path) -> Shard:
     """Read a shard's attributes (one clear error if it is not a shard)."""
     if not path.exists():
         raise RecordingError(f"shard {path.name} is missing from {path.parent}.")
-    try:
-        f = h5py.File(path, "r", swmr=True)  # shards are written in SWMR mode: readable even while (or after) a rank dies
-    except OSError:
-        try:
-            f = h5py.File(path, "r")
-        except OSError as err:
-            raise RecordingError(f"shard {path} is not readable HDF5 ({str(err).splitlines()[0]}).") from None
-    with f:
+    from neuroprobe.recording.reader import open_h5
+
+    with open_h5(path) as f:  # shards are written in SWMR mode: readable even while (or after) a rank dies
         if _attr(f, "format") != schema.FORMAT or any(k not in f.attrs for k in SHARD_KEYS):
             raise RecordingError(f"{path} is not a shard of a neuroprobe recording.")
         n_tokens = {}
@@ -342,18 +337,22 @@ def listed_shards(f: h5py.File, path: Path) -> list[Path]:
 
 
 def check_sources(f: h5py.File, path: Path) -> None:
-    """Refuse to read a virtual recording whose shard files are not where it says.
+    """Refuse to read a virtual recording whose shard files are not where it says, or are truncated.
 
     (HDF5 would silently read fill values instead.)
     """
     if not is_virtual(f):
         return
+    from neuroprobe.recording.reader import check_storage, open_h5
+
     for p in listed_shards(f, path):
         if not p.exists():
             raise RecordingError(
                 f"{path} is a virtual recording and its shard {p} is missing; keep its .shards folder beside it "
                 f"(or make one self-contained file with `neuroprobe merge`)."
             )
+        with open_h5(p) as shard:  # a truncated shard would read as zeros through the virtual datasets
+            check_storage(shard, p)
 
 
 # ----------------------------------------------------------------- merge

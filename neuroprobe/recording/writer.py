@@ -41,7 +41,7 @@ from neuroprobe.errors import RecordingError, option
 from neuroprobe.output import LIBC as _LIBC
 from neuroprobe.output import fallocate_keep_size as _fallocate_keep_size
 from neuroprobe.output import UNCLOSABLE, free_bytes, release_past_end
-from neuroprobe.recording import chunkio, schema
+from neuroprobe.recording import chunkio, schema, superblock
 from neuroprobe.subjects.base import Site
 
 
@@ -123,43 +123,6 @@ def _make_reserve(path: Path) -> Path | None:
     return reserve
 
 
-def _lookup3(data: bytes) -> int:
-    """Bob Jenkins' lookup3 ``hashlittle`` with seed 0: HDF5's metadata checksum."""
-    mask = 0xFFFFFFFF
-
-    def rot(x: int, k: int) -> int:
-        return ((x << k) | (x >> (32 - k))) & mask
-
-    n = len(data)
-    a = b = c = (0xDEADBEEF + n) & mask
-    i = 0
-    while n - i > 12:
-        a = (a + int.from_bytes(data[i : i + 4], "little")) & mask
-        b = (b + int.from_bytes(data[i + 4 : i + 8], "little")) & mask
-        c = (c + int.from_bytes(data[i + 8 : i + 12], "little")) & mask
-        a = (a - c) & mask; a ^= rot(c, 4); c = (c + b) & mask  # noqa: E702
-        b = (b - a) & mask; b ^= rot(a, 6); a = (a + c) & mask  # noqa: E702
-        c = (c - b) & mask; c ^= rot(b, 8); b = (b + a) & mask  # noqa: E702
-        a = (a - c) & mask; a ^= rot(c, 16); c = (c + b) & mask  # noqa: E702
-        b = (b - a) & mask; b ^= rot(a, 19); a = (a + c) & mask  # noqa: E702
-        c = (c - b) & mask; c ^= rot(b, 4); b = (b + a) & mask  # noqa: E702
-        i += 12
-    if i == n:
-        return c
-    rest = data[i:] + bytes(12 - (n - i))
-    a = (a + int.from_bytes(rest[0:4], "little")) & mask
-    b = (b + int.from_bytes(rest[4:8], "little")) & mask
-    c = (c + int.from_bytes(rest[8:12], "little")) & mask
-    c ^= b; c = (c - rot(b, 14)) & mask  # noqa: E702
-    a ^= c; a = (a - rot(c, 11)) & mask  # noqa: E702
-    b ^= a; b = (b - rot(a, 25)) & mask  # noqa: E702
-    c ^= b; c = (c - rot(b, 16)) & mask  # noqa: E702
-    a ^= c; a = (a - rot(c, 4)) & mask  # noqa: E702
-    b ^= a; b = (b - rot(a, 14)) & mask  # noqa: E702
-    c ^= b; c = (c - rot(b, 24)) & mask  # noqa: E702
-    return c
-
-
 def clear_status_flags(path: Path) -> bool:
     """Clear the "open for (SWMR) write" flags a killed writer left in the superblock (``h5clear -s``).
 
@@ -168,19 +131,13 @@ def clear_status_flags(path: Path) -> bool:
     Superblock versions 2 and 3 (the only ones with these flags) keep them in byte
     11 and end with a lookup3 checksum of the preceding bytes.
     """
+    sb = superblock.read(path)
+    if sb is None or sb.flags == 0:
+        return False  # nothing to clear, or not a superblock we understand: leave it to HDF5's own error
+    block = bytearray(sb.block)
+    block[11] = 0
     with open(path, "r+b") as fh:
-        head = fh.read(48 + 12)
-        if head[:8] != b"\x89HDF\r\n\x1a\n" or head[8] not in (2, 3) or head[11] == 0:
-            return False
-        size_of_offsets = head[9]
-        end = 12 + 4 * size_of_offsets
-        block = bytearray(head[:end])
-        stored = struct.unpack("<I", head[end : end + 4])[0]
-        if _lookup3(bytes(block)) != stored:
-            return False  # not a superblock we understand: leave it to HDF5's own error
-        block[11] = 0
-        fh.seek(0)
-        fh.write(bytes(block) + struct.pack("<I", _lookup3(bytes(block))))
+        fh.write(bytes(block) + struct.pack("<I", superblock.lookup3(bytes(block))))
         fh.flush()
         os.fsync(fh.fileno())
     return True
