@@ -338,7 +338,7 @@ def plot_unit_raster(
     ax.set_yticks([len(forms) - 1 - i + 0.5 for i in range(len(forms))], forms)
     ax.set_xticks(np.arange(len(concepts)) + 0.5, concepts, rotation=90)
     ax.tick_params(length=0)
-    ax.set_xlabel("concept (one bar per stimulus)")
+    ax.set_xlabel("concept (one bar per stimulus; bar height:\nresponse from the unit's minimum to its maximum)")
     if title is None:
         title = f"{site}, unit {unit}"
         if row is not None and isinstance(row.get("concept"), str):
@@ -378,6 +378,10 @@ def plot_by_site(
     -------
     Figure
     """
+    import textwrap
+
+    from matplotlib.ticker import MaxNLocator
+
     plt, sns = column_style()
     sites = list(dict.fromkeys(frame["site"]))
     present = list(dict.fromkeys(frame["condition"]))
@@ -397,8 +401,9 @@ def plot_by_site(
                        color=CONDITION_COLORS.get(cond, "k"), label=CONDITION_LABELS.get(cond, cond), zorder=3)
         for i in range(len(sites)):
             ax.axhline(i, color="0.92", lw=0.4, zorder=0)
-        ax.set_xlabel(label)
-        ax.margins(x=0.1)
+        ax.set_xlabel(textwrap.fill(label, 12))
+        ax.margins(x=0.12)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=3))
         sns.despine(ax=ax)
     axes[0, 0].set_yticks(len(sites) - 1 - np.arange(len(sites)), sites)
     axes[0, 0].set_ylim(-0.6, len(sites) - 0.4)
