@@ -247,9 +247,18 @@ def main() -> None:
         f"({', '.join(both_sites) or 'no site'}), of which {int(both['is_cell'].sum())} are concept cells.  "
         f"Most invariant cell per concept: {chosen_txt or 'none'}"
         + (f"; no concept cell for {', '.join(missing)}" if missing else "") + ".")
-    if int(tr["modalities"]) == 0:
-        finding += ("  A null result across modalities, as the architecture predicts: the organism's towers meet "
-                    "only in a 64-d embedding, and no unit of either tower sees the other modality.")
+    n_modalities = stimuli["modality"].nunique()
+    if n_modalities < 2:
+        finding += "  The battery has one modality: invariance across modalities is not tested here."
+    elif int(tr["modalities"]) == 0 and not len(both):
+        finding += ("  A null result across modalities, as the architecture predicts: no unit of this subject "
+                    "sees both modalities.")
+    elif int(tr["modalities"]) == 0:
+        finding += (f"  A null result across modalities: the only units that see both modalities are in "
+                    f"{', '.join(both_sites)}, where the towers meet"
+                    + (" (the organism's 64-d joint embedding, a normalisation of each tower's projection; no unit "
+                       "of either tower sees the other modality)" if args.model == "organism" else "")
+                    + ", and none of them is a concept cell.")
     control = ("Untrained twin: " + ", ".join(f"{int(t.loc[c, 'untrained'])} {c.replace('_', ' ')}" for c in CATEGORIES)
                + "; rotated basis: " + ", ".join(f"{int(t.loc[c, 'rotation'])} {c.replace('_', ' ')}"
                                                  for c in CATEGORIES) + ".")
