@@ -306,6 +306,7 @@ def main() -> None:
     e = eta.pivot_table(index=["site", "condition"], columns="measure", values="value", sort=False)
     tr_cells = cells["trained"].groupby("site", sort=False)["is_cell"].sum()
     best_site = e.xs("trained", level="condition")["eta2_concept"].idxmax()
+    form_site = e.xs("trained", level="condition")["eta2_form"].idxmax()
     shown = list(dict.fromkeys([s for s, v in tr_cells.items() if v] + [best_site]))
 
     def eta_text(cond: str) -> str:
@@ -317,7 +318,8 @@ def main() -> None:
         f"{n_cells} concept cells among {len(cells['trained'])} units "
         f"({', '.join(f'{s}: {int(v)}' for s, v in tr_cells.items() if v) or 'none'}); the framed tiles are they.  "
         f"Share of a unit's variance explained by the concept, mean over the site's live units (eta\u00b2): "
-        f"{eta_text('trained')}; the most concept-driven site is {best_site}.  {token_note}")
+        f"{eta_text('trained')}; the most concept-driven site is {best_site}, the most form-driven "
+        f"{form_site} (form eta\u00b2 {e.loc[(form_site, 'trained'), 'eta2_form']:.2f}).  {token_note}")
     control = (f"Untrained twin: {int(cells['untrained']['is_cell'].sum())} concept cells; eta\u00b2 of the concept: "
                f"{eta_text('untrained')}.")
     summary = e.reset_index()

@@ -51,9 +51,9 @@ PUBLISHED = (
     "Quiroga et al. 2005 (Nature 435:1102) recorded MTL units in epilepsy patients and found that a minority of them "
     "responded to at least one picture; among the responsive units a subset responded invariantly to strikingly "
     "different pictures of one person or landmark, and some also to its written name.  Waydo et al. 2006 "
-    "(J Neurosci 26:10232) estimated from those data that a given image activates only a very small fraction of MTL "
-    "neurons (their sparseness estimate is below 1%).  These are stated qualitatively: their exact counts were not "
-    "checked against the papers for this page.  A reference, not a target."
+    "(J Neurosci 26:10232) estimated from those data, with a Bayesian model, that a given image activates only a "
+    "very small fraction of MTL neurons (of the order of a percent or less).  Stated qualitatively: the papers' exact "
+    "counts and estimates were not checked for this page.  A reference, not a target."
 )
 
 MEASURES = {
@@ -217,6 +217,15 @@ def main() -> None:
         f"({where}) and {tr['invariant (%)']:.1f}% are invariant cells.  "
         f"A unit responds to {tr['response probability a (%)']:.1f}% of the stimuli on average (response "
         f"probability a, over live units).")
+    sp = frame[frame["measure"].isin(["population_sparseness", "lifetime_sparseness"])].pivot_table(
+        index=["site", "condition"], columns="measure", values="value", sort=False)
+    cell_sites = list(cells_sites["site"])
+    if cell_sites:
+        finding += "  Sparseness where the cells are (population / lifetime; untrained twin in brackets): " + "; ".join(
+            f"{s} {sp.loc[(s, 'trained'), 'population_sparseness']:.2f} / {sp.loc[(s, 'trained'), 'lifetime_sparseness']:.2f}"
+            f" ({sp.loc[(s, 'untrained'), 'population_sparseness']:.2f} / "
+            f"{sp.loc[(s, 'untrained'), 'lifetime_sparseness']:.2f})" for s in cell_sites if (s, "untrained") in sp.index
+        ) + "."
     if float(tr["cells (%)"]) == 0:
         finding += "  No concept cell was found: a null result."
     ctrl = []

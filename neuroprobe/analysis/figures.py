@@ -403,7 +403,7 @@ def plot_by_site(
             ax.axhline(i, color="0.92", lw=0.4, zorder=0)
         ax.set_xlabel(textwrap.fill(label, 12))
         ax.margins(x=0.12)
-        ax.xaxis.set_major_locator(MaxNLocator(nbins=3))
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=2, steps=[1, 2, 5, 10]))
         sns.despine(ax=ax)
     axes[0, 0].set_yticks(len(sites) - 1 - np.arange(len(sites)), sites)
     axes[0, 0].set_ylim(-0.6, len(sites) - 0.4)
@@ -414,9 +414,12 @@ def plot_by_site(
             if ll not in labels:
                 handles.append(hh)
                 labels.append(ll)
-    fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(4, len(labels)),
-               frameon=False, handletextpad=0.2, columnspacing=0.8)
-    if title:
-        fig.suptitle(title, y=1.08)
     fig.tight_layout()
+    top = max(ax.get_position().y1 for ax in axes[0])
+    leg = fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, top + 0.01), ncol=min(4, len(labels)),
+                     frameon=False, handletextpad=0.2, columnspacing=0.8)
+    if title:
+        fig.canvas.draw()
+        box = leg.get_window_extent().transformed(fig.transFigure.inverted())
+        fig.suptitle(title, y=box.y1 + 0.005, va="bottom")
     return fig
