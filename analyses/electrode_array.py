@@ -1,4 +1,4 @@
-"""The microelectrode-array view of a recording: every site's units as tiles of their response maps, and one text's per-token raster.
+"""A recording as a microelectrode array: each site's units as tiles of response maps, and one text's token raster.
 
 A recording of a network is read the way the field reads a microelectrode array (a Utah
 array in cortex, microwires in the human MTL as in Quiroga et al. 2005): each site (layer)
@@ -46,7 +46,7 @@ def add_options(ap) -> None:
 
 
 def response_maps(rec, site: str, units: np.ndarray, concepts: list[str], forms: list[str]) -> np.ndarray:
-    """``[units, forms, concepts]`` mean responses in SD from each unit's mean over the site's stimuli (NaN: not seen)."""
+    """``[units, forms, concepts]`` mean responses in SD from each unit's mean over the site's stimuli (NaN: unseen)."""
     x = np.asarray(rec.responses(site)[()], dtype=np.float64)[:, units]
     stim = rec.stimuli.reset_index(drop=True)
     ok = ~np.isnan(x).all(axis=1)

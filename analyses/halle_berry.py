@@ -1,4 +1,4 @@
-"""The invariance figure of one cell: its response to every stimulus, by concept and by form, for each concept's most invariant cell.
+"""The invariance figure of one cell: every stimulus's response by concept and form, for each concept's best cell.
 
 Reproduces the single-cell figure of Quiroga et al. 2005 (Nature 435:1102, Fig. 1: the
 "Halle Berry" neuron, answering to photographs, a drawing and the written name of one

@@ -221,10 +221,11 @@ def main() -> None:
         index=["site", "condition"], columns="measure", values="value", sort=False)
     cell_sites = list(cells_sites["site"])
     if cell_sites:
+        def pair(s: str, cond: str) -> str:
+            return f"{sp.loc[(s, cond), 'population_sparseness']:.2f} / {sp.loc[(s, cond), 'lifetime_sparseness']:.2f}"
+
         finding += "  Sparseness where the cells are (population / lifetime; untrained twin in brackets): " + "; ".join(
-            f"{s} {sp.loc[(s, 'trained'), 'population_sparseness']:.2f} / {sp.loc[(s, 'trained'), 'lifetime_sparseness']:.2f}"
-            f" ({sp.loc[(s, 'untrained'), 'population_sparseness']:.2f} / "
-            f"{sp.loc[(s, 'untrained'), 'lifetime_sparseness']:.2f})" for s in cell_sites if (s, "untrained") in sp.index
+            f"{s} {pair(s, 'trained')} ({pair(s, 'untrained')})" for s in cell_sites if (s, "untrained") in sp.index
         ) + "."
     if float(tr["cells (%)"]) == 0:
         finding += "  No concept cell was found: a null result."

@@ -1,4 +1,4 @@
-"""Bau et al. 2017's rotation experiment: concept cells (and unique concepts) as each site's basis is rotated from the unit axes toward a random rotation.
+"""Bau et al. 2017's rotation experiment: concept cells as each site's basis turns from the unit axes to a random one.
 
 Network dissection (Bau, Zhou, Khosla, Oliva & Torralba 2017, CVPR, "Network dissection:
 quantifying interpretability of deep visual representations") asked whether interpretable

@@ -2,7 +2,8 @@
 
 * :func:`rotation_control` — rotate each site's basis at random and look for cells
   again (``fraction=t``: only part of the way, along the rotation group's geodesic
-  ``Q(t) = expm(t logm Q)``, for Bau et al. 2017's rotation curve).  Concept information that is spread across units survives a rotation;
+  ``Q(t) = expm(t logm Q)``, for Bau et al. 2017's rotation curve).  Concept information
+  that is spread across units survives a rotation;
   single-unit (axis-aligned) tuning does not.  A claim about *units* needs more
   cells than the rotated site gives.  Units are z-scored first (mean and SD of each
   unit on the screening split): without it a rotated direction is dominated by the
