@@ -1,7 +1,9 @@
 """Controls for every concept-cell claim, one call each.
 
 * :func:`rotation_control` — rotate each site's basis at random and look for cells
-  again.  Concept information that is spread across units survives a rotation;
+  again (``fraction=t``: only part of the way, along the rotation group's geodesic
+  ``Q(t) = expm(t logm Q)``, for Bau et al. 2017's rotation curve).  Concept information
+  that is spread across units survives a rotation;
   single-unit (axis-aligned) tuning does not.  A claim about *units* needs more
   cells than the rotated site gives.  Units are z-scored first (mean and SD of each
   unit on the screening split): without it a rotated direction is dominated by the
@@ -44,8 +46,12 @@ _ROW_BYTES = 64 << 20
 
 
 # ---------------------------------------------------------------- rotation
-def random_rotation(n: int, rng: np.random.Generator) -> np.ndarray:
-    """A Haar-random orthogonal ``[n, n]`` matrix (QR of a Gaussian matrix, signs fixed)."""
+def random_rotation(n: int, rng: np.random.Generator, *, special: bool = False) -> np.ndarray:
+    """A Haar-random orthogonal ``[n, n]`` matrix (QR of a Gaussian matrix, signs fixed).
+
+    ``special=True`` makes it a rotation proper (determinant +1, Haar on SO(n)) by negating
+    the last column when the determinant is -1; the same draw otherwise.
+    """
     from threadpoolctl import threadpool_limits
 
     g = rng.standard_normal((n, n))
@@ -53,7 +59,56 @@ def random_rotation(n: int, rng: np.random.Generator) -> np.ndarray:
     # cores); one thread is fast and predictable
     with threadpool_limits(limits=1, user_api="blas"):
         q, r = np.linalg.qr(g)
-    return q * np.sign(np.diag(r))
+        q = q * np.sign(np.diag(r))
+        if special and np.linalg.det(q) < 0:
+            q[:, -1] = -q[:, -1]
+    return q
+
+
+def fractional_rotation(q: np.ndarray, t: float) -> np.ndarray:
+    """The point ``Q(t) = expm(t logm(Q))`` of the geodesic from the identity to the rotation ``q``.
+
+    ``t = 0`` is the identity (the unit axes), ``t = 1`` is ``q`` itself; every ``Q(t)`` is a
+    rotation whose principal angles are ``t`` times ``q``'s (Bau et al. 2017's interpolation
+    between the unit basis and a random one).  The logarithm is made exactly antisymmetric
+    (its real part, antisymmetrised), so ``Q(t)`` is orthogonal to rounding.
+
+    Parameters
+    ----------
+    q
+        ``[n, n]`` rotation (orthogonal, determinant +1; see ``random_rotation(special=True)``).
+    t
+        Fraction of the way, in ``[0, 1]``.
+
+    Returns
+    -------
+    ndarray
+        ``[n, n]`` rotation.
+    """
+    from scipy.linalg import expm, logm
+    from threadpoolctl import threadpool_limits
+
+    if not 0.0 <= t <= 1.0:
+        raise NeuroprobeError(f"a rotation fraction is between 0 and 1, not {t}.")
+    n = q.shape[0]
+    if t == 0.0:
+        return np.eye(n)
+    if t == 1.0:
+        return np.array(q, dtype=np.float64, copy=True)
+    if np.linalg.det(q) < 0:
+        raise NeuroprobeError("a fractional rotation needs a rotation proper (determinant +1).")
+    with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # logm's accuracy estimate; checked below
+        log = logm(q)
+        a = np.real(log)
+        a = (a - a.T) / 2.0
+        out = expm(t * a)
+    return out
+
+
+def rotation_angle(q: np.ndarray) -> float:
+    """Mean angle in degrees between each unit axis ``e_i`` and its rotated image ``q[:, i]``."""
+    return float(np.degrees(np.arccos(np.clip(np.diag(q), -1.0, 1.0))).mean()) if len(q) else 0.0
 
 
 def rotate_recording(
@@ -64,6 +119,7 @@ def rotate_recording(
     sites: Sequence[str] | None = None,
     max_dense: int = MAX_DENSE_ROTATION,
     standardize: bool = True,
+    fraction: float | None = None,
 ) -> Path:
     """Write a copy of ``rec`` whose every site is expressed in a random orthonormal basis.
 
@@ -76,11 +132,20 @@ def rotate_recording(
     ``max_dense`` units after a random permutation of the units (memory O(max_dense^2)).
     Streams over stimuli: memory is one slab of rows plus the rotation.
 
+    ``fraction=t`` rotates only part of the way: the same draw is made a rotation proper
+    (determinant +1) and ``Q(t) = expm(t logm Q)`` is applied (:func:`fractional_rotation`):
+    ``t = 0`` keeps the unit axes (standardised), ``t = 1`` is a full Haar-random rotation.
+    ``None`` (default) applies the draw as it is (Haar on the orthogonal group).  Each site's
+    mean angle between a unit axis and its image is written in its ``rotation_angle``
+    attribute (degrees).
+
     Returns
     -------
     Path
         ``out``, a valid recording (root attribute ``control = "rotation"``).
     """
+    if fraction is not None and not 0.0 <= float(fraction) <= 1.0:
+        raise NeuroprobeError(f"a rotation fraction is between 0 and 1, not {fraction}.")
     rec = as_recording(rec)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -96,6 +161,8 @@ def rotate_recording(
         dst.attrs["rotation_seed"] = seed
         dst.attrs["rotation_of"] = str(rec.path)
         dst.attrs["rotation_standardize"] = bool(standardize)
+        if fraction is not None:
+            dst.attrs["rotation_fraction"] = float(fraction)
         dst.attrs["sites_list"] = json.dumps(names)
         src.copy(src[schema.STIMULI], dst, name=schema.STIMULI)
         for site in names:
@@ -125,12 +192,18 @@ def rotate_recording(
                     ss += np.where(ok, (x - mean) ** 2, 0.0).sum(0)
                 sd = np.sqrt(np.divide(ss, count - 1, out=np.zeros(u), where=count > 1))
                 scale = np.divide(1.0, sd, out=np.zeros(u), where=sd > 0)
+            special = fraction is not None
+
+            def draw(m: int) -> np.ndarray:
+                q = random_rotation(m, rng, special=special)
+                return q if fraction is None else fractional_rotation(q, float(fraction))
+
             if u <= max_dense:
-                perm, blocks = np.arange(u), [(0, u, random_rotation(u, rng))]
+                perm, blocks = np.arange(u), [(0, u, draw(u))]
             else:
                 perm = rng.permutation(u)
-                blocks = [(b, min(b + max_dense, u), random_rotation(min(max_dense, u - b), rng))
-                          for b in range(0, u, max_dense)]
+                blocks = [(b, min(b + max_dense, u), draw(min(max_dense, u - b))) for b in range(0, u, max_dense)]
+            g.attrs["rotation_angle"] = float(sum(rotation_angle(q) * (hi - lo) for lo, hi, q in blocks) / u)
             for a in range(0, n, step):
                 x = sds[a : a + step].astype(np.float64)
                 fired = ~np.isnan(x).all(axis=1)
@@ -149,12 +222,15 @@ def rotation_control(
     rotation_seed: int = 0,
     out: str | Path | None = None,
     standardize: bool = True,
+    fraction: float | None = None,
     **criterion: Any,
 ) -> pd.DataFrame:
     """Concept cells of ``rec`` after a random rotation of every site (see :func:`rotate_recording`).
 
     By default every unit is z-scored on the screening split before the rotation
-    (``standardize=False``: centred only).
+    (``standardize=False``: centred only).  ``fraction=t`` rotates part of the way along
+    the geodesic to the (proper) random rotation; ``attrs["rotation_angle"]`` is then the
+    mean angle (degrees) between a unit axis and its image over the analysed sites' units.
 
     Parameters
     ----------
@@ -177,15 +253,22 @@ def rotation_control(
         tmp = Path(tempfile.mkdtemp(prefix="neuroprobe-rotation-"))
         out = tmp / "rotated.h5"
     try:
-        path = rotate_recording(rec, out, seed=rotation_seed, sites=criterion.get("sites"), standardize=standardize)
+        path = rotate_recording(rec, out, seed=rotation_seed, sites=criterion.get("sites"), standardize=standardize,
+                                fraction=fraction)
         with open_recording(path) as rotated:
             cells = concept_cells(rotated, **criterion)
+            angles = {s: (float(rotated.responses(s).parent.attrs.get("rotation_angle", np.nan)),
+                          rotated.responses(s).shape[1]) for s in dict.fromkeys(cells["site"])}
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     cells.attrs["control"] = "rotation"
     cells.attrs["rotation_seed"] = rotation_seed
     cells.attrs["rotation_standardize"] = standardize
+    if fraction is not None:
+        cells.attrs["rotation_fraction"] = float(fraction)
+    n = sum(u for _, u in angles.values())
+    cells.attrs["rotation_angle"] = float(sum(a * u for a, u in angles.values()) / n) if n else 0.0
     return cells
 
 
@@ -273,8 +356,11 @@ def label_shuffle_control(
     Returns
     -------
     DataFrame
-        One row per shuffle and site: ``shuffle, site, units, candidates, cells``.
+        One row per shuffle and site: ``shuffle, site, units, responsive, candidates, cells``
+        (``responsive``: :func:`~neuroprobe.analysis.criterion.responsive_units`).
     """
+    from neuroprobe.analysis.criterion import responsive_units
+
     rec = as_recording(rec)
     criterion.setdefault("n_perm", 0)
     rng = np.random.default_rng(seed)
@@ -282,9 +368,10 @@ def label_shuffle_control(
     rows = []
     for i in range(n_shuffles):
         cells = concept_cells(rec, labels=shuffled_labels(stimuli, rng), **criterion)
+        cells["responsive"] = responsive_units(cells)
         for site, g in cells.groupby("site", sort=False):
-            rows.append(dict(shuffle=i, site=site, units=len(g), candidates=int(g["is_candidate"].sum()),
-                             cells=int(g["is_cell"].sum())))
+            rows.append(dict(shuffle=i, site=site, units=len(g), responsive=int(g["responsive"].sum()),
+                             candidates=int(g["is_candidate"].sum()), cells=int(g["is_cell"].sum())))
     return pd.DataFrame(rows)
 
 

@@ -559,6 +559,29 @@ def _order_columns(df: pd.DataFrame) -> pd.DataFrame:
     return df[head + rest]
 
 
+def responsive_units(cells: pd.DataFrame, k: float | None = None) -> pd.Series:
+    """Quiroga's *responsive* units: a significant response to at least one concept.
+
+    A live unit whose concept (``concept``, the criterion's choice) is one of its responsive
+    concepts (significant in the FDR family, median above the baseline mean) and passes the
+    effect size (median above the baseline mean by ``k`` SD; ``k`` from the table's settings
+    unless given).  Unlike a candidate, it may answer to several concepts; every candidate is
+    responsive.
+
+    Returns
+    -------
+    Series
+        Boolean, aligned with ``cells``.
+    """
+    k = float(cells.attrs.get("k", 5.0) if k is None else k)
+    if cells.empty:
+        return pd.Series(False, index=cells.index)
+    listed = [isinstance(c, str) and isinstance(cs, str) and c in cs.split(";")
+              for c, cs in zip(cells["concept"], cells["concepts"])]
+    effect = cells["median"] > cells["baseline_mean"] + k * cells["baseline_sd"]
+    return (~cells["dead"].astype(bool)) & pd.Series(listed, index=cells.index) & effect.fillna(False).astype(bool)
+
+
 def summarize(cells: pd.DataFrame, by: str = "site") -> pd.DataFrame:
     """Counts per ``site`` (or ``concept``): units, dead, candidates, cells, invariant, multimodal."""
     if by == "site":

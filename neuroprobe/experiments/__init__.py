@@ -10,7 +10,8 @@ importance, ...).  What they have in common lives here, not in copies across scr
   while its provenance (subject, checkpoint hash, init, seed, battery hash, montage,
   pooling, neuroprobe version) is unchanged;
 * :func:`cells_with_controls` — concept cells of a subject beside its untrained twin,
-  the rotated basis and the label shuffle, cached the same way;
+  the rotated basis and the label shuffle, cached the same way (:func:`study_from_args`:
+  the same from a script's parsed options, ``--quick`` included);
 * :func:`organism_weights` — organisms trained from other seeds, trained once and cached;
 * :class:`Report` — ``results.csv`` (every number in the figures), ``results.md``
   (question, finding, control, published number) and the figures.
@@ -26,6 +27,8 @@ _EXPORTS = {
     "organism_weights": "neuroprobe.experiments.cache",
     "cells_with_controls": "neuroprobe.experiments.study",
     "cached_cells": "neuroprobe.experiments.study",
+    "study_from_args": "neuroprobe.experiments.study",
+    "battery_for": "neuroprobe.experiments.study",
     "Report": "neuroprobe.experiments.report",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

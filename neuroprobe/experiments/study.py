@@ -27,8 +27,12 @@ def _criterion_key(rec_path: Path, control: str, criterion: dict[str, Any]) -> s
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
+#: Bumped when a control's table gains columns, so tables cached before are made again.
+_TABLE_VERSION = {"shuffle": 2}
+
+
 def cached_cells(rec: Any, *, control: str = "none", rotation_seed: int = 0, n_shuffles: int = 5,
-                 quiet: bool = True, **criterion: Any) -> pd.DataFrame:
+                 rotation_fraction: float | None = None, quiet: bool = True, **criterion: Any) -> pd.DataFrame:
     """Concept cells of ``rec`` (or of one control of it), kept beside the recording.
 
     Parameters
@@ -40,6 +44,11 @@ def cached_cells(rec: Any, *, control: str = "none", rotation_seed: int = 0, n_s
         ``shuffle`` (``n_shuffles`` label shuffles; a per-shuffle, per-site count table).
     rotation_seed, n_shuffles
         Options of the rotation and shuffle controls.
+    rotation_fraction
+        Rotate only this fraction of the way to the random rotation (``0``: the unit axes,
+        ``1``: a full rotation proper; :func:`~neuroprobe.analysis.controls.rotate_recording`);
+        ``None``: the rotation control as it always was.  The table's ``attrs`` carry the
+        ``rotation_angle`` (mean degrees between a unit axis and its image).
     quiet
         No progress bar.
     **criterion
@@ -55,8 +64,12 @@ def cached_cells(rec: Any, *, control: str = "none", rotation_seed: int = 0, n_s
 
     path = Path(rec.path)
     opts = dict(criterion, rotation_seed=rotation_seed) if control == "rotation" else dict(criterion)
+    if control == "rotation" and rotation_fraction is not None:
+        opts["rotation_fraction"] = float(rotation_fraction)
     if control == "shuffle":
         opts["n_shuffles"] = n_shuffles
+    if control in _TABLE_VERSION:
+        opts["table_version"] = _TABLE_VERSION[control]
     table = path.with_name(f"{path.stem}.cells-{control}-{_criterion_key(path, control, opts)}.parquet")
     if table.is_file():
         cells = pd.read_parquet(table)
@@ -65,7 +78,8 @@ def cached_cells(rec: Any, *, control: str = "none", rotation_seed: int = 0, n_s
     if control == "none":
         cells = concept_cells(rec, quiet=quiet, **criterion)
     elif control == "rotation":
-        cells = rotation_control(rec, rotation_seed=rotation_seed, quiet=quiet, **criterion)
+        cells = rotation_control(rec, rotation_seed=rotation_seed, fraction=rotation_fraction, quiet=quiet,
+                                 **criterion)
     elif control == "shuffle":
         cells = label_shuffle_control(rec, n_shuffles=n_shuffles, seed=int(criterion.get("seed", 0)),
                                       **{k: v for k, v in criterion.items() if k != "seed"})
@@ -198,3 +212,49 @@ def cells_with_controls(
     if "shuffle" in controls:
         cells["shuffle"] = cached_cells(rec, control="shuffle", n_shuffles=n_shuffles, quiet=quiet, **crit)
     return study
+
+
+#: What ``--quick`` changes in :func:`study_from_args`: the rank-sum test's normal approximation
+#: instead of the exact permutation p-values, fewer invariance permutations, two label shuffles.
+QUICK_CRITERION = {"exact": False, "n_perm": 200}
+QUICK_SHUFFLES = 2
+
+
+def battery_for(args: Any) -> str:
+    """The battery an experiment runs on: ``--battery`` when the script has it, else the subject's default."""
+    from neuroprobe.subjects.registry import get_spec
+
+    chosen = getattr(args, "battery", None)
+    if chosen:
+        return str(chosen)
+    return get_spec(str(args.model)).default_battery
+
+
+def study_from_args(args: Any, *, controls: Sequence[str] = CONTROLS, **criterion: Any) -> Study:
+    """:func:`cells_with_controls` for an experiment script's parsed options.
+
+    Uses ``--model``, ``--battery`` (when the script has it; else the subject's default
+    battery), ``--seed``, ``--device``, ``--cache`` and ``--quiet``; ``--quick`` applies
+    :data:`QUICK_CRITERION` and :data:`QUICK_SHUFFLES` (under a few seconds of analysis on
+    the organism).  Scripts that ask the same question share the cached recordings and tables.
+
+    Parameters
+    ----------
+    args
+        From :func:`~neuroprobe.experiments.cli.experiment_args`.
+    controls
+        Controls to run.
+    **criterion
+        Options of :func:`neuroprobe.concept_cells` (after the quick ones, so they win).
+
+    Returns
+    -------
+    Study
+    """
+    quick = bool(getattr(args, "quick", False))
+    crit = dict(QUICK_CRITERION) if quick else {}
+    crit.update(criterion)
+    crit.setdefault("n_shuffles", QUICK_SHUFFLES if quick else 5)
+    return cells_with_controls(args.model, battery_for(args), controls=controls, seed=int(args.seed),
+                               device=getattr(args, "device", None), cache=getattr(args, "cache", "recordings/cache"),
+                               quiet=bool(getattr(args, "quiet", True)), **crit)
