@@ -282,7 +282,7 @@ def plot_keep(keep: pd.DataFrame):
 
     sites = list(dict.fromkeys(keep["site"]))
     with paper_style():
-        fig, axes = plt.subplots(1, len(sites), figsize=(COLUMN * len(sites), 2.8), squeeze=False, sharey=True)
+        fig, axes = plt.subplots(1, len(sites), figsize=(COLUMN * len(sites), 3.1), squeeze=False, sharey=True)
         for ax, s in zip(axes[0], sites):
             d = keep[keep["site"] == s]
             top = d[d["order"] == "keep_top"].groupby("k")["target_change"].agg(["mean", "min", "max"])
@@ -303,8 +303,9 @@ def plot_keep(keep: pd.DataFrame):
             ax.set_xlabel(f"units kept at {s} (k)")
             ax.set_title(s, fontsize=8, loc="left")
         axes[0][0].set_ylabel("concept's readout change\n(nats, lesioned − intact)")
-        axes[0][-1].legend(frameon=False, fontsize=8, loc="lower right")
-        fig.tight_layout()
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, frameon=False, fontsize=8, loc="lower center", ncol=len(labels))
+        fig.tight_layout(rect=(0, 0.1, 1, 1))
     return fig
 
 

@@ -126,12 +126,17 @@ def main() -> None:
         sub = tr[tr["site"].isin(cell_sites)]
         kinds = (sub.assign(kind=np.where(sub["is_cell"], "concept cells", "other units"))
                  .groupby(["kind", "seed"]).agg(universal=("universal", "mean"), excess=("excess", "mean"),
-                                                units=("unit", "size")).reset_index())
+                                                n_universal=("universal", "sum"), units=("unit", "size"))
+                 .reset_index())
         for kind, g in kinds.groupby("kind"):
             for measure, label in (("universal", "fraction_universal"), ("excess", "mean_excess_correlation")):
                 mean, lo, hi = seed_interval(g[measure])
                 rep.add(label, mean, condition="trained", site=",".join(cell_sites), concept=kind, ci=(lo, hi),
                         n=len(g), note=f"{g['units'].sum()} units over seeds; t-interval over seeds")
+        for kind, g in kinds.groupby("kind"):
+            k, n = int(g["n_universal"].sum()), int(g["units"].sum())
+            rep.add("fraction_universal_pooled", k / n if n else np.nan, condition="trained", site=",".join(cell_sites),
+                    concept=kind, ci=wilson(k, n), n=n, note=f"{k} of {n} units, all seeds pooled; Wilson 95% interval")
         from scipy.stats import fisher_exact
 
         table = [[int(sub.loc[sub["is_cell"], "universal"].sum()), int((~sub.loc[sub["is_cell"], "universal"]).sum())],
@@ -139,8 +144,7 @@ def main() -> None:
         odds, p_fisher = fisher_exact(table, alternative="two-sided")
         rep.add("fisher_p_cells_vs_other", p_fisher, condition="trained", site=",".join(cell_sites),
                 note=f"universal/not among cells {table[0]}, among other units {table[1]} (all seeds pooled)")
-    rep.figure(plot_fractions(per_seed, kinds), "universality", main=True)
-    rep.figure(plot_excess(alive, args.threshold), "excess_correlation")
+    rep.figure(plot_fractions(alive, per_seed, kinds, args.threshold), "universality", main=True)
 
     sm = pd.DataFrame(summary)
     allrow = sm[sm["site"] == "all sites"].set_index("condition")
@@ -154,10 +158,17 @@ def main() -> None:
     top_site = best_site.iloc[-1] if len(best_site) else None
     cell_txt = "no concept cells were found, so the cell comparison is empty"
     if len(kinds):
-        kc = kinds.groupby("kind")["universal"].mean()
-        cell_txt = (f"among concept cells {kc.get('concept cells', np.nan):.1%} are universal against "
-                    f"{kc.get('other units', np.nan):.1%} of the other live units of {', '.join(cell_sites)} "
-                    f"(mean over seeds; Fisher p = {p_fisher:.2g}, seeds pooled)")
+        kc = kinds.groupby("kind")[["n_universal", "units"]].sum()
+
+        def share(kind: str) -> str:
+            k, n = (int(kc.loc[kind, "n_universal"]), int(kc.loc[kind, "units"])) if kind in kc.index else (0, 0)
+            return f"{k}/{n} ({k / n:.1%})" if n else "none"
+
+        verdict = ("the cells are not detectably more universal than the other units" if p_fisher > 0.05 else
+                   "the two differ (Fisher p ≤ 0.05)")
+        cell_txt = (f"are concept cells the universal ones? Universal among concept cells: {share('concept cells')}, "
+                    f"among the other live units of {', '.join(cell_sites)}: {share('other units')} (seeds pooled; "
+                    f"Fisher's exact p = {p_fisher:.2g}): {verdict}")
     finding = (f"Across {len(runs)} organisms, {frac('trained')} of live units (all sites of the {args.montage} montage; "
                f"mean [95% t-interval over seeds]) have an excess correlation above {args.threshold:g}"
                + (f"; the most universal site is {top_site['site']} ({top_site['fraction_universal']:.1%})"
@@ -173,77 +184,83 @@ def main() -> None:
         print(f"{NAME}: {finding}\n{control}\nwrote {args.out}", file=sys.stderr)
 
 
-def plot_fractions(per_seed: pd.DataFrame, kinds):
-    """Main figure: fraction universal per site for trained, rotated and untrained; concept cells against other units."""
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score 95% interval of a proportion ``k / n``."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def plot_fractions(alive: pd.DataFrame, per_seed: pd.DataFrame, kinds: pd.DataFrame, threshold: float):
+    """Main figure: excess correlations (effect and controls), universal fraction per site, cells against other units."""
     import matplotlib.pyplot as plt
+    import seaborn as sns
 
     from neuroprobe.experiments.seeds import seed_interval
     from neuroprobe.experiments.style import COLUMN, CONDITION_COLOURS, paper_style
 
-    sites = list(dict.fromkeys(per_seed["site"]))
-    conds = [c for c in CONDITIONS if c in set(per_seed["condition"])]
     has_kinds = len(kinds) > 0
+    sites = list(dict.fromkeys(per_seed["site"]))
     with paper_style():
-        fig, axes = plt.subplots(2 if has_kinds else 1, 1, figsize=(COLUMN, 4.9 if has_kinds else 3.2),
-                                 squeeze=False, gridspec_kw={"height_ratios": [2.2, 1]} if has_kinds else None)
-        ax = axes[0][0]
-        width = 0.8 / len(conds)
-        for j, cond in enumerate(conds):
-            d = per_seed[per_seed["condition"] == cond]
-            xs, means, errs = [], [], [[], []]
-            for i, site in enumerate(sites):
-                g = d[d["site"] == site]["universal"] * 100
-                x = i + (j - (len(conds) - 1) / 2) * width
-                mean, lo, hi = seed_interval(g)
-                xs.append(x)
-                means.append(mean)
-                errs[0].append(mean - lo if np.isfinite(lo) else 0)
-                errs[1].append(hi - mean if np.isfinite(hi) else 0)
-                ax.scatter(np.full(len(g), x), g, s=5, color="k", alpha=0.5, lw=0, zorder=3)
-            ax.bar(xs, means, width * 0.95, yerr=errs, color=CONDITION_COLOURS[cond], label=CONDITIONS[cond],
-                   error_kw={"lw": 0.8, "capsize": 1.5})
-        ax.set_xticks(range(len(sites)), sites, rotation=40, ha="right")
-        ax.set_ylabel("universal units (% of live units)")
-        ax.legend(frameon=False, loc="upper left")
-        ax.set_title("excess best-match correlation > threshold\n(bars: mean over seeds, 95% t-CI; dots: seeds)",
-                     loc="left", fontsize=8)
-        if has_kinds:
-            ax2 = axes[1][0]
-            order = ["concept cells", "other units"]
-            for i, kind in enumerate(order):
-                g = kinds[kinds["kind"] == kind]["universal"] * 100
-                if g.empty:
-                    continue
-                mean, lo, hi = seed_interval(g)
-                ax2.barh(i, mean, xerr=[[mean - lo], [hi - mean]] if np.isfinite(lo) else None, height=0.6,
-                         color=CONDITION_COLOURS["trained"] if i == 0 else "#e6a49c", error_kw={"lw": 0.8, "capsize": 2})
-                ax2.scatter(g, np.full(len(g), i), s=6, color="k", alpha=0.5, lw=0, zorder=3)
-            ax2.set_yticks(range(len(order)), order)
-            ax2.set_xlabel("universal (% of units), trained, sites with cells")
-            ax2.invert_yaxis()
-        fig.tight_layout()
-    return fig
-
-
-def plot_excess(alive: pd.DataFrame, threshold: float):
-    """Distribution of the excess correlation for the trained units and the two controls, with the threshold."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    from neuroprobe.experiments.style import COLUMN, CONDITION_COLOURS, paper_style
-
-    with paper_style():
-        fig, ax = plt.subplots(figsize=(COLUMN, 2.5))
-        bins = np.linspace(min(-0.2, float(alive["excess"].min())), max(1.0, float(alive["excess"].max())), 41)
+        ratios = [1.25, 1.5] + ([0.55] if has_kinds else [])
+        fig, axes = plt.subplots(len(ratios), 1, figsize=(COLUMN, 6.2 if has_kinds else 5.0),
+                                 gridspec_kw={"height_ratios": ratios})
+        ax = axes[0]
+        lo_edge = min(-0.3, float(alive["excess"].min()))
+        bins = np.linspace(lo_edge, max(1.0, float(alive["excess"].max())), 41)
         for cond, label in CONDITIONS.items():
             d = alive[alive["condition"] == cond]["excess"]
             if len(d):
                 sns.histplot(d, bins=bins, stat="percent", element="step", fill=False, ax=ax,
                              color=CONDITION_COLOURS[cond], label=label)
         ax.axvline(threshold, color="k", ls="--", lw=0.8, label=f"threshold {threshold:g}")
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.set_ylim(0, 2000)  # headroom above the histograms for the legend
+        ax.set_yticks([0, 1, 10, 100], ["0", "1", "10", "100"])
         ax.set_xlabel("excess correlation (best match − rotated baseline)")
-        ax.set_ylabel("units (% of live units)")
-        ax.legend(frameon=False)
+        ax.set_ylabel("units (% of live)")
+        ax.legend(frameon=False, loc="upper left", fontsize=8, handlelength=1.2, ncol=2, columnspacing=0.8)
+        ax.set_title("A  all live units of all seeds", loc="left", fontsize=8)
+
+        ax = axes[1]
+        offsets = {c: o for c, o in zip(CONDITIONS, (-0.22, 0.0, 0.22))}
+        for cond, label in CONDITIONS.items():
+            d = per_seed[per_seed["condition"] == cond]
+            for i, site in enumerate(sites):
+                g = d[d["site"] == site]["universal"] * 100
+                if g.empty:
+                    continue
+                mean, lo, hi = seed_interval(g)
+                y = i + offsets[cond]
+                ax.errorbar([mean], [y], xerr=[[mean - lo], [hi - mean]] if np.isfinite(lo) else None, fmt="o",
+                            ms=3.5, color=CONDITION_COLOURS[cond], lw=1, capsize=1.5,
+                            label=label if i == 0 else None)
+        ax.set_yticks(range(len(sites)), sites)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"universal units (% of live units; excess > {threshold:g})")
+        ax.set_title("B  per site: mean over seeds, 95% t-interval", loc="left", fontsize=8)
+        ax.legend(frameon=False, loc="lower right", fontsize=8)
+        ax.set_xlim(left=-0.5)
+
+        if has_kinds:
+            ax = axes[2]
+            for i, kind in enumerate(["concept cells", "other units"]):
+                g = kinds[kinds["kind"] == kind]
+                k, n = int(g["n_universal"].sum()), int(g["units"].sum())
+                if n == 0:
+                    continue
+                lo, hi = wilson(k, n)
+                ax.errorbar([100 * k / n], [i], xerr=[[100 * (k / n - lo)], [100 * (hi - k / n)]], fmt="o", ms=4,
+                            color=CONDITION_COLOURS["trained"], capsize=2, lw=1)
+                ax.text(100 * hi, i, f"  {k}/{n}", va="center", fontsize=8)
+            ax.set_yticks([0, 1], ["concept cells", "other units"])
+            ax.set_ylim(1.6, -0.6)
+            ax.set_xlim(left=0)
+            ax.set_xlabel("universal (% of units; seeds pooled, Wilson 95% CI)")
+            ax.set_title("C  trained, sites with concept cells", loc="left", fontsize=8)
         fig.tight_layout()
     return fig
 
