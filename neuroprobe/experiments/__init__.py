@@ -13,6 +13,8 @@ importance, ...).  What they have in common lives here, not in copies across scr
   the rotated basis and the label shuffle, cached the same way (:func:`study_from_args`:
   the same from a script's parsed options, ``--quick`` included);
 * :func:`organism_weights` — organisms trained from other seeds, trained once and cached;
+* :func:`replicates` and :func:`seed_interval` — the training runs an across-seeds
+  experiment compares, and a number's t-interval over them;
 * :class:`Report` — ``results.csv`` (every number in the figures), ``results.md``
   (question, finding, control, published number) and the figures.
 """
@@ -30,6 +32,9 @@ _EXPORTS = {
     "study_from_args": "neuroprobe.experiments.study",
     "battery_for": "neuroprobe.experiments.study",
     "Report": "neuroprobe.experiments.report",
+    "Replicate": "neuroprobe.experiments.seeds",
+    "replicates": "neuroprobe.experiments.seeds",
+    "seed_interval": "neuroprobe.experiments.seeds",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 

@@ -523,6 +523,163 @@ class LesionStudy:
         m.index.name, m.columns.name = "lesioned", "tested"
         return m
 
+    def class_selectivity(self, transform: str = "shift") -> pd.DataFrame:
+        """Morcos et al.'s (2018) class selectivity index of every unit at the study's sites, on the ranking split.
+
+        ``(mu_max - mu_rest) / (mu_max + mu_rest)`` over the concepts' mean responses
+        (``mu_rest``: the mean of the other concepts' means) of the non-negative
+        transform of the responses (see :mod:`neuroprobe.analysis.indices`), from the
+        stimuli that reach each site (an image site has no response to a text).
+
+        Parameters
+        ----------
+        transform
+            ``shift`` (each unit's least response becomes 0) or ``clip``.
+
+        Returns
+        -------
+        pandas.DataFrame
+            ``site, unit, active, si_morcos, pref_concept`` (the concept of ``mu_max``);
+            inactive units have NaN ``si_morcos``.
+        """
+        from neuroprobe.analysis.indices import class_means, morcos_si, nonneg
+
+        labels = self.rank_rows["concept"].to_numpy()
+        parts = []
+        for s in self.site_names:
+            r = np.asarray(self.screen[s], dtype=np.float64)
+            reach = ~np.isnan(r).all(axis=1)
+            concepts = [c for c in self.concepts if (labels[reach] == c).any()]
+            onehot = (labels[reach][:, None] == np.asarray(concepts, dtype=object)[None, :]).astype(np.float64)
+            x = np.nan_to_num(r[reach].T, nan=0.0)
+            means = class_means(nonneg(x, transform), onehot) if len(concepts) else np.full((len(x), 0), np.nan)
+            active = self.active[s]
+            si = np.where(active, morcos_si(means), np.nan) if means.shape[1] else np.full(len(x), np.nan)
+            pref = np.asarray(concepts, dtype=object)[np.nanargmax(np.where(np.isfinite(means), means, -np.inf), axis=1)] \
+                if means.shape[1] else np.full(len(x), None, dtype=object)
+            parts.append(pd.DataFrame({"site": s, "unit": np.arange(len(x)), "active": active, "si_morcos": si,
+                                       "pref_concept": np.where(active, pref, None)}))
+        return pd.concat(parts, ignore_index=True)
+
+    def single_unit_changes(self, mode: str = "zero", *, units: pd.DataFrame | None = None,
+                            factor: float | None = None) -> pd.DataFrame:
+        """Lesion units one at a time: the readout change of every tested concept per unit.
+
+        Parameters
+        ----------
+        mode, factor
+            Lesion mode (see :meth:`evaluate`).
+        units
+            Rows with ``site, unit`` to lesion (default: every active unit at the study's sites).
+
+        Returns
+        -------
+        pandas.DataFrame
+            ``site, unit`` and one column per tested concept (mean ``lesioned - intact``).
+        """
+        if units is None:
+            units = pd.DataFrame([(s, int(u)) for s in self.site_names for u in np.flatnonzero(self.active[s])],
+                                 columns=["site", "unit"])
+        pairs = [(str(s), int(u)) for s, u in zip(units["site"], units["unit"])]
+        for s, u in pairs:
+            if s not in self.n_units or not 0 <= u < self.n_units[s]:
+                raise NeuroprobeError(f"unit {u} of site {s!r} is not among the study's units.")
+        with tqdm(total=len(pairs), desc="single units", unit="lesion", disable=self.quiet, dynamic_ncols=True) as bar:
+            changes = self.evaluate_many([{s: np.array([u])} for s, u in pairs], mode, factor=factor, progress=bar.update)
+        frame = pd.DataFrame([c.to_numpy() for c in changes], columns=self.concepts) if pairs else \
+            pd.DataFrame(columns=self.concepts, dtype=float)
+        frame.insert(0, "unit", [u for _, u in pairs])
+        frame.insert(0, "site", [s for s, _ in pairs])
+        return frame
+
+    def keep_only(self, concept: str, ks: Iterable[int], site: str, mode: str = "zero", *, draws: int = 10,
+                  factor: float | None = None) -> pd.DataFrame:
+        """Keep only ``k`` units of one site: every other unit of ``site`` is lesioned.
+
+        ``keep_top`` keeps the ``k`` best-ranked units of ``site`` for ``concept``;
+        ``keep_random`` keeps ``k`` random active units of ``site`` (``draws`` per ``k``,
+        seeded by the study's seed and ``k``).  Unlike the ``keep_top`` order of
+        :meth:`dose_response` (whose top ``k`` may span several sites), the kept units
+        are all at one site, so every ``k`` lesions the same site.
+
+        Parameters
+        ----------
+        concept
+            The concept whose units are kept.
+        ks
+            Units kept (values above the site's ranked units are skipped).
+        site
+            One of the study's sites.
+        mode, factor
+            Lesion mode (see :meth:`evaluate`).
+        draws
+            Random keep-``k`` lesions per ``k``.
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per lesion: ``concept, site, mode, order, k, draw`` (-1 for ``keep_top``),
+            ``n_units`` (lesioned), ``target_change, other_change, most_hit_other,
+            most_hit_other_change, target_rank``.
+        """
+        if site not in self.site_names:
+            raise NeuroprobeError(f"site {site!r} is not one of the study's sites ({', '.join(self.site_names)}).")
+        order = self.ranking(concept)
+        ranked = order[order["site"] == site]["unit"].to_numpy().astype(np.int64)
+        pool = np.flatnonzero(self.active[site])
+        plans: list[tuple[str, int, int, dict[str, np.ndarray]]] = []
+        for k in sorted({int(k) for k in ks}):
+            if k < 1 or k > len(ranked):
+                continue
+            plans.append(("keep_top", k, -1, self.complement({site: np.sort(ranked[:k])})))
+            rng = np.random.default_rng([self.seed, 15485863, k])
+            for d in range(draws):
+                kept = np.sort(rng.choice(pool, size=min(k, len(pool)), replace=False))
+                plans.append(("keep_random", k, d, self.complement({site: kept})))
+        with tqdm(total=len(plans), desc=f"keep only {concept}", unit="lesion", disable=self.quiet,
+                  dynamic_ncols=True) as bar:
+            changes = self.evaluate_many([u for *_, u in plans], mode, factor=factor, progress=bar.update)
+        rows = [self._row(concept, change, site=site, mode=mode, order=name, k=k, draw=d, n_units=count_units(u))
+                for (name, k, d, u), change in zip(plans, changes)]
+        return pd.DataFrame(rows)
+
+    def forgetting_null(self, concepts: Sequence[str] | None = None, k: int = DEFAULT_K, mode: str = "zero", *,
+                        draws: int = 50, factor: float | None = None) -> pd.DataFrame:
+        """Random lesions matched to each concept's top-``k`` (same count per site): the forgetting matrix's null.
+
+        Parameters
+        ----------
+        concepts, k, mode, factor
+            As for :meth:`forgetting_matrix`.
+        draws
+            Random lesions per lesioned concept (seeded by the study's seed, the concept's
+            position and ``k``).
+
+        Returns
+        -------
+        pandas.DataFrame
+            Long format: ``lesioned, draw, tested, change`` (concepts with fewer than ``k``
+            ranked units are left out).
+        """
+        concepts = list(concepts or self.concepts)
+        plans = []
+        for i, c in enumerate(concepts):
+            try:
+                top = self.top(c, k)
+            except NeuroprobeError:
+                top = None
+            if top is None:
+                continue
+            rng = np.random.default_rng([self.seed, 104729, i, k])
+            plans += [(c, d, self.random(top, rng)) for d in range(draws)]
+        rows = []
+        with tqdm(total=len(plans), desc=f"matrix null {mode}", unit="lesion", disable=self.quiet,
+                  dynamic_ncols=True) as bar:
+            changes = self.evaluate_many([u for _, _, u in plans], mode, factor=factor, progress=bar.update)
+        for (c, d, _), change in zip(plans, changes):
+            rows += [(c, d, t, float(v)) for t, v in change.items()]
+        return pd.DataFrame(rows, columns=["lesioned", "draw", "tested", "change"])
+
     def selectivity_vs_importance(self, concept: str, mode: str = "zero", *, n_top: int = 8, n_random: int = 24,
                                   factor: float | None = None) -> pd.DataFrame:
         """Single-unit lesions per site: each unit's d′ beside what its removal costs.
