@@ -234,10 +234,10 @@ def knowledge_neurons(
     if target is not None:
         for _ in range(int(max_adjust)):
             mean = float(np.mean([len(v) for v in chosen.values()]))
-            if mean < target[0]:
-                p -= step
-            elif mean > target[1]:
-                p += step
+            if mean < target[0] and p > step:
+                p = round(max(p - step, step), 10)
+            elif mean > target[1] and p < 1.0:
+                p = round(min(p + step, 1.0), 10)  # rounded: 0.7 + 6 * 0.05 is 1.0, not 1.0000000000000002
             else:
                 break
             chosen = choose(p)
