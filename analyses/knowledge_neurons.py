@@ -64,6 +64,8 @@ def _options(ap) -> None:
     ap.add_argument("--share", type=float, default=0.7, help="share of a fact's prompts that must keep a unit "
                                                              "(default 0.7, then adjusted to 2-5 neurons per fact)")
     ap.add_argument("--random-draws", type=int, default=None, help="random unit sets per fact (default 50; quick 10)")
+    ap.add_argument("--facts", type=int, default=None, help="use the battery's first N concepts as facts (default "
+                                                            "all; quick: 4 for subjects other than the organism)")
     ap.add_argument("--no-untrained", action="store_true", help="skip the untrained twin")
 
 
@@ -82,15 +84,16 @@ def mean_ci(x) -> tuple[float, float, float]:
     return m, m - h, m + h
 
 
-def text_battery(battery):
-    """The battery's text stimuli as a battery of their own (the facts' prompts)."""
+def text_battery(battery, n_facts: int | None = None):
+    """The battery's text stimuli (of its first ``n_facts`` concepts) as a battery of their own: the facts' prompts."""
     from neuroprobe.errors import NeuroprobeError
     from neuroprobe.stimuli.battery import Battery
 
-    table = battery.table[battery.table["modality"] == "text"]
+    concepts = dict(list(battery.concepts.items())[: n_facts or None])
+    table = battery.table[(battery.table["modality"] == "text") & battery.table["concept"].isin(list(concepts))]
     if table.empty:
         raise NeuroprobeError(f"battery {battery.name!r} has no text stimuli; knowledge neurons need text prompts.")
-    return Battery.from_table(table.reset_index(drop=True), concepts=battery.concepts, name=f"{battery.name}-text",
+    return Battery.from_table(table.reset_index(drop=True), concepts=concepts, name=f"{battery.name}-text",
                               root=battery.root)
 
 
@@ -228,11 +231,13 @@ def main() -> None:
     from neuroprobe.stimuli.battery import Battery
     from neuroprobe.subjects.registry import get_spec, load_subject
 
-    steps = args.steps or (8 if args.quick else 20)
-    draws = args.random_draws if args.random_draws is not None else (10 if args.quick else 50)
     spec = get_spec(args.model)
-    probe = args.probe or ("digits" if spec.name == "organism" else spec.default_battery())
-    battery = text_battery(Battery.load(probe))
+    small = spec.name == "organism"  # quick runs of larger subjects are cut further
+    steps = args.steps or (20 if not args.quick else 8 if small else 4)
+    draws = args.random_draws if args.random_draws is not None else (50 if not args.quick else 10 if small else 5)
+    probe = args.probe or spec.default_battery
+    n_facts = args.facts or (4 if args.quick and spec.name != "organism" else None)
+    battery = text_battery(Battery.load(probe), n_facts)
     rep = Report(NAME, args.out, "Do a few MLP units carry a fact, so that zeroing them lowers the correct answer's "
                                  "probability and doubling them raises it, more than random units and for that fact "
                                  "only?", args=args)

@@ -278,11 +278,11 @@ def main() -> None:
     rep = Report(NAME, args.out, "Does text drawn over a handwritten digit change what the organism sees, and do the "
                                  "cells of the written digit fire instead of the picture's?", args=args)
 
-    sweep = sweep_battery(Path(args.cache), samples, sizes, positions, args.seed)
-    stroop = Battery.load("stroop")
     subject = load_subject(args.model, device=args.device, quiet=True, modalities=("image", "text"))
     twin = load_subject(args.model, init="random", seed=args.seed, device=args.device, quiet=True,
                         modalities=("image", "text"))
+    sweep = sweep_battery(Path(args.cache), samples, sizes, positions, args.seed)
+    stroop = Battery.load("stroop")
     site = args.site or [s.name for s in subject.sites("mlp") if s.stream.startswith("image")][-1]
 
     # 1. predictions on the sweep and on the Stroop battery, trained and untrained

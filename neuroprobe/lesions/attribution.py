@@ -144,8 +144,8 @@ def _site_pass(subject: Subject, battery: "Battery", rows: pd.DataFrame, site: S
 
     def edit(x: torch.Tensor, s: Site) -> torch.Tensor:
         if "y" in held:
-            raise NeuroprobeError(f"site {s.name!r} fired twice in one forward pass; integrated gradients need a "
-                                  f"site that sees each stimulus once.")
+            raise NeuroprobeError(f"site {s.name!r} fired twice while the score was computed; integrated gradients "
+                                  f"need a score that runs the site once (prepare the readout first).")
         if x.shape[0] != len(reps):
             raise NeuroprobeError(
                 f"site {s.name!r} saw {x.shape[0]} rows in a forward pass of {len(reps)} stimuli; integrated "

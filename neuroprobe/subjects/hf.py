@@ -804,6 +804,8 @@ PROTOTYPE_TEMPERATURE = 0.05
 def _prototype_tensor(subject: HFSubject, stimuli: pd.DataFrame, battery) -> torch.Tensor:
     """The ``prototype`` readout as a differentiable tensor (prototypes stay the intact model's)."""
     concepts, protos = getattr(subject, "_prototypes", None) or _prototypes(subject, battery)
+    if protos.is_inference() and not torch.is_inference_mode_enabled():
+        protos = protos.clone()  # made under inference_mode; a gradient may flow through this product
     emb = _embed(subject, stimuli["text"].tolist())
     logp = (emb @ protos.T / PROTOTYPE_TEMPERATURE).log_softmax(-1)
     idx = torch.tensor([concepts.index(c) for c in stimuli["concept"]], device=logp.device)
