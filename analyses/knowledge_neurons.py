@@ -39,6 +39,8 @@ from neuroprobe.experiments.cli import experiment_args, run_main  # noqa: E402
 
 NAME = "knowledge_neurons"
 EDITS = {"suppress": ("zero", None), "amplify": ("scale", 2.0)}
+#: Dai et al. 2022's average correct-probability change ratios in BERT-base, as cited in issue 20 (not re-checked)
+PUBLISHED = {"suppress": -0.29, "amplify": 0.31}
 RC = {"font.size": 8, "axes.labelsize": 8, "axes.titlesize": 9, "xtick.labelsize": 8, "ytick.labelsize": 8,
       "legend.fontsize": 8, "legend.title_fontsize": 8}
 READOUT_NOTES = {
@@ -140,11 +142,15 @@ def run(subject, battery, sites: list[str], readout: str, args, steps: int, draw
                              n_units=int(sum(len(v) for v in units.values())), own=float(r[own].mean()),
                              others=float(r[~own].mean()) if (~own).any() else np.nan))
     per = pd.DataFrame(rows)
-    counts = pd.DataFrame([(f, s, len(u)) for f in study.concepts for s, u in neurons.get(f, {}).items()],
-                          columns=["fact", "site", "n"])
+    counts = pd.DataFrame([(f, s, len(u), " ".join(map(str, u))) for f in study.concepts
+                           for s, u in neurons.get(f, {}).items()], columns=["fact", "site", "n", "units"])
+    distinct = {s: len({int(u) for f in facts for u in neurons[f].get(s, [])}) for s in sites}
     p = np.exp(study.baseline)
     base = pd.Series(p).groupby(concepts).mean()
+    pf = base.reindex(facts)
+    ceiling = (1 - pf) / pf  # the most a fact's mean probability can rise, relative to itself
     return dict(per=per, counts=counts, share=share, facts=facts, n_facts=len(study.concepts), attr=attr,
+                distinct=distinct, ceiling=float(ceiling.mean()) if len(ceiling) else float("nan"),
                 sites=sites, n_units={s: study.n_units[s] for s in sites}, baseline=base, n_prompts=len(prompts),
                 n_test=len(study.test), seconds=time.perf_counter() - t0)
 
@@ -197,6 +203,7 @@ def figure(summary: pd.DataFrame, counts: pd.DataFrame, n_units: dict[str, int],
                          capsize=2, lw=0.8)
             k += 1
     ax1.axhline(0, color="0.6", lw=0.6)
+    ax1.plot(x - 0.42, [100 * v for v in PUBLISHED.values()], ls="none", marker="*", color="black", ms=7)
     for model in ("trained", "untrained"):
         if model not in models:
             ax1.text(0.98, 0.02, f"{'untrained twin' if model == 'untrained' else 'trained'}: no fact has knowledge "
@@ -206,7 +213,8 @@ def figure(summary: pd.DataFrame, counts: pd.DataFrame, n_units: dict[str, int],
     ax1.set_title(f"a  knowledge neurons of {model_name}", loc="left")
     handles = [Line2D([], [], ls="none", marker=m, color=c, mfc=c, ms=5, label=w) for w, c, m in kinds]
     handles += [Line2D([], [], ls="none", marker="o", color="0.3", mfc="0.3", ms=5, label="trained"),
-                Line2D([], [], ls="none", marker="o", color="0.3", mfc="white", ms=5, label="untrained twin")]
+                Line2D([], [], ls="none", marker="o", color="0.3", mfc="white", ms=5, label="untrained twin"),
+                Line2D([], [], ls="none", marker="*", color="black", ms=7, label="Dai 2022, BERT (as cited)")]
     ax1.legend(handles=handles, frameon=False, fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.12),
                handletextpad=0.3, columnspacing=0.8)
     sites = list(n_units)
@@ -276,6 +284,10 @@ def main() -> None:
             rep.add("knowledge_neurons", c.n, condition=model, site=c.site, concept=c.fact)
         for f, pb in res["baseline"].items():
             rep.add("baseline_probability", pb, condition=model, concept=f, note="mean p(correct) on the testing split")
+        for site, n in res["distinct"].items():
+            rep.add("knowledge_neurons_distinct", n, condition=model, site=site, note="distinct units over all facts")
+        rep.add("amplify_ceiling", res["ceiling"], condition=model,
+                note="mean over facts of (1-p)/p, p the fact's mean probability: the largest relative rise it can make")
     rep.table(per, "edits")
     if len(tr["counts"]):
         rep.table(tr["counts"], "neurons")
@@ -317,8 +329,12 @@ def main() -> None:
          0: "No knowledge-neuron effect beyond random units: "}[effect]
         + f"{len(tr['facts'])} of {tr['n_facts']} facts get knowledge neurons ({kn_mean:.1f} per fact on average, "
         f"share {tr['share']:.2f}; most at {top_site}). Suppressing them changes the correct answer's probability by "
-        f"{pc(sup)} ({verdict(sup, sup_r, True)}) and amplifying them by {pc(amp)} ({verdict(amp, amp_r, False)}); "
-        f"mean over facts with a 95% t-interval — {where}."
+        f"{pc(sup)} ({verdict(sup, sup_r, True)}) and amplifying them by {pc(amp)} ({verdict(amp, amp_r, False)}; "
+        f"the answers are already probable, p = {float(tr['baseline'].mean()):.2f} on average, which leaves a fact's "
+        f"mean probability (1-p)/p = {100 * tr['ceiling']:.0f}% of headroom on average); mean over facts with a 95% "
+        f"t-interval. "
+        f"{sum(len(u.split()) for u in tr['counts']['units'])} knowledge neurons over all facts are "
+        f"{sum(tr['distinct'].values())} distinct units — {where}."
     )
     control = (
         f"Random units of the same count at the same sites: {pc(sup_r)} (suppress) and {pc(amp_r)} (amplify); median "

@@ -173,7 +173,7 @@ def cell_responses(responses: np.ndarray, table: pd.DataFrame, cells: pd.DataFra
 
 
 # ------------------------------------------------------------------ figures
-def main_figure(rate_size: pd.DataFrame, cells_size: pd.DataFrame, site: str, n_cells: int):
+def main_figure(rate_size: pd.DataFrame, cells_size: pd.DataFrame, site: str, n_cells: int, position: str):
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -191,7 +191,7 @@ def main_figure(rate_size: pd.DataFrame, cells_size: pd.DataFrame, site: str, n_
     ax1.set_ylabel("predicted as the foil digit (%)")
     ax1.set_ylim(bottom=0)
     ax1.legend(title="drawn over the digit", frameon=False, loc="upper left")
-    ax1.set_title("a  flip rate", loc="left")
+    ax1.set_title(f"a  flip rate (word in the {position})", loc="left")
     rows = [("incongruent", "image_cells", "#2c7fb8", "-", "o", "picture's digit cells"),
             ("incongruent", "text_cells", "#c0392b", "-", "s", "written digit's cells"),
             ("nonsense", "text_cells", "#7f7f7f", "--", "^", "foil digit's cells, random letters")]
@@ -297,7 +297,9 @@ def main() -> None:
     stroop_per = pd.concat(stroop_rows, ignore_index=True)
     attacked = per[per["condition"] != "clean"]
     rate_size = rates(attacked, ["model", "condition", "font_size"])
-    rate_pos = rates(attacked[attacked["model"] == "trained"], ["model", "condition", "font_size", "position"])
+    rate_pos = rates(attacked, ["model", "condition", "font_size", "position"])
+    focus = "center" if "center" in positions else positions[0]  # where the word covers the digit
+    rate_focus = rate_pos[rate_pos["position"] == focus]
     clean = rates(per[per["condition"] == "clean"], ["model"])
     for r in rate_size.itertuples():
         cond = f"{r.model}:{r.condition}"
@@ -351,26 +353,32 @@ def main() -> None:
         raise RuntimeError("the recording's stimuli are not the sweep battery's, in order")
     resp = cell_responses(responses, table.reset_index(drop=True), cells)
     rows = []
-    for (cond, size), g in resp[resp["condition"] != "clean"].groupby(["condition", "font_size"]):
-        for col in ("image_cells", "text_cells"):
-            m, lo, hi = mean_ci(g[col].to_numpy())
-            n = int(np.isfinite(g[col]).sum())
-            rows.append(dict(condition=cond, font_size=size, cells=col, mean=m, lo=lo, hi=hi, n=n))
-            what = "picture's digit" if col == "image_cells" else "foil (written) digit"
-            rep.add(f"cell_response_{col.split('_')[0]}_concept", m, condition=f"trained:{cond}", site=site, x=size,
-                    ci=(lo, hi), n=n, note=f"mean response of the {what}'s concept cells / their clean own-digit mean")
-    cells_size = pd.DataFrame(rows)
+    attacked_resp = resp[resp["condition"] != "clean"]
+    for pos, part in [("all positions", attacked_resp)] + [(f"position {q}", g) for q, g in
+                                                            attacked_resp.groupby("position", sort=True)]:
+        for (cond, size), g in part.groupby(["condition", "font_size"]):
+            for col in ("image_cells", "text_cells"):
+                m, lo, hi = mean_ci(g[col].to_numpy())
+                n = int(np.isfinite(g[col]).sum())
+                rows.append(dict(position=pos, condition=cond, font_size=size, cells=col, mean=m, lo=lo, hi=hi, n=n))
+                what = "picture's digit" if col == "image_cells" else "foil (written) digit"
+                rep.add(f"cell_response_{col.split('_')[0]}_concept", m, condition=f"trained:{cond}", site=site,
+                        x=size, ci=(lo, hi), n=n,
+                        note=f"{pos}; mean response of the {what}'s concept cells / their clean own-digit mean")
+    cells_all = pd.DataFrame(rows)
+    cells_size = cells_all[cells_all["position"] == f"position {focus}"]
 
     # 4. figures
-    rep.figure(main_figure(rate_size, cells_size, site, len(cells)), "typographic", main=True)
-    by_pos = rate_pos[rate_pos["condition"] == "incongruent"]
+    rep.figure(main_figure(rate_focus, cells_size, site, len(cells), focus), "typographic", main=True)
+    by_pos = rate_pos[(rate_pos["condition"] == "incongruent") & (rate_pos["model"] == "trained")]
     rep.figure(stroop_figure(stroop_rates, by_pos), "stroop")
 
     # 5. the finding, in numbers
     big = max(sizes)
 
-    def rate(model: str, cond: str) -> tuple[float, float, float]:
-        r = rate_size[(rate_size["model"] == model) & (rate_size["condition"] == cond) & (rate_size["font_size"] == big)]
+    def rate(model: str, cond: str, frame: pd.DataFrame | None = None) -> tuple[float, float, float]:
+        frame = rate_focus if frame is None else frame
+        r = frame[(frame["model"] == model) & (frame["condition"] == cond) & (frame["font_size"] == big)]
         return (float(r["flip_rate"].iloc[0]), float(r["flip_lo"].iloc[0]), float(r["flip_hi"].iloc[0])) \
             if len(r) else (np.nan, np.nan, np.nan)
 
@@ -380,7 +388,10 @@ def main() -> None:
     name_t, word_t, nons_t, name_u = (rate("trained", "incongruent"), rate("trained", "word"),
                                       rate("trained", "nonsense"), rate("untrained", "incongruent"))
     acc_clean = float(clean[clean["model"] == "trained"]["accuracy"].iloc[0])
-    n_big = int(rate_size[(rate_size["font_size"] == big)]["n"].iloc[0])
+    n_big = int(rate_focus[(rate_focus["font_size"] == big)]["n"].iloc[0])
+    others = [q for q in positions if q != focus]
+    elsewhere = ", ".join(f"{q} {100 * rate('trained', 'incongruent', rate_pos[rate_pos['position'] == q])[0]:.1f}%"
+                          for q in others)
 
     def cell_at(col: str, cond: str) -> float:
         g = cells_size[(cells_size["cells"] == col) & (cells_size["condition"] == cond) &
@@ -392,15 +403,18 @@ def main() -> None:
     sizes_s = max(s for s in stroop_per["font_size"].unique())
     reads = name_t[1] > max(word_t[2], nons_t[2])
     finding = (
-        f"The organism reads. At {big} px (the largest size; {n_big} attacked pictures per condition, "
-        f"{len(positions)} position(s)), drawing another digit's name over a handwritten digit makes the zero-shot "
+        f"The organism reads. At {big} px (the largest size) in the {focus} of the picture ({n_big} attacked "
+        f"pictures per condition), drawing another digit's name over a handwritten digit makes the zero-shot "
         f"prediction that digit for {pc(name_t)} of the pictures (clean pictures: {100 * acc_clean:.1f}% correct). "
         if reads else
-        f"No typographic attack beyond its controls: at {big} px another digit's name flips {pc(name_t)} of the "
-        f"predictions, not clearly more than a common word or random letters. "
+        f"No typographic attack beyond its controls: at {big} px in the {focus} another digit's name flips "
+        f"{pc(name_t)} of the predictions, not clearly more than a common word or random letters. "
     ) + (
-        f"Cells: the picture's concept cells fall to {img_c:.2f} of their clean response while the written digit's "
-        f"cells rise to {txt_c:.2f} ({len(cells)} concept cells at {site}). "
+        f"Where the word covers less of the digit it flips fewer ({elsewhere}; all {len(positions)} positions "
+        f"together {pc(rate('trained', 'incongruent', rate_size))}). " if others else ""
+    ) + (
+        f"Cells ({focus}, {big} px): the picture's concept cells fall to {img_c:.2f} of their clean response while "
+        f"the written digit's cells rise to {txt_c:.2f} ({len(cells)} concept cells at {site}). "
         if len(cells) else f"No concept cells at {site}, so no cell readout. "
     ) + (
         f"Stroop battery ({sizes_s} px): the picture digit's log-probability is "
@@ -409,7 +423,7 @@ def main() -> None:
         f"relative to a common word."
     )
     control = (
-        f"Same size and place, a common word flips {pc(word_t)} and random letters {pc(nons_t)} to the same foil "
+        f"Same size and place, a common word 'flips' {pc(word_t)} and random letters {pc(nons_t)} to the same foil "
         f"digit, so it is the digit's name, not any text, that flips the prediction; the untrained twin "
         f"'flips' {pc(name_u)} (chance-level confusions). The foil digit's cells under random letters stay at "
         f"{txt_n:.2f} of their own-digit response. Untrained twin: {n_untrained} concept cells at {site}."
@@ -417,9 +431,10 @@ def main() -> None:
     published = ("Goh et al. 2021 (Distill): CLIP RN50x4 classifies an apple with a handwritten 'iPod' label as an "
                  "iPod, and its multimodal neurons respond to written words as to the objects — qualitative examples, "
                  "no flip rate is published for them; here the same attack on a 230k-parameter digit model.")
-    rep.table(rate_size, "flip_rates")
-    rep.write(finding=finding, control=control, published=published, summary=rate_size[rate_size["font_size"] == big][
-        ["model", "condition", "font_size", "n", "flip_rate", "flip_lo", "flip_hi", "accuracy"]])
+    rep.table(pd.concat([rate_size.assign(position="all"), rate_pos], ignore_index=True), "flip_rates")
+    rep.table(cells_all, "cell_responses")
+    rep.write(finding=finding, control=control, published=published, summary=rate_focus[rate_focus["font_size"] == big][
+        ["model", "condition", "position", "font_size", "n", "flip_rate", "flip_lo", "flip_hi", "accuracy"]])
     print(f"{NAME}: {finding}")
 
 
