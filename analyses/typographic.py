@@ -422,9 +422,10 @@ def main() -> None:
         f"name and {interference.get(('trained', sizes_s, 'stroop_facilitation'), np.nan):+.2f} under its own name, "
         f"relative to a common word."
     )
+    which = "it is the digit's name, not any text, that" if reads else "the digit's name no more than any text"
     control = (
         f"Same size and place, a common word 'flips' {pc(word_t)} and random letters {pc(nons_t)} to the same foil "
-        f"digit, so it is the digit's name, not any text, that flips the prediction; the untrained twin "
+        f"digit, so {which} flips the prediction; the untrained twin "
         f"'flips' {pc(name_u)} (chance-level confusions). The foil digit's cells under random letters stay at "
         f"{txt_n:.2f} of their own-digit response. Untrained twin: {n_untrained} concept cells at {site}."
     )
