@@ -320,6 +320,7 @@ def main() -> None:
         beyond = kn[2] < min(0.0, rnd[1]) if lower else kn[1] > max(0.0, rnd[2])
         return "beyond random units and zero" if beyond else "not clearly beyond random units (interval reaches them or 0)"
 
+    p_mean = float(tr["baseline"].mean())
     effect = int(verdict(sup, sup_r, True).startswith("beyond")) + int(verdict(amp, amp_r, False).startswith("beyond"))
     where = (f"run on {spec.name}'s {', '.join(sites)} with {READOUT_NOTES.get(readout, 'its ' + readout + ' readout')}"
              f"; facts = the {tr['n_facts']} concepts of {probe}'s text stimuli, {tr['n_prompts']} screening "
@@ -329,11 +330,12 @@ def main() -> None:
          0: "No knowledge-neuron effect beyond random units: "}[effect]
         + f"{len(tr['facts'])} of {tr['n_facts']} facts get knowledge neurons ({kn_mean:.1f} per fact on average, "
         f"share {tr['share']:.2f}; most at {top_site}). Suppressing them changes the correct answer's probability by "
-        f"{pc(sup)} ({verdict(sup, sup_r, True)}) and amplifying them by {pc(amp)} ({verdict(amp, amp_r, False)}; "
-        f"the answers are already probable, p = {float(tr['baseline'].mean()):.2f} on average, which leaves a fact's "
-        f"mean probability (1-p)/p = {100 * tr['ceiling']:.0f}% of headroom on average); mean over facts with a 95% "
-        f"t-interval. "
-        f"{sum(len(u.split()) for u in tr['counts']['units'])} knowledge neurons over all facts are "
+        f"{pc(sup)} ({verdict(sup, sup_r, True)}) and amplifying them by {pc(amp)} ({verdict(amp, amp_r, False)}"
+        + (f"; the answers are already probable, p = {p_mean:.2f} on average, which leaves a fact's mean probability "
+           f"(1-p)/p = {100 * tr['ceiling']:.0f}% of headroom on average" if p_mean > 0.5 else
+           f"; the correct answers start at p = {p_mean:.2f} on average")
+        + "); mean over facts with a 95% t-interval. "
+        + f"{sum(len(u.split()) for u in tr['counts']['units'])} knowledge neurons over all facts are "
         f"{sum(tr['distinct'].values())} distinct units — {where}."
     )
     control = (
