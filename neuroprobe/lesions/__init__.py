@@ -6,6 +6,8 @@ from neuroprobe._lazy import lazy_exports
 # names load on first use: importing the package stays cheap (see neuroprobe/_lazy.py)
 _EXPORTS = {
     "LesionStudy": "neuroprobe.lesions.forgetting",
+    "integrated_gradients": "neuroprobe.lesions.attribution",
+    "knowledge_neurons": "neuroprobe.lesions.attribution",
     "dose_response": "neuroprobe.lesions.forgetting",
     "forgetting": "neuroprobe.lesions.forgetting",
     "forgetting_matrix": "neuroprobe.lesions.forgetting",
@@ -25,4 +27,4 @@ _EXPORTS = {
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
-__all__ = ["Lesion", "LesionStudy", "MODES", "cells_ranking", "dose_response", "dprime", "forgetting", "forgetting_matrix", "importance_summary", "lesion", "normalize_units", "rank_responses", "rank_units", "reference_responses", "selectivity_vs_importance", "site_responses", "summarize"]
+__all__ = ["Lesion", "integrated_gradients", "knowledge_neurons", "LesionStudy", "MODES", "cells_ranking", "dose_response", "dprime", "forgetting", "forgetting_matrix", "importance_summary", "lesion", "normalize_units", "rank_responses", "rank_units", "reference_responses", "selectivity_vs_importance", "site_responses", "summarize"]

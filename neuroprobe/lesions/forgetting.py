@@ -355,15 +355,38 @@ class LesionStudy:
                 if progress is not None:
                     progress(1)
         elif todo:
-            names = list(dict.fromkeys(s for i in todo for s in lesions[i]))
-            sites = {s.name: s for s in resolve_sites(self.subject, names)}
-            scores = self._engine.scores([lesions[i] for i in todo], mode, factor=factor if mode == "scale" else None,
-                                         reference=self.screen if mode == "mean" else None, sites=sites, progress=progress)
+            scores = self.scores_many([lesions[i] for i in todo], mode, factor=factor, progress=progress)
             for j, i in enumerate(todo):
                 out[i] = self._change(scores[j], self.baseline, mode, factor)
         if progress is not None and len(lesions) > len(todo):
             progress(len(lesions) - len(todo))
         return out  # type: ignore[return-value]
+
+    def scores_many(self, lesions: Sequence[Mapping[str, np.ndarray]], mode: str = "zero", *,
+                    factor: float | None = None, progress: Any = None) -> np.ndarray:
+        """The readout of every evaluation stimulus under each lesion, ``[n_lesions, n_stimuli]``.
+
+        Stimuli are the rows of :attr:`test` in order; :attr:`baseline` holds the intact
+        scores they compare with (``lesioned - baseline`` is what :meth:`evaluate_many`
+        averages per concept).  Batched like :meth:`evaluate_many` when :attr:`engine` allows.
+        """
+        if self._engine is None or mode not in BATCHED_MODES:
+            ref = self.screen if mode in ("mean", "resample") else None
+            out = np.full((len(lesions), len(self.test)), np.nan)
+            for i, units in enumerate(lesions):
+                if count_units(units) == 0:
+                    out[i] = self._baseline_single()
+                else:
+                    with lesion(self.subject, units, mode, factor=factor if mode == "scale" else None, reference=ref,
+                                seed=self.seed):
+                        out[i] = self._score()
+                if progress is not None:
+                    progress(1)
+            return out
+        names = list(dict.fromkeys(s for units in lesions for s in units))
+        sites = {s.name: s for s in resolve_sites(self.subject, names)}
+        return self._engine.scores(list(lesions), mode, factor=factor if mode == "scale" else None,
+                                   reference=self.screen if mode == "mean" else None, sites=sites, progress=progress)
 
     def _row(self, concept: str, change: pd.Series, **extra: Any) -> dict[str, Any]:
         others = change.drop(concept)

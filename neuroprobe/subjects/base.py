@@ -181,6 +181,9 @@ class Subject:
     site_patterns: dict[str, list[SitePattern]] = {}
     block_order: dict[str, list[str]] = {}
     readouts: dict[str, Readout] = {}
+    #: readout name -> ``fn(subject, stimuli, battery) -> torch.Tensor``: the same score as
+    #: :attr:`readouts` but as a tensor that keeps its graph (attribution needs its gradient)
+    tensor_readouts: dict[str, Callable[..., torch.Tensor]] = {}
     default_readout: str | None = None
     modalities: tuple[str, ...] = ("text",)
 
@@ -345,6 +348,30 @@ class Subject:
             for start in range(0, len(stimuli), batch_size):
                 parts.append(np.asarray(fn(self, stimuli.iloc[start : start + batch_size], battery), dtype=np.float64))
         return np.concatenate(parts) if parts else np.zeros(0)
+
+    def readout_tensor(self, stimuli: pd.DataFrame, battery: "Battery", name: str | None = None) -> torch.Tensor:
+        """The readout's scores as a differentiable tensor (one per stimulus, in order).
+
+        The same numbers as :meth:`readout` in one forward pass of all ``stimuli``; gradient
+        mode is the caller's (integrated gradients run it under ``torch.enable_grad``).
+
+        Raises
+        ------
+        NeuroprobeError
+            When the readout has no differentiable form for this subject.
+        """
+        name = name or self.default_readout
+        if name not in self.readouts:
+            raise NeuroprobeError(
+                f"subject {self.name!r} has no readout {name!r}; it has {', '.join(self.readouts) or 'none'}."
+            )
+        fn = self.tensor_readouts.get(name)
+        if fn is None:
+            have = ", ".join(self.tensor_readouts) or "none"
+            raise NeuroprobeError(
+                f"readout {name!r} of subject {self.name!r} has no differentiable form (those with one: {have})."
+            )
+        return fn(self, stimuli, battery)
 
     # ------------------------------------------------------------------ misc
     @property

@@ -443,6 +443,9 @@ def load_hf_subject(
     subject.readouts = {k: READOUTS[k] for k in subject.arch.readouts if k in READOUTS}
     subject.default_readout = next(iter(subject.readouts), None)
     subject.setup(**options)
+    # a differentiable form only where the readout is this module's own (subclasses may replace readouts)
+    subject.tensor_readouts = {k: TENSOR_READOUTS[k] for k, fn in subject.readouts.items()
+                               if k in TENSOR_READOUTS and fn is READOUTS.get(k)}
     return subject
 
 
@@ -696,22 +699,33 @@ def masked_cloze(tok, stimuli: pd.DataFrame) -> tuple[list[str], list[list[int]]
 
 def masked_target_logprob(logp: torch.Tensor, input_ids: torch.Tensor, mask_id: int, targets: list[list[int]]) -> np.ndarray:
     """Sum over each row's mask positions of log p(target token) (``logp``: [B, T, V] log-softmax)."""
-    out = np.full(len(targets), np.nan)
+    return masked_target_logprob_tensor(logp, input_ids, mask_id, targets).detach().cpu().numpy().astype(np.float64)
+
+
+def masked_target_logprob_tensor(logp: torch.Tensor, input_ids: torch.Tensor, mask_id: int,
+                                 targets: list[list[int]]) -> torch.Tensor:
+    """:func:`masked_target_logprob` as a tensor that keeps its graph (``float32 [B]``)."""
+    out = []
     for i, target in enumerate(targets):
         pos = (input_ids[i] == mask_id).nonzero().flatten().to(logp.device)
         k = min(len(pos), len(target))
-        out[i] = float(logp[i, pos[:k], torch.tensor(target[:k], dtype=torch.long, device=logp.device)].sum())
-    return out
+        out.append(logp[i, pos[:k], torch.tensor(target[:k], dtype=torch.long, device=logp.device)].sum())
+    return torch.stack(out) if out else logp.new_zeros(0)
 
 
-def _readout_masked_lm(subject: HFSubject, stimuli: pd.DataFrame, battery) -> np.ndarray:
-    """Sum of log p(target tokens) with the target replaced by as many mask tokens."""
+def _masked_lm_tensor(subject: HFSubject, stimuli: pd.DataFrame, battery) -> torch.Tensor:
+    """The ``masked_lm`` readout as a differentiable tensor."""
     head = subject.require_head()
     tok = subject.tokenizer
     texts, targets = masked_cloze(tok, stimuli)
     enc = tok(texts, padding=True, return_tensors="pt").to(subject.device)
     logits = head(**enc).logits.float().log_softmax(-1)
-    return masked_target_logprob(logits, enc["input_ids"], tok.mask_token_id, targets)
+    return masked_target_logprob_tensor(logits, enc["input_ids"], tok.mask_token_id, targets)
+
+
+def _readout_masked_lm(subject: HFSubject, stimuli: pd.DataFrame, battery) -> np.ndarray:
+    """Sum of log p(target tokens) with the target replaced by as many mask tokens."""
+    return _masked_lm_tensor(subject, stimuli, battery).detach().cpu().numpy().astype(np.float64)
 
 
 def _readout_next_token(subject: HFSubject, stimuli: pd.DataFrame, battery) -> np.ndarray:
@@ -787,17 +801,24 @@ def _prototypes(subject: HFSubject, battery) -> tuple[list[str], torch.Tensor]:
 PROTOTYPE_TEMPERATURE = 0.05
 
 
+def _prototype_tensor(subject: HFSubject, stimuli: pd.DataFrame, battery) -> torch.Tensor:
+    """The ``prototype`` readout as a differentiable tensor (prototypes stay the intact model's)."""
+    concepts, protos = getattr(subject, "_prototypes", None) or _prototypes(subject, battery)
+    if protos.is_inference() and not torch.is_inference_mode_enabled():
+        protos = protos.clone()  # made under inference_mode; a gradient may flow through this product
+    emb = _embed(subject, stimuli["text"].tolist())
+    logp = (emb @ protos.T / PROTOTYPE_TEMPERATURE).log_softmax(-1)
+    idx = torch.tensor([concepts.index(c) for c in stimuli["concept"]], device=logp.device)
+    return logp[torch.arange(len(idx)), idx]
+
+
 def _readout_prototype(subject: HFSubject, stimuli: pd.DataFrame, battery) -> np.ndarray:
     """log-softmax over concepts of cos(stimulus, concept prompt)/T at the stimulus's concept.
 
     Prototypes come from the intact model (:meth:`HFSubject.prepare_readout`), so a
     lesion is scored against what the unlesioned subject meant by each concept.
     """
-    concepts, protos = getattr(subject, "_prototypes", None) or _prototypes(subject, battery)
-    emb = _embed(subject, stimuli["text"].tolist())
-    logp = (emb @ protos.T / PROTOTYPE_TEMPERATURE).log_softmax(-1)
-    idx = torch.tensor([concepts.index(c) for c in stimuli["concept"]], device=logp.device)
-    return logp[torch.arange(len(idx)), idx].cpu().numpy()
+    return _prototype_tensor(subject, stimuli, battery).detach().cpu().numpy()
 
 
 READOUTS: dict[str, Callable[..., np.ndarray]] = {
@@ -805,4 +826,10 @@ READOUTS: dict[str, Callable[..., np.ndarray]] = {
     "next_token": _readout_next_token,
     "seq2seq": _readout_seq2seq,
     "prototype": _readout_prototype,
+}
+
+#: the readouts of :data:`READOUTS` that also have a differentiable form (``Subject.readout_tensor``)
+TENSOR_READOUTS: dict[str, Callable[..., torch.Tensor]] = {
+    "masked_lm": _masked_lm_tensor,
+    "prototype": _prototype_tensor,
 }

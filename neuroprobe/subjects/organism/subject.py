@@ -99,6 +99,7 @@ class OrganismSubject(Subject):
         self.config: OrganismConfig = model.config
         self.site_patterns = _site_patterns(self.config)
         self.readouts = {"zero_shot": _zero_shot, "zero_shot_correct": _zero_shot_correct}
+        self.tensor_readouts = {"zero_shot": _zero_shot_tensor}
         self._reference: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # --------------------------------------------------------------- encoding
@@ -204,6 +205,17 @@ class OrganismSubject(Subject):
         logp, target
             ``float [N, n_concepts]`` and ``int [N]``.
         """
+        logp, target = self.concept_logp(stimuli, battery)
+        return logp.detach().float().cpu().numpy().astype(np.float64), target
+
+    def concept_logp(self, stimuli: pd.DataFrame, battery: "Battery") -> tuple[torch.Tensor, np.ndarray]:
+        """:meth:`concept_scores` as a tensor that keeps its graph (for gradients; one forward pass).
+
+        Returns
+        -------
+        logp, target
+            ``torch.float32 [N, n_concepts]`` on the model's device, and ``int [N]``.
+        """
         concepts = list(battery.concepts)
         unknown = sorted(set(stimuli["concept"]) - set(concepts))
         if unknown:
@@ -230,16 +242,19 @@ class OrganismSubject(Subject):
         img_in = torch.cat(images) if images else None
         img, txt = self.forward(Batch(inputs={"images": img_in, "text_ids": ids, "text_mask": mask}))
         scale = self.model.scale()
-        logp = np.zeros((len(stimuli), len(concepts)))
+        emb = img if img is not None else txt
+        logp = torch.zeros((len(stimuli), len(concepts)), dtype=torch.float32, device=emb.device)
         if n_img:
             p_emb = txt[len(texts):]
-            logp[modality == "image"] = (scale * img[:n_img] @ p_emb.T).log_softmax(-1).float().cpu().numpy()
+            rows = torch.from_numpy(modality == "image").to(emb.device)
+            logp[rows] = (scale * img[:n_img] @ p_emb.T).log_softmax(-1).float()
         if has_text:
             ref = img[n_img:]
             labels = ref_labels.to(ref.device)
             digits = [D.CONCEPTS.index(c) for c in concepts]
             protos = torch.nn.functional.normalize(torch.stack([ref[labels == d].mean(0) for d in digits]), dim=-1)
-            logp[modality == "text"] = (scale * txt[: len(texts)] @ protos.T).log_softmax(-1).float().cpu().numpy()
+            rows = torch.from_numpy(modality == "text").to(emb.device)
+            logp[rows] = (scale * txt[: len(texts)] @ protos.T).log_softmax(-1).float()
         target = np.array([concepts.index(c) for c in stimuli["concept"]], dtype=np.int64)
         return logp, target
 
@@ -252,6 +267,11 @@ def _zero_shot(subject: OrganismSubject, stimuli: pd.DataFrame, battery: "Batter
 def _zero_shot_correct(subject: OrganismSubject, stimuli: pd.DataFrame, battery: "Battery") -> np.ndarray:
     logp, target = subject.concept_scores(stimuli, battery)
     return (logp.argmax(1) == target).astype(np.float64)
+
+
+def _zero_shot_tensor(subject: OrganismSubject, stimuli: pd.DataFrame, battery: "Battery") -> torch.Tensor:
+    logp, target = subject.concept_logp(stimuli, battery)
+    return logp[torch.arange(len(target), device=logp.device), torch.as_tensor(target, device=logp.device)]
 
 
 # ------------------------------------------------------------------- loading
