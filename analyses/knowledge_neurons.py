@@ -292,7 +292,6 @@ def main() -> None:
     if len(tr["counts"]):
         rep.table(tr["counts"], "neurons")
 
-    model_name = spec.name + (f" ({readout} readout)" if readout != "masked_lm" else "")
     rep.figure(figure(summary[summary["model"].isin(list(results))], tr["counts"], tr["n_units"], spec.name),
                "knowledge_neurons", main=True)
 

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pandas as pd
-import pytest
 
 import neuroprobe as npb
 from neuroprobe.experiments import Report, cache_key, cached_recording, cells_with_controls

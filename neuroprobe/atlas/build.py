@@ -619,10 +619,6 @@ def build_atlas(
     own = not isinstance(recording, Recording)
     rec = open_recording(recording) if own else recording  # a damaged recording is refused before anything is written
     try:
-        if out.exists() and overwrite:
-            for sub in ("units", "concepts", "stimuli", "data", "static"):
-                shutil.rmtree(out / sub, ignore_errors=True)
-        out.mkdir(parents=True, exist_ok=True)
         ctrl_paths: dict[str, Any] = {"untrained": untrained, "rotated": rotation}
         if isinstance(cells, (str, Path)):
             ctrl_paths["untrained"] = untrained if untrained is not None else T.control_sibling(Path(cells), "untrained")

@@ -44,7 +44,6 @@ from neuroprobe.recording.pooling import pool
 from neuroprobe.subjects.base import Site, Subject
 
 if TYPE_CHECKING:  # pragma: no cover
-    from neuroprobe.recording.reader import Recording
     from neuroprobe.stimuli.battery import Battery
 
 MODES = ("zero", "mean", "resample", "scale")
