@@ -12,6 +12,8 @@ importance, ...).  What they have in common lives here, not in copies across scr
 * :func:`cells_with_controls` — concept cells of a subject beside its untrained twin,
   the rotated basis and the label shuffle, cached the same way;
 * :func:`organism_weights` — organisms trained from other seeds, trained once and cached;
+* :func:`untrained_twin`, :func:`subject_status` — a subject's untrained twin at real size
+  or tiny (:func:`neuroprobe.testing.make_tiny`), and whether its weights are here;
 * :class:`Report` — ``results.csv`` (every number in the figures), ``results.md``
   (question, finding, control, published number) and the figures.
 """
@@ -27,6 +29,9 @@ _EXPORTS = {
     "cells_with_controls": "neuroprobe.experiments.study",
     "cached_cells": "neuroprobe.experiments.study",
     "Report": "neuroprobe.experiments.report",
+    "untrained_twin": "neuroprobe.experiments.twins",
+    "tiny_folder": "neuroprobe.experiments.twins",
+    "subject_status": "neuroprobe.experiments.twins",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
