@@ -48,6 +48,8 @@ PUBLISHED = ("Dathathri et al. 2020 (ICLR), GPT-2 medium with seven topic bags (
 def _options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--init", choices=("auto", "pretrained", "random"), default="auto",
                     help="pretrained weights, the untrained twin, or auto: pretrained when its weights are here")
+    ap.add_argument("--weights", default=None, metavar="DIR",
+                    help="a local folder with the subject's checkpoint (its config, tokenizer and weights)")
     ap.add_argument("--scale", choices=("real", "tiny"), default=None,
                     help="size of an untrained subject: real (the published shape) or tiny (make_tiny); "
                          "default real, tiny with --quick")
@@ -82,12 +84,14 @@ def _subject(args: argparse.Namespace):
     spec = get_spec(args.model)
     init = args.init
     if init == "auto":
-        init = "pretrained" if args.model.startswith("hf:") or subject_status(args.model).pretrained else "random"
+        here = args.weights is not None or args.model.startswith("hf:") or subject_status(args.model).pretrained
+        init = "pretrained" if here else "random"
     if init == "pretrained":
         if args.scale == "tiny":
             raise NeuroprobeError("--scale tiny is for the untrained twin; pass --init random with it.")
-        subject = load_subject(args.model, heads=True, device=args.device, quiet=True)
-        what = f"{spec.name} ({spec.checkpoint}, {spec.params} parameters), pretrained weights"
+        subject = load_subject(args.model, weights=args.weights, heads=True, device=args.device, quiet=True)
+        what = (f"{spec.name} ({args.weights or spec.checkpoint}"
+                f"{'' if args.weights else f', {spec.params} parameters'}), pretrained weights")
         return subject, what, False
     scale = args.scale or ("tiny" if args.quick else "real")
     subject = untrained_twin(args.model, scale=scale, seed=args.seed, device=args.device, cache=args.cache, heads=True)
@@ -162,7 +166,7 @@ def main() -> None:
     import torch
 
     from neuroprobe.steering.analysis import steering_tradeoff
-    from neuroprobe.steering.pplm import resolve_bags
+    from neuroprobe.steering.pplm import language_model, resolve_bags
 
     torch.set_num_threads(max(1, args.threads))
     stepsizes = _floats(args.stepsizes or ("0.03,0.1" if args.quick else "0.01,0.03,0.1"), "stepsizes")
@@ -176,6 +180,7 @@ def main() -> None:
     t0 = time.perf_counter()
     rep = Report(NAME, args.out, QUESTION, args=args)  # its clock covers the model's loading too
     subject, what, untrained = _subject(args)
+    language_model(subject)  # a subject that is not a causal LM ends here, in one sentence
     bags = resolve_bags(None, args.bag or ["kinship", "kinship_ko"], subject.tokenizer)
     frames = []
     for bag in bags:

@@ -342,7 +342,8 @@ def steering_tradeoff(
         ``mass`` (mean per-token probability mass of the bag's whole words in the
         distribution sampled from), ``mass_unpert`` (the unperturbed model's mass at the
         same contexts), ``in_bag`` (fraction of generated tokens that start a bag word),
-        ``perplexity`` (of the continuation under the unsteered model) and ``text``.
+        ``perplexity`` (of the continuation under the unsteered model), ``text`` and
+        ``token_ids`` (the continuation's ids, space-separated).
     """
     lm = language_model(subject)
     the_bag = resolve_bags(bag, None, subject.tokenizer)[0]
@@ -374,4 +375,5 @@ def _tradeoff_row(lm: Any, bag: BagOfWords, result: SteeringResult, run: str, al
         "in_bag": float(part["in_bag"].mean()),
         "perplexity": continuation_perplexity(lm, result.prompt_ids, ids),
         "text": result.steered_text if run == "steered" else result.unsteered_text,
+        "token_ids": " ".join(map(str, ids)),
     }
