@@ -25,6 +25,7 @@ import argparse
 import time
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -62,7 +63,8 @@ def _options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--length", type=int, default=None, help="tokens generated per continuation (default 8)")
     ap.add_argument("--multi-token-grid", choices=("reduced", "full"), default="reduced",
                     help="for bags of multi-token words (Korean under GPT-2: a teacher-forced pass over the words at "
-                         "every step and iteration, ~8x the cost): reduced = first prompt and fewest iterations only")
+                         "every step and iteration, ~8x the cost): reduced = first prompt, fewest iterations and the "
+                         "two largest step sizes only")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: least CPU time)")
 
 
@@ -137,6 +139,10 @@ def _plot(table: pd.DataFrame, bags: list):
             ax.set_xticks(steps)
             ax.set_xticklabels([f"{s:g}" for s in steps])
             ax.minorticks_off()
+            if measure == "mass":
+                ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_ylabel(label)
             ax.set_xlabel("step size α" if r == len(bags) - 1 else "")
         axes[r, 0].set_title(f"{bag.name}: {'Korean' if _korean(bag) else 'English'}, {len(bag)} words; unsteered "
@@ -187,11 +193,12 @@ def main() -> None:
         multi = len(bag.multi_token_words) > len(bag) / 2
         reduced = multi and args.multi_token_grid == "reduced"
         grid = dict(prompts=prompts[:1] if reduced else prompts,
-                    iterations=[min(iterations)] if reduced else iterations)
+                    iterations=[min(iterations)] if reduced else iterations,
+                    stepsizes=sorted(stepsizes)[-2:] if reduced else stepsizes)
         if not args.quiet:
             print(f"[{time.perf_counter() - t0:5.0f}s] {bag.describe()}; {len(grid['prompts'])} prompt(s) x "
-                  f"{len(stepsizes)} step sizes x {len(grid['iterations'])} iteration count(s)", flush=True)
-        frames.append(steering_tradeoff(subject, bag, grid["prompts"], stepsizes=stepsizes,
+                  f"{len(grid['stepsizes'])} step sizes x {len(grid['iterations'])} iteration count(s)", flush=True)
+        frames.append(steering_tradeoff(subject, bag, grid["prompts"], stepsizes=grid["stepsizes"],
                                         iterations=grid["iterations"], length=length, seed=args.seed)
                       .assign(grid="reduced" if reduced else "full", words=len(bag),
                               multi_token_words=len(bag.multi_token_words)))
@@ -231,16 +238,18 @@ def main() -> None:
                     f"times smaller than the English bag's ({_sci(masses[en[0]])}): each Korean word is several byte "
                     f"tokens under this tokenizer, so its whole-word probability is a product of small pieces.")
     if untrained:
-        finding += (" These are the untrained twin's numbers: with random weights the next-token distribution is "
-                    "close to uniform over the vocabulary, so they show how PPLM's gradient steps move the "
-                    "distribution toward a bag (the mechanics) and say nothing about language, topics or fluency; "
-                    "the perplexities are near the vocabulary size for every setting.")
+        ppl = table["perplexity"]
+        finding += (" These are the untrained twin's numbers: its weights are random, so they show how PPLM's "
+                    "gradient steps move the next-token distribution toward a bag and what that costs the unsteered "
+                    "model's likelihood (the mechanics), and say nothing about language, topics or fluency: every "
+                    f"perplexity here is {ppl.min():.3g}-{ppl.max():.3g}, over a vocabulary of {len(subject.tokenizer)} "
+                    "tokens.")
     control = ("The unsteered continuation of the same prompt and seed (step size 0, computed in every run and "
                "checked identical) is the baseline drawn beside every steered setting; `bag_mass_unperturbed_model` "
                "in results.csv is the unsteered model's mass along the steered text (what the context alone gives).")
     if any(s["prompts"] == 1 for s in summary) and len(prompts) > 1:
-        control += (" Bags of multi-token words ran on the first prompt and the fewest iterations only "
-                    "(--multi-token-grid reduced), to fit the CPU budget.")
+        control += (" Bags of multi-token words ran on the first prompt, the fewest iterations and the two largest "
+                    "step sizes only (--multi-token-grid reduced), to fit the CPU budget.")
     rep.write(finding=finding, control=control, published=PUBLISHED, summary=pd.DataFrame(summary))
     if not args.quiet:
         print(finding)
