@@ -194,61 +194,77 @@ def _plan(args: argparse.Namespace) -> tuple[list[Row], list[tuple[Row, tuple[st
     return rows, runs
 
 
+def _status_text(pre: Row, twin: Row) -> str:
+    """One short phrase: what ran for a subject."""
+    if pre.status == "ran":
+        return "pretrained + twin"
+    head = "no weights" if pre.reason.startswith("missing weights") else "too big"
+    if twin.status == "ran":
+        return f"{head} · {twin.scale} twin"
+    if "its tiny twin is" in twin.reason:
+        return f"{head} · twin = {twin.reason.split('its tiny twin is ')[1].split(chr(39))[0]}'s"
+    return f"{head} · not run"
+
+
 def _plot_zoo(rows: list[Row]):
-    """One row per subject and condition: each site's % of units that are concept cells, coloured by depth."""
+    """One row per subject: each site's % of units that are concept cells (pretrained, untrained twin, shuffle)."""
     import matplotlib.colors as mcolors
-    import seaborn as sns  # noqa: F401 - the project's figure library (styles)
+    from matplotlib.lines import Line2D
 
     plt.rcParams.update({"font.size": 8, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
                          "legend.fontsize": 7})
-    n = len(rows)
-    fig, ax = plt.subplots(figsize=(3.5, 0.19 * n + 1.7))
-    cmap = plt.get_cmap("viridis")
-    norm = mcolors.Normalize(0, 1)
+    pairs = {}
+    for r in rows:
+        pairs.setdefault(r.subject, {})[r.condition] = r
+    order = sorted(pairs, key=lambda s: (pairs[s]["pretrained"].status != "ran", pairs[s]["untrained"].status != "ran"))
+    n = len(order)
+    height = 0.2 * n + 1.3
+    fig = plt.figure(figsize=(3.5, height))
+    left, right = 1.05 / 3.5, 1 - 1.1 / 3.5  # room for the subject names and the status column
+    ax = fig.add_axes((left, 0.95 / height, right - left, 1 - 1.3 / height))
+    cax = fig.add_axes((left, 0.28 / height, right - left, 0.07 / height))
+    cmap, norm = plt.get_cmap("viridis"), mcolors.Normalize(0, 1)
     ran = [r for r in rows if r.status == "ran"]
-    xmax = max([100 * r.sites["fraction"].max() for r in ran] + [100 * r.shuffle["fraction"].max() for r in ran
-                                                                 if r.shuffle is not None] + [1.0])
+    xmax = max([100 * r.sites["fraction"].max() for r in ran]
+               + [100 * r.shuffle["fraction"].max() for r in ran if r.shuffle is not None] + [1.0])
     seen: set[str] = set()
-    for i, r in enumerate(rows):
+    for i, name in enumerate(order):
         y = n - 1 - i
-        if i and rows[i - 1].subject != r.subject:
-            ax.axhline(y + 0.5, color="0.85", lw=0.6)
-        if r.status != "ran":
-            short = r.reason.split(":")[0] if r.reason.startswith("missing weights") else r.reason.split(" (")[0].split(";")[0]
-            ax.text(0.0, y, f"not run: {short}", va="center", ha="left", fontsize=6.5, color="0.45")
-            continue
-        frac = 100 * r.sites["fraction"].to_numpy()
-        colours = cmap(norm(r.sites["depth"].to_numpy()))
-        if r.condition == "pretrained":
-            ax.scatter(frac, np.full(len(frac), y), color=colours, s=16, marker="o", lw=0, zorder=3)
-        else:
-            ax.scatter(frac, np.full(len(frac), y), facecolors="none", edgecolors=colours, s=16, marker="o", lw=1.0,
-                       zorder=3)
-        seen.add(r.condition)
-        if r.shuffle is not None:
-            ax.scatter(100 * r.shuffle["fraction"], np.full(len(r.shuffle), y - 0.3), marker="x", s=10, color="0.35",
-                       linewidths=0.7, zorder=3)
-            seen.add("shuffle")
+        pre, twin = pairs[name]["pretrained"], pairs[name]["untrained"]
+        for r, dy in ((pre, 0.2), (twin, -0.2)):
+            if r.status != "ran":
+                continue
+            frac = 100 * r.sites["fraction"].to_numpy()
+            colours = cmap(norm(r.sites["depth"].to_numpy()))
+            if r.condition == "pretrained":
+                ax.scatter(frac, np.full(len(frac), y + dy), color=colours, s=14, lw=0, zorder=3)
+            else:
+                ax.scatter(frac, np.full(len(frac), y + dy), facecolors="none", edgecolors=colours, s=14, lw=0.9,
+                           zorder=3)
+            seen.add(r.condition)
+            if r.shuffle is not None:
+                ax.scatter(100 * r.shuffle["fraction"], np.full(len(r.shuffle), y), marker="x", s=9, color="0.3",
+                           linewidths=0.7, zorder=4)
+                seen.add("shuffle")
+        ax.text(1.02, y, _status_text(pre, twin), transform=ax.get_yaxis_transform(), va="center", ha="left",
+                fontsize=6.5, color="0.3")
+        if i:
+            ax.axhline(y + 0.5, color="0.9", lw=0.5)
     ax.set_yticks(range(n))
-    ax.set_yticklabels([r.label for r in reversed(rows)])
-    ax.set_ylim(-0.7, n - 0.3)
-    ax.set_xlim(-0.03 * xmax, 1.08 * xmax)
+    ax.set_yticklabels([f"{name} ({pairs[name]['pretrained'].params})" for name in reversed(order)])
+    ax.set_ylim(-0.6, n - 0.4)
+    ax.set_xlim(-0.04 * xmax, 1.06 * xmax)
     ax.set_xlabel("units that are concept cells (% of the site's units)")
-    sm = plt.cm.ScalarMappable(cmap=cmap, norm=norm)
-    cbar = fig.colorbar(sm, ax=ax, orientation="horizontal", fraction=0.035, pad=0.09 + 0.9 / n, aspect=40)
-    cbar.set_label("site depth (first → last recorded site)", fontsize=7)
-    cbar.ax.tick_params(labelsize=6)
-    from matplotlib.lines import Line2D
-
-    proxies = {"pretrained": Line2D([], [], ls="", marker="o", color="0.4", ms=4, label="pretrained (one dot per site)"),
-               "untrained": Line2D([], [], ls="", marker="o", mfc="none", mec="0.4", ms=4,
-                                   label="untrained twin (one per site)"),
-               "shuffle": Line2D([], [], ls="", marker="x", color="0.35", ms=4, label="label shuffle (mean, per site)")}
+    proxies = {"pretrained": Line2D([], [], ls="", marker="o", color="0.4", ms=4, label="pretrained"),
+               "untrained": Line2D([], [], ls="", marker="o", mfc="none", mec="0.4", ms=4, label="untrained twin"),
+               "shuffle": Line2D([], [], ls="", marker="x", color="0.3", ms=4, label="label shuffle (mean)")}
     handles = [h for k, h in proxies.items() if k in seen]
     if handles:
-        ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=1, frameon=False, fontsize=6.5,
-                  handletextpad=0.3, borderaxespad=0.2)
-    fig.tight_layout()
+        ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False,
+                  fontsize=6.5, handletextpad=0.2, columnspacing=0.8, borderaxespad=0.2)
+    cbar = fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=norm), cax=cax, orientation="horizontal")
+    cbar.set_label("site depth (0 = first recorded site, 1 = last)", fontsize=6.5)
+    cbar.ax.tick_params(labelsize=6)
     return fig
 
 
@@ -258,6 +274,7 @@ def _plot_layers(rows: list[Row]):
 
     ran = [r for r in rows if r.status == "ran"]
     subjects = list(dict.fromkeys(r.subject for r in ran))
+    subjects.sort(key=lambda name: not any(r.subject == name and r.condition == "pretrained" for r in ran))
     cols = min(4, max(1, len(subjects)))
     nrows = int(np.ceil(len(subjects) / cols))
     fig, axes = plt.subplots(nrows, cols, figsize=(1.8 * cols, 1.6 * nrows + 0.4), squeeze=False)
@@ -280,7 +297,9 @@ def _plot_layers(rows: list[Row]):
         ax.set_ylim(-0.04 * top, 1.1 * top)
     for ax in axes.ravel()[len(subjects):]:
         ax.axis("off")
-    fig.legend(list(drawn.values()), list(drawn), loc="lower center", ncol=3, frameon=False, fontsize=7)
+    keys = [k for k in ("pretrained", "untrained", "label shuffle (mean)") if k in drawn]
+    fig.legend([drawn[k] for k in keys], [k if k != "untrained" else "untrained twin" for k in keys],
+               loc="lower center", ncol=3, frameon=False, fontsize=7)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig
 

@@ -242,7 +242,7 @@ def main() -> None:
         finding += (" These are the untrained twin's numbers: its weights are random, so they show how PPLM's "
                     "gradient steps move the next-token distribution toward a bag and what that costs the unsteered "
                     "model's likelihood (the mechanics), and say nothing about language, topics or fluency: every "
-                    f"perplexity here is {ppl.min():.3g}-{ppl.max():.3g}, over a vocabulary of {len(subject.tokenizer)} "
+                    f"perplexity here is {ppl.min():.0f} to {ppl.max():.0f}, over a vocabulary of {len(subject.tokenizer)} "
                     "tokens.")
     control = ("The unsteered continuation of the same prompt and seed (step size 0, computed in every run and "
                "checked identical) is the baseline drawn beside every steered setting; `bag_mass_unperturbed_model` "
