@@ -15,6 +15,8 @@ importance, ...).  What they have in common lives here, not in copies across scr
 * :func:`organism_weights` — organisms trained from other seeds, trained once and cached;
 * :func:`replicates` and :func:`seed_interval` — the training runs an across-seeds
   experiment compares, and a number's t-interval over them;
+* :func:`untrained_twin`, :func:`subject_status` — a subject's untrained twin at real size
+  or tiny (:func:`neuroprobe.testing.make_tiny`), and whether its weights are here;
 * :class:`Report` — ``results.csv`` (every number in the figures), ``results.md``
   (question, finding, control, published number) and the figures.
 """
@@ -35,6 +37,9 @@ _EXPORTS = {
     "Replicate": "neuroprobe.experiments.seeds",
     "replicates": "neuroprobe.experiments.seeds",
     "seed_interval": "neuroprobe.experiments.seeds",
+    "untrained_twin": "neuroprobe.experiments.twins",
+    "tiny_folder": "neuroprobe.experiments.twins",
+    "subject_status": "neuroprobe.experiments.twins",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 

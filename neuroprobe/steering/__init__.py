@@ -21,7 +21,9 @@ _EXPORTS = {
     "PPLMHyperparameters": "neuroprobe.steering.pplm",
     "SteeringResult": "neuroprobe.steering.pplm",
     "steer": "neuroprobe.steering.pplm",
+    "continuation_perplexity": "neuroprobe.steering.analysis",
+    "steering_tradeoff": "neuroprobe.steering.analysis",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
-__all__ = ["BagOfWords", "ClassificationHead", "Discriminator", "PPLMHyperparameters", "SteeringResult", "available_bags", "bag_from_words", "load_bag", "load_discriminator", "steer"]
+__all__ = ["BagOfWords", "ClassificationHead", "Discriminator", "PPLMHyperparameters", "SteeringResult", "available_bags", "bag_from_words", "continuation_perplexity", "load_bag", "load_discriminator", "steer", "steering_tradeoff"]

@@ -12,6 +12,11 @@
    the steering gain is the steered run's mean bag mass minus the unsteered run's.
 
 :func:`steering_summary` condenses both tables, :func:`plot_steering` draws them.
+
+3. :func:`steering_tradeoff` — Dathathri et al.'s trade-off: the bag's probability
+   mass and the perplexity of the generated text (:func:`continuation_perplexity`,
+   under the subject's own unsteered model) against step size and iterations, with
+   the unsteered baseline.
 Everything goes through :class:`neuroprobe.electrodes.Electrodes`, the one hook
 mechanism; steering itself registers none.
 """
@@ -26,7 +31,7 @@ import torch
 
 from neuroprobe.errors import NeuroprobeError
 from neuroprobe.steering.attributes import BagOfWords, available_bags, bag_from_words, load_bag
-from neuroprobe.steering.pplm import language_model, steer
+from neuroprobe.steering.pplm import SteeringResult, language_model, resolve_bags, steer
 
 RUNS = ("steered", "unsteered")
 
@@ -268,3 +273,107 @@ def plot_steering(responses: pd.DataFrame, lesions: pd.DataFrame | None = None):
         axes[0, 1].set_xlabel("")
     fig.tight_layout()
     return fig
+
+
+def continuation_perplexity(model: Any, prompt_ids: Sequence[int], continuation: Sequence[int]) -> float:
+    """Perplexity of ``continuation`` given ``prompt_ids`` under ``model`` (no steering, no hooks of its own).
+
+    ``exp(−mean_t log p(x_t | prompt, x_<t))`` over the continuation's tokens: the fluency
+    measure of Dathathri et al. 2020, computed with the unsteered language model.
+
+    Parameters
+    ----------
+    model
+        A causal language model with an LM head (``language_model(subject)``).
+    prompt_ids
+        The prompt's token ids (with BOS when the generation had one); at least one.
+    continuation
+        The generated token ids; at least one.
+    """
+    import torch.nn.functional as F
+
+    if not len(prompt_ids) or not len(continuation):
+        raise NeuroprobeError("perplexity needs a prompt and a continuation of at least one token each.")
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(prompt_ids) + list(continuation)], dtype=torch.long, device=device)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float()
+    n = len(prompt_ids)
+    targets = ids[0, n:]
+    logp = F.log_softmax(logits[n - 1:-1], dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return float(torch.exp(-logp.mean()))
+
+
+def steering_tradeoff(
+    subject: Any,
+    bag: str | BagOfWords | Sequence[str],
+    prompts: Sequence[str],
+    *,
+    stepsizes: Sequence[float] = (0.01, 0.03, 0.1),
+    iterations: Sequence[int] = (1, 3),
+    length: int = 10,
+    seed: int = 0,
+    **hyperparameters: Any,
+) -> pd.DataFrame:
+    """PPLM's trade-off: bag mass and perplexity against step size and iterations, beside the unsteered run.
+
+    Every (prompt, step size, iterations) runs :func:`~neuroprobe.steering.pplm.steer`
+    once with the same sampling seed; the unsteered continuation of a prompt is the
+    same in every run (it is checked) and is kept once, as the baseline at step size 0.
+
+    Parameters
+    ----------
+    subject
+        A loaded causal-LM subject (``heads=True``).
+    bag
+        The bag of words (packaged name, file, word list or :class:`BagOfWords`).
+    prompts
+        Prompts to continue.
+    stepsizes, iterations
+        The grid (step sizes > 0; the baseline is added).
+    length, seed, **hyperparameters
+        Passed to :func:`~neuroprobe.steering.pplm.steer`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per prompt and setting: ``bag``, ``prompt``, ``run`` (``steered`` /
+        ``unsteered``), ``stepsize`` (0 for the unsteered run), ``num_iterations`` (0 for it),
+        ``mass`` (mean per-token probability mass of the bag's whole words in the
+        distribution sampled from), ``mass_unpert`` (the unperturbed model's mass at the
+        same contexts), ``in_bag`` (fraction of generated tokens that start a bag word),
+        ``perplexity`` (of the continuation under the unsteered model), ``text`` and
+        ``token_ids`` (the continuation's ids, space-separated).
+    """
+    lm = language_model(subject)
+    the_bag = resolve_bags(bag, None, subject.tokenizer)[0]
+    if any(float(a) <= 0 for a in stepsizes) or any(int(k) < 1 for k in iterations):
+        raise NeuroprobeError("the trade-off grid needs step sizes > 0 and iterations >= 1; the unsteered baseline is added.")
+    rows: list[dict[str, Any]] = []
+    for prompt in prompts:
+        baseline: SteeringResult | None = None
+        for alpha in stepsizes:
+            for k in iterations:
+                result = steer(lm, subject.tokenizer, prompt, bag=the_bag, length=length, seed=seed,
+                               stepsize=float(alpha), num_iterations=int(k), **hyperparameters)
+                if baseline is None:
+                    baseline = result
+                    rows.append(_tradeoff_row(lm, the_bag, result, "unsteered", 0.0, 0))
+                elif result.unsteered_ids != baseline.unsteered_ids:
+                    raise NeuroprobeError("the unsteered continuation changed between runs of one seed; "
+                                          "steering needs a deterministic model (eval mode, no dropout).")
+                rows.append(_tradeoff_row(lm, the_bag, result, "steered", float(alpha), int(k)))
+    return pd.DataFrame(rows)
+
+
+def _tradeoff_row(lm: Any, bag: BagOfWords, result: SteeringResult, run: str, alpha: float, k: int) -> dict[str, Any]:
+    part = result.mass[result.mass["run"] == run]
+    ids = result.steered_ids if run == "steered" else result.unsteered_ids
+    return {
+        "bag": bag.name, "prompt": result.prompt, "run": run, "stepsize": alpha, "num_iterations": k,
+        "mass": float(part["bag_mass"].mean()), "mass_unpert": float(part["bag_mass_unpert"].mean()),
+        "in_bag": float(part["in_bag"].mean()),
+        "perplexity": continuation_perplexity(lm, result.prompt_ids, ids),
+        "text": result.steered_text if run == "steered" else result.unsteered_text,
+        "token_ids": " ".join(map(str, ids)),
+    }
