@@ -309,6 +309,8 @@ class RecordingWriter:
                 attrs = dict(module=site.module, direction=site.direction, kind=site.kind, stream=site.stream,
                              layout=site.layout, call=-1 if site.call is None else site.call, index=site.index,
                              n_heads=site.n_heads or 0, pooling=pooling_per_site[site.name], n_units=n_units)
+                if site.sae is not None:
+                    attrs.update(schema.feature_site_attrs(site))
                 for k, v in attrs.items():
                     sg.attrs[k] = v
             f.flush()
@@ -343,7 +345,7 @@ class RecordingWriter:
             f.close()
             raise RecordingError(f"cannot resume {path}: it is not a neuroprobe recording; use --overwrite or another --out.")
         for key in schema.IDENTITY_KEYS:
-            have, want = f.attrs.get(key), _str_attr(identity.get(key))
+            have, want = f.attrs.get(key, "" if key in schema.OPTIONAL_IDENTITY_KEYS else None), _str_attr(identity.get(key))
             if isinstance(have, bytes):
                 have = have.decode()
             if isinstance(have, np.generic):
