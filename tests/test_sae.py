@@ -363,3 +363,32 @@ def test_feature_lesion_study_batched_equals_single_and_has_random_feature_nulls
     assert set(dose["order"]) == {"top", "random"}
     assert (dose[dose["order"] == "random"].groupby(["mode", "k"]).size() == 5).all()  # 5 random-feature lesions each
     fresh(subject)
+
+
+def test_recorded_feature_sites_go_through_cells_export_and_lesion_studies(bert, small_kinship, tmp_path):
+    """cells and export read a feature site like any site; a lesion study brings the recorded SAE back by itself."""
+    from neuroprobe import concept_cells
+    from neuroprobe.lesions import LesionStudy
+    from neuroprobe.sae.sites import attach_recorded
+
+    subject = fresh(bert)
+    folder = save_sae(random_sae(site_width(subject, small_kinship), 24, architecture="standard"), tmp_path / "sae", hook_name=SITE)
+    attach(subject, load_sae(folder))
+    path = Recorder(subject, small_kinship, montage=SITE, quiet=True, batch_size=16).run(tmp_path / "r.h5")
+    fresh(subject)
+    with open_recording(path) as rec:
+        cells = concept_cells(rec)
+        assert set(cells["site"]) == {SITE, SITE + ":sae"} and (cells["site"] == SITE + ":sae").sum() == 24
+        assert (cells.loc[cells["site"] == SITE + ":sae", "kind"] == "sae").all()
+        study = LesionStudy(subject, small_kinship, rec, readout="prototype", quiet=True, batch_size=16)
+        assert study.site_names == [SITE, SITE + ":sae"] and [s.name for s in subject.feature_sites()] == [SITE + ":sae"]
+        assert study.top("dog", 2) is not None
+        pytest.importorskip("pynwb")
+        from neuroprobe.export.nwb import export_nwb
+
+        export_nwb(rec, tmp_path / "r.nwb")
+    fresh(subject)
+    save_sae(random_sae(site_width(subject, small_kinship), 24, seed=5), folder, hook_name=SITE)  # another SAE in its place
+    with pytest.raises(NeuroprobeError, match="hash differs"):
+        attach_recorded(subject, path)
+    fresh(subject)

@@ -121,7 +121,10 @@ def attach_recorded(subject: Subject, recording: Any, sites: Any = None) -> list
     from neuroprobe.recording.reader import Recording, open_recording
     from neuroprobe.sae.io import load_sae
 
-    rec = recording if isinstance(recording, Recording) else open_recording(recording)
+    if not isinstance(recording, Recording):
+        with open_recording(recording) as rec:
+            return attach_recorded(subject, rec, sites)
+    rec = recording
     have = {s.name for s in subject.feature_sites()}
     out = []
     for row in rec.sites.itertuples(index=False):
