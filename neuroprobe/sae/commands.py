@@ -71,6 +71,7 @@ def register(app: typer.Typer) -> None:
         k: int = typer.Option(32, "--k", help="topk: features active per row."),
         l1: float = typer.Option(5.0, "--l1", help="relu: L1 coefficient (on inputs scaled to mean norm sqrt(units))."),
         epochs: float = typer.Option(10.0, "--epochs", help="Passes over the rows."),
+        max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimiser steps (whatever --epochs says)."),
         batch_size: int = typer.Option(1024, "--batch-size", help="Rows per optimiser step."),
         lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate (default: by dictionary size)."),
         data: str = typer.Option("auto", "--data", help="tokens (per-token traces), responses (pooled) or auto (tokens when recorded)."),
@@ -91,7 +92,7 @@ def register(app: typer.Typer) -> None:
             raise NeuroprobeError(f"--out {out} is a file; give a folder for the SAE.")
         if (out / SAELENS_CFG).exists() and not overwrite:
             raise NeuroprobeError(f"{out} already holds an SAE; pass --overwrite to replace it or choose another --out.")
-        config = TrainConfig(features=features, objective=objective, k=k, l1=l1, epochs=epochs, batch_size=batch_size,
+        config = TrainConfig(features=features, objective=objective, k=k, l1=l1, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
                              lr=lr, seed=seed, block_mb=block_mb)
         with open_recording(recording) as rec:
             note = rec.require_complete(allow_incomplete)

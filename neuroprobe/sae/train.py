@@ -52,6 +52,7 @@ class TrainConfig:
     k: int = 32
     l1: float = 5.0
     epochs: float = 10.0
+    max_steps: int | None = None
     batch_size: int = 1024
     lr: float | None = None
     aux_coef: float = 1 / 32
@@ -283,6 +284,8 @@ def train_sae(
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999))
     steps_per_epoch = max(1, math.ceil(stats.n / config.batch_size))
     total = max(1, int(round(config.epochs * steps_per_epoch)))
+    if config.max_steps is not None:
+        total = max(1, min(total, int(config.max_steps)))
     decay_from = int(0.8 * total)
     warm = max(1, int(0.05 * total))
     last_fired = torch.zeros(config.features, dtype=torch.long)  # rows seen when each feature last fired
