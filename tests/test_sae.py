@@ -392,3 +392,25 @@ def test_recorded_feature_sites_go_through_cells_export_and_lesion_studies(bert,
     with pytest.raises(NeuroprobeError, match="hash differs"):
         attach_recorded(subject, path)
     fresh(subject)
+
+
+def test_atlas_links_features_to_neurons_through_the_decoder(bert, small_kinship, tmp_path):
+    """A feature's page lists its decoder direction's top neurons; a neuron's page the features writing to it most."""
+    from neuroprobe.atlas.build import build_atlas
+
+    subject = fresh(bert)
+    sae = random_sae(site_width(subject, small_kinship), 24, architecture="standard")
+    attach(subject, load_sae(save_sae(sae, tmp_path / "sae", hook_name=SITE)))
+    path = Recorder(subject, small_kinship, montage=SITE, quiet=True, batch_size=16).run(tmp_path / "r.h5")
+    fresh(subject)
+    build_atlas(path, tmp_path / "atlas", units="all")
+    feature_pages = sorted((tmp_path / "atlas" / "units").glob("*sae*/*.html"))
+    assert len(feature_pages) == 24
+    d = sae.directions().numpy()
+    page = (feature_pages[0].parent / "5.html").read_text()
+    assert "Decoder direction: top neurons" in page
+    top = int(np.argmax(np.abs(d[5])))
+    assert f"{SITE} #{top}<" in page  # the neuron it writes to most, linked
+    neuron = (tmp_path / "atlas" / "units" / feature_pages[0].parent.name.split("_sae")[0] / "3.html").read_text()
+    assert "Top features writing to this neuron" in neuron
+    assert f"{SITE}:sae #{int(np.argmax(np.abs(d[:, 3])))}<" in neuron
