@@ -1,6 +1,6 @@
 """Are grandmother cells neurons or features?  Concept cells among neurons against SAE features.
 
-    python analyses/neurons_vs_features.py [--subjects minilm,organism] [--sizes 0.5,1,2] [--k 32]
+    python analyses/neurons_vs_features.py [--subjects minilm,organism] [--sizes 0.5,1,2] [--control-sizes 1] [--k 32]
         [--epochs 30] [--lesion-k 8] [--random-draws 10] [--out figures/analyses/neurons_vs_features]
 
 For each subject (MiniLM on ``kinship``: its six MLP sites; the organism on ``digits``: its MLP
@@ -99,7 +99,7 @@ def train_saes(subject_name: str, init: str, rec_path: Path, work: Path, args) -
         for site in rec.site_names:
             width = int(rec.sites.set_index("site").loc[site, "n_units"])
             for cond in conditions:
-                for size in args.sizes:
+                for size in (args.sizes if cond == "trained" else args.control_sizes or args.sizes):
                     d = max(8, int(round(size * width)))
                     k = max(2, min(args.k, d // 8, width // 4))
                     folder = work / "saes" / f"{subject_name}-{init}" / cond / site / str(d)
@@ -228,6 +228,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--subjects", default="minilm,organism")
     ap.add_argument("--sizes", type=lambda s: [float(v) for v in s.split(",")], default=[0.5, 1.0, 2.0])
+    ap.add_argument("--control-sizes", type=lambda s: [float(v) for v in s.split(",")], default=None,
+                    help="Dictionary sizes of the control SAEs (untrained twin, rotated basis); default: --sizes.")
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--epochs", type=float, default=30)
     ap.add_argument("--max-steps", type=int, default=400, help="At most this many steps per SAE (conv sites have many rows).")
@@ -305,6 +307,7 @@ def write_markdown(res: pd.DataFrame, les: pd.DataFrame, saes: pd.DataFrame, arg
              f"Run {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} CPUs (shared, load "
              f"{os.getloadavg()[0]:.1f}), torch {torch.__version__}, {torch.get_num_threads()} thread(s); {seconds / 60:.0f} min. "
              f"`python analyses/neurons_vs_features.py --subjects {args.subjects} --sizes {','.join(f'{s:g}' for s in args.sizes)} "
+             + (f"--control-sizes {','.join(f'{s:g}' for s in args.control_sizes)} " if args.control_sizes else "") +
              f"--k {args.k} --epochs {args.epochs:g} --lesion-k {args.lesion_k} --random-draws {args.random_draws}`.", "",
              "TopK SAEs trained on the screening split's per-token traces only (k = min(32, d_sae/8, units/4)); "
              "features recorded per token through the electrodes and mean-pooled like neurons; the concept-cell "

@@ -2,6 +2,7 @@
 
     python bench/sae.py cost [--stimuli 2500,10000,40000] [--features 3072] [--epochs 3] [--append bench/RESULTS.md]
     python bench/sae.py libraries --recording REC.h5 --site S [--features 1536] [--k 32] [--epochs 20] [--append ...]
+    python bench/sae.py roundtrip --sae DIR --recording REC.h5 --site S [--append ...]
 
 ``cost`` writes synthetic recordings of N stimuli x 1,536 units with neuroprobe's own
 writer (rows: sparse non-negative codes over 4,096 random directions plus noise) and
@@ -57,10 +58,9 @@ def synthetic(path: Path, n: int, d_in: int = 1536, atoms: int = 4096, k: int = 
 
     def rows(offset: int, m: int) -> dict[str, np.ndarray]:
         r = np.random.default_rng([seed, offset])
-        codes = np.zeros((m, atoms), np.float32)
-        for i in range(m):
-            codes[i, r.choice(atoms, k, replace=False)] = r.exponential(1.0, k)
-        return {"site": codes @ dirs + 0.05 * r.normal(size=(m, d_in)).astype(np.float32)}
+        idx = np.argsort(r.random((m, atoms)), axis=1)[:, :k]  # k distinct directions per row
+        w = r.exponential(1.0, (m, k)).astype(np.float32)
+        return {"site": np.einsum("mk,mkd->md", w, dirs[idx]) + 0.05 * r.normal(size=(m, d_in)).astype(np.float32)}
 
     stim = make_stimuli(max(1, n // 10), 10, forms=(("text-name", "text"),)).iloc[:n]
     write_recording(path, stim, {"site": d_in}, rows=rows, batch_size=256)
@@ -242,6 +242,31 @@ def libraries(args: argparse.Namespace) -> list[str]:
     return lines
 
 
+def roundtrip(args: argparse.Namespace) -> list[str]:
+    """An SAE trained here, saved, loaded by SAELens' own loader: the same encoder and decoder on real rows."""
+    import torch
+    from sae_lens import SAE
+
+    from neuroprobe.sae import load_sae
+
+    x = torch.from_numpy(rows_of(args.recording, args.site))
+    ours = load_sae(args.sae)
+    theirs = SAE.load_from_disk(str(args.sae))
+    with torch.inference_mode():
+        f, g = ours.encode(x), theirs.encode(x)
+        df = float((f - g).abs().max())
+        dr = float((ours.decode(f) - theirs.decode(g)).abs().max())
+    import sae_lens
+
+    lines = header("Round trip: an SAE trained by `neuroprobe sae train`, loaded by SAELens (`bench/sae.py roundtrip`)")
+    lines += [f"`sae_lens.SAE.load_from_disk` (SAELens {sae_lens.__version__}) read `{Path(args.sae).name}` "
+              f"({ours.describe()}) as `{type(theirs).__name__}`; on the {len(x):,} rows of `{args.site}`: max |feature "
+              f"activation difference| {df:.3g} (largest activation {float(f.abs().max()):.3g}), max |reconstruction difference| "
+              f"{dr:.3g}, float32.", ""]
+    print("\n".join(lines))
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -259,11 +284,15 @@ def main() -> None:
     lib.add_argument("--epochs", type=float, default=20)
     lib.add_argument("--batch-size", type=int, default=256)
     lib.add_argument("--lr", type=float, default=1e-3)
-    for p in (c, lib):
+    rt = sub.add_parser("roundtrip")
+    rt.add_argument("--sae", type=Path, required=True)
+    rt.add_argument("--recording", type=Path, required=True)
+    rt.add_argument("--site", required=True)
+    for p in (c, lib, rt):
         p.add_argument("--append", type=Path, default=None)
         p.add_argument("--tmp", default=None, help="Folder for temporary files.")
     args = ap.parse_args()
-    lines = cost(args) if args.what == "cost" else libraries(args)
+    lines = {"cost": cost, "libraries": libraries, "roundtrip": roundtrip}[args.what](args)
     if args.append:
         with open(args.append, "a", encoding="utf-8") as f:
             f.write("\n" + "\n".join(lines) + "\n")

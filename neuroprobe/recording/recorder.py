@@ -54,10 +54,10 @@ def with_feature_sites(subject: Subject, sites: list[Site]) -> list[Site]:
 
     Every SAE attached to the subject is recorded, beside the site it reads.
     """
-    features = [s for s in subject.feature_sites() if s.name not in {x.name for x in sites}]
+    by_name = {s.name: s for s in sites}
+    features = [s for s in sites if s.sae is not None] + [s for s in subject.feature_sites() if s.name not in by_name]
     if not features:
         return sites
-    by_name = {s.name: s for s in sites}
     every = {s.name: s for s in subject.sites("all")}
     for f in features:
         by_name.setdefault(f.source, every[f.source])

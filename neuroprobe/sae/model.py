@@ -19,7 +19,6 @@ feature lesion edits (:mod:`neuroprobe.sae.sites`).
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -195,8 +194,3 @@ class SparseAutoencoder(torch.nn.Module):
 
     def __repr__(self) -> str:
         return f"<{self.describe()}{' from ' + self.source if self.source else ''}>"
-
-
-def as_path(path: str | Path) -> Path:
-    """``path`` as a :class:`~pathlib.Path` with ``~`` expanded."""
-    return Path(path).expanduser()
