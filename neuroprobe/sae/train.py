@@ -125,7 +125,7 @@ class RowSource:
         if self._keep_stimulus is not None:
             stim = (np.arange(a, b) if self.data == "responses" else np.asarray(self._stimulus_of[a:b]))
             keep &= self._keep_stimulus[stim]
-        return x[keep]
+        return x if keep.all() else x[keep]
 
     def iter_blocks(self, rng: np.random.Generator | None = None) -> Iterator[np.ndarray]:
         """Every block once (in a random order, rows shuffled, when ``rng`` is given)."""
@@ -154,17 +154,19 @@ def row_stats(source: RowSource) -> Stats:
     mean = np.zeros(source.width)
     m2 = 0.0
     norm_sum = 0.0
-    for x in source.iter_blocks():
-        x = x.astype(np.float64)
-        nb = len(x)
-        mb = x.mean(0)
-        m2b = float(((x - mb) ** 2).sum())
-        delta = mb - mean
-        tot = n + nb
-        m2 += m2b + float(delta @ delta) * n * nb / tot
-        mean = mean + delta * nb / tot
-        norm_sum += float(np.linalg.norm(x, axis=1).sum())
-        n = tot
+    step = max(1, (8 << 20) // (8 * max(source.width, 1)))  # float64 work in pieces of <= 8 MiB
+    for block in source.iter_blocks():
+        for a in range(0, len(block), step):
+            x = block[a : a + step].astype(np.float64)
+            nb = len(x)
+            mb = x.mean(0)
+            m2b = float(((x - mb) ** 2).sum())
+            delta = mb - mean
+            tot = n + nb
+            m2 += m2b + float(delta @ delta) * n * nb / tot
+            mean = mean + delta * nb / tot
+            norm_sum += float(np.linalg.norm(x, axis=1).sum())
+            n = tot
     if n == 0:
         raise NeuroprobeError(f"site {source.site!r} has no finite rows{' in split ' + repr(source.split) if source.split else ''} to train on.")
     return Stats(n=n, mean=mean, mean_norm=norm_sum / n, variance=m2 / n)
@@ -298,7 +300,7 @@ def train_sae(
     model.train()
     while step < total:
         for block in source.iter_blocks(rng):
-            xs = torch.from_numpy(block) * scale
+            xs = torch.from_numpy(block).mul_(scale)  # the block is this loop's own copy
             for a in range(0, len(xs), config.batch_size):
                 if step >= total:
                     break
