@@ -414,3 +414,26 @@ def test_atlas_links_features_to_neurons_through_the_decoder(bert, small_kinship
     neuron = (tmp_path / "atlas" / "units" / feature_pages[0].parent.name.split("_sae")[0] / "3.html").read_text()
     assert "Top features writing to this neuron" in neuron
     assert f"{SITE}:sae #{int(np.argmax(np.abs(d[:, 3])))}<" in neuron
+
+
+def test_exact_p_of_a_unit_silent_on_the_split_is_a_probability(tmp_path):
+    """SAE features are often silent on a whole split: the exact p of such an all-tied unit is 1, never 1 + ulps
+    (scipy's BH refused those, so concept_cells failed on feature sites)."""
+    from neuroprobe import concept_cells
+    from neuroprobe.analysis.exact import exact_p
+    from neuroprobe.analysis.indices import midranks
+
+    n = 137
+    ranks, _ = midranks(np.zeros((1, n)))
+    for m in range(2, 12):
+        onehot = np.zeros((n, 1))
+        onehot[:m, 0] = 1
+        p, exact, _ = exact_p(ranks, onehot, np.array([[m * (n - m) / 2]]), np.array([[0.5]]), margin=1.0)
+        assert exact[0, 0] and 0 < p[0, 0] <= 1.0
+    stim = make_stimuli(10, 12, forms=(("text-name", "text"),))
+    x = np.zeros((len(stim), 3), np.float32)
+    x[(stim["concept"] == "c0").to_numpy() & (stim["split"] == "screening").to_numpy(), 0] = 5.0  # silent on testing
+    x[:, 1] = np.random.default_rng(0).random(len(stim))
+    write_recording(tmp_path / "r.h5", stim, {"site:sae": x})
+    cells = concept_cells(tmp_path / "r.h5")
+    assert len(cells) == 3 and cells["p_test"].dropna().le(1).all()
