@@ -46,6 +46,7 @@ COMMAND_MODULES = (
     "neuroprobe.subjects.organism.commands",  # train-organism
     "neuroprobe.atlas.commands",         # atlas
     "neuroprobe.export.commands",        # export
+    "neuroprobe.sae.commands",           # sae train, sae info
 )
 
 _APP = None
@@ -74,7 +75,10 @@ def build_app() -> Any:
                 raise
             module.register(app)
         command_class = _usage_command_class()
-        for info in app.registered_commands:
+        commands = list(app.registered_commands)
+        for group in app.registered_groups:  # command groups (``sae train``)
+            commands += group.typer_instance.registered_commands if group.typer_instance is not None else []
+        for info in commands:
             if info.cls is None or info.cls is command_class.__base__:  # typer's default class
                 info.cls = command_class
         _APP = app

@@ -17,6 +17,10 @@ reader or an edit never has to know the architecture::
     with Electrodes(subject.model, sites, read=False, edits={"encoder.layer.3.mlp": silence}):
         subject.forward(batch)              # lesioned run; hooks are gone afterwards
 
+A *feature site* (``site.sae`` set, :mod:`neuroprobe.sae.sites`) reads the SAE's
+features of its module's activation, and an edit of those features moves the
+activation by the changed features' decoder contribution (error term kept).
+
 A module that fires more than once per forward pass is addressed by the site's
 ``call`` index; if a site without a call index fires twice during one forward pass
 the electrode raises instead of silently overwriting the first value.
@@ -33,6 +37,7 @@ import torch
 
 from neuroprobe import interrupts
 from neuroprobe.errors import NeuroprobeError
+from neuroprobe.sae.sites import check_width, edit_source
 from neuroprobe.subjects.base import Site
 
 Edit = Callable[[torch.Tensor, Site], torch.Tensor]
@@ -160,7 +165,23 @@ class Electrodes:
             native = _get(native_obj, site.index)
             x = to_canonical(native, site.layout)
             fns = self.edits.get(site.name)
-            if fns:
+            if site.sae is not None:  # a feature site: its units are the SAE's features of the source activation
+                if not (fns or (self.read and site.name in self.reading)):
+                    continue
+                check_width(site, x)
+                f = site.sae.encode(x)
+                if fns:
+                    g = f
+                    for fn in fns:
+                        g = fn(g, site)
+                    if g.shape != f.shape:
+                        raise RuntimeError(f"edit at {site.name} changed the shape {tuple(f.shape)} -> {tuple(g.shape)}")
+                    y = edit_source(site.sae, x, f, g)
+                    if y is not x:
+                        native_obj = _put(native_obj, site.index, from_canonical(y, site.layout, native))
+                    f = g
+                x = f
+            elif fns:
                 y = x
                 for fn in fns:
                     y = fn(y, site)
@@ -193,6 +214,8 @@ class Electrodes:
         groups: dict[tuple[str, str], list[Site]] = defaultdict(list)
         for site in self.sites:
             groups[(site.module, site.direction)].append(site)
+        for site_list in groups.values():  # feature sites first: their edits reach the source site's reading
+            site_list.sort(key=lambda s: s.sae is None)
         try:
             for (module_name, direction), site_list in groups.items():
                 try:

@@ -229,6 +229,7 @@ def exact_p(
         rows, obs2 = rows[fits], obs2[fits]
         if not len(rows):
             continue
-        p[rows, c] = rank_sum_exact(v[rows], obs2, m)
+        # a probability: the program's sums of many terms can round a few ulps past 1 (an all-tied unit)
+        p[rows, c] = np.minimum(rank_sum_exact(v[rows], obs2, m), 1.0)
         exact[rows, c] = True
     return p, exact, over

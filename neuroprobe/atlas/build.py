@@ -126,6 +126,8 @@ class Atlas:
         self._token_ids: dict[str, np.ndarray] = {}
         #: units whose page this atlas wrote (links go only there; ``--serve`` writes the others on demand)
         self.pages: set[tuple[str, int]] = set()
+        self._directions: dict[str, np.ndarray | None] = {}
+        self.n_dictionary = 10  # top neurons of a feature / top features of a neuron shown
 
     # ------------------------------------------------------------ selection
     def _top_units(self) -> pd.DataFrame:
@@ -516,6 +518,9 @@ class Atlas:
             body.append(f"<h2>{title}</h2>" + (f"<p class='note'>each token shaded by this unit's activation at it "
                                                   f"(orange +, blue \u2212; full colour = {scale:.3g}).</p>" if texts else "")
                         + f"<div class='stims {'top' if title.startswith('Top') else 'bottom'}'>" + "".join(cards) + "</div>")
+        dictionary = self._dictionary_card(site, unit)
+        if dictionary:
+            body.append(dictionary)
         # lesions
         if self.lesions is not None:
             hits = self.lesion_rows.get((site, unit), [])
@@ -526,6 +531,51 @@ class Atlas:
         if concept in self.concepts:
             crumbs.insert(0, (f"concept {concept}", T.concept_href(concept)))
         return page(f"{site} unit {unit}", "".join(body), 2, crumbs=crumbs)
+
+    # ------------------------------------------------------------ dictionaries
+    def _decoder(self, feature_site: str) -> np.ndarray | None:
+        """Decoder directions ``[d_sae, d_in]`` of a feature site's SAE (``None`` when its folder is gone or changed)."""
+        if feature_site not in self._directions:
+            from neuroprobe.sae.io import load_sae
+
+            a = self.rec.site_attrs(feature_site)
+            try:
+                sae = load_sae(str(a.get("sae_path", "")))
+                ok = sae.content_hash() == a.get("sae_hash")
+            except NeuroprobeError:
+                ok = False
+            self._directions[feature_site] = sae.directions().double().numpy() if ok else None
+        return self._directions[feature_site]
+
+    def _dictionary_card(self, site: str, unit: int) -> str:
+        """A feature's page: its decoder direction's top neurons; a neuron's page: the features that write to it most."""
+        info = self.site_info
+        rows: list[list[str]] = []
+        if str(info.loc[site, "kind"]) == "sae":
+            source = str(self.rec.site_attrs(site).get("source", ""))
+            d = self._decoder(site)
+            if d is None or source not in info.index:
+                return ("<h2>Decoder direction</h2><p class='note'>the SAE this feature site was recorded with is not at its "
+                        "recorded folder (or changed since); its decoder cannot be shown.</p>")
+            w = d[unit]
+            for u in np.argsort(-np.abs(w), kind="mergesort")[: self.n_dictionary]:
+                rows.append([self._unit_link(source, int(u), 2), num(float(w[u]))])
+            return ("<h2>Decoder direction: top neurons</h2><p class='note'>the source site's neurons this feature writes "
+                    "to most (|decoder weight|; the feature's contribution to a neuron is activation × weight).</p>"
+                    + table(["neuron", "decoder weight"], rows))
+        readers = [f for f in self.sites if f in info.index and str(info.loc[f, "kind"]) == "sae"
+                   and self.rec.site_attrs(f).get("source") == site]
+        for f in readers:
+            d = self._decoder(f)
+            if d is None:
+                continue
+            col = d[:, unit]
+            for i in np.argsort(-np.abs(col), kind="mergesort")[: self.n_dictionary]:
+                rows.append([self._unit_link(f, int(i), 2), num(float(col[i]))])
+        if not rows:
+            return ""
+        return ("<h2>Top features writing to this neuron</h2><p class='note'>features of the SAEs recorded at this site "
+                "whose decoder direction has the largest |weight| on this neuron.</p>" + table(["feature", "decoder weight"], rows))
 
     def _token_texts(self, site: str, unit: int, stimuli: Iterable[int]) -> dict[int, tuple[list, np.ndarray]]:
         """Stimulus -> (token segments, this unit's activation per token) for text stimuli with traces."""

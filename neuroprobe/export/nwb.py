@@ -22,7 +22,8 @@ stimulus               one row of the ``trials`` table: ``stimulus_id``, ``conce
                        ``stop_time`` = row + 1 (a network has no clock: time is stimulus order)
 responses              processing module ``neuroprobe``, table ``responses``: one row per trial
                        (``trial`` references it), one column per site, ``[n_stimuli, n_units]``,
-                       written chunk by chunk from the HDF5 recording (NaN kept)
+                       written chunk by chunk from the HDF5 recording (NaN kept); a feature
+                       site ``S:sae`` is named ``S|sae`` (NWB names cannot hold ':')
 =====================  =========================================================================
 
 Not exported: per-token traces (``/tokens``, ``/sites/<site>/tokens``) — ragged token
@@ -73,6 +74,11 @@ STIMULUS_COLUMNS = (
     ("image", "image", "image path relative to the battery folder (image and pair stimuli)"),
 )
 
+
+
+def nwb_name(site: str) -> str:
+    """An NWB object name for ``site`` (NWB names cannot hold ':': a feature site ``S:sae`` becomes ``S|sae``)."""
+    return site.replace(":", "|")
 
 def _need_pynwb():
     try:
@@ -209,7 +215,7 @@ def export_nwb(
         nwb.add_electrode_column("site", "the site (module) this electrode records")
         for i, r in enumerate(sites.itertuples(index=False)):
             g = nwb.create_electrode_group(
-                name=r.site, device=device, location=r.module,
+                name=nwb_name(r.site), device=device, location=r.module,
                 description=f"site {r.site}: {r.direction} of module {r.module}, kind {r.kind}, stream {r.stream}, "
                             f"pooling {r.pooling}, {r.n_units} units")
             groups[r.site] = (g, i)
@@ -262,7 +268,7 @@ def export_nwb(
         rcols = [DynamicTableRegion(name="trial", data=np.arange(n_stim), description="the trial (stimulus) of each row",
                                     table=nwb.trials)]
         for r in sites.itertuples(index=False):
-            rcols.append(VectorData(name=r.site, data=_iterator(rec.responses(r.site), buffer_mb),
+            rcols.append(VectorData(name=nwb_name(r.site), data=_iterator(rec.responses(r.site), buffer_mb),
                                     description=f"pooled ({r.pooling}) responses of the {r.n_units} units of site {r.site}: "
                                                 f"[n_trials, n_units]; NaN where the site did not see the stimulus"))
         table = DynamicTable(name="responses", description="each unit's pooled response to each stimulus (row = trial)",

@@ -157,6 +157,10 @@ def register(app: typer.Typer) -> None:
         # heads: readouts that score words need the task head; encoders without one ignore it
         subject = load_subject(model, init=init, weights=weights, device=device, seed=seed, heads=True, quiet=quiet,
                                **parse_options(option))
+        if origin.get("recording") and Path(origin["recording"]).is_file():  # lesioned features need their SAEs
+            from neuroprobe.sae.sites import attach_recorded
+
+            attach_recorded(subject, origin["recording"])
         study = LesionStudy(subject, battery, cells, sites=sites, readout=readout, split=split,
                             rank_split="screening" if split == "testing" else "testing", columns=columns, seed=seed,
                             quiet=quiet, batch_size=batch_size)

@@ -197,6 +197,10 @@ class LesionStudy:
     # ------------------------------------------------------------- set-up
     def _choose_sites(self, sites: str | Sequence[str] | None) -> list[str]:
         cells = self.cells
+        if cells is not None and hasattr(cells, "site_names"):  # a recording: its feature sites' SAEs come along
+            from neuroprobe.sae.sites import attach_recorded
+
+            attach_recorded(self.subject, cells)
         if isinstance(cells, pd.DataFrame):
             col = self.columns.get("site", "site")
             if col not in cells.columns:

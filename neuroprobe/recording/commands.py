@@ -73,6 +73,7 @@ def register(app: typer.Typer) -> None:
         offload_folder: Optional[Path] = typer.Option(None, "--offload-folder", help="With --device-map: where weights offloaded to disk go."),
         allow_outside_images: bool = typer.Option(False, "--allow-outside-images", help="Let the battery's image paths leave its folder."),
         option: list[str] = typer.Option([], "--option", "-O", help="Subject-specific KEY=VALUE (e.g. variant=mini, codes=FILE); repeatable."),
+        sae: Optional[str] = typer.Option(None, "--sae", help="SAE folder(s), DIR[@SITE] comma-separated: also record each SAE's features as site SITE:sae."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:
         """Record every unit at the chosen sites of a subject shown a battery."""
@@ -92,6 +93,11 @@ def register(app: typer.Typer) -> None:
             if not quiet:
                 typer.echo(f"battery: {probe} (the default for {model}; choose another with --probe)", err=True)
         battery = Battery.load(probe, allow_outside_images=allow_outside_images)
+        saes = []
+        if sae is not None:  # SAEs load (and are refused) before the model
+            from neuroprobe.sae.commands import load_for_recording, parse_sae_list
+
+            saes = load_for_recording(parse_sae_list(sae))
         if out is None:
             check_output(default_output_for(model, init, battery.name, sites), resume=resume, overwrite=overwrite)
         options = {}
@@ -111,6 +117,11 @@ def register(app: typer.Typer) -> None:
         subject = load_subject(model, init=init, weights=weights, device=device, seed=seed, dtype=model_dtype,
                                trust_remote_code=trust_remote_code, quiet=quiet,
                                modalities=tuple(battery.table["modality"].unique()), **options)
+        if saes:
+            from neuroprobe.sae.sites import attach
+
+            for model_sae, source, name in saes:
+                attach(subject, model_sae, source, name=name)
         recorder = Recorder(subject, battery, montage=sites, pooling=pool, tokens=tokens, dtype=dtype,
                             batch_size=batch_size, compression=compression, quiet=quiet,
                             command=" ".join(["neuroprobe"] + sys.argv[1:]))

@@ -393,6 +393,10 @@ class Recording:
                              tokens=schema.SITE_TOKENS in g))
         return pd.DataFrame(rows)
 
+    def site_attrs(self, site: str) -> dict[str, Any]:
+        """Every attribute of ``site``'s group, decoded (feature sites add ``source``, ``sae_hash``, ...)."""
+        return {k: _decode(v) for k, v in self._site(site).attrs.items()}
+
     @property
     def site_names(self) -> list[str]:
         return list(self._f[schema.SITES].keys())
@@ -430,6 +434,12 @@ class Recording:
         t = self._f[f"{schema.TOKENS}/{stream}"]
         n = int(t.attrs["n_tokens"])
         return pd.DataFrame({k: t[k][:n] for k in ("stimulus", "position", "token_ids")}).rename(columns={"token_ids": "token_id"})
+
+    def token_stimulus(self, stream: str = "text") -> h5py.Dataset:
+        """``[n_tokens]`` stimulus index of each stored token row of ``stream`` (lazy: slice it to read)."""
+        if schema.TOKENS not in self._f or stream not in self._f[schema.TOKENS]:
+            raise RecordingError(f"{self.path} has no per-token traces for stream {stream!r}.")
+        return self._f[f"{schema.TOKENS}/{stream}/stimulus"]
 
     def token_offsets(self, stream: str = "text") -> np.ndarray:
         """``[n_stimuli + 1]`` offsets: stimulus ``i`` owns token rows ``offsets[i]:offsets[i+1]``."""

@@ -50,6 +50,23 @@ def library_versions() -> dict[str, str]:
     }
 
 
+def with_feature_sites(subject: Subject, sites: list[Site]) -> list[Site]:
+    """``sites`` plus the subject's attached feature sites (and each one's source site), in model order.
+
+    Every SAE attached to the subject is recorded, beside the site it reads.
+    """
+    by_name = {s.name: s for s in sites}
+    features = [s for s in sites if s.sae is not None] + [s for s in subject.feature_sites() if s.name not in by_name]
+    if not features:
+        return sites
+    every = {s.name: s for s in subject.sites("all")}
+    for f in features:
+        by_name.setdefault(f.source, every[f.source])
+        by_name[f.name] = f
+    order = {n: i for i, (n, _) in enumerate(subject.model.named_modules())}
+    return sorted(by_name.values(), key=lambda s: (order.get(s.module, 0), s.call or 0, s.name))
+
+
 def default_output(subject: Subject, battery: Battery, montage: str) -> Path:
     """``recordings/<subject>[-random]_<battery>_<montage>.h5`` in the working directory."""
     return default_output_for(subject.name, subject.init, battery.name, montage)
@@ -159,6 +176,7 @@ class Recorder:
         self.sites: list[Site] = subject.sites(montage)
         if not self.sites:
             raise NeuroprobeError(f"montage {self.montage!r} selects no site; give mlp, resid, attn, all or site patterns.")
+        self.sites = with_feature_sites(subject, self.sites)
         self.pooling = pooling
         self.tokens = tokens
         self.dtype = dtype
@@ -188,6 +206,7 @@ class Recorder:
             "batch_size": self.batch_size,
             "seed": s.seed,
             "sites_list": [x.name for x in self.sites],
+            "saes": {x.name: x.sae.content_hash() for x in self.sites if x.sae is not None} or None,
         }
 
     def provenance(self) -> dict[str, Any]:

@@ -7,6 +7,8 @@ Layout (see ``recordings/README.md`` for an example)::
     /sites/<site>/responses    float [n_stimuli, n_units], chunked along stimuli
                                attrs: module, direction, kind, stream, layout, call, index, n_heads, pooling
     /sites/<site>/tokens       float [n_tokens(stream), n_units]            (with --tokens)
+    /sites/<site>:sae/...      a feature site (record --sae): units are an SAE's features of <site>;
+                               extra attrs FEATURE_SITE_ATTRS (source, sae_hash, ...)
     /tokens/<stream>/offsets   int64 [n_stimuli + 1]: stimulus i owns rows offsets[i]:offsets[i+1]
     /tokens/<stream>/token_ids int64 [n_tokens]: the token (or region/patch index) behind each row
     /tokens/<stream>/stimulus  int64 [n_tokens]: row -> stimulus index
@@ -41,7 +43,11 @@ IDENTITY_KEYS = (
     "batch_size",
     "seed",
     "sites_list",
+    "saes",
 )
+
+#: Identity keys newer than format 1's first files: a file without one has the value "" (nothing of it).
+OPTIONAL_IDENTITY_KEYS = ("saes",)
 
 #: Every root attribute written at creation.
 PROVENANCE_KEYS = IDENTITY_KEYS + (
@@ -66,6 +72,17 @@ SITE_TOKENS = "tokens"
 STIMULUS_COLUMNS = ("index", "id", "concept", "modality", "form", "split")
 
 SITE_ATTRS = ("module", "direction", "kind", "stream", "layout", "call", "index", "n_heads", "pooling", "n_units")
+
+#: Extra attributes of a feature site (``kind="sae"``: its units are an SAE's features of ``source``'s activation).
+FEATURE_SITE_ATTRS = ("source", "sae_hash", "sae_path", "sae_format", "sae_architecture", "sae_d_in", "sae_k")
+
+
+def feature_site_attrs(site: object) -> dict[str, object]:
+    """:data:`FEATURE_SITE_ATTRS` of a feature site (``site.sae`` set), for the writer."""
+    sae = site.sae  # type: ignore[attr-defined]
+    return {"source": site.source, "sae_hash": sae.content_hash(), "sae_path": str(sae.meta.get("path", "")),  # type: ignore[attr-defined]
+            "sae_format": str(sae.meta.get("format", "")), "sae_architecture": sae.architecture,
+            "sae_d_in": sae.d_in, "sae_k": int(sae.k or 0)}
 
 
 def site_path(site: str) -> str:

@@ -240,7 +240,8 @@ def check_resumable(path: Path, identity: dict[str, Any] | None = None) -> bool:
             )
         differences = []
         for key in schema.IDENTITY_KEYS:
-            have, want = _attr(attrs.get(key)), _str_attr(identity.get(key))
+            default = "" if key in schema.OPTIONAL_IDENTITY_KEYS else None  # absent in files from before the key
+            have, want = _attr(attrs.get(key, default)), _str_attr(identity.get(key))
             if have != want:
                 differences.append(f"{key}={_short(have)} (not {_short(want)})")
         if differences:
@@ -346,6 +347,8 @@ class RecordingWriter:
                 attrs = dict(module=site.module, direction=site.direction, kind=site.kind, stream=site.stream,
                              layout=site.layout, call=-1 if site.call is None else site.call, index=site.index,
                              n_heads=site.n_heads or 0, pooling=pooling_per_site[site.name], n_units=n_units)
+                if site.sae is not None:
+                    attrs.update(schema.feature_site_attrs(site))
                 for k, v in attrs.items():
                     sg.attrs[k] = v
             f.flush()

@@ -66,6 +66,12 @@ class Site:
         Which element of a tuple output (or of the positional inputs) carries units.
     n_heads
         Number of attention heads for ``kind="attn"`` sites.
+    sae
+        A *feature site* (``kind="sae"``, named ``<source>:sae``): the sparse autoencoder
+        (:class:`~neuroprobe.sae.model.SparseAutoencoder`) whose features are this site's
+        units, computed from the module's activation at the source site; electrodes read
+        the features and turn an edit of them into an edit of the source activation
+        (:mod:`neuroprobe.sae.sites`).  ``None`` for a module's own units.
     """
 
     name: str
@@ -77,6 +83,12 @@ class Site:
     call: int | None = None
     index: int = 0
     n_heads: int | None = None
+    sae: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def source(self) -> str:
+        """The site whose activation a feature site's units are computed from (its own name otherwise)."""
+        return self.name.rsplit(":sae", 1)[0] if self.sae is not None else self.name
 
     def __post_init__(self) -> None:
         if self.direction not in ("output", "input"):
@@ -227,8 +239,16 @@ class Subject:
         for item in items:
             names.extend(p.strip() for p in item.split(",") if p.strip())
         available = self._all_sites()
+        features = self.feature_sites()
         chosen: dict[str, Site] = {}
         for item in names:
+            if item == "sae":  # every attached SAE's feature site
+                if not features:
+                    raise NeuroprobeError(f"montage 'sae' selects the feature sites of attached SAEs, and subject "
+                                          f"{self.name!r} has none; attach one (record --sae DIR).")
+                for site in features:
+                    chosen.setdefault(site.name, site)
+                continue
             if item == "all":
                 keys = [k for k in self.site_patterns]
             elif item in self.site_patterns:
@@ -247,6 +267,10 @@ class Subject:
                     if fnmatch.fnmatchcase(site.name, item) or fnmatch.fnmatchcase(site.module, item):
                         chosen.setdefault(site.name, site)
                         matched = True
+            for site in features:  # feature sites match by their own name only
+                if fnmatch.fnmatchcase(site.name, item):
+                    chosen.setdefault(site.name, site)
+                    matched = True
             if not matched:
                 raise NeuroprobeError(
                     f"montage {item!r} matches no site of subject {self.name!r}; "
@@ -255,6 +279,21 @@ class Subject:
                 )
         order = {n: i for i, (n, _) in enumerate(self.model.named_modules())}
         return sorted(chosen.values(), key=lambda s: (order.get(s.module, 0), s.call or 0, s.name))
+
+    def feature_sites(self) -> list[Site]:
+        """Feature sites of the SAEs attached to this subject (:func:`neuroprobe.sae.sites.attach`), in attach order."""
+        return list(getattr(self, "_feature_sites", {}).values())
+
+    def add_feature_site(self, site: Site) -> None:
+        """Register a feature site (``site.sae`` set); :func:`neuroprobe.sae.sites.attach` makes one."""
+        if site.sae is None:
+            raise ValueError(f"site {site.name} has no SAE; only feature sites are added this way")
+        sites = getattr(self, "_feature_sites", None)
+        if sites is None:
+            sites = self._feature_sites = {}
+        if site.name in sites or any(s.name == site.name for group in self._all_sites().values() for s in group):
+            raise NeuroprobeError(f"subject {self.name!r} already has a site {site.name!r}; name the second SAE's site differently.")
+        sites[site.name] = site
 
     def _all_sites(self) -> dict[str, list[Site]]:
         cached = getattr(self, "_site_cache", None)
