@@ -91,7 +91,7 @@ def fold_rotation(sae, rot: np.ndarray):
 def train_saes(subject_name: str, init: str, rec_path: Path, work: Path, args) -> list[dict]:
     """Train every SAE of one subject and init (cached in ``work``); return their descriptions."""
     from neuroprobe import open_recording
-    from neuroprobe.sae import TrainConfig, load_sae, save_sae, train_sae, write_result
+    from neuroprobe.sae import TrainConfig, train_sae, write_result
 
     made = []
     conditions = ["trained" if init == "pretrained" else "untrained"] + (["rotated"] if init == "pretrained" and args.rotated else [])
