@@ -143,26 +143,50 @@ def rank_sum_exact(v: np.ndarray, obs2: np.ndarray, m: int) -> np.ndarray:
 
 
 def _program(vs: np.ndarray, d_obs: np.ndarray, window: int, m: int, n: int) -> np.ndarray:
-    """The deficit program for one batch (rows share ``m`` and ``n``)."""
+    """The deficit program for one batch (rows share ``m`` and ``n``).
+
+    ``P[b, j, d]``: probability that ``j`` of the positions walked so far are chosen, with total
+    deficit ``d``.  At position ``i`` every state ``(j, d)`` moves to ``(j + 1, d + inc[b, j])``
+    with probability ``pick[j]`` and stays with ``skip[j] = 1 - pick[j]``:
+
+        P'[j + 1, d] = P[j + 1, d] * skip[j + 1] + P[j, d - inc[j]] * pick[j]
+
+    (the second term 0 where ``d < inc[j]``), two products and a sum per state, in this order:
+    every p-value depends on that order only, never on how the states are stored.  Each row of
+    ``P`` has ``D`` zeros in front of its deficits 0..D-1, so the shifted source ``P[j, d - inc]``
+    of a whole row is one slice (a strided window view, copied by one fancy index over
+    ``[rows, states]``), with no per-element gather, clip or mask.  Left out, without changing
+    any state the answer reads:
+
+    * states ``j > i`` (not reachable yet: zero) and the move out of ``j = m``;
+    * states ``j < m - (window - i)``: fewer positions are left in the window than choices, and a
+      position after the window costs more than ``d_obs``, so they never reach ``(m, <= d_obs)``
+      (nor does anything they feed: the bound rises by one per position, as does ``j``);
+    * the product ``P[m] * skip[m]``: ``skip[m] = 1`` exactly.
+
+    The answer sums ``P[m, d]`` over ``d <= d_obs`` in a row of length ``D`` (the batch's
+    largest deficit + 1), as numpy's pairwise sum does it for that length.
+    """
     B = len(vs)
     D = int(d_obs.max()) + 1
-    P = np.zeros((B, m + 1, D))
-    P[:, 0, 0] = 1.0
-    grid = np.arange(D)
+    P = np.zeros((B, m + 1, 2 * D))
+    P[:, 0, D] = 1.0
+    body = P[:, :, D:]                                      # deficits 0..D-1; P[:, :, :D] stays 0
+    shifted = np.lib.stride_tricks.sliding_window_view(P, D, axis=2)  # [B, m + 1, D + 1, D]: P[b, j, s:s + D]
     j = np.arange(m)
+    rows = np.arange(B)[:, None]
     ref = vs[:, :m]  # value of the (j+1)-th largest: the reference of the (j+1)-th choice
     for i in range(window):
+        lo, hi = max(0, m - (window - i)), min(i, m - 1)    # source states that matter (see above)
         left = n - i
-        pick = (m - j) / left               # P(position i is chosen | j chosen so far)
-        skip = np.append(1.0 - pick, 1.0)   # j = m: nothing left to choose
-        inc = ref - vs[:, i : i + 1]        # [B, m] deficit of choosing position i as choice j+1
-        src = grid[None, None, :] - inc[:, :, None]
-        moved = np.take_along_axis(P[:, :m, :], np.clip(src, 0, D - 1), axis=2)
-        moved *= src >= 0
+        pick = (m - j[lo : hi + 1]) / left                  # P(position i is chosen | j chosen so far)
+        inc = np.clip(ref[:, lo : hi + 1] - vs[:, i : i + 1], 0, D)  # [B, J]; D: all from the zeros
+        moved = shifted[rows, j[None, lo : hi + 1], D - inc]        # [B, J, D] = P[b, j, d - inc]
         moved *= pick[None, :, None]
-        P *= skip[None, :, None]
-        P[:, 1:, :] += moved
-    mass = P[:, m, :]
+        body[:, lo : hi + 1, :] *= (1.0 - pick)[None, :, None]
+        body[:, lo + 1 : hi + 2, :] += moved
+    grid = np.arange(D)
+    mass = body[:, m, :]
     return np.where(grid[None, :] <= d_obs[:, None], mass, 0.0).sum(axis=1)
 
 
