@@ -142,6 +142,40 @@ def rank_sum_exact(v: np.ndarray, obs2: np.ndarray, m: int) -> np.ndarray:
     return out
 
 
+def _first_sources(vs: np.ndarray, d_obs: np.ndarray, window: int, m: int, n: int) -> np.ndarray:
+    """For each position ``i < window``, the lowest state ``j`` whose update at ``i`` can matter.
+
+    State ``(t, d)`` after walking ``i'`` positions can still end in ``(m, <= d_obs)`` only if
+    ``d + mindef(i', t) <= d_obs``, where ``mindef(i', t)`` is the least deficit the ``m - t``
+    choices left can add: choose the next positions ``i', i' + 1, ...`` in a row (any later
+    position has a smaller value, so a larger deficit, choice by choice):
+
+        mindef(i', t) = sum_{l < m - t} (v[t + l] - v[i' + l])   (no such positions: infinite).
+
+    ``mindef`` falls as ``t`` rises, so the states that matter after position ``i`` are
+    ``t >= t_min`` with ``t_min`` the least ``t`` with ``mindef(i + 1, t) <= d_obs`` in some row
+    of the batch; they are fed by the states ``j >= t_min - 1`` (a move) and ``j >= t_min``
+    (staying), so the update at ``i`` may start at ``j = max(t_min - 1, 0)``.  Returns ``m`` where
+    no state matters (the update is then skipped).
+    """
+    B = len(vs)
+    S = np.zeros((B, n + 1), dtype=np.int64)
+    np.cumsum(vs, axis=1, out=S[:, 1:])
+    after = np.arange(1, window + 1)[:, None]                 # i' = i + 1
+    t = np.arange(m + 1)[None, :]
+    end = after + (m - t)                                     # one past the last position the choices use
+    fits = end <= n
+    end = np.minimum(end, n)
+    lowest = np.full((window, m + 1), False)
+    step = max(1, (1 << 22) // max(1, window * (m + 1)))     # rows per chunk: ~4M integers at once
+    for a in range(0, B, step):
+        Sa, d = S[a : a + step], d_obs[a : a + step]
+        least = (Sa[:, m : m + 1] - Sa[:, : m + 1])[:, None, :] - (Sa[:, end] - Sa[:, after])  # [b, i, t]
+        lowest |= (fits[None] & (least <= d[:, None, None])).any(axis=0)
+    first = np.where(lowest.any(axis=1), lowest.argmax(axis=1), m + 1)
+    return np.maximum(first - 1, 0)
+
+
 def _program(vs: np.ndarray, d_obs: np.ndarray, window: int, m: int, n: int) -> np.ndarray:
     """The deficit program for one batch (rows share ``m`` and ``n``).
 
@@ -152,17 +186,14 @@ def _program(vs: np.ndarray, d_obs: np.ndarray, window: int, m: int, n: int) -> 
         P'[j + 1, d] = P[j + 1, d] * skip[j + 1] + P[j, d - inc[j]] * pick[j]
 
     (the second term 0 where ``d < inc[j]``), two products and a sum per state, in this order:
-    every p-value depends on that order only, never on how the states are stored.  Each row of
-    ``P`` has ``D`` zeros in front of its deficits 0..D-1, so the shifted source ``P[j, d - inc]``
-    of a whole row is one slice (a strided window view, copied by one fancy index over
-    ``[rows, states]``), with no per-element gather, clip or mask.  Left out, without changing
-    any state the answer reads:
-
-    * states ``j > i`` (not reachable yet: zero) and the move out of ``j = m``;
-    * states ``j < m - (window - i)``: fewer positions are left in the window than choices, and a
-      position after the window costs more than ``d_obs``, so they never reach ``(m, <= d_obs)``
-      (nor does anything they feed: the bound rises by one per position, as does ``j``);
-    * the product ``P[m] * skip[m]``: ``skip[m] = 1`` exactly.
+    every p-value depends on that order only, never on how the states are stored or which
+    other states are updated.  Each row of ``P`` has ``D`` zeros in front of its deficits
+    0..D-1, so the shifted source ``P[j, d - inc]`` of a whole row is one slice (a strided window
+    view, copied by one fancy index over ``[rows, states]``), with no per-element gather, clip or
+    mask.  Only the states that can still reach ``(m, <= d_obs)`` are updated
+    (:func:`_first_sources`), and the states ``j <= i`` (the others are not reached yet: zero);
+    a state that can reach the end is only ever fed by states that can, so the ones left stale
+    are never read into the answer.  ``P[m] * skip[m]`` is not formed: ``skip[m] = 1`` exactly.
 
     The answer sums ``P[m, d]`` over ``d <= d_obs`` in a row of length ``D`` (the batch's
     largest deficit + 1), as numpy's pairwise sum does it for that length.
@@ -176,8 +207,11 @@ def _program(vs: np.ndarray, d_obs: np.ndarray, window: int, m: int, n: int) -> 
     j = np.arange(m)
     rows = np.arange(B)[:, None]
     ref = vs[:, :m]  # value of the (j+1)-th largest: the reference of the (j+1)-th choice
+    first = _first_sources(vs, d_obs, window, m, n)
     for i in range(window):
-        lo, hi = max(0, m - (window - i)), min(i, m - 1)    # source states that matter (see above)
+        lo, hi = int(first[i]), min(i, m - 1)               # source states that matter
+        if lo > hi:
+            continue
         left = n - i
         pick = (m - j[lo : hi + 1]) / left                  # P(position i is chosen | j chosen so far)
         inc = np.clip(ref[:, lo : hi + 1] - vs[:, i : i + 1], 0, D)  # [B, J]; D: all from the zeros
