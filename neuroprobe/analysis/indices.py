@@ -39,6 +39,7 @@ out of every statistic and every multiple-comparison family.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -229,29 +230,63 @@ def midranks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mid-ranks of each row (1-based, ties averaged) and each row's tie term ``sum(t^3 - t)``.
 
     Equals ``scipy.stats.rankdata(x, axis=1)``; the tie term is what the Mann–Whitney
-    variance needs.  One argsort per block; the tie-free case skips the run bookkeeping.
+    variance needs.  Mid-ranks are unique (half-integers, exact in float64) and the tie term is a
+    sum of integers, so any correct sort gives the same arrays: float32 rows (the responses) are
+    sorted as 64-bit integer keys (:func:`_sorted_float32`, several times faster than an
+    argsort), anything else (or a row with NaN) by ``np.argsort``.  Then one pass finds the runs
+    of equal values and gives every member the run's mid-rank.
     """
     G, n = x.shape
     ranks = np.empty((G, n))
-    if n == 0:
+    if n == 0 or G == 0:
         return ranks, np.zeros(G)
-    order = np.argsort(x, axis=1)
-    xs = np.take_along_axis(x, order, axis=1)
+    keyed = _sorted_float32(x)
+    if keyed is not None:
+        vals, flat = keyed
+    else:
+        order = np.argsort(x, axis=1)
+        vals = np.take_along_axis(x, order, axis=1)
+        flat = order + (np.arange(G) * n)[:, None]
     new = np.empty((G, n), dtype=bool)
     new[:, 0] = True
-    np.not_equal(xs[:, 1:], xs[:, :-1], out=new[:, 1:])
-    pos = np.arange(n)
-    if new.all():
-        np.put_along_axis(ranks, order, np.broadcast_to(pos + 1.0, (G, n)), axis=1)
-        return ranks, np.zeros(G)
-    start = np.maximum.accumulate(np.where(new, pos, 0), axis=1)
-    last = np.empty_like(new)
-    last[:, -1] = True
-    last[:, :-1] = new[:, 1:]
-    end = np.minimum.accumulate(np.where(last, pos, n - 1)[:, ::-1], axis=1)[:, ::-1]
-    t = (end - start + 1).astype(np.float64)
-    np.put_along_axis(ranks, order, (start + end) / 2.0 + 1.0, axis=1)
-    return ranks, (t * t - 1.0).sum(axis=1)
+    np.not_equal(vals[:, 1:], vals[:, :-1], out=new[:, 1:])
+    starts = np.flatnonzero(new)                        # the first element of each run, in flat sorted order
+    size = np.diff(starts, append=G * n)
+    mid = (starts % n) + (size + 1) / 2.0               # (first + last) / 2 + 1, positions 0-based
+    ranks.reshape(-1)[flat.reshape(-1)] = np.repeat(mid, size)
+    t = size.astype(np.float64)
+    return ranks, np.bincount(starts // n, weights=t * t * t - t, minlength=G)
+
+
+#: Keys of a float32 sort: the least and the largest key of a non-NaN value (-inf and +inf).
+_KEY_LEAST, _KEY_MOST = 0x007FFFFF, 0xFF800000
+
+
+def _sorted_float32(x: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Each float32 row sorted, as ``(order keys, flat indices)``, or ``None`` (not float32, NaN, too large).
+
+    A float32's bits, with the sign bit set for a positive number and every bit flipped for a
+    negative one, sort as unsigned integers exactly as the floats do (-0.0 is made +0.0 first:
+    they are equal).  The key goes in the high half of a 64-bit word and the element's flat index
+    in the low half, so one integer sort of each row (vectorised, no index array to carry) gives
+    the sorted order and, in the low halves, where each element came from.
+    """
+    G, n = x.shape
+    if x.dtype != np.float32 or G * n >= 2**32:
+        return None
+    words = np.empty((G, n), dtype=np.uint64)
+    halves = words.view(np.uint32).reshape(G, n, 2)
+    lo, hi = (0, 1) if sys.byteorder == "little" else (1, 0)
+    bits = (x + np.float32(0.0)).view(np.int32)        # -0.0 + 0.0 = +0.0
+    flip = bits >> 31                                   # -1 for a negative number, else 0
+    flip |= np.int32(-(2**31))
+    np.bitwise_xor(bits, flip, out=halves[..., hi].view(np.int32))
+    halves[..., lo] = np.arange(G * n, dtype=np.uint32).reshape(G, n)
+    words.sort(axis=1)
+    key = halves[..., hi]
+    if (key[:, 0] < _KEY_LEAST).any() or (key[:, -1] > _KEY_MOST).any():  # a NaN sorts outside -inf..+inf
+        return None
+    return key, halves[..., lo].astype(np.intp)
 
 
 def rank_sum(ranks: np.ndarray, tie: np.ndarray, onehot: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
