@@ -111,25 +111,30 @@ def group_stats(x: np.ndarray, onehot: np.ndarray) -> GroupStats:
     return GroupStats(n_c, n_b, mean_c, var_c, mean_b, var_b)
 
 
-def constant_baselines(x: np.ndarray, groups: Sequence[np.ndarray], st: GroupStats) -> GroupStats:
+def constant_baselines(x: np.ndarray, groups: Sequence[np.ndarray], st: GroupStats,
+                       extremes: tuple[np.ndarray, np.ndarray] | None = None) -> GroupStats:
     """``st`` with the baseline of every (unit, concept) whose baseline is exactly constant made exact.
 
     A baseline (every stimulus of the subset outside the concept) whose responses are all equal
     has variance exactly 0 and mean exactly that value; sums of squares would leave it a few
     ulps off (a mean of -1e-17 for a silent unit, so that a median of 0 would sit "infinitely
     many SDs" above it).  Constancy is decided on the exact values (min == max), not on a
-    tolerance.  Non-constant baselines are left as they are.
+    tolerance.  Non-constant baselines are left as they are.  ``extremes``: each group's least
+    and largest response (``[G, C]``, as :func:`group_order_stats` gives them), if known.
     """
     G, C = st.mean_b.shape
     if G == 0 or C == 0:
         return st
-    gmin = np.full((G, C), np.inf)
-    gmax = np.full((G, C), -np.inf)
-    for c, idx in enumerate(groups):
-        if len(idx):
-            xc = x[:, idx]
-            gmin[:, c] = xc.min(axis=1)
-            gmax[:, c] = xc.max(axis=1)
+    if extremes is not None:
+        gmin, gmax = extremes
+    else:
+        gmin = np.full((G, C), np.inf)
+        gmax = np.full((G, C), -np.inf)
+        for c, idx in enumerate(groups):
+            if len(idx):
+                xc = x[:, idx]
+                gmin[:, c] = xc.min(axis=1)
+                gmax[:, c] = xc.max(axis=1)
     bmin, bmax = _excluding(gmin, np.minimum, np.inf), _excluding(gmax, np.maximum, -np.inf)
     const = (bmin == bmax) & np.isfinite(bmin)
     mean_b = np.where(const, bmin, st.mean_b)
@@ -170,6 +175,58 @@ def group_medians(x: np.ndarray, groups: Sequence[np.ndarray]) -> np.ndarray:
         cols = np.concatenate([groups[c] for c in cs])
         out[:, cs] = np.median(x[:, cols].reshape(x.shape[0], len(cs), int(size)), axis=2)
     return out
+
+
+def group_order_stats(x: np.ndarray, groups: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Median, least and largest response of each unit to each group: three ``[G, C]`` float64 arrays.
+
+    The same numbers as :func:`group_medians` and ``min`` / ``max`` of ``x`` as float64 (NaN,
+    ``+inf``, ``-inf`` for an empty group).  For float32 rows without NaN or -0.0 (the
+    responses) one sort per row does it: the 64-bit keys ``group << 32 | order key of the value``
+    (:func:`_float32_keys`) put each group's values in order at fixed positions, the least first,
+    the middle one(s) at its centre; the median is the middle value, or the mean ``(a + b) / 2``
+    of the two middle ones in float64, as ``np.median`` computes it.  Other rows go through
+    ``np.median``, ``min`` and ``max`` (with -0.0 next to 0.0, which one a partition returns is
+    its own business).
+    """
+    G, n = x.shape
+    C = len(groups)
+    med = np.full((G, C), np.nan)
+    gmin = np.full((G, C), np.inf)
+    gmax = np.full((G, C), -np.inf)
+    sizes = np.array([len(g) for g in groups], dtype=np.int64)
+    if G == 0 or C == 0 or not sizes.any():
+        return med, gmin, gmax
+    keys = _float32_keys(x) if x.dtype == np.float32 else None
+    slow = np.ones(G, dtype=bool) if keys is None else (x.view(np.int32) == np.int32(-(2**31))).any(axis=1)
+    fast = np.flatnonzero(~slow)
+    if len(fast):
+        label = np.full(n, C, dtype=np.uint64)          # columns in no group sort last
+        for c, idx in enumerate(groups):
+            label[idx] = c
+        words = keys[fast].astype(np.uint64)
+        words |= label << np.uint64(32)
+        words.sort(axis=1)
+        start = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        has = np.flatnonzero(sizes > 0)
+        s, z = start[has], sizes[has]
+        value = _float32_values(words[:, np.concatenate([s, s + z - 1, s + (z - 1) // 2, s + z // 2])].astype(np.uint32))
+        k = len(has)
+        least, most, a, b = value[:, :k], value[:, k : 2 * k], value[:, 2 * k : 3 * k], value[:, 3 * k :]
+        ok = ~(np.isnan(least).any(axis=1) | np.isnan(most).any(axis=1))  # a NaN sorts first or last in its group
+        slow[fast[~ok]] = True
+        done = np.ix_(fast[ok], has)
+        gmin[done], gmax[done] = least[ok], most[ok]
+        med[done] = np.where(z % 2 == 1, a[ok], (a[ok] + b[ok]) / 2.0)
+    rows = np.flatnonzero(slow)
+    if len(rows):
+        x64 = np.asarray(x[rows], dtype=np.float64)
+        med[rows] = group_medians(x64, groups)
+        for c, idx in enumerate(groups):
+            if len(idx):
+                gmin[rows, c] = x64[:, idx].min(axis=1)
+                gmax[rows, c] = x64[:, idx].max(axis=1)
+    return med, gmin, gmax
 
 
 def d_prime(st: GroupStats) -> np.ndarray:
@@ -262,14 +319,33 @@ def midranks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 _KEY_LEAST, _KEY_MOST = 0x007FFFFF, 0xFF800000
 
 
+def _float32_keys(x: np.ndarray) -> np.ndarray:
+    """``uint32`` keys that sort as the float32 values do (-0.0 as +0.0, which it equals).
+
+    A float32's bits with the sign bit set for a positive number and every bit flipped for a
+    negative one sort as unsigned integers exactly as the floats do; a NaN's key falls outside
+    ``[_KEY_LEAST, _KEY_MOST]`` (the keys of -inf and +inf).
+    """
+    bits = (x + np.float32(0.0)).view(np.int32)        # -0.0 + 0.0 = +0.0
+    flip = bits >> 31                                   # -1 for a negative number, else 0
+    flip |= np.int32(-(2**31))
+    flip ^= bits
+    return flip.view(np.uint32)
+
+
+def _float32_values(keys: np.ndarray) -> np.ndarray:
+    """The float32 values of :func:`_float32_keys` keys, as float64."""
+    keys = np.asarray(keys, dtype=np.uint32)
+    bits = keys ^ np.where(keys >> np.uint32(31) == 1, np.uint32(2**31), np.uint32(2**32 - 1))
+    return bits.view(np.float32).astype(np.float64)
+
+
 def _sorted_float32(x: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Each float32 row sorted, as ``(order keys, flat indices)``, or ``None`` (not float32, NaN, too large).
 
-    A float32's bits, with the sign bit set for a positive number and every bit flipped for a
-    negative one, sort as unsigned integers exactly as the floats do (-0.0 is made +0.0 first:
-    they are equal).  The key goes in the high half of a 64-bit word and the element's flat index
-    in the low half, so one integer sort of each row (vectorised, no index array to carry) gives
-    the sorted order and, in the low halves, where each element came from.
+    The key of each value (:func:`_float32_keys`) goes in the high half of a 64-bit word and the
+    element's flat index in the low half, so one integer sort of each row (vectorised, no index
+    array to carry) gives the sorted order and, in the low halves, where each element came from.
     """
     G, n = x.shape
     if x.dtype != np.float32 or G * n >= 2**32:
@@ -277,10 +353,7 @@ def _sorted_float32(x: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     words = np.empty((G, n), dtype=np.uint64)
     halves = words.view(np.uint32).reshape(G, n, 2)
     lo, hi = (0, 1) if sys.byteorder == "little" else (1, 0)
-    bits = (x + np.float32(0.0)).view(np.int32)        # -0.0 + 0.0 = +0.0
-    flip = bits >> 31                                   # -1 for a negative number, else 0
-    flip |= np.int32(-(2**31))
-    np.bitwise_xor(bits, flip, out=halves[..., hi].view(np.int32))
+    halves[..., hi] = _float32_keys(x)
     halves[..., lo] = np.arange(G * n, dtype=np.uint32).reshape(G, n)
     words.sort(axis=1)
     key = halves[..., hi]

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from neuroprobe.analysis.design import Design, Subset
 from neuroprobe.analysis.exact import EXACT_BUDGET, EXACT_MARGIN, exact_p
 from neuroprobe.analysis.indices import (
-    TRANSFORMS, auc_from_u, class_means, constant_baselines, d_prime, dead_units, group_medians, group_stats,
+    TRANSFORMS, auc_from_u, class_means, constant_baselines, d_prime, dead_units, group_order_stats, group_stats,
     kurtosis, lifetime_sparseness, midranks, morcos_si, nonneg, rank_sum, selectivity_index, sparseness_from_sums,
 )
 from neuroprobe.analysis.invariance import PermutationNull, invariance_block
@@ -96,8 +96,10 @@ def concept_tests(x: np.ndarray, sub: Subset, k: float, medians: bool = True, ex
     """
     xs = x[:, sub.idx]
     x64 = xs.astype(np.float64)
-    st = constant_baselines(x64, sub.groups, group_stats(x64, sub.onehot))
-    med = group_medians(x64, sub.groups) if medians else np.full(st.mean_c.shape, np.nan)
+    med, gmin, gmax = group_order_stats(xs, sub.groups)  # one sort per row gives medians and extremes
+    st = constant_baselines(x64, sub.groups, group_stats(x64, sub.onehot), extremes=(gmin, gmax))
+    if not medians:
+        med = np.full(st.mean_c.shape, np.nan)
     sd_b = np.sqrt(st.var_b)
     ranks, tie = midranks(xs)
     U, p_asym = rank_sum(ranks, tie, sub.onehot)
