@@ -290,8 +290,9 @@ def midranks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     variance needs.  Mid-ranks are unique (half-integers, exact in float64) and the tie term is a
     sum of integers, so any correct sort gives the same arrays: float32 rows (the responses) are
     sorted as 64-bit integer keys (:func:`_sorted_float32`, several times faster than an
-    argsort), anything else (or a row with NaN) by ``np.argsort``.  Then one pass finds the runs
-    of equal values and gives every member the run's mid-rank.
+    argsort), anything else (or a row with NaN) by ``np.argsort``.  In sorted order an element's
+    mid-rank is its position + 1 unless it is in a run of equal values: only those runs (found
+    from the elements equal to their predecessor) get their mean position.
     """
     G, n = x.shape
     ranks = np.empty((G, n))
@@ -304,15 +305,24 @@ def midranks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         order = np.argsort(x, axis=1)
         vals = np.take_along_axis(x, order, axis=1)
         flat = order + (np.arange(G) * n)[:, None]
-    new = np.empty((G, n), dtype=bool)
-    new[:, 0] = True
-    np.not_equal(vals[:, 1:], vals[:, :-1], out=new[:, 1:])
-    starts = np.flatnonzero(new)                        # the first element of each run, in flat sorted order
-    size = np.diff(starts, append=G * n)
-    mid = (starts % n) + (size + 1) / 2.0               # (first + last) / 2 + 1, positions 0-based
-    ranks.reshape(-1)[flat.reshape(-1)] = np.repeat(mid, size)
-    t = size.astype(np.float64)
-    return ranks, np.bincount(starts // n, weights=t * t * t - t, minlength=G)
+    ranked = np.empty((G, n))                           # mid-rank of each element in sorted order
+    ranked[:] = np.arange(1.0, n + 1.0)
+    tie = np.zeros(G)
+    dup = np.flatnonzero(vals[:, 1:] == vals[:, :-1])   # elements equal to the one before them
+    if len(dup):
+        dup += dup // (n - 1) + 1                       # flat positions in [G, n] (never first in a row)
+        cut = np.flatnonzero(np.diff(dup) != 1) + 1     # runs of ties: consecutive duplicates
+        start = dup[np.concatenate([[0], cut])] - 1     # each run's first element
+        end = dup[np.concatenate([cut - 1, [len(dup) - 1]])]
+        size = end - start + 1
+        mid = (start % n) + (size + 1) / 2.0            # (first + last) / 2 + 1, positions 0-based
+        flat_ranked = ranked.reshape(-1)
+        flat_ranked[start] = mid
+        flat_ranked[dup] = np.repeat(mid, size - 1)
+        t = size.astype(np.float64)
+        tie = np.bincount(start // n, weights=t * t * t - t, minlength=G)
+    ranks.reshape(-1)[flat.reshape(-1)] = ranked.reshape(-1)
+    return ranks, tie
 
 
 #: Keys of a float32 sort: the least and the largest key of a non-NaN value (-inf and +inf).
