@@ -121,10 +121,14 @@ def rank_sum_exact(v: np.ndarray, obs2: np.ndarray, m: int) -> np.ndarray:
     v = np.asarray(v, dtype=np.int64)
     obs2 = np.asarray(obs2, dtype=np.int64)
     B, n = v.shape
-    out = np.ones(B)
     if B == 0 or m <= 0 or m >= n:
-        return out
-    vs, d_obs, window = _prepare(v, obs2, m)
+        return np.ones(B)
+    return _batched(*_prepare(v, obs2, m), m, n)
+
+
+def _batched(vs: np.ndarray, d_obs: np.ndarray, window: np.ndarray, m: int, n: int) -> np.ndarray:
+    """:func:`rank_sum_exact` of rows already through :func:`_prepare`: batches of the program."""
+    out = np.ones(len(vs))
     out[d_obs < 0] = 0.0  # cannot happen for a real observation; kept for safety
     ok = np.flatnonzero(d_obs >= 0)
     if not len(ok):
@@ -273,7 +277,10 @@ def exact_p(
         sel &= want
     if not sel.any():
         return p, exact, over
-    v = doubled_ranks(ranks)
+    some = np.flatnonzero(sel.any(axis=1))             # doubled ranks of these units only
+    at = np.zeros(G, dtype=np.intp)
+    at[some] = np.arange(len(some))
+    v = doubled_ranks(ranks[some])
     for c in np.flatnonzero(sel.any(axis=0)):
         m = int(n_c[c])
         if m <= 0 or m >= n:
@@ -281,12 +288,12 @@ def exact_p(
         rows = np.flatnonzero(sel[:, c])
         # observed doubled rank sum: 2 (U + m (m + 1) / 2), an integer
         obs2 = np.rint(2.0 * U[rows, c] + m * (m + 1)).astype(np.int64)
-        cost = program_cost(v[rows], obs2, m)
+        vs, d_obs, window = _prepare(v[at[rows]], obs2, m)  # row by row: the same for any set of rows
+        cost = window.astype(np.float64) * (m + 1) * (np.maximum(d_obs, 0) + 1)  # as program_cost
         fits = cost <= budget
         over[rows[~fits], c] = True
-        rows, obs2 = rows[fits], obs2[fits]
-        if not len(rows):
+        if not fits.any():
             continue
-        p[rows, c] = rank_sum_exact(v[rows], obs2, m)
-        exact[rows, c] = True
+        p[rows[fits], c] = _batched(vs[fits], d_obs[fits], window[fits], m, n)
+        exact[rows[fits], c] = True
     return p, exact, over

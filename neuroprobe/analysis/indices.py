@@ -275,9 +275,10 @@ def kurtosis(x: np.ndarray) -> np.ndarray:
     """Excess kurtosis of each row (Fisher, biased), like ``scipy.stats.kurtosis(x, axis=1)``."""
     x = np.asarray(x, dtype=np.float64)
     y = x - x.mean(axis=1, keepdims=True)
-    y2 = y * y
-    m2 = y2.mean(axis=1)
-    m4 = (y2 * y2).mean(axis=1)
+    np.multiply(y, y, out=y)                            # y^2, in place
+    m2 = y.mean(axis=1)
+    np.multiply(y, y, out=y)                            # y^4 as (y^2)^2
+    m4 = y.mean(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return m4 / (m2 * m2) - 3.0
 
