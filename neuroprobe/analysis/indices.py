@@ -95,8 +95,10 @@ def group_stats(x: np.ndarray, onehot: np.ndarray) -> GroupStats:
     n_b = n - n_c
     m = x.mean(axis=1, keepdims=True) if n else np.zeros((x.shape[0], 1))
     y = x - m
-    s_c, q_c = y @ onehot, (y * y) @ onehot
-    s, q = y.sum(1, keepdims=True), (y * y).sum(1, keepdims=True)
+    y2 = y * y
+    s_c, q_c = y @ onehot, y2 @ onehot
+    s, q = y.sum(1, keepdims=True), y2.sum(1, keepdims=True)
+    del y, y2
     s_b, q_b = s - s_c, q - q_c
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_c = s_c / n_c + m
