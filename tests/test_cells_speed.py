@@ -67,3 +67,97 @@ def test_table_equals_the_reference(case, recordings):
     ref = pd.read_parquet(REFERENCE / f"{case}.parquet")
     assert_same_table(maker.normalise(table), ref)
     assert maker.attrs_of(table) == entry["attrs"]
+
+
+# ---------------------------------------------------------------- the analysis import graph (issue 23, item 5)
+ANALYSIS = Path(__file__).resolve().parents[1] / "neuroprobe" / "analysis"
+#: The layers, lowest first: a module may import only from its own layer's predecessors and lower layers.
+LAYERS = [
+    ("design", "stream", "exact"),
+    ("thresholds", "indices"),
+    ("invariance",),
+    ("scan",),
+    ("parallel",),
+    ("criterion", "descriptive"),
+]
+
+
+def analysis_imports() -> dict[str, set[str]]:
+    """Module -> the ``neuroprobe.analysis`` modules it imports, anywhere in its body (also in functions
+    and under ``TYPE_CHECKING``), read with ``ast``; a name taken from the package resolves to the module
+    that exports it."""
+    import ast
+
+    from neuroprobe.analysis import _EXPORTS
+
+    modules = {p.stem for p in ANALYSIS.glob("*.py") if p.stem != "__init__"}
+    graph: dict[str, set[str]] = {}
+    for name in sorted(modules):
+        tree = ast.parse((ANALYSIS / f"{name}.py").read_text())
+        deps: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                targets = [node.module]
+                if node.module == "neuroprobe.analysis":
+                    targets = [_EXPORTS.get(a.name, f"neuroprobe.analysis.{a.name}") for a in node.names]
+            else:
+                continue
+            for t in targets:
+                parts = t.split(".")
+                if parts[:2] == ["neuroprobe", "analysis"] and len(parts) > 2 and parts[2] in modules:
+                    deps.add(parts[2])
+        graph[name] = deps - {name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of the graph (as a path that returns to its start), or None."""
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(u: str) -> list[str] | None:
+        state[u] = 1
+        path.append(u)
+        for v in sorted(graph.get(u, ())):
+            if state.get(v) == 1:
+                return path[path.index(v):] + [v]
+            if v not in state and (found := visit(v)):
+                return found
+        state[u] = 2
+        path.pop()
+        return None
+
+    for u in sorted(graph):
+        if u not in state and (found := visit(u)):
+            return found
+    return None
+
+
+def test_analysis_import_graph_has_no_cycle():
+    graph = analysis_imports()
+    assert {"indices", "scan", "invariance", "parallel"} <= set(graph)
+    cycle = find_cycle(graph)
+    assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
+
+
+def test_kernels_below_the_scan_below_the_pool():
+    graph = analysis_imports()
+    rank = {m: i for i, layer in enumerate(LAYERS) for m in layer}
+    for module, deps in graph.items():
+        if module not in rank:
+            continue
+        above = sorted(d for d in deps if d in rank and rank[d] >= rank[module])
+        assert not above, f"{module} imports {above}, which are not below it"
+    assert "scan" in graph["parallel"] and "parallel" not in graph["scan"]
+
+
+def test_public_names_stay():
+    import neuroprobe.analysis as analysis
+    from neuroprobe.analysis import criterion
+
+    for name in analysis.__all__:
+        assert callable(getattr(analysis, name)), name
+    for name in ("exact_cutoff", "largest_threshold", "FAMILIES", "concept_cells", "significant"):
+        assert hasattr(criterion, name), name

@@ -1,8 +1,10 @@
 """Per-unit indices, vectorised over a block of units.
 
 Every function takes responses as ``x[units, stimuli]`` (one row per unit) and
-works on all units of the block at once; no Python loop over units.  The public
-driver :func:`unit_indices` streams every site of a recording through them.
+works on all units of the block at once; no Python loop over units.  These are the
+numeric kernels under the scan (:mod:`neuroprobe.analysis.scan`); the public drivers
+:func:`~neuroprobe.analysis.descriptive.unit_indices` and
+:func:`~neuroprobe.analysis.descriptive.population_sparseness` stream a recording through them.
 
 Signed activations
 ------------------
@@ -41,15 +43,10 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
-import pandas as pd
 from scipy.special import ndtr
-
-if TYPE_CHECKING:
-    from neuroprobe.recording.reader import Recording
 
 TRANSFORMS = ("shift", "clip")
 
@@ -441,66 +438,3 @@ class _quiet_nan:
 
     def __exit__(self, *exc: object) -> None:
         self._w.__exit__(*exc)
-
-
-# ---------------------------------------------------------------- drivers
-def unit_indices(
-    rec: "Recording | str | Path",
-    *,
-    sites: Sequence[str] | None = None,
-    transform: str = "shift",
-    quiet: bool = True,
-    read_bytes: int | None = None,
-    block_units: int | None = None,
-    jobs: int = 1,
-) -> pd.DataFrame:
-    """The standard indices of every unit of every site, streamed from the recording.
-
-    Parameters
-    ----------
-    rec
-        A recording or its path.
-    sites
-        Sites to analyse (default: all, in recording order).
-    transform
-        Non-negative transform for selectivity and sparseness: ``shift`` or ``clip``.
-    quiet
-        No progress bar.
-    read_bytes, block_units
-        Memory knobs of the stream (see :mod:`neuroprobe.analysis.stream`).
-    jobs
-        Sites scanned in this many processes (0: one per core); same table as ``jobs=1``.
-
-    Returns
-    -------
-    DataFrame
-        One row per unit: ``site, unit, kind, n_stimuli, dead, transform``, the class
-        means ``mean:<concept>``, ``si, si_morcos, lifetime_sparseness, kurtosis`` (all the
-        site's stimuli), and ``pref_concept`` (largest mean on the screening split) with its
-        ``d_prime`` and ``auc`` measured on the testing split (selected on one split,
-        measured on the other).
-    """
-    from neuroprobe.analysis.scan import scan
-
-    return scan(rec, sites=sites, transform=transform, criterion=False, quiet=quiet, read_bytes=read_bytes,
-                block_units=block_units, jobs=jobs).table
-
-
-def population_sparseness(
-    rec: "Recording | str | Path",
-    *,
-    sites: Sequence[str] | None = None,
-    transform: str = "shift",
-    quiet: bool = True,
-) -> pd.DataFrame:
-    """Vinje–Gallant sparseness over the (live) units of each site, per stimulus.
-
-    Returns
-    -------
-    DataFrame
-        One row per site and stimulus: ``site, index, id, concept, form, modality, split,
-        n_units, population_sparseness``.
-    """
-    from neuroprobe.analysis.scan import scan
-
-    return scan(rec, sites=sites, transform=transform, criterion=False, quiet=quiet).population

@@ -12,6 +12,12 @@ Multiple-comparison corrections need every p-value of the recording, so they are
 applied afterwards by :func:`neuroprobe.analysis.criterion.concept_cells` on the
 ``[units, concepts]`` arrays kept here (memory: O(units x concepts), never
 O(units x stimuli)).
+
+Layers (each imports only the ones before it): the numeric kernels (``design``, ``stream``,
+``exact``, ``indices``, ``invariance``, ``thresholds``), this scan (one process), the pool
+(:mod:`neuroprobe.analysis.parallel`: sites in worker processes, and ``run_scan``, the one entry
+that picks one process or the pool), then the analyses (``criterion``, ``descriptive``,
+``controls``...).
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from neuroprobe.analysis.indices import (
 )
 from neuroprobe.analysis.invariance import PermutationNull, invariance_block
 from neuroprobe.analysis.stream import DEFAULT_READ_BYTES, UnitStream
+from neuroprobe.analysis.thresholds import exact_cutoff
 from neuroprobe.errors import NeuroprobeError
 from neuroprobe.recording.reader import Recording, open_recording
 
@@ -69,6 +76,31 @@ def site_order(rec: Recording) -> list[str]:
 def battery_concepts(stimuli: pd.DataFrame) -> list[str]:
     """Concepts in battery order (first appearance)."""
     return list(dict.fromkeys(stimuli["concept"].astype(str)))
+
+
+def checked_request(rec: Recording | str | Path, sites: Sequence[str] | None,
+                    transform: str = "shift") -> tuple[Recording, list[str]]:
+    """The recording and the sites a scan will read, or the user's mistake in one sentence.
+
+    Parameters
+    ----------
+    rec
+        Recording or path.
+    sites
+        Sites asked for (``None``: every site, montage order).
+    transform
+        The non-negative transform asked for.
+    """
+    if transform not in TRANSFORMS:
+        raise NeuroprobeError(f"transform {transform!r} is not one of {', '.join(TRANSFORMS)}.")
+    rec = as_recording(rec)
+    if "concept" not in rec.stimuli:
+        raise NeuroprobeError(f"{rec.path} has no concept column in its stimuli table; record a battery with concepts.")
+    names = site_order(rec) if sites is None else list(sites)
+    for s in names:
+        if s not in rec.site_names:
+            raise NeuroprobeError(f"{rec.path} has no site {s!r}; it has {', '.join(rec.site_names[:8])}.")
+    return rec, names
 
 
 def _pick(a: np.ndarray, col: np.ndarray) -> np.ndarray:
@@ -140,14 +172,15 @@ def scan(
     quiet: bool = True,
     read_bytes: int | None = None,
     block_units: int | None = None,
-    jobs: int = 1,
     exact: bool = True,
     fdr: float = 0.05,
     family: str = "units",
     margin: float | None = None,
     budget: float = EXACT_BUDGET,
 ) -> ScanResult:
-    """Stream every unit of ``sites`` through the statistics (see module docstring).
+    """Stream every unit of ``sites`` through the statistics in this process (see module docstring).
+
+    :func:`neuroprobe.analysis.parallel.run_scan` takes the same options and ``jobs``.
 
     Parameters
     ----------
@@ -173,9 +206,6 @@ def scan(
         No progress bar.
     read_bytes, block_units
         Memory knobs.
-    jobs
-        Scan sites in this many processes (0: one per core); the result is the same
-        (see :mod:`neuroprobe.analysis.parallel`).
     exact
         Exact rank-sum p-values (conditional permutation null) where they can matter: screening
         pairs with an asymptotic p at or below the cut-off, and testing pairs that can be
@@ -191,29 +221,11 @@ def scan(
     budget
         See :func:`neuroprobe.analysis.exact.exact_p`.
     """
-    if transform not in TRANSFORMS:
-        raise NeuroprobeError(f"transform {transform!r} is not one of {', '.join(TRANSFORMS)}.")
-    rec = as_recording(rec)
+    rec, names = checked_request(rec, sites, transform)
     stimuli = rec.stimuli.reset_index(drop=True)
-    if "concept" not in stimuli:
-        raise NeuroprobeError(f"{rec.path} has no concept column in its stimuli table; record a battery with concepts.")
-    names = site_order(rec) if sites is None else list(sites)
-    for s in names:
-        if s not in rec.site_names:
-            raise NeuroprobeError(f"{rec.path} has no site {s!r}; it has {', '.join(rec.site_names[:8])}.")
     concepts = battery_concepts(stimuli) if labels is None else list(dict.fromkeys(map(str, labels)))
     kinds = dict(zip(rec.sites["site"], rec.sites["kind"]))
     n_units_total = int(sum(int(rec.responses(s).shape[1]) for s in names))
-    from neuroprobe.analysis.parallel import n_jobs
-
-    if n_jobs(jobs) > 1 and len(names) > 1:
-        from neuroprobe.analysis.parallel import scan_sites
-
-        return scan_sites(rec.path, names, n_jobs(jobs), quiet=quiet,
-                          unit_counts=[int(rec.responses(s).shape[1]) for s in names], transform=transform,
-                          criterion=criterion, k=k, alpha=alpha, n_perm=n_perm, seed=seed, labels=labels,
-                          read_bytes=read_bytes, block_units=block_units, exact=exact, fdr=fdr, family=family,
-                          margin=margin, budget=budget)
     bar = tqdm(total=n_units_total, unit="unit", desc="cells" if criterion else "indices", disable=quiet,
                dynamic_ncols=True)
     null = PermutationNull(n_perm, seed)
@@ -225,7 +237,6 @@ def scan(
     screening: dict[str, tuple[int, list[int]]] = {}
     testing: dict[str, tuple[int, list[int]]] = {}
     cutoffs: dict[str, float] = {}
-    from neuroprobe.analysis.criterion import exact_cutoff  # criterion imports this module
     try:
         for site in names:
             ds = rec.responses(site)
