@@ -305,23 +305,22 @@ def midranks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         order = np.argsort(x, axis=1)
         vals = np.take_along_axis(x, order, axis=1)
         flat = order + (np.arange(G) * n)[:, None]
-    ranked = np.empty((G, n))                           # mid-rank of each element in sorted order
-    ranked[:] = np.arange(1.0, n + 1.0)
+    out = ranks.reshape(-1)
+    out[flat] = np.arange(1.0, n + 1.0)                 # position in sorted order + 1 ...
     tie = np.zeros(G)
-    dup = np.flatnonzero(vals[:, 1:] == vals[:, :-1])   # elements equal to the one before them
+    dup = np.flatnonzero(vals[:, 1:] == vals[:, :-1])   # ... but for runs of ties: elements equal to the one before
     if len(dup):
-        dup += dup // (n - 1) + 1                       # flat positions in [G, n] (never first in a row)
-        cut = np.flatnonzero(np.diff(dup) != 1) + 1     # runs of ties: consecutive duplicates
+        dup += dup // (n - 1) + 1                       # flat positions in sorted [G, n] (never first in a row)
+        cut = np.flatnonzero(np.diff(dup) != 1) + 1     # runs: consecutive duplicates
         start = dup[np.concatenate([[0], cut])] - 1     # each run's first element
         end = dup[np.concatenate([cut - 1, [len(dup) - 1]])]
         size = end - start + 1
         mid = (start % n) + (size + 1) / 2.0            # (first + last) / 2 + 1, positions 0-based
-        flat_ranked = ranked.reshape(-1)
-        flat_ranked[start] = mid
-        flat_ranked[dup] = np.repeat(mid, size - 1)
+        where = flat.reshape(-1)
+        out[where[start]] = mid
+        out[where[dup]] = np.repeat(mid, size - 1)
         t = size.astype(np.float64)
         tie = np.bincount(start // n, weights=t * t * t - t, minlength=G)
-    ranks.reshape(-1)[flat.reshape(-1)] = ranked.reshape(-1)
     return ranks, tie
 
 
