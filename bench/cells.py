@@ -23,7 +23,8 @@ Results are appended to bench/RESULTS.md with ``--write``.
 by side: ``REF`` is a folder holding a checkout, or a commit (checked out for the run with
 ``git worktree add --detach`` and removed after).  On the synthetic recording above (one site by
 default there, ``--cell-sites``) and, with ``--organism FILE``, on the quick start's organism
-recording (recorded first if the file does not exist), each round runs ``concept_cells`` once per
+recording (recorded first if the file does not exist) and any ``--recording FILE``, each round runs
+``concept_cells`` once per
 side, each in a fresh process (``PYTHONPATH`` = the checkout, one BLAS thread), alternating which
 side goes first; a process reports the CPU time of the call.  The tables of both sides must be
 equal (every column, exactly).  Medians over ``--rounds`` rounds give units per CPU-second and
@@ -175,6 +176,8 @@ def main() -> None:
     ap.add_argument("--compare", default=None, metavar="REF",
                     help="concept_cells of this checkout against REF (a folder or a git commit), side by side")
     ap.add_argument("--organism", type=Path, default=None, help="with --compare: also the organism's recording")
+    ap.add_argument("--recording", type=Path, action="append", default=[],
+                    help="with --compare: also this recording (repeatable)")
     ap.add_argument("--rounds", type=int, default=3, help="with --compare: rounds (one process per side each)")
     ap.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)  # RECORDING TABLE: one measured run
     args = ap.parse_args()
@@ -327,6 +330,12 @@ def compare(args: argparse.Namespace) -> None:
             npb.record(npb.load_subject("organism", device="cpu"), npb.load_battery("digits"), args.organism,
                        montage="all", quiet=True).close()
         recordings["organism (digits battery, every site: the quick start's recording)"] = args.organism
+    for path in args.recording:
+        from neuroprobe.recording.reader import open_recording
+
+        with open_recording(path) as rec:
+            recordings[f"{path.name} ({rec.attrs.get('subject')}, {rec.attrs.get('init')}, {rec.attrs.get('battery')} "
+                       f"battery, {len(rec.site_names)} sites)"] = path
     rows = []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         tmp = Path(tmp)

@@ -141,9 +141,39 @@ def _batched(vs: np.ndarray, d_obs: np.ndarray, window: np.ndarray, m: int, n: i
         while j < len(order) and (j - i + 1) * (m + 1) * 3 * 8 * (int(d_obs[order[j]]) + 1) <= _BATCH_BYTES:
             j += 1
         rows = order[i:j]
-        out[rows] = _program(vs[rows], d_obs[rows], int(window[rows].max()), m, n)
+        length = int(d_obs[rows].max()) + 1
+        for part in _parts(d_obs[rows], m):
+            sub = rows[part]
+            out[sub] = _program(vs[sub], d_obs[sub], int(window[sub].max()), m, n, length)
         i = j
     return out
+
+
+#: State updates per position a split of a batch must save to pay for its own numpy calls.
+_SPLIT_SAVING = 5_000
+
+
+def _parts(d: np.ndarray, m: int, lo: int = 0, hi: int | None = None) -> list[slice]:
+    """Runs of a batch's rows (sorted by deficit) that get a program each, sized to their own deficits.
+
+    A batch's program spans deficits up to its largest; rows with much smaller deficits waste
+    most of it.  The run is cut where that saves the most state updates per position,
+    ``rows before the cut x (largest deficit - the deficit before the cut)`` times the states,
+    as long as the saving pays for another pass of numpy calls; then each side likewise.  The
+    p-values do not depend on the cut: a row's states up to its own deficit are the same in any
+    program, and :func:`_program` sums them over the batch's length.
+    """
+    hi = len(d) if hi is None else hi
+    if hi - lo < 2:
+        return [slice(lo, hi)]
+    top = int(d[hi - 1]) + 1
+    before = np.arange(1, hi - lo)                      # rows before a cut at lo + k
+    saving = before * (top - (d[lo : hi - 1].astype(np.int64) + 1))
+    k = int(np.argmax(saving))
+    if saving[k] * (m + 1) < _SPLIT_SAVING:
+        return [slice(lo, hi)]
+    cut = lo + k + 1
+    return _parts(d, m, lo, cut) + _parts(d, m, cut, hi)
 
 
 def _first_sources(vs: np.ndarray, d_obs: np.ndarray, window: int, m: int, n: int) -> np.ndarray:
@@ -180,7 +210,7 @@ def _first_sources(vs: np.ndarray, d_obs: np.ndarray, window: int, m: int, n: in
     return np.maximum(first - 1, 0)
 
 
-def _program(vs: np.ndarray, d_obs: np.ndarray, window: int, m: int, n: int) -> np.ndarray:
+def _program(vs: np.ndarray, d_obs: np.ndarray, window: int, m: int, n: int, length: int | None = None) -> np.ndarray:
     """The deficit program for one batch (rows share ``m`` and ``n``).
 
     ``P[b, j, d]``: probability that ``j`` of the positions walked so far are chosen, with total
@@ -199,8 +229,10 @@ def _program(vs: np.ndarray, d_obs: np.ndarray, window: int, m: int, n: int) -> 
     a state that can reach the end is only ever fed by states that can, so the ones left stale
     are never read into the answer.  ``P[m] * skip[m]`` is not formed: ``skip[m] = 1`` exactly.
 
-    The answer sums ``P[m, d]`` over ``d <= d_obs`` in a row of length ``D`` (the batch's
-    largest deficit + 1), as numpy's pairwise sum does it for that length.
+    The answer sums ``P[m, d]`` over ``d <= d_obs`` in a row of zeros beyond, of ``length``
+    (default ``D``, the largest deficit + 1; :func:`_batched` gives its batch's), as numpy's
+    pairwise sum does it for that length: the p-value of a row depends on the length of that
+    sum (the pairwise grouping), never on the other rows.
     """
     B = len(vs)
     D = int(d_obs.max()) + 1
@@ -210,7 +242,9 @@ def _program(vs: np.ndarray, d_obs: np.ndarray, window: int, m: int, n: int) -> 
     shifted = np.lib.stride_tricks.sliding_window_view(P, D, axis=2)  # [B, m + 1, D + 1, D]: P[b, j, s:s + D]
     j = np.arange(m)
     rows = np.arange(B)[:, None]
-    ref = vs[:, :m]  # value of the (j+1)-th largest: the reference of the (j+1)-th choice
+    # the (j+1)-th largest value is the reference of the (j+1)-th choice: choosing position i costs
+    # inc = ref - v_i, read from the window starting at D - inc (0 for inc >= D: all zeros)
+    start_at = D - vs[:, :m]
     first = _first_sources(vs, d_obs, window, m, n)
     for i in range(window):
         lo, hi = int(first[i]), min(i, m - 1)               # source states that matter
@@ -218,13 +252,17 @@ def _program(vs: np.ndarray, d_obs: np.ndarray, window: int, m: int, n: int) -> 
             continue
         left = n - i
         pick = (m - j[lo : hi + 1]) / left                  # P(position i is chosen | j chosen so far)
-        inc = np.clip(ref[:, lo : hi + 1] - vs[:, i : i + 1], 0, D)  # [B, J]; D: all from the zeros
-        moved = shifted[rows, j[None, lo : hi + 1], D - inc]        # [B, J, D] = P[b, j, d - inc]
+        at = start_at[:, lo : hi + 1] + vs[:, i : i + 1]    # D - inc, [B, J]
+        np.maximum(at, 0, out=at)
+        np.minimum(at, D, out=at)
+        moved = shifted[rows, j[None, lo : hi + 1], at]     # [B, J, D] = P[b, j, d - inc]
         moved *= pick[None, :, None]
         body[:, lo : hi + 1, :] *= (1.0 - pick)[None, :, None]
         body[:, lo + 1 : hi + 2, :] += moved
-    grid = np.arange(D)
-    mass = body[:, m, :]
+    length = D if length is None else int(length)
+    mass = np.zeros((B, length))
+    mass[:, :D] = body[:, m, :]
+    grid = np.arange(length)
     return np.where(grid[None, :] <= d_obs[:, None], mass, 0.0).sum(axis=1)
 
 
