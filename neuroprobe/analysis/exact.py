@@ -34,10 +34,15 @@ small — a perfectly selective unit has ``d_obs = 0``), large only in the bulk 
 the distribution, where no multiple-comparison threshold can reach.  The program
 carries probabilities (all <= 1), so there is no overflow of ``C(n, m)``; the
 relative rounding error is a few ``n`` ulps.  Pairs of units and concepts of the
-same concept size are processed together, vectorised over pairs.
+same concept size are processed together, vectorised over pairs.  The budget is
+charged that full cost; the program itself updates only the states that can still
+end within ``d_obs`` (:func:`_first_sources`), shifts whole rows of states by
+slicing instead of gathering element by element, and gives rows of much smaller
+deficits programs of their own (:func:`_parts`), none of which changes a p-value's
+bits (:func:`_program` says why).
 
-Which pairs get it (see :func:`exact_p` and :func:`neuroprobe.analysis.criterion.exact_cutoff`)
--------------------------------------------------------------------------------------------------
+Which pairs get it (see :func:`exact_p` and :func:`neuroprobe.analysis.thresholds.exact_cutoff`)
+--------------------------------------------------------------------------------------------------
 Every pair whose asymptotic p is at or below the *cut-off*, and whose program costs at
 most ``budget`` state updates.  The cut-off is derived from the largest threshold any
 multiple-comparison family can apply to a pair (``fdr`` over every test with
@@ -59,7 +64,7 @@ import numpy as np
 
 #: The least cut-off: asymptotic p-values at or below it always get the exact p-value.  Not
 #: needed for correctness (that needs the cut-off to reach the largest threshold that can
-#: apply: :func:`neuroprobe.analysis.criterion.exact_cutoff`); it keeps every p-value of the
+#: apply: :func:`neuroprobe.analysis.thresholds.exact_cutoff`); it keeps every p-value of the
 #: earlier releases, which computed exact p at or below 0.01 only, unchanged.
 EXACT_MARGIN = 1e-2
 #: Most state updates (window x (m + 1) x (d_obs + 1)) spent on one pair.
@@ -292,7 +297,7 @@ def exact_p(
         ``[G, C]`` pairs to consider (default: every finite pair); of those, the ones with
         ``p_asym <= margin`` and a program cost within ``budget`` are computed exactly.
     margin
-        The cut-off on the asymptotic p (:func:`neuroprobe.analysis.criterion.exact_cutoff`
+        The cut-off on the asymptotic p (:func:`neuroprobe.analysis.thresholds.exact_cutoff`
         gives the one the concept-cell criterion needs; ``1.0``: every pair considered).
     budget
         See the module docstring.

@@ -216,7 +216,7 @@ def scan(
         pairs need exact p-values.
     margin
         The cut-off on screening pairs' asymptotic p; ``None`` (default): per site,
-        :func:`neuroprobe.analysis.criterion.exact_cutoff` of ``fdr``, the site's concept tests
+        :func:`neuroprobe.analysis.thresholds.exact_cutoff` of ``fdr``, the site's concept tests
         per unit and ``family`` (reported in ``ScanResult.cutoffs``).
     budget
         See :func:`neuroprobe.analysis.exact.exact_p`.
