@@ -314,28 +314,29 @@ def compare(args: argparse.Namespace) -> None:
     """``--compare``: this checkout against a reference checkout, side by side (see the module docstring)."""
     here = Path(__file__).resolve().parents[1]
     args.dir.mkdir(parents=True, exist_ok=True)
-    recordings: dict[str, Path] = {}
+    recordings: dict[str, tuple[str, Path]] = {}  # label -> (description, file)
     if args.cell_sites and args.units:
         st = make_stimuli(args.concepts, args.per_concept, forms=FORMS)
         sites = [f"layer{s:02d}" for s in range(args.cell_sites)]
         path = args.dir / "compare.h5"
         write_recording(path, st, {s: args.units for s in sites}, rows=generator(st, len(sites), args.units, 0),
                         batch_size=32)
-        recordings[f"synthetic: {len(sites)} site(s) x {args.units:,} units, {len(st):,} stimuli "
-                   f"({args.concepts} concepts x {args.per_concept}, 5 forms)"] = path
+        recordings["synthetic"] = (f"synthetic (`bench/cells.py` generator): {len(sites)} site(s) x {args.units:,} "
+                                   f"units, {len(st):,} stimuli ({args.concepts} concepts x {args.per_concept}, "
+                                   f"5 forms)", path)
     if args.organism is not None:
         if not args.organism.exists():
             import neuroprobe as npb
 
             npb.record(npb.load_subject("organism", device="cpu"), npb.load_battery("digits"), args.organism,
                        montage="all", quiet=True).close()
-        recordings["organism (digits battery, every site: the quick start's recording)"] = args.organism
+        recordings["organism"] = ("organism, digits battery, every site (the quick start's recording)", args.organism)
     for path in args.recording:
         from neuroprobe.recording.reader import open_recording
 
         with open_recording(path) as rec:
-            recordings[f"{path.name} ({rec.attrs.get('subject')}, {rec.attrs.get('init')}, {rec.attrs.get('battery')} "
-                       f"battery, {len(rec.site_names)} sites)"] = path
+            recordings[path.name] = (f"`{path.name}`: {rec.attrs.get('subject')} ({rec.attrs.get('init')}), "
+                                     f"{rec.attrs.get('battery')} battery, {len(rec.site_names)} sites", path)
     rows = []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         tmp = Path(tmp)
@@ -346,7 +347,7 @@ def compare(args: argparse.Namespace) -> None:
                                     capture_output=True, text=True).stdout.strip())
         sides = {"before": ref_root, "after": here}
         try:
-            for name, rec in recordings.items():
+            for name, (description, rec) in recordings.items():
                 cpu: dict[str, list[float]] = {"before": [], "after": []}
                 wall: dict[str, list[float]] = {"before": [], "after": []}
                 info: dict[str, dict] = {}
@@ -364,7 +365,7 @@ def compare(args: argparse.Namespace) -> None:
                           flush=True)
                 units = info["after"]["units"]
                 med = {side: float(np.median(v)) for side, v in cpu.items()}
-                rows.append(dict(recording=name, units=units, cells=info["after"]["cells"],
+                rows.append(dict(label=name, recording=description, units=units, cells=info["after"]["cells"],
                                  n_exact=info["after"]["n_exact"], cpu_before=med["before"], cpu_after=med["after"],
                                  wall_before=float(np.median(wall["before"])), wall_after=float(np.median(wall["after"])),
                                  ups_before=units / med["before"], ups_after=units / med["after"],
@@ -391,7 +392,7 @@ def write_compare_results(s: dict) -> None:
     lines = [f"| {r['recording']} | {r['units']:,} | {r['n_exact']:,} | {r['cells']} | {r['cpu_before']:.2f} s | "
              f"{r['cpu_after']:.2f} s | {r['ups_before']:,.0f} | {r['ups_after']:,.0f} | **{r['ratio']:.2f}x** |"
              for r in s["rows"]]
-    every = "; ".join(f"{r['recording'].split(':')[0]}: before " + ", ".join(f"{v:.2f}" for v in r["all_before"])
+    every = "; ".join(f"{r['label']}: before " + ", ".join(f"{v:.2f}" for v in r["all_before"])
                       + ", after " + ", ".join(f"{v:.2f}" for v in r["all_after"]) for r in s["rows"])
     section = f"""{head}
 
