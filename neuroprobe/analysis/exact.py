@@ -132,25 +132,52 @@ def rank_sum_exact(v: np.ndarray, obs2: np.ndarray, m: int) -> np.ndarray:
 
 
 def _batched(vs: np.ndarray, d_obs: np.ndarray, window: np.ndarray, m: int, n: int) -> np.ndarray:
-    """:func:`rank_sum_exact` of rows already through :func:`_prepare`: batches of the program."""
-    out = np.ones(len(vs))
-    out[d_obs < 0] = 0.0  # cannot happen for a real observation; kept for safety
+    """:func:`rank_sum_exact` of rows already through :func:`_prepare` (one concept's pairs)."""
+    return _run(vs, d_obs, window, m, n, _sum_lengths(d_obs, m))
+
+
+def _batches(d_obs: np.ndarray, m: int) -> list[np.ndarray]:
+    """Rows (with ``d_obs >= 0``) in batches of similar deficits and bounded memory (the program
+    holds ~3 arrays ``[rows, m + 1, d_obs + 1]``): sorted by deficit, cut greedily at ``_BATCH_BYTES``."""
     ok = np.flatnonzero(d_obs >= 0)
-    if not len(ok):
-        return out
-    # batches of similar deficits, bounded memory (the program holds ~3 arrays [rows, m + 1, d_obs + 1])
     order = ok[np.argsort(d_obs[ok], kind="stable")]
-    i = 0
+    out, i = [], 0
     while i < len(order):
         j = i + 1
         while j < len(order) and (j - i + 1) * (m + 1) * 3 * 8 * (int(d_obs[order[j]]) + 1) <= _BATCH_BYTES:
             j += 1
-        rows = order[i:j]
-        length = int(d_obs[rows].max()) + 1
+        out.append(order[i:j])
+        i = j
+    return out
+
+
+def _sum_lengths(d_obs: np.ndarray, m: int) -> np.ndarray:
+    """For each row of one concept's pairs, the length of the sum its p-value is read from.
+
+    The p-value sums the program's probabilities of deficits ``0..d_obs`` in a row of zeros
+    beyond, and numpy's pairwise sum groups its terms by that row's length, so the last bits
+    depend on it.  The length is that of the row's batch when the pairs of one concept are
+    batched by :func:`_batches`: the batch's largest deficit + 1 (what every release computed).
+    """
+    length = np.zeros(len(d_obs), dtype=np.int64)
+    for rows in _batches(d_obs, m):
+        length[rows] = int(d_obs[rows].max()) + 1
+    return length
+
+
+def _run(vs: np.ndarray, d_obs: np.ndarray, window: np.ndarray, m: int, n: int, length: np.ndarray) -> np.ndarray:
+    """Exact p-values of any rows with the same ``m`` and ``n`` (pairs of several concepts at once).
+
+    A row's p-value depends only on its own values, deficit and sum length (:func:`_program`), so
+    rows of every concept of a size share programs: batches by memory (:func:`_batches`), each cut
+    by deficit (:func:`_parts`).
+    """
+    out = np.ones(len(vs))
+    out[d_obs < 0] = 0.0  # cannot happen for a real observation; kept for safety
+    for rows in _batches(d_obs, m):
         for part in _parts(d_obs[rows], m):
             sub = rows[part]
-            out[sub] = _program(vs[sub], d_obs[sub], int(window[sub].max()), m, n, length)
-        i = j
+            out[sub] = _program(vs[sub], d_obs[sub], int(window[sub].max()), m, n, length[sub])
     return out
 
 
@@ -215,7 +242,8 @@ def _first_sources(vs: np.ndarray, d_obs: np.ndarray, window: int, m: int, n: in
     return np.maximum(first - 1, 0)
 
 
-def _program(vs: np.ndarray, d_obs: np.ndarray, window: int, m: int, n: int, length: int | None = None) -> np.ndarray:
+def _program(vs: np.ndarray, d_obs: np.ndarray, window: int, m: int, n: int,
+             length: np.ndarray | None = None) -> np.ndarray:
     """The deficit program for one batch (rows share ``m`` and ``n``).
 
     ``P[b, j, d]``: probability that ``j`` of the positions walked so far are chosen, with total
@@ -234,10 +262,10 @@ def _program(vs: np.ndarray, d_obs: np.ndarray, window: int, m: int, n: int, len
     a state that can reach the end is only ever fed by states that can, so the ones left stale
     are never read into the answer.  ``P[m] * skip[m]`` is not formed: ``skip[m] = 1`` exactly.
 
-    The answer sums ``P[m, d]`` over ``d <= d_obs`` in a row of zeros beyond, of ``length``
-    (default ``D``, the largest deficit + 1; :func:`_batched` gives its batch's), as numpy's
-    pairwise sum does it for that length: the p-value of a row depends on the length of that
-    sum (the pairwise grouping), never on the other rows.
+    The answer sums ``P[m, d]`` over ``d <= d_obs`` in a row of zeros beyond, of each row's
+    ``length`` (default ``D``, the largest deficit + 1; see :func:`_sum_lengths`), as numpy's
+    pairwise sum does it for that length: the p-value of a row depends on its own values,
+    deficit and length, never on the other rows of the program.
     """
     B = len(vs)
     D = int(d_obs.max()) + 1
@@ -264,11 +292,16 @@ def _program(vs: np.ndarray, d_obs: np.ndarray, window: int, m: int, n: int, len
         moved *= pick[None, :, None]
         body[:, lo : hi + 1, :] *= (1.0 - pick)[None, :, None]
         body[:, lo + 1 : hi + 2, :] += moved
-    length = D if length is None else int(length)
-    mass = np.zeros((B, length))
-    mass[:, :D] = body[:, m, :]
-    grid = np.arange(length)
-    return np.where(grid[None, :] <= d_obs[:, None], mass, 0.0).sum(axis=1)
+    length = np.full(B, D) if length is None else np.asarray(length)
+    out = np.empty(B)
+    for size in np.unique(length):
+        rows = np.flatnonzero(length == size)
+        mass = np.zeros((len(rows), int(size)))
+        upto = min(D, int(size))                            # beyond a row's own deficit: zeros either way
+        mass[:, :upto] = body[rows, m, :upto]
+        grid = np.arange(int(size))
+        out[rows] = np.where(grid[None, :] <= d_obs[rows, None], mass, 0.0).sum(axis=1)
+    return out
 
 
 def exact_p(
@@ -324,6 +357,7 @@ def exact_p(
     at = np.zeros(G, dtype=np.intp)
     at[some] = np.arange(len(some))
     v = doubled_ranks(ranks[some])
+    todo: dict[int, list[tuple]] = {}                   # concept size -> the pairs of each concept of that size
     for c in np.flatnonzero(sel.any(axis=0)):
         m = int(n_c[c])
         if m <= 0 or m >= n:
@@ -335,8 +369,14 @@ def exact_p(
         cost = window.astype(np.float64) * (m + 1) * (np.maximum(d_obs, 0) + 1)  # as program_cost
         fits = cost <= budget
         over[rows[~fits], c] = True
-        if not fits.any():
-            continue
-        p[rows[fits], c] = _batched(vs[fits], d_obs[fits], window[fits], m, n)
-        exact[rows[fits], c] = True
+        if fits.any():
+            d = d_obs[fits]
+            todo.setdefault(m, []).append((rows[fits], c, vs[fits], d, window[fits], _sum_lengths(d, m)))
+    for m, parts in todo.items():  # the concepts of one size share programs
+        got = _run(np.concatenate([t[2] for t in parts]), np.concatenate([t[3] for t in parts]),
+                   np.concatenate([t[4] for t in parts]), m, n, np.concatenate([t[5] for t in parts]))
+        at_part = np.cumsum([0] + [len(t[0]) for t in parts])
+        for (rows, c, *_), lo, hi in zip(parts, at_part[:-1], at_part[1:]):
+            p[rows, c] = got[lo:hi]
+            exact[rows, c] = True
     return p, exact, over
