@@ -301,13 +301,17 @@ def _block(x: np.ndarray, design: Design, *, transform: str, criterion: bool, k:
     """Every statistic of one block ``x[units, stimuli]``."""
     G = x.shape[0]
     dead = dead_units(x)
-    x = np.where(np.isfinite(x), x, 0.0).astype(np.float32, copy=False)
+    finite = np.isfinite(x)
+    if not finite.all():
+        x = np.where(finite, x, np.float32(0.0))
+    del finite
     x64 = x.astype(np.float64)
-    r = nonneg(x64, transform)
+    least = x64.min(axis=1, keepdims=True)
+    r = x64 - least if transform == "shift" else nonneg(x64, transform)  # nonneg's shift, its minimum once
     out: dict[str, np.ndarray] = {"dead": dead, "_r": r}
     out["means"] = class_means(x64, design.all.onehot)
     if transform == "shift":  # the transform is a per-unit offset: shift the class means, no second product
-        means_pos = out["means"] - x64.min(axis=1, keepdims=True)
+        means_pos = out["means"] - least
     else:
         means_pos = class_means(r, design.all.onehot)
     out["si"] = selectivity_index(means_pos)
