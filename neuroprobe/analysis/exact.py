@@ -193,7 +193,7 @@ def _parts(d: np.ndarray, m: int, lo: int = 0, hi: int | None = None) -> list[sl
     ``rows before the cut x (largest deficit - the deficit before the cut)`` times the states,
     as long as the saving pays for another pass of numpy calls; then each side likewise.  The
     p-values do not depend on the cut: a row's states up to its own deficit are the same in any
-    program, and :func:`_program` sums them over the batch's length.
+    program, and :func:`_program` sums them over the row's own length (:func:`_sum_lengths`).
     """
     hi = len(d) if hi is None else hi
     if hi - lo < 2:
@@ -274,7 +274,7 @@ def _program(vs: np.ndarray, d_obs: np.ndarray, window: int, m: int, n: int,
     body = P[:, :, D:]                                      # deficits 0..D-1; P[:, :, :D] stays 0
     shifted = np.lib.stride_tricks.sliding_window_view(P, D, axis=2)  # [B, m + 1, D + 1, D]: P[b, j, s:s + D]
     j = np.arange(m)
-    rows = np.arange(B)[:, None]
+    each = np.arange(B)[:, None]
     # the (j+1)-th largest value is the reference of the (j+1)-th choice: choosing position i costs
     # inc = ref - v_i, read from the window starting at D - inc (0 for inc >= D: all zeros)
     start_at = D - vs[:, :m]
@@ -288,7 +288,7 @@ def _program(vs: np.ndarray, d_obs: np.ndarray, window: int, m: int, n: int,
         at = start_at[:, lo : hi + 1] + vs[:, i : i + 1]    # D - inc, [B, J]
         np.maximum(at, 0, out=at)
         np.minimum(at, D, out=at)
-        moved = shifted[rows, j[None, lo : hi + 1], at]     # [B, J, D] = P[b, j, d - inc]
+        moved = shifted[each, j[None, lo : hi + 1], at]     # [B, J, D] = P[b, j, d - inc]
         moved *= pick[None, :, None]
         body[:, lo : hi + 1, :] *= (1.0 - pick)[None, :, None]
         body[:, lo + 1 : hi + 2, :] += moved
