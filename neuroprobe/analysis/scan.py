@@ -257,8 +257,10 @@ def scan(
                              margin=cut, budget=budget)
                 live = ~blk["dead"]
                 r = blk.pop("_r")
-                s1 += r[live].sum(0)
-                s2 += (r[live] ** 2).sum(0)
+                if not live.all():
+                    r = r[live]
+                s1 += r.sum(0)
+                s2 += np.square(r, out=r).sum(0)                # r is not used again: squared in place
                 n_live += int(live.sum())
                 blk["unit"] = np.arange(lo, hi)
                 for name, v in blk.items():

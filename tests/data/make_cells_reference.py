@@ -5,7 +5,8 @@ main ``bd2d012``, before the single-core speed-up of issue 23 item 4):
 
     PYTHONPATH=. python tests/data/make_cells_reference.py tests/data/cells_reference
 
-Every case is a recording and a call (``concept_cells`` with some options, or ``unit_indices``).
+Every case is a recording and a call (``concept_cells`` with some options, ``unit_indices`` or
+``population_sparseness``).
 The recordings are built by :func:`build` here and again by the test:
 
 * ``mixed``: synthetic (:mod:`neuroprobe.analysis.synthetic`), values from integer hashing (the same
@@ -163,6 +164,7 @@ CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "mixed-labels": ("mixed", "concept_cells", dict(labels="shuffled", n_perm=200)),
     "mixed-jobs": ("mixed", "concept_cells", dict(jobs=2, read_bytes=4096, block_units=16, n_perm=0)),
     "mixed-indices": ("mixed", "unit_indices", dict(block_units=40)),
+    "mixed-population": ("mixed", "population_sparseness", dict()),
     "heavy-default": ("heavy", "concept_cells", dict()),
     "planted-default": ("planted", "concept_cells", dict(n_perm=200)),
     "organism-default": ("organism", "concept_cells", dict()),
@@ -184,7 +186,7 @@ def digest(path: Path) -> str:
 
 def run(case: str, path: Path) -> pd.DataFrame:
     """The table of ``case`` on its recording ``path``, by the code on ``sys.path``."""
-    from neuroprobe.analysis import concept_cells, unit_indices
+    from neuroprobe.analysis import concept_cells, population_sparseness, unit_indices
 
     _, call, options = CASES[case]
     options = dict(options)
@@ -192,6 +194,8 @@ def run(case: str, path: Path) -> pd.DataFrame:
         options["labels"] = np.asarray(shuffled_labels(path), dtype=object)
     if call == "unit_indices":
         return unit_indices(path, **options)
+    if call == "population_sparseness":
+        return population_sparseness(path, **options)
     return concept_cells(path, **options)
 
 
