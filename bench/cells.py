@@ -380,7 +380,8 @@ def compare(args: argparse.Namespace) -> None:
     summary = dict(date=dt.date.today().isoformat(), machine=f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
                    python=platform.python_version(), numpy=np.__version__, ref=ref_rev,
                    head=head + (" + uncommitted changes" if dirty else ""), rounds=args.rounds, rows=rows,
-                   uptime=os.popen("uptime").read().strip(), nice=os.nice(0))
+                   uptime=os.popen("uptime").read().strip(), nice=os.nice(0),
+                   command="python bench/cells.py " + " ".join(sys.argv[1:]))
     if args.write:
         write_compare_results(summary)
 
@@ -400,7 +401,7 @@ Run {s['date']} on {s['machine']}, niceness {s['nice']}; Python {s['python']}, n
 `concept_cells(recording)` with its defaults (exact p-values, 1000 invariance permutations), one BLAS
 thread, each run in a fresh process; before = main `{s['ref']}`, after = `{s['head']}`; {s['rounds']} rounds,
 alternating which side runs first; medians of the CPU time of the call. The tables of both sides were equal,
-every column exactly.
+every column exactly. Command: `{s['command']}`.
 
 | recording | units | exact p (screening) | cells | CPU before | CPU after | units / CPU-s before | after | ratio |
 | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
