@@ -19,16 +19,31 @@ Reports wall and CPU time, units/s, peak traced heap (tracemalloc) and peak RSS
 growth (psutil, sampled every 10 ms), and extrapolates a partial phase to all units.
 Results are appended to bench/RESULTS.md with ``--write``.
 
+``--compare REF`` measures instead this checkout's ``concept_cells`` against an older one side
+by side: ``REF`` is a folder holding a checkout, or a commit (checked out for the run with
+``git worktree add --detach`` and removed after).  On the synthetic recording above (one site by
+default there, ``--cell-sites``) and, with ``--organism FILE``, on the quick start's organism
+recording (recorded first if the file does not exist) and any ``--recording FILE``, each round runs
+``concept_cells`` once per
+side, each in a fresh process (``PYTHONPATH`` = the checkout, one BLAS thread), alternating which
+side goes first; a process reports the CPU time of the call.  The tables of both sides must be
+equal (every column, exactly).  Medians over ``--rounds`` rounds give units per CPU-second and
+their ratio (``--write``: a section of bench/RESULTS.md).
+
     python bench/cells.py --write            # 10 sites x 10k units x 10k stimuli (4 GB on disk)
     python bench/cells.py --units 500 --sites 2 --per-concept 40   # a quick smoke run
+    nice python bench/cells.py --compare bd2d012 --sites 1 --units 2000 --organism /tmp/organism.h5 --write
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tracemalloc
@@ -158,8 +173,19 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path("/tmp/neuroprobe-bench"))
     ap.add_argument("--keep", action="store_true", help="keep the recording")
     ap.add_argument("--write", action="store_true", help="append the results to bench/RESULTS.md")
+    ap.add_argument("--compare", default=None, metavar="REF",
+                    help="concept_cells of this checkout against REF (a folder or a git commit), side by side")
+    ap.add_argument("--organism", type=Path, default=None, help="with --compare: also the organism's recording")
+    ap.add_argument("--recording", type=Path, action="append", default=[],
+                    help="with --compare: also this recording (repeatable)")
+    ap.add_argument("--rounds", type=int, default=3, help="with --compare: rounds (one process per side each)")
+    ap.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)  # RECORDING TABLE: one measured run
     args = ap.parse_args()
     warnings.simplefilter("ignore")
+    if args.child:
+        return child(Path(args.child[0]), Path(args.child[1]))
+    if args.compare:
+        return compare(args)
 
     st = make_stimuli(args.concepts, args.per_concept, forms=FORMS)
     n, total = len(st), args.sites * args.units
@@ -240,6 +266,159 @@ def main() -> None:
         write_results(summary)
     if not args.keep:
         path.unlink()
+
+
+def child(recording: Path, table: Path) -> None:
+    """One measured ``concept_cells`` in this fresh process (``--child``): CPU seconds and the table."""
+    import neuroprobe
+
+    t, c = time.perf_counter(), time.process_time()
+    cells = concept_cells(recording)
+    cpu, wall = time.process_time() - c, time.perf_counter() - t
+    frame = cells.copy()
+    frame.attrs = {}
+    frame.to_parquet(table, index=False)
+    print(json.dumps(dict(cpu=cpu, wall=wall, units=len(cells), cells=int(cells["is_cell"].sum()),
+                          n_exact=int(cells.attrs.get("n_exact", 0)), package=neuroprobe.__file__)))
+
+
+def checkout(ref: str, tmp: Path) -> tuple[Path, str, bool]:
+    """A folder with the code of ``ref`` (a folder, or a commit checked out as a detached worktree)."""
+    if Path(ref).is_dir():
+        root = Path(ref).resolve()
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True).stdout.strip() or str(root)
+        return root, rev, False
+    root = tmp / "reference"
+    subprocess.run(["git", "worktree", "add", "--detach", str(root), ref], check=True, capture_output=True,
+                   cwd=Path(__file__).resolve().parent)
+    rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True).stdout.strip()
+    return root, rev, True
+
+
+def run_side(root: Path, recording: Path, table: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(root), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
+               MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(recording), str(table)],
+                         env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"the run with {root} failed:\n{out.stderr[-3000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if not Path(result["package"]).resolve().is_relative_to(root):
+        raise SystemExit(f"the run meant for {root} imported {result['package']}")
+    return result
+
+
+def compare(args: argparse.Namespace) -> None:
+    """``--compare``: this checkout against a reference checkout, side by side (see the module docstring)."""
+    here = Path(__file__).resolve().parents[1]
+    args.dir.mkdir(parents=True, exist_ok=True)
+    recordings: dict[str, tuple[str, Path]] = {}  # label -> (description, file)
+    if args.cell_sites and args.units:
+        st = make_stimuli(args.concepts, args.per_concept, forms=FORMS)
+        sites = [f"layer{s:02d}" for s in range(args.cell_sites)]
+        path = args.dir / "compare.h5"
+        write_recording(path, st, {s: args.units for s in sites}, rows=generator(st, len(sites), args.units, 0),
+                        batch_size=32)
+        recordings["synthetic"] = (f"synthetic (`bench/cells.py` generator): {len(sites)} site(s) x {args.units:,} "
+                                   f"units, {len(st):,} stimuli ({args.concepts} concepts x {args.per_concept}, "
+                                   f"5 forms)", path)
+    if args.organism is not None:
+        if not args.organism.exists():
+            import neuroprobe as npb
+
+            npb.record(npb.load_subject("organism", device="cpu"), npb.load_battery("digits"), args.organism,
+                       montage="all", quiet=True).close()
+        recordings["organism"] = ("organism, digits battery, every site (the quick start's recording)", args.organism)
+    for path in args.recording:
+        from neuroprobe.recording.reader import open_recording
+
+        with open_recording(path) as rec:
+            recordings[path.name] = (f"`{path.name}`: {rec.attrs.get('subject')} ({rec.attrs.get('init')}), "
+                                     f"{rec.attrs.get('battery')} battery, {len(rec.site_names)} sites", path)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        tmp = Path(tmp)
+        ref_root, ref_rev, made = checkout(args.compare, tmp)
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", str(here), "status", "--porcelain", "neuroprobe"],
+                                    capture_output=True, text=True).stdout.strip())
+        sides = {"before": ref_root, "after": here}
+        try:
+            for name, (description, rec) in recordings.items():
+                cpu: dict[str, list[float]] = {"before": [], "after": []}
+                wall: dict[str, list[float]] = {"before": [], "after": []}
+                info: dict[str, dict] = {}
+                for r in range(args.rounds):
+                    order = ["before", "after"] if r % 2 == 0 else ["after", "before"]
+                    for side in order:
+                        res = run_side(sides[side], rec, tmp / f"{side}.parquet")
+                        cpu[side].append(res["cpu"])
+                        wall[side].append(res["wall"])
+                        info[side] = res
+                    if r == 0:  # the same table, every column, exactly
+                        pd.testing.assert_frame_equal(pd.read_parquet(tmp / "after.parquet"),
+                                                      pd.read_parquet(tmp / "before.parquet"), check_exact=True)
+                    print(f"{name}: round {r + 1}: CPU s before {cpu['before'][-1]:.2f}, after {cpu['after'][-1]:.2f}",
+                          flush=True)
+                units = info["after"]["units"]
+                med = {side: float(np.median(v)) for side, v in cpu.items()}
+                rows.append(dict(label=name, recording=description, units=units, cells=info["after"]["cells"],
+                                 n_exact=info["after"]["n_exact"], cpu_before=med["before"], cpu_after=med["after"],
+                                 wall_before=float(np.median(wall["before"])), wall_after=float(np.median(wall["after"])),
+                                 ups_before=units / med["before"], ups_after=units / med["after"],
+                                 ratio=med["before"] / med["after"], all_before=cpu["before"], all_after=cpu["after"]))
+                print(f"{name}: {units:,} units, median CPU {med['before']:.2f} s -> {med['after']:.2f} s: "
+                      f"{units / med['before']:,.0f} -> {units / med['after']:,.0f} units per CPU-second "
+                      f"({med['before'] / med['after']:.2f}x); tables equal", flush=True)
+        finally:
+            if made:
+                subprocess.run(["git", "worktree", "remove", "--force", str(ref_root)], capture_output=True,
+                               cwd=Path(__file__).resolve().parent)
+    summary = dict(date=dt.date.today().isoformat(), machine=f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
+                   python=platform.python_version(), numpy=np.__version__, ref=ref_rev,
+                   head=head + (" + uncommitted changes" if dirty else ""), rounds=args.rounds, rows=rows,
+                   uptime=os.popen("uptime").read().strip(), nice=os.nice(0),
+                   command="python bench/cells.py " + " ".join(sys.argv[1:]))
+    if args.write:
+        write_compare_results(summary)
+
+
+def write_compare_results(s: dict) -> None:
+    out = Path(__file__).with_name("RESULTS.md")
+    text = out.read_text()
+    head = "## Concept cells on one core, before and after (`bench/cells.py --compare`)"
+    lines = [f"| {r['recording']} | {r['units']:,} | {r['n_exact']:,} | {r['cells']} | {r['cpu_before']:.2f} s | "
+             f"{r['cpu_after']:.2f} s | {r['ups_before']:,.0f} | {r['ups_after']:,.0f} | **{r['ratio']:.2f}x** |"
+             for r in s["rows"]]
+    every = "; ".join(f"{r['label']}: before " + ", ".join(f"{v:.2f}" for v in r["all_before"])
+                      + ", after " + ", ".join(f"{v:.2f}" for v in r["all_after"]) for r in s["rows"])
+    section = f"""{head}
+
+Run {s['date']} on {s['machine']}, niceness {s['nice']}; Python {s['python']}, numpy {s['numpy']}.
+`concept_cells(recording)` with its defaults (exact p-values, 1000 invariance permutations), one BLAS
+thread, each run in a fresh process; before = main `{s['ref']}`, after = `{s['head']}`; {s['rounds']} rounds,
+alternating which side runs first; medians of the CPU time of the call. The tables of both sides were equal,
+every column exactly. Command: `{s['command']}`.
+
+| recording | units | exact p (screening) | cells | CPU before | CPU after | units / CPU-s before | after | ratio |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
+{chr(10).join(lines)}
+
+CPU seconds of every run: {every}. `uptime` at the end: {s['uptime']}.
+
+"""
+    if head in text:
+        start = text.index(head)
+        nxt = text.find("\n## ", start + len(head))
+        text = text[:start] + section + (text[nxt + 1:] if nxt != -1 else "")
+    else:
+        first = text.find("\n## ")
+        text = text[: first + 1] + section + text[first + 1:] if first != -1 else text.rstrip() + "\n\n" + section
+    out.write_text(text)
+    print(f"wrote {out}")
 
 
 def write_results(s: dict) -> None:

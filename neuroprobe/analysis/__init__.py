@@ -24,8 +24,8 @@ _EXPORTS = {
     "load_cells": "neuroprobe.analysis.criterion",
     "save_cells": "neuroprobe.analysis.criterion",
     "summarize": "neuroprobe.analysis.criterion",
-    "population_sparseness": "neuroprobe.analysis.indices",
-    "unit_indices": "neuroprobe.analysis.indices",
+    "population_sparseness": "neuroprobe.analysis.descriptive",
+    "unit_indices": "neuroprobe.analysis.descriptive",
     "decode_concepts": "neuroprobe.analysis.population",
     "rdm": "neuroprobe.analysis.population",
 }

@@ -60,12 +60,15 @@ import numpy as np
 import pandas as pd
 from scipy.stats import false_discovery_control
 
-from neuroprobe.analysis.scan import ScanResult, as_recording, scan
+from neuroprobe.analysis.exact import smallest_p
+from neuroprobe.analysis.indices import perfect_p_asymptotic
+from neuroprobe.analysis.parallel import run_scan
+from neuroprobe.analysis.scan import ScanResult, as_recording
+from neuroprobe.analysis.thresholds import FAMILIES, exact_cutoff, largest_threshold  # noqa: F401 (re-exported)
 from neuroprobe.errors import NeuroprobeError
 from neuroprobe.recording.reader import Recording
 
 METHODS = ("bh", "by")
-FAMILIES = ("units", "pairs")
 
 
 def fdr_qvalues(p: np.ndarray, method: str = "bh") -> np.ndarray:
@@ -212,9 +215,9 @@ def concept_cells(
     if family not in FAMILIES:
         raise NeuroprobeError(f"FDR family {family!r} is not one of {', '.join(FAMILIES)}.")
     recording = as_recording(rec)
-    res = scan(recording, sites=sites, transform=transform, criterion=True, k=k, alpha=alpha, n_perm=n_perm,
-               seed=seed, labels=labels, quiet=quiet, read_bytes=read_bytes, block_units=block_units, exact=exact,
-               fdr=fdr, family=family, jobs=jobs)
+    res = run_scan(recording, sites=sites, transform=transform, criterion=True, k=k, alpha=alpha, n_perm=n_perm,
+                   seed=seed, labels=labels, quiet=quiet, read_bytes=read_bytes, block_units=block_units, exact=exact,
+                   fdr=fdr, family=family, jobs=jobs)
     df = apply_criterion(res, fdr=fdr, method=method, alpha=alpha, family=family)
     pairs = res.pairs
     p_scr = pairs.get("p_scr", np.zeros((0, 0)))
@@ -251,59 +254,6 @@ def first_threshold(n_units: int, n_concepts: int, fdr: float = 0.05, method: st
     return fdr / M / (_harmonic(M) if method == "by" else 1.0)
 
 
-def largest_threshold(fdr: float, n_tests: int, family: str = "units") -> float:
-    """The largest screening p-value at which a unit x concept test can ever be significant.
-
-    ``pairs``: BH's last step, when every test of the recording is significant: ``fdr``.
-    ``units``: a unit is selected only when ``C min_c p <= fdr`` (BH over units never allows
-    more) and a concept is significant only when ``C p <= fdr R / M <= fdr``: ``fdr / C``, with
-    ``C = n_tests`` the unit's concept tests.  BY only divides these by a harmonic number, so
-    the bound holds for both methods.  With two concepts it is 0.025 (``units``) and 0.05
-    (``pairs``) at ``fdr = 0.05``.
-
-    Parameters
-    ----------
-    fdr
-        FDR level.
-    n_tests
-        Concept tests of a unit (concepts with stimuli both in and outside the concept).
-    family
-        ``units`` or ``pairs``.
-    """
-    if family not in FAMILIES:
-        raise NeuroprobeError(f"FDR family {family!r} is not one of {', '.join(FAMILIES)}.")
-    return float(fdr) if family == "pairs" or n_tests < 1 else float(fdr) / int(n_tests)
-
-
-def exact_cutoff(fdr: float, n_tests: int, family: str = "units") -> float:
-    """The asymptotic p at or below which a screening pair gets its exact p-value.
-
-    The rule: ``max(largest_threshold(fdr, n_tests, family), EXACT_MARGIN)``.
-
-    * It reaches :func:`largest_threshold`, the largest threshold any step of the family can
-      apply: every pair whose normal-approximation p could be declared significant is tested
-      on its exact p (which can be far larger: a mostly silent unit with asymptotic p 0.015
-      has exact p 0.035), so no pair is significant on the approximation alone.  A pair above
-      the cut-off keeps an asymptotic p above every threshold: it is never significant.
-    * :data:`~neuroprobe.analysis.exact.EXACT_MARGIN` (0.01) is a floor: it keeps the p-values
-      of earlier releases (exact at or below 0.01) identical, and it gives exact p-values to
-      pairs the approximation makes *less* significant than they are (heavily tied units: exact
-      0.012 with asymptotic 0.073 in a random search of small batteries).  The guarantee above
-      does not need the floor.  Lowering it (down to the bound itself) skips only pairs that
-      cannot be significant on their asymptotic p, and changes their ``p``, ``p_test`` and
-      ``concept``; a verdict changes only where that asymptotic p is larger than the exact one:
-      a discovery lost, never a false one gained.
-
-    Parameters
-    ----------
-    fdr, n_tests, family
-        As for :func:`largest_threshold`.
-    """
-    from neuroprobe.analysis.exact import EXACT_MARGIN
-
-    return max(largest_threshold(fdr, n_tests, family), EXACT_MARGIN)
-
-
 def smallest_attainable_p(n: int, m: int, exact: bool = True) -> float:
     """A perfectly selective unit's p-value (``m`` concept stimuli above ``n - m`` others).
 
@@ -311,9 +261,6 @@ def smallest_attainable_p(n: int, m: int, exact: bool = True) -> float:
     normal approximation for untied responses (what ``exact=False`` uses; see
     :func:`~neuroprobe.analysis.indices.perfect_p_asymptotic`).
     """
-    from neuroprobe.analysis.exact import smallest_p
-    from neuroprobe.analysis.indices import perfect_p_asymptotic
-
     return smallest_p(n, m) if exact else perfect_p_asymptotic(n, m)
 
 

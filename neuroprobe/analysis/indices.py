@@ -1,8 +1,10 @@
 """Per-unit indices, vectorised over a block of units.
 
 Every function takes responses as ``x[units, stimuli]`` (one row per unit) and
-works on all units of the block at once; no Python loop over units.  The public
-driver :func:`unit_indices` streams every site of a recording through them.
+works on all units of the block at once; no Python loop over units.  These are the
+numeric kernels under the scan (:mod:`neuroprobe.analysis.scan`); the public drivers
+:func:`~neuroprobe.analysis.descriptive.unit_indices` and
+:func:`~neuroprobe.analysis.descriptive.population_sparseness` stream a recording through them.
 
 Signed activations
 ------------------
@@ -39,16 +41,12 @@ out of every statistic and every multiple-comparison family.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
-import pandas as pd
 from scipy.special import ndtr
-
-if TYPE_CHECKING:
-    from neuroprobe.recording.reader import Recording
 
 TRANSFORMS = ("shift", "clip")
 
@@ -94,8 +92,10 @@ def group_stats(x: np.ndarray, onehot: np.ndarray) -> GroupStats:
     n_b = n - n_c
     m = x.mean(axis=1, keepdims=True) if n else np.zeros((x.shape[0], 1))
     y = x - m
-    s_c, q_c = y @ onehot, (y * y) @ onehot
-    s, q = y.sum(1, keepdims=True), (y * y).sum(1, keepdims=True)
+    y2 = y * y
+    s_c, q_c = y @ onehot, y2 @ onehot
+    s, q = y.sum(1, keepdims=True), y2.sum(1, keepdims=True)
+    del y, y2
     s_b, q_b = s - s_c, q - q_c
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_c = s_c / n_c + m
@@ -110,25 +110,30 @@ def group_stats(x: np.ndarray, onehot: np.ndarray) -> GroupStats:
     return GroupStats(n_c, n_b, mean_c, var_c, mean_b, var_b)
 
 
-def constant_baselines(x: np.ndarray, groups: Sequence[np.ndarray], st: GroupStats) -> GroupStats:
+def constant_baselines(x: np.ndarray, groups: Sequence[np.ndarray], st: GroupStats,
+                       extremes: tuple[np.ndarray, np.ndarray] | None = None) -> GroupStats:
     """``st`` with the baseline of every (unit, concept) whose baseline is exactly constant made exact.
 
     A baseline (every stimulus of the subset outside the concept) whose responses are all equal
     has variance exactly 0 and mean exactly that value; sums of squares would leave it a few
     ulps off (a mean of -1e-17 for a silent unit, so that a median of 0 would sit "infinitely
     many SDs" above it).  Constancy is decided on the exact values (min == max), not on a
-    tolerance.  Non-constant baselines are left as they are.
+    tolerance.  Non-constant baselines are left as they are.  ``extremes``: each group's least
+    and largest response (``[G, C]``, as :func:`group_order_stats` gives them), if known.
     """
     G, C = st.mean_b.shape
     if G == 0 or C == 0:
         return st
-    gmin = np.full((G, C), np.inf)
-    gmax = np.full((G, C), -np.inf)
-    for c, idx in enumerate(groups):
-        if len(idx):
-            xc = x[:, idx]
-            gmin[:, c] = xc.min(axis=1)
-            gmax[:, c] = xc.max(axis=1)
+    if extremes is not None:
+        gmin, gmax = extremes
+    else:
+        gmin = np.full((G, C), np.inf)
+        gmax = np.full((G, C), -np.inf)
+        for c, idx in enumerate(groups):
+            if len(idx):
+                xc = x[:, idx]
+                gmin[:, c] = xc.min(axis=1)
+                gmax[:, c] = xc.max(axis=1)
     bmin, bmax = _excluding(gmin, np.minimum, np.inf), _excluding(gmax, np.maximum, -np.inf)
     const = (bmin == bmax) & np.isfinite(bmin)
     mean_b = np.where(const, bmin, st.mean_b)
@@ -169,6 +174,58 @@ def group_medians(x: np.ndarray, groups: Sequence[np.ndarray]) -> np.ndarray:
         cols = np.concatenate([groups[c] for c in cs])
         out[:, cs] = np.median(x[:, cols].reshape(x.shape[0], len(cs), int(size)), axis=2)
     return out
+
+
+def group_order_stats(x: np.ndarray, groups: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Median, least and largest response of each unit to each group: three ``[G, C]`` float64 arrays.
+
+    The same numbers as :func:`group_medians` and ``min`` / ``max`` of ``x`` as float64 (NaN,
+    ``+inf``, ``-inf`` for an empty group).  For float32 rows without NaN or -0.0 (the
+    responses) one sort per row does it: the 64-bit keys ``group << 32 | order key of the value``
+    (:func:`_float32_keys`) put each group's values in order at fixed positions, the least first,
+    the middle one(s) at its centre; the median is the middle value, or the mean ``(a + b) / 2``
+    of the two middle ones in float64, as ``np.median`` computes it.  Other rows go through
+    ``np.median``, ``min`` and ``max`` (with -0.0 next to 0.0, which one a partition returns is
+    its own business).
+    """
+    G, n = x.shape
+    C = len(groups)
+    med = np.full((G, C), np.nan)
+    gmin = np.full((G, C), np.inf)
+    gmax = np.full((G, C), -np.inf)
+    sizes = np.array([len(g) for g in groups], dtype=np.int64)
+    if G == 0 or C == 0 or not sizes.any():
+        return med, gmin, gmax
+    keys = _float32_keys(x) if x.dtype == np.float32 else None
+    slow = np.ones(G, dtype=bool) if keys is None else (x.view(np.int32) == np.int32(-(2**31))).any(axis=1)
+    fast = np.flatnonzero(~slow)
+    if len(fast):
+        label = np.full(n, C, dtype=np.uint64)          # columns in no group sort last
+        for c, idx in enumerate(groups):
+            label[idx] = c
+        words = keys[fast].astype(np.uint64)
+        words |= label << np.uint64(32)
+        words.sort(axis=1)
+        start = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        has = np.flatnonzero(sizes > 0)
+        s, z = start[has], sizes[has]
+        value = _float32_values(words[:, np.concatenate([s, s + z - 1, s + (z - 1) // 2, s + z // 2])].astype(np.uint32))
+        k = len(has)
+        least, most, a, b = value[:, :k], value[:, k : 2 * k], value[:, 2 * k : 3 * k], value[:, 3 * k :]
+        ok = ~(np.isnan(least).any(axis=1) | np.isnan(most).any(axis=1))  # a NaN sorts first or last in its group
+        slow[fast[~ok]] = True
+        done = np.ix_(fast[ok], has)
+        gmin[done], gmax[done] = least[ok], most[ok]
+        med[done] = np.where(z % 2 == 1, a[ok], (a[ok] + b[ok]) / 2.0)
+    rows = np.flatnonzero(slow)
+    if len(rows):
+        x64 = np.asarray(x[rows], dtype=np.float64)
+        med[rows] = group_medians(x64, groups)
+        for c, idx in enumerate(groups):
+            if len(idx):
+                gmin[rows, c] = x64[:, idx].min(axis=1)
+                gmax[rows, c] = x64[:, idx].max(axis=1)
+    return med, gmin, gmax
 
 
 def d_prime(st: GroupStats) -> np.ndarray:
@@ -217,9 +274,10 @@ def kurtosis(x: np.ndarray) -> np.ndarray:
     """Excess kurtosis of each row (Fisher, biased), like ``scipy.stats.kurtosis(x, axis=1)``."""
     x = np.asarray(x, dtype=np.float64)
     y = x - x.mean(axis=1, keepdims=True)
-    y2 = y * y
-    m2 = y2.mean(axis=1)
-    m4 = (y2 * y2).mean(axis=1)
+    np.multiply(y, y, out=y)                            # y^2, in place
+    m2 = y.mean(axis=1)
+    np.multiply(y, y, out=y)                            # y^4 as (y^2)^2
+    m4 = y.mean(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return m4 / (m2 * m2) - 3.0
 
@@ -229,29 +287,88 @@ def midranks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mid-ranks of each row (1-based, ties averaged) and each row's tie term ``sum(t^3 - t)``.
 
     Equals ``scipy.stats.rankdata(x, axis=1)``; the tie term is what the Mann–Whitney
-    variance needs.  One argsort per block; the tie-free case skips the run bookkeeping.
+    variance needs.  Mid-ranks are unique (half-integers, exact in float64) and the tie term is a
+    sum of integers, so any correct sort gives the same arrays: float32 rows (the responses) are
+    sorted as 64-bit integer keys (:func:`_sorted_float32`, several times faster than an
+    argsort), anything else (or a row with NaN) by ``np.argsort``.  In sorted order an element's
+    mid-rank is its position + 1 unless it is in a run of equal values: only those runs (found
+    from the elements equal to their predecessor) get their mean position.
     """
     G, n = x.shape
     ranks = np.empty((G, n))
-    if n == 0:
+    if n == 0 or G == 0:
         return ranks, np.zeros(G)
-    order = np.argsort(x, axis=1)
-    xs = np.take_along_axis(x, order, axis=1)
-    new = np.empty((G, n), dtype=bool)
-    new[:, 0] = True
-    np.not_equal(xs[:, 1:], xs[:, :-1], out=new[:, 1:])
-    pos = np.arange(n)
-    if new.all():
-        np.put_along_axis(ranks, order, np.broadcast_to(pos + 1.0, (G, n)), axis=1)
-        return ranks, np.zeros(G)
-    start = np.maximum.accumulate(np.where(new, pos, 0), axis=1)
-    last = np.empty_like(new)
-    last[:, -1] = True
-    last[:, :-1] = new[:, 1:]
-    end = np.minimum.accumulate(np.where(last, pos, n - 1)[:, ::-1], axis=1)[:, ::-1]
-    t = (end - start + 1).astype(np.float64)
-    np.put_along_axis(ranks, order, (start + end) / 2.0 + 1.0, axis=1)
-    return ranks, (t * t - 1.0).sum(axis=1)
+    keyed = _sorted_float32(x)
+    if keyed is not None:
+        vals, flat = keyed
+    else:
+        order = np.argsort(x, axis=1)
+        vals = np.take_along_axis(x, order, axis=1)
+        flat = order + (np.arange(G) * n)[:, None]
+    out = ranks.reshape(-1)
+    out[flat] = np.arange(1.0, n + 1.0)                 # position in sorted order + 1 ...
+    tie = np.zeros(G)
+    dup = np.flatnonzero(vals[:, 1:] == vals[:, :-1])   # ... but for runs of ties: elements equal to the one before
+    if len(dup):
+        dup += dup // (n - 1) + 1                       # flat positions in sorted [G, n] (never first in a row)
+        cut = np.flatnonzero(np.diff(dup) != 1) + 1     # runs: consecutive duplicates
+        start = dup[np.concatenate([[0], cut])] - 1     # each run's first element
+        end = dup[np.concatenate([cut - 1, [len(dup) - 1]])]
+        size = end - start + 1
+        mid = (start % n) + (size + 1) / 2.0            # (first + last) / 2 + 1, positions 0-based
+        where = flat.reshape(-1)
+        out[where[start]] = mid
+        out[where[dup]] = np.repeat(mid, size - 1)
+        t = size.astype(np.float64)
+        tie = np.bincount(start // n, weights=t * t * t - t, minlength=G)
+    return ranks, tie
+
+
+#: Keys of a float32 sort: the least and the largest key of a non-NaN value (-inf and +inf).
+_KEY_LEAST, _KEY_MOST = 0x007FFFFF, 0xFF800000
+
+
+def _float32_keys(x: np.ndarray) -> np.ndarray:
+    """``uint32`` keys that sort as the float32 values do (-0.0 as +0.0, which it equals).
+
+    A float32's bits with the sign bit set for a positive number and every bit flipped for a
+    negative one sort as unsigned integers exactly as the floats do; a NaN's key falls outside
+    ``[_KEY_LEAST, _KEY_MOST]`` (the keys of -inf and +inf).
+    """
+    bits = (x + np.float32(0.0)).view(np.int32)        # -0.0 + 0.0 = +0.0
+    flip = bits >> 31                                   # -1 for a negative number, else 0
+    flip |= np.int32(-(2**31))
+    flip ^= bits
+    return flip.view(np.uint32)
+
+
+def _float32_values(keys: np.ndarray) -> np.ndarray:
+    """The float32 values of :func:`_float32_keys` keys, as float64."""
+    keys = np.asarray(keys, dtype=np.uint32)
+    bits = keys ^ np.where(keys >> np.uint32(31) == 1, np.uint32(2**31), np.uint32(2**32 - 1))
+    return bits.view(np.float32).astype(np.float64)
+
+
+def _sorted_float32(x: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Each float32 row sorted, as ``(order keys, flat indices)``, or ``None`` (not float32, NaN, too large).
+
+    The key of each value (:func:`_float32_keys`) goes in the high half of a 64-bit word and the
+    element's flat index in the low half, so one integer sort of each row (vectorised, no index
+    array to carry) gives the sorted order and, in the low halves, where each element came from.
+    """
+    G, n = x.shape
+    if x.dtype != np.float32 or G * n >= 2**32:
+        return None
+    words = np.empty((G, n), dtype=np.uint64)
+    halves = words.view(np.uint32).reshape(G, n, 2)
+    lo, hi = (0, 1) if sys.byteorder == "little" else (1, 0)
+    halves[..., hi] = _float32_keys(x)
+    halves[..., lo] = np.arange(G * n, dtype=np.uint32).reshape(G, n)
+    words.sort(axis=1)
+    key = halves[..., hi]
+    if (key[:, 0] < _KEY_LEAST).any() or (key[:, -1] > _KEY_MOST).any():  # a NaN sorts outside -inf..+inf
+        return None
+    return key, halves[..., lo].astype(np.intp)
 
 
 def rank_sum(ranks: np.ndarray, tie: np.ndarray, onehot: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -320,66 +437,3 @@ class _quiet_nan:
 
     def __exit__(self, *exc: object) -> None:
         self._w.__exit__(*exc)
-
-
-# ---------------------------------------------------------------- drivers
-def unit_indices(
-    rec: "Recording | str | Path",
-    *,
-    sites: Sequence[str] | None = None,
-    transform: str = "shift",
-    quiet: bool = True,
-    read_bytes: int | None = None,
-    block_units: int | None = None,
-    jobs: int = 1,
-) -> pd.DataFrame:
-    """The standard indices of every unit of every site, streamed from the recording.
-
-    Parameters
-    ----------
-    rec
-        A recording or its path.
-    sites
-        Sites to analyse (default: all, in recording order).
-    transform
-        Non-negative transform for selectivity and sparseness: ``shift`` or ``clip``.
-    quiet
-        No progress bar.
-    read_bytes, block_units
-        Memory knobs of the stream (see :mod:`neuroprobe.analysis.stream`).
-    jobs
-        Sites scanned in this many processes (0: one per core); same table as ``jobs=1``.
-
-    Returns
-    -------
-    DataFrame
-        One row per unit: ``site, unit, kind, n_stimuli, dead, transform``, the class
-        means ``mean:<concept>``, ``si, si_morcos, lifetime_sparseness, kurtosis`` (all the
-        site's stimuli), and ``pref_concept`` (largest mean on the screening split) with its
-        ``d_prime`` and ``auc`` measured on the testing split (selected on one split,
-        measured on the other).
-    """
-    from neuroprobe.analysis.scan import scan
-
-    return scan(rec, sites=sites, transform=transform, criterion=False, quiet=quiet, read_bytes=read_bytes,
-                block_units=block_units, jobs=jobs).table
-
-
-def population_sparseness(
-    rec: "Recording | str | Path",
-    *,
-    sites: Sequence[str] | None = None,
-    transform: str = "shift",
-    quiet: bool = True,
-) -> pd.DataFrame:
-    """Vinje–Gallant sparseness over the (live) units of each site, per stimulus.
-
-    Returns
-    -------
-    DataFrame
-        One row per site and stimulus: ``site, index, id, concept, form, modality, split,
-        n_units, population_sparseness``.
-    """
-    from neuroprobe.analysis.scan import scan
-
-    return scan(rec, sites=sites, transform=transform, criterion=False, quiet=quiet).population

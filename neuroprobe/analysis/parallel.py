@@ -1,5 +1,9 @@
 """Scan a recording's sites in parallel processes (``--jobs N``), giving the table of one process.
 
+This layer sits above the scan (it imports :mod:`neuroprobe.analysis.scan`, never the reverse):
+:func:`run_scan` is the one entry the analyses call, and it decides between one process
+(:func:`~neuroprobe.analysis.scan.scan`) and the pool (:func:`scan_sites`).
+
 Every per-unit statistic of :func:`neuroprobe.analysis.scan.scan` depends only on
 the unit's own site (the design is built from the site's valid rows; the
 label-shuffle null is seeded by subset, not by call order), and the
@@ -13,17 +17,17 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
+import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from neuroprobe.analysis.scan import ScanResult, checked_request, scan
 from neuroprobe.errors import NeuroprobeError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from neuroprobe.analysis.scan import ScanResult
+from neuroprobe.recording.reader import Recording
 
 
 def n_jobs(jobs: int | None) -> int:
@@ -42,14 +46,36 @@ def _context() -> mp.context.BaseContext:
     return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
 
 
-def _scan_one(path: str, site: str, options: dict[str, Any]) -> "ScanResult":
-    from neuroprobe.analysis.scan import scan
+def run_scan(rec: Recording | str | Path, *, sites: Sequence[str] | None = None, jobs: int = 1, quiet: bool = True,
+             transform: str = "shift", **options: Any) -> ScanResult:
+    """:func:`~neuroprobe.analysis.scan.scan` in this process, or its sites in ``jobs`` processes: the same result.
 
-    return scan(path, sites=[site], jobs=1, quiet=True, **options)
+    Parameters
+    ----------
+    rec
+        Recording or path.
+    sites
+        Sites (default all, montage order).
+    jobs
+        Worker processes (0: one per core); with one job or one site, this process.
+    quiet
+        No progress bar.
+    transform, **options
+        The other options of :func:`~neuroprobe.analysis.scan.scan`.
+    """
+    rec, names = checked_request(rec, sites, transform)
+    if n_jobs(jobs) > 1 and len(names) > 1:
+        return scan_sites(rec.path, names, n_jobs(jobs), quiet=quiet,
+                          unit_counts=[int(rec.responses(s).shape[1]) for s in names], transform=transform, **options)
+    return scan(rec, sites=names, quiet=quiet, transform=transform, **options)
+
+
+def _scan_one(path: str, site: str, options: dict[str, Any]) -> ScanResult:
+    return scan(path, sites=[site], quiet=True, **options)
 
 
 def scan_sites(path: str | Path, sites: Sequence[str], jobs: int, *, quiet: bool = True,
-               unit_counts: Sequence[int] | None = None, **options: Any) -> "ScanResult":
+               unit_counts: Sequence[int] | None = None, **options: Any) -> ScanResult:
     """Run :func:`~neuroprobe.analysis.scan.scan` over ``sites`` in ``jobs`` processes and join the results.
 
     Parameters
@@ -67,8 +93,6 @@ def scan_sites(path: str | Path, sites: Sequence[str], jobs: int, *, quiet: bool
     **options
         The other :func:`scan` options (transform, criterion, k, n_perm, seed, labels, ...).
     """
-    from neuroprobe.analysis.scan import ScanResult
-
     sites = list(sites)
     counts = list(unit_counts) if unit_counts is not None else [1] * len(sites)
     results: dict[int, ScanResult] = {}
@@ -78,8 +102,6 @@ def scan_sites(path: str | Path, sites: Sequence[str], jobs: int, *, quiet: bool
         with ProcessPoolExecutor(max_workers=min(jobs, len(sites)) or 1, mp_context=_context()) as pool:
             futures = {pool.submit(_scan_one, str(path), site, options): i for i, site in enumerate(sites)}
             pending = set(futures)
-            from concurrent.futures import FIRST_COMPLETED, wait
-
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:
@@ -105,8 +127,6 @@ def scan_sites(path: str | Path, sites: Sequence[str], jobs: int, *, quiet: bool
         mods += [m for m in r.modalities if m not in mods]
         for name, v in r.pairs.items():
             pairs.setdefault(name, []).append(v)
-    import numpy as np
-
     return ScanResult(
         table=pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(),
         population=pd.concat(pops, ignore_index=True) if pops else pd.DataFrame(),

@@ -12,6 +12,12 @@ Multiple-comparison corrections need every p-value of the recording, so they are
 applied afterwards by :func:`neuroprobe.analysis.criterion.concept_cells` on the
 ``[units, concepts]`` arrays kept here (memory: O(units x concepts), never
 O(units x stimuli)).
+
+Layers (each imports only the ones before it): the numeric kernels (``design``, ``stream``,
+``exact``, ``indices``, ``invariance``, ``thresholds``), this scan (one process), the pool
+(:mod:`neuroprobe.analysis.parallel`: sites in worker processes, and ``run_scan``, the one entry
+that picks one process or the pool), then the analyses (``criterion``, ``descriptive``,
+``controls``...).
 """
 from __future__ import annotations
 
@@ -26,11 +32,12 @@ from tqdm.auto import tqdm
 from neuroprobe.analysis.design import Design, Subset
 from neuroprobe.analysis.exact import EXACT_BUDGET, EXACT_MARGIN, exact_p
 from neuroprobe.analysis.indices import (
-    TRANSFORMS, auc_from_u, class_means, constant_baselines, d_prime, dead_units, group_medians, group_stats,
+    TRANSFORMS, auc_from_u, class_means, constant_baselines, d_prime, dead_units, group_order_stats, group_stats,
     kurtosis, lifetime_sparseness, midranks, morcos_si, nonneg, rank_sum, selectivity_index, sparseness_from_sums,
 )
 from neuroprobe.analysis.invariance import PermutationNull, invariance_block
 from neuroprobe.analysis.stream import DEFAULT_READ_BYTES, UnitStream
+from neuroprobe.analysis.thresholds import exact_cutoff
 from neuroprobe.errors import NeuroprobeError
 from neuroprobe.recording.reader import Recording, open_recording
 
@@ -71,6 +78,31 @@ def battery_concepts(stimuli: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(stimuli["concept"].astype(str)))
 
 
+def checked_request(rec: Recording | str | Path, sites: Sequence[str] | None,
+                    transform: str = "shift") -> tuple[Recording, list[str]]:
+    """The recording and the sites a scan will read, or the user's mistake in one sentence.
+
+    Parameters
+    ----------
+    rec
+        Recording or path.
+    sites
+        Sites asked for (``None``: every site, montage order).
+    transform
+        The non-negative transform asked for.
+    """
+    if transform not in TRANSFORMS:
+        raise NeuroprobeError(f"transform {transform!r} is not one of {', '.join(TRANSFORMS)}.")
+    rec = as_recording(rec)
+    if "concept" not in rec.stimuli:
+        raise NeuroprobeError(f"{rec.path} has no concept column in its stimuli table; record a battery with concepts.")
+    names = site_order(rec) if sites is None else list(sites)
+    for s in names:
+        if s not in rec.site_names:
+            raise NeuroprobeError(f"{rec.path} has no site {s!r}; it has {', '.join(rec.site_names[:8])}.")
+    return rec, names
+
+
 def _pick(a: np.ndarray, col: np.ndarray) -> np.ndarray:
     return np.take_along_axis(a, col[:, None], axis=1)[:, 0]
 
@@ -96,8 +128,10 @@ def concept_tests(x: np.ndarray, sub: Subset, k: float, medians: bool = True, ex
     """
     xs = x[:, sub.idx]
     x64 = xs.astype(np.float64)
-    st = constant_baselines(x64, sub.groups, group_stats(x64, sub.onehot))
-    med = group_medians(x64, sub.groups) if medians else np.full(st.mean_c.shape, np.nan)
+    med, gmin, gmax = group_order_stats(xs, sub.groups)  # one sort per row gives medians and extremes
+    st = constant_baselines(x64, sub.groups, group_stats(x64, sub.onehot), extremes=(gmin, gmax))
+    if not medians:
+        med = np.full(st.mean_c.shape, np.nan)
     sd_b = np.sqrt(st.var_b)
     ranks, tie = midranks(xs)
     U, p_asym = rank_sum(ranks, tie, sub.onehot)
@@ -138,14 +172,15 @@ def scan(
     quiet: bool = True,
     read_bytes: int | None = None,
     block_units: int | None = None,
-    jobs: int = 1,
     exact: bool = True,
     fdr: float = 0.05,
     family: str = "units",
     margin: float | None = None,
     budget: float = EXACT_BUDGET,
 ) -> ScanResult:
-    """Stream every unit of ``sites`` through the statistics (see module docstring).
+    """Stream every unit of ``sites`` through the statistics in this process (see module docstring).
+
+    :func:`neuroprobe.analysis.parallel.run_scan` takes the same options and ``jobs``.
 
     Parameters
     ----------
@@ -171,9 +206,6 @@ def scan(
         No progress bar.
     read_bytes, block_units
         Memory knobs.
-    jobs
-        Scan sites in this many processes (0: one per core); the result is the same
-        (see :mod:`neuroprobe.analysis.parallel`).
     exact
         Exact rank-sum p-values (conditional permutation null) where they can matter: screening
         pairs with an asymptotic p at or below the cut-off, and testing pairs that can be
@@ -184,34 +216,16 @@ def scan(
         pairs need exact p-values.
     margin
         The cut-off on screening pairs' asymptotic p; ``None`` (default): per site,
-        :func:`neuroprobe.analysis.criterion.exact_cutoff` of ``fdr``, the site's concept tests
+        :func:`neuroprobe.analysis.thresholds.exact_cutoff` of ``fdr``, the site's concept tests
         per unit and ``family`` (reported in ``ScanResult.cutoffs``).
     budget
         See :func:`neuroprobe.analysis.exact.exact_p`.
     """
-    if transform not in TRANSFORMS:
-        raise NeuroprobeError(f"transform {transform!r} is not one of {', '.join(TRANSFORMS)}.")
-    rec = as_recording(rec)
+    rec, names = checked_request(rec, sites, transform)
     stimuli = rec.stimuli.reset_index(drop=True)
-    if "concept" not in stimuli:
-        raise NeuroprobeError(f"{rec.path} has no concept column in its stimuli table; record a battery with concepts.")
-    names = site_order(rec) if sites is None else list(sites)
-    for s in names:
-        if s not in rec.site_names:
-            raise NeuroprobeError(f"{rec.path} has no site {s!r}; it has {', '.join(rec.site_names[:8])}.")
     concepts = battery_concepts(stimuli) if labels is None else list(dict.fromkeys(map(str, labels)))
     kinds = dict(zip(rec.sites["site"], rec.sites["kind"]))
     n_units_total = int(sum(int(rec.responses(s).shape[1]) for s in names))
-    from neuroprobe.analysis.parallel import n_jobs
-
-    if n_jobs(jobs) > 1 and len(names) > 1:
-        from neuroprobe.analysis.parallel import scan_sites
-
-        return scan_sites(rec.path, names, n_jobs(jobs), quiet=quiet,
-                          unit_counts=[int(rec.responses(s).shape[1]) for s in names], transform=transform,
-                          criterion=criterion, k=k, alpha=alpha, n_perm=n_perm, seed=seed, labels=labels,
-                          read_bytes=read_bytes, block_units=block_units, exact=exact, fdr=fdr, family=family,
-                          margin=margin, budget=budget)
     bar = tqdm(total=n_units_total, unit="unit", desc="cells" if criterion else "indices", disable=quiet,
                dynamic_ncols=True)
     null = PermutationNull(n_perm, seed)
@@ -223,7 +237,6 @@ def scan(
     screening: dict[str, tuple[int, list[int]]] = {}
     testing: dict[str, tuple[int, list[int]]] = {}
     cutoffs: dict[str, float] = {}
-    from neuroprobe.analysis.criterion import exact_cutoff  # criterion imports this module
     try:
         for site in names:
             ds = rec.responses(site)
@@ -244,8 +257,10 @@ def scan(
                              margin=cut, budget=budget)
                 live = ~blk["dead"]
                 r = blk.pop("_r")
-                s1 += r[live].sum(0)
-                s2 += (r[live] ** 2).sum(0)
+                if not live.all():
+                    r = r[live]
+                s1 += r.sum(0)
+                s2 += np.square(r, out=r).sum(0)                # r is not used again: squared in place
                 n_live += int(live.sum())
                 blk["unit"] = np.arange(lo, hi)
                 for name, v in blk.items():
@@ -288,13 +303,17 @@ def _block(x: np.ndarray, design: Design, *, transform: str, criterion: bool, k:
     """Every statistic of one block ``x[units, stimuli]``."""
     G = x.shape[0]
     dead = dead_units(x)
-    x = np.where(np.isfinite(x), x, 0.0).astype(np.float32, copy=False)
+    finite = np.isfinite(x)
+    if not finite.all():
+        x = np.where(finite, x, np.float32(0.0))
+    del finite
     x64 = x.astype(np.float64)
-    r = nonneg(x64, transform)
+    least = x64.min(axis=1, keepdims=True)
+    r = x64 - least if transform == "shift" else nonneg(x64, transform)  # nonneg's shift, its minimum once
     out: dict[str, np.ndarray] = {"dead": dead, "_r": r}
     out["means"] = class_means(x64, design.all.onehot)
     if transform == "shift":  # the transform is a per-unit offset: shift the class means, no second product
-        means_pos = out["means"] - x64.min(axis=1, keepdims=True)
+        means_pos = out["means"] - least
     else:
         means_pos = class_means(r, design.all.onehot)
     out["si"] = selectivity_index(means_pos)
