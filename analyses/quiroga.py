@@ -99,7 +99,7 @@ def response_probability(rec, site: str, k: float) -> tuple[float, int]:
 
 def sparseness_rows(rec, cells: pd.DataFrame, condition: str, k: float) -> list[dict]:
     """Population, lifetime and response-probability sparseness per site of one recording."""
-    from neuroprobe.analysis.indices import population_sparseness
+    from neuroprobe.analysis import population_sparseness
 
     pop = population_sparseness(rec)
     pop_site = pop.groupby("site", sort=False)["population_sparseness"].mean()
