@@ -142,7 +142,7 @@ def count_units(units: Mapping[str, np.ndarray]) -> int:
 
 def resolve_sites(subject: Subject, names: Iterable[str | Site]) -> list[Site]:
     """The subject's :class:`Site` objects for ``names`` (one clear error for an unknown name)."""
-    available = {s.name: s for s in subject.sites("all") + subject.feature_sites()}
+    available = {s.name: s for s in subject.sites("all") + getattr(subject, "feature_sites", list)()}
     out = []
     for name in names:
         if isinstance(name, Site):

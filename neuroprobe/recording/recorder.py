@@ -56,7 +56,7 @@ def with_feature_sites(subject: Subject, sites: list[Site]) -> list[Site]:
     Every SAE attached to the subject is recorded, beside the site it reads.
     """
     by_name = {s.name: s for s in sites}
-    features = [s for s in sites if s.sae is not None] + [s for s in subject.feature_sites() if s.name not in by_name]
+    features = [s for s in sites if s.sae is not None] + [s for s in getattr(subject, "feature_sites", list)() if s.name not in by_name]
     if not features:
         return sites
     every = {s.name: s for s in subject.sites("all")}
