@@ -1,0 +1,106 @@
+"""The cross-modal organism's training objective (the loop, data and card are :mod:`.train`'s).
+
+Each step draws the dual encoder's batch (:func:`~neuroprobe.subjects.organism.train.draw_batch`:
+augmented handwriting and drawn names, and a few training texts per digit) and shows it
+three ways, with the objectives of the seed's multimodal models:
+
+* **alone** — every image with the one :data:`~.cross.EMPTY` text token, every text with a
+  blank image; a contrastive loss (the organism's, every same-digit pair a positive) between
+  the two (CLIP's objective, here between two passes of one fused model);
+* **paired** — the first ``pairs`` images each with a text, of the same digit with
+  probability ``match_fraction`` and of another digit otherwise: **image–text matching**
+  (LXMERT, ViLBERT, VisualBERT; binary cross-entropy on ``itm``);
+* **masked** — in those pairs, **masked-token prediction on both sides**: the digit word's
+  bytes are masked (probability ``mask_word``; else ``mask_bytes`` of all bytes) and
+  predicted from the rest, the image included (BERT's and VisualBERT's masked language
+  modelling: the word can only come from the image); and ``mask_image`` of the image tokens
+  are masked and their pixels regressed (LXMERT's masked region feature regression).
+  Masked-token losses are taken on matching pairs only, as LXMERT does.
+
+``weights`` sets each objective's weight (0 turns it off: the design comparison in the
+card trains with some of them off).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from neuroprobe.subjects.organism import data as D
+from neuroprobe.subjects.organism.cross import MASK, CrossModel, empty_text
+from neuroprobe.subjects.organism.train import RECIPE as DUAL_RECIPE
+from neuroprobe.subjects.organism.train import contrastive_loss, draw_batch
+
+RECIPE: dict[str, Any] = {
+    **DUAL_RECIPE,
+    "steps": 1200,
+    "batch_images": 64,
+    "texts_per_concept": 4,
+    "pairs": 48,
+    "match_fraction": 0.5,
+    "mask_word": 0.5,
+    "mask_bytes": 0.15,
+    "mask_image": 0.25,
+    "weights": {"contrastive": 1.0, "matching": 1.0, "masked_text": 1.0, "masked_image": 1.0},
+}
+
+
+def patch_pixels(images: torch.Tensor, grid: int) -> torch.Tensor:
+    """``[B, 1, S, S]`` -> ``[B, grid², (S/grid)²]``: each image token's pixels, row-major (the ``mim`` target)."""
+    b, _, s, _ = images.shape
+    p = s // grid
+    return images.reshape(b, grid, p, grid, p).permute(0, 1, 3, 2, 4).reshape(b, grid * grid, p * p)
+
+
+def cross_objective(model: CrossModel, td: D.TrainingData, r: dict[str, Any]) -> Callable[[torch.Generator], torch.Tensor]:
+    """The loss of one step (see the module docstring); ``r`` is :data:`RECIPE` with overrides."""
+    cfg = model.config
+    w = {**RECIPE["weights"], **r.get("weights", {})}
+    text_by_concept = [torch.nonzero(td.text_labels == d).flatten() for d in range(len(D.CONCEPTS))]
+    n_concepts = len(D.CONCEPTS)
+
+    def step(gen: torch.Generator) -> torch.Tensor:
+        images, img_labels, picks = draw_batch(td, gen, r, text_by_concept)
+        txt_labels = td.text_labels[picks]
+        loss = torch.zeros(())
+        if w["contrastive"]:
+            ids, mask = td.text_ids[picks], td.text_mask[picks]
+            width = int(mask.sum(1).max())
+            e_img = model.embedding(model.encode(images, *empty_text(len(images)))["pooled"])
+            e_txt = model.embedding(model.encode(None, ids[:, :width], mask[:, :width])["pooled"])
+            loss = loss + w["contrastive"] * contrastive_loss(e_img, e_txt, img_labels, txt_labels, model.scale())
+        n_p = min(int(r["pairs"]), len(images))
+        if n_p and (w["matching"] or w["masked_text"] or w["masked_image"]):
+            p_img, p_lab = images[:n_p], img_labels[:n_p]
+            match = torch.rand(n_p, generator=gen) < r["match_fraction"]
+            shift = torch.randint(1, n_concepts, (n_p,), generator=gen)
+            want = torch.where(match, p_lab, (p_lab + shift) % n_concepts)
+            u = torch.rand(n_p, generator=gen)
+            chosen = torch.stack([text_by_concept[int(c)][int(x * len(text_by_concept[int(c)]))]
+                                  for c, x in zip(want, u)])
+            ids, mask = td.text_ids[chosen], td.text_mask[chosen]
+            width = int(mask.sum(1).max())
+            ids, mask = ids[:, :width], mask[:, :width]
+            # masked bytes: the digit word (whole) or a random share of all bytes
+            pos = torch.arange(width)[None, :]
+            span = td.text_word[chosen]
+            in_word = (pos >= span[:, :1]) & (pos < span[:, 1:])
+            whole = torch.rand(n_p, generator=gen) < r["mask_word"]
+            some = torch.rand(n_p, width, generator=gen) < r["mask_bytes"]
+            t_mask = torch.where(whole[:, None], in_word, some) & mask & match[:, None]
+            i_mask = (torch.rand(n_p, cfg.n_image_tokens, generator=gen) < r["mask_image"]) & match[:, None]
+            out = model.encode(p_img, ids.masked_fill(t_mask, MASK), mask, i_mask)
+            if w["matching"]:
+                itm = model.itm(out["pooled"]).squeeze(-1)
+                loss = loss + w["matching"] * nn.functional.binary_cross_entropy_with_logits(itm, match.float())
+            if w["masked_text"] and bool(t_mask.any()):
+                logits = model.mlm(out["text"][t_mask])
+                loss = loss + w["masked_text"] * nn.functional.cross_entropy(logits, ids[t_mask])
+            if w["masked_image"] and bool(i_mask.any()):
+                pred = model.mim(out["image"][i_mask])
+                target = patch_pixels(p_img, cfg.grid)[i_mask]
+                loss = loss + w["masked_image"] * nn.functional.mse_loss(pred, target) * cfg.patch_pixels / 8.0
+        return loss
+
+    return step
