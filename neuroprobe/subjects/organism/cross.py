@@ -15,8 +15,8 @@ of two designs (:attr:`CrossConfig.fusion`):
     other) and an MLP per stream.
 
 Image tokens: a small convolution stem (``image.conv1``, ``image.conv2``: 3×3 convolutions
-of stride 2, each followed by a ReLU) and a 2×2-patch embedding ``image.patches``
-give a 4×4 grid of tokens (the stand-in for the seed's detector regions and dVAE codes).
+of stride 2, each followed by a ReLU), a 2×2-patch embedding ``image.patches`` and a
+LayerNorm (``image.norm``) give a 4×4 grid of tokens (the stand-in for the seed's detector regions and dVAE codes).
 Text tokens: UTF-8 bytes plus three special tokens, :data:`CLS`, :data:`EMPTY` (the text
 side of an image shown alone: one neutral token) and :data:`MASK` (masked-token
 training).  An image shown without text has the one :data:`EMPTY` token as its text; a
@@ -45,6 +45,8 @@ VOCAB = 259
 #: token id of image token ``p`` in recorded token traces (never an embedding index)
 IMAGE_TOKEN_BASE = 1000
 FUSIONS = ("single", "co")
+#: what the heads read: the [CLS] state, or the largest value of each unit over every real position
+POOLS = ("max", "cls")
 
 
 @dataclass(frozen=True)
@@ -62,10 +64,13 @@ class CrossConfig:
     hidden: int = 128
     embed_dim: int = 64
     max_bytes: int = 48
+    pool: str = "max"
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, not {self.fusion!r}")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, not {self.pool!r}")
 
     @property
     def n_image_tokens(self) -> int:
@@ -104,13 +109,14 @@ class ImageTokens(nn.Module):
             raise ValueError("image_size / 4 must be a multiple of grid")
         stride = side // cfg.grid
         self.patches = nn.Conv2d(c2, cfg.width, stride, stride=stride)
+        self.norm = nn.LayerNorm(cfg.width)  # tokens on the byte embeddings' scale (VisualBERT normalises its regions)
         self.positions = nn.Parameter(torch.zeros(cfg.n_image_tokens, cfg.width))
         self.mask_token = nn.Parameter(torch.zeros(cfg.width))
 
     def forward(self, images: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens with positions; ``image_mask [B, grid²]`` replaces those tokens' content by ``mask_token``."""
         x = self.conv2(self.conv1(images))
-        x = self.patches(x).flatten(2).transpose(1, 2)
+        x = self.norm(self.patches(x).flatten(2).transpose(1, 2))
         if image_mask is not None:
             x = torch.where(image_mask[..., None], self.mask_token.expand_as(x), x)
         return x + self.positions
@@ -244,7 +250,7 @@ class CrossModel(nn.Module):
             for layer in self.fusion.layers:
                 x = layer(x, m)
             x = self.fusion.ln_final(x)
-            return {"pooled": x[:, 0], "image": x[:, 1 : 1 + n_img], "text": x[:, 1 + n_img :]}
+            return {"pooled": self._pool(x, m), "image": x[:, 1 : 1 + n_img], "text": x[:, 1 + n_img :]}
         cls_t = self.text.embed.bytes.weight[CLS].expand(b, 1, -1)
         t = torch.cat([cls_t, txt], 1)
         tm = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=mask.device), mask], 1)
@@ -253,7 +259,12 @@ class CrossModel(nn.Module):
         for layer in self.layers:
             t, i = layer(t, tm, i, im)
         t, i = self.text.ln_final(t), self.image.ln_final(i)
-        return {"pooled": torch.cat([t[:, 0], i[:, 0]], -1), "image": i[:, 1:], "text": t[:, 1:]}
+        return {"pooled": torch.cat([self._pool(t, tm), self._pool(i, im)], -1), "image": i[:, 1:], "text": t[:, 1:]}
+
+    def _pool(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.config.pool == "cls":
+            return x[:, 0]
+        return x.masked_fill(~mask[..., None], float("-inf")).amax(1)
 
     def embedding(self, pooled: torch.Tensor) -> torch.Tensor:
         """Unit-norm joint embedding from the pooled state (through ``head.fc``, ``head.proj``, ``embed``)."""
@@ -287,8 +298,16 @@ def build_cross(cfg: CrossConfig | None = None, seed: int = 0) -> CrossModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CrossModel(cfg)
+        # token embeddings start small (BERT's 0.02): the [CLS] state is then what attention gathers, not a
+        # constant that drowns it (with N(0, 1) embeddings every input gives the same pooled state)
+        nn.init.normal_(model.text.embed.bytes.weight, std=0.02)
+        if model.config.fusion == "single":
+            nn.init.normal_(model.fusion.segments.weight, std=0.02)
         nn.init.normal_(model.text.embed.positions, std=0.02)
-        nn.init.normal_(model.image.positions, std=0.02)
+        # image positions on the scale of the normalised image tokens: where a stroke is tells digits apart
+        # from the first step (with small positions the tokens start as a bag of patches, and the
+        # contrastive loss sits on its collapsed plateau for the whole run)
+        nn.init.normal_(model.image.positions, std=1.0)
         nn.init.normal_(model.image.mask_token, std=0.02)
         if model.config.fusion == "co":
             nn.init.normal_(model.image.cls, std=0.02)

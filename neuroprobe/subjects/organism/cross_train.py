@@ -42,7 +42,7 @@ RECIPE: dict[str, Any] = {
     "mask_word": 0.5,
     "mask_bytes": 0.15,
     "mask_image": 0.25,
-    "weights": {"contrastive": 1.0, "matching": 1.0, "masked_text": 1.0, "masked_image": 1.0},
+    "weights": {"contrastive": 1.0, "contrastive_pairs": 1.0, "matching": 1.0, "masked_text": 1.0, "masked_image": 1.0},
 }
 
 
@@ -71,7 +71,7 @@ def cross_objective(model: CrossModel, td: D.TrainingData, r: dict[str, Any]) ->
             e_txt = model.embedding(model.encode(None, ids[:, :width], mask[:, :width])["pooled"])
             loss = loss + w["contrastive"] * contrastive_loss(e_img, e_txt, img_labels, txt_labels, model.scale())
         n_p = min(int(r["pairs"]), len(images))
-        if n_p and (w["matching"] or w["masked_text"] or w["masked_image"]):
+        if n_p and (w["matching"] or w["masked_text"] or w["masked_image"] or (w["contrastive"] and w["contrastive_pairs"])):
             p_img, p_lab = images[:n_p], img_labels[:n_p]
             match = torch.rand(n_p, generator=gen) < r["match_fraction"]
             shift = torch.randint(1, n_concepts, (n_p,), generator=gen)
@@ -88,9 +88,18 @@ def cross_objective(model: CrossModel, td: D.TrainingData, r: dict[str, Any]) ->
             in_word = (pos >= span[:, :1]) & (pos < span[:, 1:])
             whole = torch.rand(n_p, generator=gen) < r["mask_word"]
             some = torch.rand(n_p, width, generator=gen) < r["mask_bytes"]
-            t_mask = torch.where(whole[:, None], in_word, some) & mask & match[:, None]
-            i_mask = (torch.rand(n_p, cfg.n_image_tokens, generator=gen) < r["mask_image"]) & match[:, None]
+            # masked in every pair (a mask must not tell a matching pair), scored on matching pairs only
+            t_mask = torch.where(whole[:, None], in_word, some) & mask
+            i_mask = torch.rand(n_p, cfg.n_image_tokens, generator=gen) < r["mask_image"]
             out = model.encode(p_img, ids.masked_fill(t_mask, MASK), mask, i_mask)
+            t_mask, i_mask = t_mask & match[:, None], i_mask & match[:, None]
+            if w["contrastive_pairs"] and w["contrastive"] and bool(match.any()):
+                # the matching pairs bridge the modalities: each shows an image and a text of one digit
+                e_pair = model.embedding(out["pooled"][match])
+                lab = p_lab[match]
+                loss = loss + w["contrastive_pairs"] * 0.5 * (
+                    contrastive_loss(e_img, e_pair, img_labels, lab, model.scale())
+                    + contrastive_loss(e_txt, e_pair, txt_labels, lab, model.scale()))
             if w["matching"]:
                 itm = model.itm(out["pooled"]).squeeze(-1)
                 loss = loss + w["matching"] * nn.functional.binary_cross_entropy_with_logits(itm, match.float())

@@ -1,0 +1,137 @@
+"""The cross-modal organism: train a design, record it and its untrained twin, count concept and multimodal cells.
+
+One run of this script is one row of the design comparison in the cross organism's card:
+
+    python analyses/organism_cross.py --design single [--steps 1200] [--out figures/organism_cross]
+
+``--design`` names an entry of :data:`DESIGNS` (a fusion and which objectives are on).
+``--weights DIR`` skips training and measures weights already written there (the
+committed ones: ``--weights neuroprobe/subjects/organism/weights``).  Every stimulus of
+``digits-cross`` is recorded (image alone, text alone, pairs; montage ``all``), concept
+cells are found with the defaults of ``neuroprobe cells`` and the rotation and
+label-shuffle controls, and the table per site, per concept and the summary row go to
+``--out``.  Training runs on one thread; run one design at a time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+import neuroprobe as npb
+from neuroprobe.analysis.criterion import summarize
+
+ALL = {"contrastive": 1.0, "matching": 1.0, "masked_text": 1.0, "masked_image": 1.0}
+#: design name -> (config overrides, objective weights)
+DESIGNS: dict[str, tuple[dict, dict]] = {
+    "single": ({"fusion": "single", "layers": 4}, ALL),
+    "co": ({"fusion": "co", "layers": 2}, ALL),
+    "single-no-contrastive": ({"fusion": "single", "layers": 4}, {**ALL, "contrastive": 0.0}),
+    "single-contrastive-only": ({"fusion": "single", "layers": 4},
+                                {"contrastive": 1.0, "matching": 0.0, "masked_text": 0.0, "masked_image": 0.0}),
+}
+
+
+def measure(subject, battery, path: Path, controls: bool) -> tuple[pd.DataFrame, dict]:
+    """Record ``subject`` on every site, find its cells (and controls); returns the cells table and counts."""
+    rec = npb.record(subject, battery, path, montage="all", overwrite=True, quiet=True)
+    cells = npb.concept_cells(rec, quiet=True)
+    out = {"cells": int(cells["is_cell"].sum()), "invariant": int(cells["invariant"].sum()),
+           "multimodal": int(cells["multimodal"].sum()),
+           "multimodal_concepts": int(cells.loc[cells["multimodal"], "concept"].nunique())}
+    if controls:
+        from neuroprobe.analysis.controls import label_shuffle_control, rotation_control
+
+        rot = rotation_control(rec, quiet=True)
+        shuf = label_shuffle_control(rec, quiet=True)  # 10 shuffles; a multimodal cell is a cell, so cells bound it
+        out.update(rotated_cells=int(rot["is_cell"].sum()), rotated_multimodal=int(rot["multimodal"].sum()),
+                   shuffled_cells_in_10=int(shuf["cells"].sum()))
+    return cells, out
+
+
+def lesion_table(subject, battery, cells: pd.DataFrame, concept: str, *, draws: int = 100,
+                 sides: tuple[str, ...] = ("image", "text", "pair")) -> pd.DataFrame:
+    """Zero the concept's multimodal cells; readout change on each side against ``draws`` random lesions.
+
+    The random lesions have the cells' count at the cells' sites, drawn from active units, the same
+    draws for every side (:class:`~neuroprobe.lesions.forgetting.LesionStudy` with ``modality``).
+    """
+    from neuroprobe.lesions.forgetting import LesionStudy
+
+    mine = cells[cells["multimodal"] & (cells["concept"] == concept)]
+    if mine.empty:
+        raise SystemExit(f"no multimodal cell of {concept!r} to lesion")
+    rows = []
+    for side in sides:
+        study = LesionStudy(subject, battery, mine, quiet=True, batch_size=256, modality=side)
+        dose = study.dose_response(concept, [len(mine)], "zero", random_draws=draws, orders=("top", "random"))
+        top = dose[dose["order"] == "top"].iloc[0]
+        rnd = dose[dose["order"] == "random"]
+        rows.append(dict(
+            readout=f"{side} side", stimuli=len(study.test), units=len(mine),
+            sites=";".join(sorted(set(mine["site"]))), target_change=top["target_change"],
+            other_change=top["other_change"], target_rank=int(top["target_rank"]),
+            random_target_mean=rnd["target_change"].mean(), random_target_sd=rnd["target_change"].std(),
+            random_other_mean=rnd["other_change"].mean(), n_random=len(rnd),
+            p_random=(1 + int((rnd["target_change"] <= top["target_change"]).sum())) / (1 + len(rnd)),
+            p_random_specific=(1 + int(((rnd["target_change"] - rnd["other_change"])
+                                        <= (top["target_change"] - top["other_change"])).sum())) / (1 + len(rnd))))
+    return pd.DataFrame(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--design", default="single", choices=sorted(DESIGNS))
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weights", default=None, help="measure these weights instead of training")
+    ap.add_argument("--controls", action="store_true", help="also the rotation and label-shuffle controls")
+    ap.add_argument("--lesion", default=None, help="also lesion this concept's multimodal cells (100 random lesions)")
+    ap.add_argument("--out", default="figures/organism_cross")
+    args = ap.parse_args()
+    out = Path(args.out) / args.design
+    out.mkdir(parents=True, exist_ok=True)
+    from neuroprobe.subjects.organism.cross import CrossConfig
+    from neuroprobe.subjects.organism.train import train_organism
+
+    cfg, weights = DESIGNS[args.design]
+    row: dict = {"design": args.design}
+    if args.weights is None:
+        t0 = time.process_time()
+        card = train_organism(seed=args.seed, steps=args.steps, out=out / "weights", arch="cross",
+                              config=CrossConfig(**cfg), recipe={"weights": weights}, progress=True)
+        row.update(train_cpu_seconds=round(time.process_time() - t0, 1))
+        wdir = out / "weights"
+    else:
+        wdir = Path(args.weights)
+        card = json.loads((wdir / "card-cross.json").read_text(encoding="utf-8"))
+    h = card["heldout"]
+    row.update(parameters=card["parameters"], steps=card["steps"], train_seconds=card["train_seconds"],
+               handwritten=round(h["handwritten"]["accuracy"], 3), written=round(h["written"]["accuracy"], 3),
+               text=round(h["text"]["accuracy"], 3), matching=round(h.get("matching", {}).get("accuracy", float("nan")), 3))
+    battery = npb.load_battery("digits-cross")
+    torch.set_num_threads(1)
+    for init in ("pretrained", "random"):
+        subject = npb.load_subject("organism-cross", init=init, weights=wdir, device="cpu", quiet=True)
+        cells, counts = measure(subject, battery, Path("recordings") / f"cross-{args.design}-{init}.h5",
+                                controls=args.controls and init == "pretrained")
+        cells.to_csv(out / f"cells_{init}.csv", index=False)
+        row.update({(k if init == "pretrained" else f"untrained_{k}"): v for k, v in counts.items()})
+        if init == "pretrained":
+            print(summarize(cells, by="site").to_string())
+            print(summarize(cells, by="concept").to_string())
+            if args.lesion:
+                table = lesion_table(subject, battery, cells, args.lesion)
+                table.to_csv(out / f"lesion_{args.lesion}.csv", index=False)
+                with pd.option_context("display.width", 200, "display.float_format", "{:.4g}".format):
+                    print(table.to_string(index=False))
+    print(json.dumps(row))
+    (out / "summary.json").write_text(json.dumps(row, indent=1) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
