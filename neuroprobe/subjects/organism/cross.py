@@ -14,8 +14,8 @@ of two designs (:attr:`CrossConfig.fusion`):
     co-attention to the other stream (queries from one, keys and values from the
     other) and an MLP per stream.
 
-Image tokens: a small convolution stem (``image.conv1``, ``image.conv2``: 3×3 convolutions
-of stride 2, each followed by a ReLU), a 2×2-patch embedding ``image.patches`` and a
+Image tokens: the dual encoder's convolution blocks (``image.conv1``–``image.conv3``: 3×3
+conv + ReLU, each followed by 2×2 max pooling), a 1×1 projection ``image.patches`` and a
 LayerNorm (``image.norm``) give a 4×4 grid of tokens (the stand-in for the seed's detector regions and dVAE codes).
 Text tokens: UTF-8 bytes plus three special tokens, :data:`CLS`, :data:`EMPTY` (the text
 side of an image shown alone: one neutral token) and :data:`MASK` (masked-token
@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from neuroprobe.subjects.organism.model import Block, ByteEmbedding, SelfAttention, attend
+from neuroprobe.subjects.organism.model import Block, ByteEmbedding, SelfAttention, _conv_block, attend
 
 #: special token ids after the 256 bytes
 CLS, EMPTY, MASK = 256, 257, 258
@@ -55,7 +55,7 @@ class CrossConfig:
 
     fusion: str = "single"
     image_size: int = 32
-    channels: tuple[int, int] = (16, 32)
+    channels: tuple[int, int, int] = (16, 32, 64)
     grid: int = 4
     width: int = 64
     heads: int = 4
@@ -101,21 +101,26 @@ class ImageTokens(nn.Module):
 
     def __init__(self, cfg: CrossConfig) -> None:
         super().__init__()
-        c1, c2 = cfg.channels
-        self.conv1 = nn.Sequential(nn.Conv2d(1, c1, 3, stride=2, padding=1), nn.ReLU())
-        self.conv2 = nn.Sequential(nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.ReLU())
-        side = cfg.image_size // 4
+        c1, c2, c3 = cfg.channels
+        # the dual encoder's convolution blocks (3x3 conv + ReLU, 2x2 max pooling after each)
+        self.conv1 = _conv_block(1, c1)
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = _conv_block(c1, c2)
+        self.pool2 = nn.MaxPool2d(2)
+        self.conv3 = _conv_block(c2, c3)
+        self.pool3 = nn.MaxPool2d(2)
+        side = cfg.image_size // 8
         if side % cfg.grid:
-            raise ValueError("image_size / 4 must be a multiple of grid")
+            raise ValueError("image_size / 8 must be a multiple of grid")
         stride = side // cfg.grid
-        self.patches = nn.Conv2d(c2, cfg.width, stride, stride=stride)
+        self.patches = nn.Conv2d(c3, cfg.width, stride, stride=stride)
         self.norm = nn.LayerNorm(cfg.width)  # tokens on the byte embeddings' scale (VisualBERT normalises its regions)
         self.positions = nn.Parameter(torch.zeros(cfg.n_image_tokens, cfg.width))
         self.mask_token = nn.Parameter(torch.zeros(cfg.width))
 
     def forward(self, images: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens with positions; ``image_mask [B, grid²]`` replaces those tokens' content by ``mask_token``."""
-        x = self.conv2(self.conv1(images))
+        x = self.pool3(self.conv3(self.pool2(self.conv2(self.pool1(self.conv1(images))))))
         x = self.norm(self.patches(x).flatten(2).transpose(1, 2))
         if image_mask is not None:
             x = torch.where(image_mask[..., None], self.mask_token.expand_as(x), x)
@@ -266,9 +271,12 @@ class CrossModel(nn.Module):
             return x[:, 0]
         return x.masked_fill(~mask[..., None], float("-inf")).amax(1)
 
-    def embedding(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Unit-norm joint embedding from the pooled state (through ``head.fc``, ``head.proj``, ``embed``)."""
-        return nn.functional.normalize(self.embed(self.head.proj(self.head.fc(pooled))), dim=-1)
+    def embedding(self, pooled: torch.Tensor, return_hidden: bool = False):
+        """Unit-norm joint embedding from the pooled state (through ``head.fc``, ``head.proj``, ``embed``);
+        with ``return_hidden`` also the ``head.fc`` units."""
+        hidden = self.head.fc(pooled)
+        emb = nn.functional.normalize(self.embed(self.head.proj(hidden)), dim=-1)
+        return (emb, hidden) if return_hidden else emb
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Unit-norm joint embeddings ``[B, embed_dim]``, one per (image, text) row."""
@@ -298,15 +306,13 @@ def build_cross(cfg: CrossConfig | None = None, seed: int = 0) -> CrossModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CrossModel(cfg)
-        # token embeddings start small (BERT's 0.02): the [CLS] state is then what attention gathers, not a
-        # constant that drowns it (with N(0, 1) embeddings every input gives the same pooled state)
-        nn.init.normal_(model.text.embed.bytes.weight, std=0.02)
+        # bytes keep N(0, 1) (the dual encoder's text tower) and image tokens are LayerNorm'd, so both
+        # modalities start on one scale and tell their digits apart from the first step: with small byte
+        # embeddings a text alone is drowned by its blank image's tokens, and with small image positions an
+        # image starts as a bag of patches; either way the contrastive loss sits on its collapsed plateau
         if model.config.fusion == "single":
             nn.init.normal_(model.fusion.segments.weight, std=0.02)
         nn.init.normal_(model.text.embed.positions, std=0.02)
-        # image positions on the scale of the normalised image tokens: where a stroke is tells digits apart
-        # from the first step (with small positions the tokens start as a bag of patches, and the
-        # contrastive loss sits on its collapsed plateau for the whole run)
         nn.init.normal_(model.image.positions, std=1.0)
         nn.init.normal_(model.image.mask_token, std=0.02)
         if model.config.fusion == "co":

@@ -10,8 +10,9 @@ Streams (the position axis a site's units live on):
 ================ ================================================ =====================================
 stream            positions                                        sites
 ================ ================================================ =====================================
-``image-16x16``   the stem's first map                             ``image.conv1`` (BCHW)
-``image-8x8``     its second map                                   ``image.conv2`` (BCHW)
+``image-32x32``   the image's pixels                              ``image.conv1`` (BCHW)
+``image-16x16``   after one pooling                                ``image.conv2`` (BCHW)
+``image-8x8``     after two poolings                               ``image.conv3`` (BCHW)
 ``image-4x4``     the image tokens                                 ``image.patches`` (BCHW)
 ``joint``         ``[CLS]``, the 16 image tokens, the text tokens   ``fusion.embed``, ``fusion.layers.*``
                   (single stream)
@@ -43,12 +44,13 @@ from neuroprobe.subjects.organism.subject import OrganismSubject
 if TYPE_CHECKING:  # pragma: no cover
     from neuroprobe.stimuli.battery import Battery
 
-STEM_STREAMS = {"image.conv1": "image-16x16", "image.conv2": "image-8x8", "image.patches": "image-4x4"}
+STEM_STREAMS = {"image.conv1": "image-32x32", "image.conv2": "image-16x16", "image.conv3": "image-8x8",
+                "image.patches": "image-4x4"}
 
 
 def cross_site_patterns(cfg: CrossConfig) -> dict[str, list[SitePattern]]:
     """Montage -> site patterns of a cross-modal organism of either fusion design."""
-    stem = [SitePattern(m, "output", "conv", s, "BCHW") for m, s in list(STEM_STREAMS.items())[:2]]
+    stem = [SitePattern(m, "output", "conv", s, "BCHW") for m, s in list(STEM_STREAMS.items())[:3]]
     patches = SitePattern("image.patches", "output", "resid", "image-4x4", "BCHW")
     pooled = [SitePattern("head.fc", "output", "mlp", "pooled", "BU")]
     embeds = [SitePattern("head.proj", "output", "embed", "pooled", "BU"),
@@ -122,7 +124,7 @@ class CrossSubject(OrganismSubject):
         token_ids: dict[str, torch.Tensor] = {}
         side = cfg.image_size
         for k, stream in enumerate(STEM_STREAMS.values()):
-            positions = (side >> (k + 1)) ** 2 if k < 2 else cfg.n_image_tokens
+            positions = (side >> k) ** 2 if k < 3 else cfg.n_image_tokens  # each conv block runs after k poolings
             masks[stream] = torch.ones(n, positions, dtype=torch.bool)
             token_ids[stream] = torch.arange(positions).expand(n, positions).clone()
         cls = torch.full((n, 1), CLS, dtype=torch.long)

@@ -183,6 +183,18 @@ def dual_objective(model: OrganismModel, td: D.TrainingData, r: dict[str, Any]) 
     return step
 
 
+def lr_schedule(opt: torch.optim.Optimizer, r: dict[str, Any], steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """One-cycle (``lr``, ``pct_start``), or piecewise linear through ``lr_points``: ``[[fraction of the run,
+    learning rate], ...]`` from ``[0, ...]`` to ``[1, ...]``."""
+    points = r.get("lr_points")
+    if not points:
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r["lr"], total_steps=max(steps, 2),
+                                                   pct_start=r["pct_start"])
+    xs = [float(p[0]) for p in points]
+    ys = [float(p[1]) / r["lr"] for p in points]
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda i: float(np.interp(i / max(steps, 1), xs, ys)))
+
+
 def train_model(
     seed: int = 0,
     steps: int = 1000,
@@ -220,8 +232,7 @@ def train_model(
         model.train()
         gen = torch.Generator().manual_seed(seed)
         opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r["lr"], total_steps=max(steps, 2),
-                                                    pct_start=r["pct_start"])
+        sched = lr_schedule(opt, r, steps)
         objective = spec.objective(model, td, r)
         losses: list[float] = []
         bar = None
