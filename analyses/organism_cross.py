@@ -91,6 +91,26 @@ def lesion_table(subject, battery, cells: pd.DataFrame, concept: str, *, draws: 
     return pd.DataFrame(rows)
 
 
+def compare(out: Path, wdir: Path) -> pd.DataFrame:
+    """Cells of both organisms, trained and untrained, on ``digits`` (image alone and text alone, the same stimuli
+    for both) and of the cross-modal organism on ``digits-cross`` (with pairs); one row each, montage ``all``."""
+    rows = []
+    for name, probe in (("organism", "digits"), ("organism-cross", "digits"), ("organism-cross", "digits-cross")):
+        battery = npb.load_battery(probe)
+        for init in ("pretrained", "random"):
+            kw = {"weights": wdir} if name == "organism-cross" else {}
+            subject = npb.load_subject(name, init=init, device="cpu", quiet=True, **kw)
+            cells, counts = measure(subject, battery, Path("recordings") / f"compare-{name}-{init}-{probe}.h5",
+                                    controls=init == "pretrained")
+            rows.append({"subject": name, "battery": probe, "init": init, "units": int((~cells["dead"]).sum()),
+                         **counts})
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "compare.csv", index=False)
+    with pd.option_context("display.width", 250, "display.max_columns", 40):
+        print(table.to_string(index=False))
+    return table
+
+
 def collect(folder: Path) -> pd.DataFrame:
     """The summary rows of every design measured under ``folder`` (one ``<design>/summary.json`` each)."""
     rows = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*/summary.json"))]
@@ -104,9 +124,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--weights", default=None, help="measure these weights instead of training")
     ap.add_argument("--controls", action="store_true", help="also the rotation and label-shuffle controls")
-    ap.add_argument("--lesion", default=None, help="also lesion this concept's multimodal cells (100 random lesions)")
+    ap.add_argument("--lesion", default=None, help="also lesion this concept's multimodal cells against 100 random "
+                    "lesions (auto: the concept with the most)")
     ap.add_argument("--out", default="figures/organism_cross")
     ap.add_argument("--collect", action="store_true", help="print the table of every design measured under --out")
+    ap.add_argument("--compare", action="store_true", help="also the dual-encoder organism and both on the digits "
+                    "battery (the same single-modality stimuli), trained and untrained, in one table")
     args = ap.parse_args()
     if args.collect:
         with pd.option_context("display.width", 250, "display.max_columns", 40):
@@ -145,10 +168,17 @@ def main() -> None:
             print(summarize(cells, by="site").to_string())
             print(summarize(cells, by="concept").to_string())
             if args.lesion:
-                table = lesion_table(subject, battery, cells, args.lesion)
-                table.to_csv(out / f"lesion_{args.lesion}.csv", index=False)
+                concept = args.lesion
+                if concept == "auto":  # the concept with the most multimodal cells (first in battery order on ties)
+                    counts = summarize(cells, by="concept")["multimodal"]
+                    concept = str(counts.idxmax())
+                row["lesion_concept"] = concept
+                table = lesion_table(subject, battery, cells, concept)
+                table.to_csv(out / f"lesion_{concept}.csv", index=False)
                 with pd.option_context("display.width", 200, "display.float_format", "{:.4g}".format):
                     print(table.to_string(index=False))
+    if args.compare:
+        compare(out, wdir)
     print(json.dumps(row))
     (out / "summary.json").write_text(json.dumps(row, indent=1) + "\n", encoding="utf-8")
 

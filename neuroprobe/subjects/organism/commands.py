@@ -36,6 +36,8 @@ def register(app: typer.Typer) -> None:
         out = out or Path("organism-weights" if arch == "dual" else f"{spec.subject}-weights")
         if out.exists() and not out.is_dir():
             raise NeuroprobeError(f"--out {out} is a file; give a folder for {spec.weights_file} and {spec.card_file}.")
+        committed = WEIGHTS_DIR / spec.card_file  # read before training: --out may be the weights folder itself
+        ref = json.loads(committed.read_text(encoding="utf-8")) if committed.is_file() else None
         card = train_organism(seed=seed, steps=steps, out=out, n_threads=threads, progress=not quiet, arch=arch)
         h = card["heldout"]
         typer.echo(f"wrote {out / spec.weights_file} ({card['parameters']:,} parameters, "
@@ -43,9 +45,7 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"held-out zero-shot accuracy: handwritten {h['handwritten']['accuracy']:.3f}, "
                    f"written names {h['written']['accuracy']:.3f}, text retrieval {h['text']['accuracy']:.3f}"
                    + (f", image-text matching {h['matching']['accuracy']:.3f}" if "matching" in h else ""))
-        committed = WEIGHTS_DIR / spec.card_file
-        if committed.is_file():
-            ref = json.loads(committed.read_text(encoding="utf-8"))
+        if ref is not None:
             same_recipe = (ref.get("seed"), ref.get("steps"), ref.get("threads")) == (seed, card["steps"], threads)
             if same_recipe:
                 same = ref.get("state_sha256") == card["state_sha256"]
