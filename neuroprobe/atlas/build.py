@@ -497,21 +497,21 @@ class Atlas:
             return ""
         cards = []
         width = max(300, 960 // len(seen))
-        finite = x[np.isfinite(x)]
-        limits = (float(finite.min()), float(finite.max()))
         names = {"image": "image alone", "text": "text alone", "pair": "image and text together"}
         for m in seen:
             xm = np.where(modality == m, x, np.nan)
             z = (row or {}).get(f"z_modality:{m}")
-            note = f" — the concept's testing effect {float(z):.1f} SD" if z is not None and np.isfinite(float(z)) else ""
+            note = f"; the concept's testing effect {float(z):.1f} SD" if z is not None and np.isfinite(float(z)) else ""
+            top = float(np.nanmax(xm))
             cards.append(f"<div class='card' style='overflow-x:auto'><h3>{escape(names.get(m, m))}</h3>"
-                         f"<p class='note'>{int(np.isfinite(xm).sum())} stimuli{escape(note)}</p>"
+                         f"<p class='note'>{int(np.isfinite(xm).sum())} stimuli, largest response {top:.3g}{escape(note)}</p>"
                          + svg.quiroga_panel(xm, self.stim["concept"].astype(str).to_numpy(),
                                              self.stim["form"].astype(str).to_numpy(), self.concepts, threshold=thr,
-                                             highlight=concept, width=width, height=200, limits=limits) + "</div>")
+                                             highlight=concept, width=width, height=200) + "</div>")
         flag = " — a multimodal cell" if (row or {}).get("multimodal") is True or (row or {}).get("multimodal") == 1 else ""
         return (f"<h2>By modality{escape(flag)}</h2><p class='note'>the same responses, one panel per modality "
-                "(one value axis for all).</p><div class='cols'>" + "".join(cards) + "</div>")
+                "(each on its own value axis: a unit may answer to a text more weakly than to an image and still "
+                "stand out among texts).</p><div class='cols'>" + "".join(cards) + "</div>")
 
     def _token_texts(self, site: str, unit: int, stimuli: Iterable[int]) -> dict[int, tuple[list, np.ndarray]]:
         """Stimulus -> (token segments, this unit's activation per token) for text stimuli with traces."""

@@ -88,7 +88,7 @@ ARCHS: dict[str, ArchSpec] = {
         "Cross-modal transformer (a convolution stem's 4x4 image tokens and UTF-8 byte tokens fused in one model) "
         "trained in this repository on the organism's world: the ten digits handwritten, drawn as names and "
         "written as text; image-text matching, masked-token prediction on both sides and a contrastive loss "
-        "between images shown alone and texts shown alone.",
+        "between images shown alone, texts shown alone and pairs.",
         f"{_HERE}.cross:CrossConfig", f"{_HERE}.cross:build_cross", f"{_HERE}.cross_train:cross_objective",
         f"{_HERE}.cross_train:RECIPE"),
 }
