@@ -217,7 +217,7 @@ def test_lesion_study_reads_one_modality(untrained, battery):
     from neuroprobe.lesions.forgetting import LesionStudy
     from neuroprobe.stimuli.battery import Battery
 
-    rows = battery.table.groupby(["form", "split"], sort=False).head(10).reset_index(drop=True)
+    rows = battery.table.groupby(["form", "split", "concept"], sort=False).head(2).reset_index(drop=True)
     small = Battery.from_table(rows, battery.concepts, name="digits-cross-small", root=battery.root)
     both = LesionStudy(untrained, small, None, sites="head.fc", quiet=True, batch_size=64)
     img = LesionStudy(untrained, small, None, sites="head.fc", quiet=True, batch_size=64, modality="image")
@@ -242,3 +242,102 @@ def test_atlas_decodes_the_joint_stream():
     decode = token_decoder({"subject": "organism-cross"})
     ids = np.array([256, 1000, 1015] + list("칠 a".encode()) + [257])
     assert [s for s, _ in decode(ids)] == ["[CLS]", "\u25a60", "\u25a615", "칠", " ", "a", "\u2205"]
+
+
+# ------------------------------------------------------------ committed weights
+@pytest.fixture(scope="module")
+def card() -> dict:
+    return json.loads((WEIGHTS / "card-cross.json").read_text(encoding="utf-8"))
+
+
+def test_committed_weights_match_card(card):
+    path = WEIGHTS / "organism-cross.safetensors"
+    assert T.sha256_file(path) == card["weights_sha256"]
+    model = T.load_weights(path)
+    assert type(model).__name__ == "CrossModel" and model.config.fusion == "single"
+    assert T.state_sha256(model) == card["state_sha256"]
+    assert sum(p.numel() for p in model.parameters()) == card["parameters"]
+    # small: no bigger than the dual encoder's file
+    assert path.stat().st_size <= (WEIGHTS / "organism.safetensors").stat().st_size
+
+
+def test_committed_weights_reproduce_card_accuracy(card):
+    metrics = T.evaluate(T.load_weights(WEIGHTS / "organism-cross.safetensors"))
+    for part in ("handwritten", "written", "text", "matching"):
+        assert metrics[part]["n"] == card["heldout"][part]["n"]
+        assert abs(metrics[part]["accuracy"] - card["heldout"][part]["accuracy"]) < 1e-6, part
+    assert metrics["handwritten"]["accuracy"] > 0.9 and metrics["matching"]["accuracy"] > 0.7
+
+
+def test_record_then_cells_finds_the_cards_multimodal_cells(card, tmp_path):
+    """What the README promises: `neuroprobe record --model organism-cross` then `neuroprobe cells`, offline."""
+    res = run_cli("record", "--model", "organism-cross", "--quiet", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    rec = tmp_path / "recordings" / "organism-cross_digits-cross_mlp.h5"
+    res = run_cli("cells", str(rec), "--out", str(tmp_path / "cells.csv"), "--quiet", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    cells = pd.read_csv(tmp_path / "cells.csv")
+    want = card["phenomenon"]["digits-cross"]
+    assert int(cells["is_cell"].sum()) == want["cells"]
+    assert int(cells["multimodal"].sum()) == want["multimodal"]
+    mm = cells[cells["multimodal"]]
+    assert mm["concept"].nunique() == want["multimodal_concepts"] >= 6  # most of the ten digits
+    for site, n in want["per_site"].items():
+        assert int(cells.loc[cells["site"] == site, "multimodal"].sum()) == n["multimodal"], site
+    # a multimodal cell passes the effect size in every modality of the testing split
+    assert (mm[["z_modality:image", "z_modality:text", "z_modality:pair"]] > 5).all().all()
+    rotated = pd.read_csv(tmp_path / "cells.rotation.csv")
+    assert int(rotated["multimodal"].sum()) <= 1
+
+
+def test_untrained_twin_has_no_cells(tmp_path):
+    import neuroprobe as npb
+
+    subject = npb.load_subject("organism-cross", init="random", device="cpu", quiet=True)
+    rec = npb.record(subject, npb.load_battery(D.PAIRS_BATTERY), tmp_path / "r.h5", montage="mlp", quiet=True)
+    cells = npb.concept_cells(rec, quiet=True, n_perm=0)
+    assert int(cells["is_cell"].sum()) == 0
+
+
+def test_readme_states_the_cards_numbers(card):
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    want = card["phenomenon"]["digits-cross"]
+    assert f"{want['cells']} concept cells, {want['multimodal']} of them multimodal" in readme
+    assert f"for {want['multimodal_concepts']} of the 10 digits" in readme
+    h = card["heldout"]
+    for key in ("handwritten", "written", "text", "matching"):
+        assert f"{h[key]['accuracy']:.3f}" in readme, key
+    assert f"{round(card['parameters'] / 1000)}k parameters" in readme
+    lesion = {r["readout"]: r for r in card["phenomenon"]["lesion"]["rows"]}
+    assert f"on images by {-lesion['image side']['target_change']:.3f}" in readme
+    assert f"on texts by {-lesion['text side']['target_change']:.3f}" in readme
+
+
+def test_subjects_command_prints_the_cross_card():
+    res = run_cli("subjects", "organism-cross")
+    assert res.returncode == 0, res.stderr
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-m", "neuroprobe.cli", "subjects", "organism-cross"], capture_output=True,
+                         text=True, env=env, timeout=120).stdout
+    assert "neuroprobe cross-modal organism" in out and '"design"' in out and "digits-cross" in out
+
+
+def test_train_organism_command_cross(tmp_path):
+    out = tmp_path / "w"
+    res = run_cli("train-organism", "--arch", "cross", "--steps", "2", "--out", str(out), "--quiet")
+    assert res.returncode == 0, res.stderr
+    card = json.loads((out / "card-cross.json").read_text())
+    assert card["steps"] == 2 and card["arch"] == "cross"
+    assert T.sha256_file(out / "organism-cross.safetensors") == card["weights_sha256"]
+    from neuroprobe.subjects import load_subject
+
+    s = load_subject("organism-cross", weights=out, device="cpu", quiet=True)
+    assert T.state_sha256(s.model) == card["state_sha256"]
+
+
+@pytest.mark.slow
+def test_full_cross_training_reproduces_committed_weights(card):
+    if card["versions"]["torch"] != torch.__version__:
+        pytest.skip("bitwise reproduction is only claimed for the same torch version")
+    model, _ = T.train_model(seed=card["seed"], steps=card["steps"], n_threads=card["threads"], arch="cross")
+    assert T.state_sha256(model) == card["state_sha256"]
