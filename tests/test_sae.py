@@ -19,7 +19,7 @@ from neuroprobe.analysis.synthetic import make_stimuli, write_recording
 from neuroprobe.electrodes import Electrodes, record_once
 from neuroprobe.errors import NeuroprobeError, RecordingError
 from neuroprobe.recording.recorder import Recorder
-from neuroprobe.sae import SparseAutoencoder, TrainConfig, attach, load_sae, save_sae, train_sae, write_result
+from neuroprobe.sae import SparseAutoencoder, TrainConfig, attach, load_sae, save_sae, train_sae
 from neuroprobe.sae.io import SAELENS_CFG, SAELENS_WEIGHTS
 from neuroprobe.sae.sites import edit_source
 from neuroprobe.sae.train import RowSource, row_stats

@@ -489,6 +489,7 @@ class Atlas:
                     + "<div class='card' style='overflow-x:auto'>"
                     + svg.quiroga_panel(x, self.stim["concept"].astype(str).to_numpy(), self.stim["form"].astype(str).to_numpy(),
                                         self.concepts, threshold=thr, highlight=concept) + "</div>")
+        body.append(self._modality_panels(x, row, thr, concept))
         # per-form AUCs, beside the unit's indices
         auc = ""
         if row is not None:
@@ -576,6 +577,32 @@ class Atlas:
             return ""
         return ("<h2>Top features writing to this neuron</h2><p class='note'>features of the SAEs recorded at this site "
                 "whose decoder direction has the largest |weight| on this neuron.</p>" + table(["feature", "decoder weight"], rows))
+
+    def _modality_panels(self, x: np.ndarray, row: dict | None, thr: float | None, concept: str | None) -> str:
+        """The unit's responses to each modality side by side (a unit that sees images, texts and pairs)."""
+        modality = self.stim["modality"].astype(str).to_numpy() if "modality" in self.stim else None
+        if modality is None:
+            return ""
+        seen = [m for m in dict.fromkeys(modality) if np.isfinite(x[modality == m]).any()]
+        if len(seen) < 2:
+            return ""
+        cards = []
+        width = max(300, 960 // len(seen))
+        names = {"image": "image alone", "text": "text alone", "pair": "image and text together"}
+        for m in seen:
+            xm = np.where(modality == m, x, np.nan)
+            z = (row or {}).get(f"z_modality:{m}")
+            note = f"; the concept's testing effect {float(z):.1f} SD" if z is not None and np.isfinite(float(z)) else ""
+            top = float(np.nanmax(xm))
+            cards.append(f"<div class='card' style='overflow-x:auto'><h3>{escape(names.get(m, m))}</h3>"
+                         f"<p class='note'>{int(np.isfinite(xm).sum())} stimuli, largest response {top:.3g}{escape(note)}</p>"
+                         + svg.quiroga_panel(xm, self.stim["concept"].astype(str).to_numpy(),
+                                             self.stim["form"].astype(str).to_numpy(), self.concepts, threshold=thr,
+                                             highlight=concept, width=width, height=200) + "</div>")
+        flag = " — a multimodal cell" if (row or {}).get("multimodal") is True or (row or {}).get("multimodal") == 1 else ""
+        return (f"<h2>By modality{escape(flag)}</h2><p class='note'>the same responses, one panel per modality "
+                "(each on its own value axis: a unit may answer to a text more weakly than to an image and still "
+                "stand out among texts).</p><div class='cols'>" + "".join(cards) + "</div>")
 
     def _token_texts(self, site: str, unit: int, stimuli: Iterable[int]) -> dict[int, tuple[list, np.ndarray]]:
         """Stimulus -> (token segments, this unit's activation per token) for text stimuli with traces."""

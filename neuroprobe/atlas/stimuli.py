@@ -13,18 +13,29 @@ from typing import Callable
 import numpy as np
 
 #: subject name -> how its text token ids decode ("bytes": one UTF-8 byte per token).
-BYTE_SUBJECTS = {"organism": "bytes"}
+BYTE_SUBJECTS = {"organism": "bytes", "organism-cross": "bytes"}
+#: token ids above the bytes in the byte subjects' traces (the cross-modal organism's special and image tokens)
+BYTE_SPECIALS = {256: "[CLS]", 257: "\u2205", 258: "[MASK]"}
+IMAGE_TOKEN_BASE = 1000
 
 Segments = list[tuple[str, list[int]]]  # (text, token rows that make it)
 
 
 def _byte_segments(ids: np.ndarray) -> Segments:
-    """Group UTF-8 byte tokens into characters (a Korean syllable is three byte tokens)."""
+    """Group UTF-8 byte tokens into characters (a Korean syllable is three byte tokens); ids above 255 are
+    special tokens (:data:`BYTE_SPECIALS`) or image token ``p`` (``1000 + p``, shown as ``▦p``)."""
     out: Segments = []
     i, n = 0, len(ids)
     while i < n:
         b = int(ids[i])
+        if b > 255:
+            label = BYTE_SPECIALS.get(b) or (f"\u25a6{b - IMAGE_TOKEN_BASE}" if b >= IMAGE_TOKEN_BASE else f"\u27e8{b}\u27e9")
+            out.append((label, [i]))
+            i += 1
+            continue
         width = 1 if b < 0x80 else 2 if b >> 5 == 0b110 else 3 if b >> 4 == 0b1110 else 4 if b >> 3 == 0b11110 else 1
+        while width > 1 and any(int(x) > 255 for x in ids[i : i + width]):
+            width -= 1
         chunk = bytes(int(x) & 0xFF for x in ids[i : i + width])
         out.append((chunk.decode("utf-8", errors="replace"), list(range(i, min(i + width, n)))))
         i += width

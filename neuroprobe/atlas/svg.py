@@ -59,6 +59,7 @@ def quiroga_panel(
     highlight: str | None = None,
     width: int = 960,
     height: int = 260,
+    limits: tuple[float, float] | None = None,
 ) -> str:
     """Bars of one unit's response to every stimulus, grouped by concept (battery order) then form.
 
@@ -74,6 +75,8 @@ def quiroga_panel(
         A horizontal dashed line (the criterion's baseline mean + k SD).
     highlight
         A concept whose group gets a shaded background (the unit's concept).
+    limits
+        The value axis's range (default: from the responses); panels drawn side by side share it.
     """
     response = np.asarray(response, dtype=np.float64)
     concept = np.asarray(concept, dtype=object)
@@ -104,6 +107,8 @@ def quiroga_panel(
     if threshold is not None and np.isfinite(threshold):
         hi = max(hi, float(threshold))
         lo = min(lo, float(threshold))
+    if limits is not None:
+        lo, hi = min(lo, float(limits[0])), max(hi, float(limits[1]))
     if hi == lo:
         hi = lo + 1.0
     ph = height - top - bottom

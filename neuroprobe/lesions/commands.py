@@ -84,6 +84,9 @@ def register(app: typer.Typer) -> None:
         matrix_k: Optional[int] = typer.Option(None, "--matrix-k", help="Units per concept in the matrix (default: the largest k)."),
         importance: int = typer.Option(0, "--importance", help="Single-unit lesions of N top + 3N random units per site (selectivity vs importance); 0 skips."),
         split: str = typer.Option("testing", "--split", help="Evaluation split (units are ranked on the other)."),
+        modality: Optional[str] = typer.Option(None, "--modality", help="Evaluate only stimuli of this modality "
+                                               "(image, text, pair; comma-separated): a cross-modal subject's "
+                                               "image-side or text-side readout. Units are ranked on every stimulus."),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default figures/lesions/<subject>_<battery>)."),
         site_col: str = typer.Option("site", "--site-col", help="Cells table: site column."),
         unit_col: str = typer.Option("unit", "--unit-col", help="Cells table: unit column."),
@@ -163,7 +166,7 @@ def register(app: typer.Typer) -> None:
             attach_recorded(subject, origin["recording"])
         study = LesionStudy(subject, battery, cells, sites=sites, readout=readout, split=split,
                             rank_split="screening" if split == "testing" else "testing", columns=columns, seed=seed,
-                            quiet=quiet, batch_size=batch_size)
+                            quiet=quiet, batch_size=batch_size, modality=modality)
         for c in concepts:
             study.check_concept(c)
         out_dir = make_folder(out or default_out(subject.name, subject.init, battery.name))
@@ -185,7 +188,8 @@ def register(app: typer.Typer) -> None:
         with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
             typer.echo(f"{subject.name} ({subject.init}) x {battery.name}: readout {study.readout!r}, "
                        f"units ranked on {study.rank_split!r}, evaluated on {study.split!r} "
-                       f"({len(study.test)} stimuli); change = lesioned - intact, per concept")
+                       f"({len(study.test)} {'+'.join(study.modality) + ' ' if study.modality else ''}stimuli); "
+                       f"change = lesioned - intact, per concept")
             typer.echo(f"lesions: {study.engine}; random draws: "
                        + (f"sequential, at most {n_draws} per k and mode, stopped once p <= {alpha:g} was settled "
                           f"(Besag-Clifford; n_random = draws used)" if sequential else f"exactly {n_draws} per k and mode"))

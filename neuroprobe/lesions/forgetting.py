@@ -125,6 +125,11 @@ class LesionStudy:
         (``False`` replicates the raw inputs; for benchmarks).
     memory_mb
         Activation budget of one batched pass (replicas are chunked to fit).
+    modality
+        Evaluate only the stimuli of this modality (or these, comma-separated): the
+        image-side (``image``) or text-side (``text``) readout of a cross-modal subject.
+        Units are still ranked, and random lesions drawn, on every stimulus of ``rank_split``,
+        so studies that differ only in ``modality`` lesion the same units.
     """
 
     def __init__(
@@ -144,6 +149,7 @@ class LesionStudy:
         batched: bool = True,
         prefix_cache: bool = True,
         memory_mb: float = 512,
+        modality: str | Sequence[str] | None = None,
     ) -> None:
         if split == rank_split:
             raise NeuroprobeError(
@@ -164,6 +170,9 @@ class LesionStudy:
                 f"subject {subject.name!r} has no readout {self.readout!r}; it has {', '.join(subject.readouts) or 'none'}."
             )
         self.test = battery.split(split)
+        self.modality = _modalities(modality, self.test, battery.name)
+        if self.modality:
+            self.test = self.test[self.test["modality"].isin(self.modality)]
         self.rank_rows = battery.split(rank_split)
         if len(self.test) == 0 or len(self.rank_rows) == 0:
             raise NeuroprobeError(f"battery {battery.name!r} needs both {rank_split!r} and {split!r} stimuli for lesion studies.")
@@ -732,6 +741,19 @@ class LesionStudy:
         for (s, u, how), change in zip(chosen, changes):
             rows.append(self._row(concept, change, mode=mode, site=s, unit=u, chosen=how, dprime=float(d[(s, u)])))
         return pd.DataFrame(rows)
+
+
+def _modalities(modality: str | Sequence[str] | None, test: pd.DataFrame, battery: str) -> list[str]:
+    """The evaluation modalities asked for (empty: all), checked against the evaluation split."""
+    if modality is None:
+        return []
+    wanted = [m.strip() for m in (modality.split(",") if isinstance(modality, str) else modality) if m.strip()]
+    have = set(test["modality"])
+    missing = [m for m in wanted if m not in have]
+    if not wanted or missing:
+        raise NeuroprobeError(f"battery {battery!r} has no {', '.join(missing) or '(empty)'} stimuli to evaluate; "
+                              f"its modalities are {', '.join(sorted(have))}.")
+    return wanted
 
 
 def _group(df: pd.DataFrame) -> dict[str, np.ndarray]:

@@ -115,8 +115,8 @@ def register(app: typer.Typer) -> None:
             card = getattr(mod, "model_card", None)
         except ModuleNotFoundError:
             pass
-        if callable(card):
-            typer.echo(json.dumps(card(), indent=2, ensure_ascii=False))
+        if callable(card):  # a loader module's card takes the registry entry (one module may serve several)
+            typer.echo(json.dumps(card(spec=spec), indent=2, ensure_ascii=False))
         if sites:
             meta = init == "random" and spec.builds_on_meta
             subject = load_subject(name, init=init, weights=weights, device="meta" if meta else "cpu", quiet=True)

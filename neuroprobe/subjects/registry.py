@@ -152,6 +152,11 @@ REGISTRY: dict[str, SubjectSpec] = {
                     "neuroprobe.subjects.organism.subject:load_organism_subject",
                     modalities=("text", "image"), battery="digits",
                     description="small CLIP-style digit model trained in this repo"),
+        SubjectSpec("organism-cross", "neuroprobe cross-modal organism (committed weights)", "repo", "MIT", "220k",
+                    "neuroprobe.subjects.organism.subject:load_organism_subject",
+                    modalities=("text", "image", "pair"), battery="digits-cross",
+                    description="small cross-modal digit transformer (image and byte tokens in one stream) trained in this repo",
+                    extra={"arch": "cross"}),
     ]
 }
 

@@ -351,6 +351,13 @@ class TrainingData:
     text_ids: torch.Tensor       # [K, T] byte ids of every training text
     text_mask: torch.Tensor
     text_labels: torch.Tensor
+    text_word: torch.Tensor | None = None  # [K, 2] byte span [start, end) of the digit word in each text
+
+
+def word_span(template: str, word: str) -> tuple[int, int]:
+    """Byte span ``[start, end)`` of ``word`` in ``template.format(word)`` (UTF-8)."""
+    start = len(template[: template.index("{}")].encode("utf-8"))
+    return start, start + len(word.encode("utf-8"))
 
 
 def training_data() -> TrainingData:
@@ -360,10 +367,12 @@ def training_data() -> TrainingData:
     wr = render_items(items, TRAIN_FONTS)
     texts = text_items(TRAIN_TEMPLATES + random_templates())
     ids, mask = tokenize(texts["text"].tolist())
+    spans = [word_span(t, w) for t, w in zip(texts["template"], texts["word"])]
     return TrainingData(
         torch.from_numpy(hw).unsqueeze(1), torch.from_numpy(y),
         torch.from_numpy(wr).unsqueeze(1), torch.tensor(items["label"].to_numpy()),
         ids, mask, torch.tensor(texts["label"].to_numpy()),
+        torch.tensor(spans, dtype=torch.long).clamp(max=MAX_BYTES),
     )
 
 
@@ -411,8 +420,12 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(np.round(array * 255).astype(np.uint8), mode="L").save(path, optimize=True)
 
 
+#: the battery with pairs (an image and a text of one digit) beside the single-modality stimuli of ``digits``
+PAIRS_BATTERY = "digits-cross"
+
+
 def build_digits_battery(out_dir: str | Path, *, handwritten_per_split: int = 15, written_per_split: int = 6,
-                         seed: int = 0) -> pd.DataFrame:
+                         seed: int = 0, pairs: tuple[int, int] = (0, 0)) -> pd.DataFrame:
     """Write the ``digits`` battery (battery.json, stimuli.csv, images/) from held-out material only.
 
     Image stimuli: ``handwritten`` (held-out samples; screening and testing get
@@ -421,6 +434,13 @@ def build_digits_battery(out_dir: str | Path, *, handwritten_per_split: int = 15
     oblique 10).  Text stimuli: ``text-name``, ``text-numeral``, ``text-roman``,
     ``text-korean-sino``, ``text-korean-native`` in the held-out templates (screening:
     the first three, testing: the last three).
+
+    With ``pairs`` it writes the ``digits-cross`` battery instead: the same stimuli (same
+    ids, same pixels) plus **pairs** (modality ``pair``) that show one of the split's
+    images with one of the split's texts of the same digit: ``pair-handwritten`` (a
+    handwritten image) and ``pair-written`` (a drawn name, its written forms in turn); the
+    text's form cycles through the five text forms.  A cross-modal subject sees each
+    image alone, each text alone and the pairs in one recording.
 
     Parameters
     ----------
@@ -432,6 +452,9 @@ def build_digits_battery(out_dir: str | Path, *, handwritten_per_split: int = 15
         Drawn names per concept, written form and split (6 = every numeral rendering).
     seed
         Seed for choosing which held-out samples and renderings are shown.
+    pairs
+        ``(pair-handwritten, pair-written)`` stimuli per concept and split; ``(0, 0)``
+        (default) writes ``digits``.
 
     Returns
     -------
@@ -484,22 +507,57 @@ def build_digits_battery(out_dir: str | Path, *, handwritten_per_split: int = 15
                                  form=f"text-{form}", split=split, text=template.format(word), image="",
                                  cloze=template.format("{mask}"), target=word))
 
+    with_pairs = any(pairs)
+    if with_pairs:
+        rows += _pair_rows(rows, pairs, seed)
     table = pd.DataFrame(rows, columns=["id", "concept", "modality", "form", "split", "text", "image", "cloze", "target"])
     meta = {
-        "name": "digits",
+        "name": PAIRS_BATTERY if with_pairs else "digits",
         "description": (
             "The ten digits in every form the neuroprobe organism knows: held-out handwritten digits "
             "(scikit-learn load_digits, samples 1257+), the digit's name drawn in held-out font styles "
             "(English word, numeral, Roman numeral), and text (English, numeral, Roman, Sino-Korean, native "
             "Korean) in held-out templates. Nothing here was seen in training. Built by "
             "neuroprobe.subjects.organism.data.build_digits_battery."
+            + (" Besides every stimulus of the digits battery (same ids and pixels), pairs: one of the split's "
+               "images shown with one of the split's texts of the same digit (pair-handwritten, pair-written), "
+               "so image alone, text alone and both together are forms of one recording." if with_pairs else "")
         ),
         "concepts": {c: {"prompt": PROMPT_TEMPLATE.format(c), "names": concept_names(d)} for d, c in enumerate(CONCEPTS)},
         "readout": "zero_shot",
-        "subject": "organism",
+        "subject": "organism-cross" if with_pairs else "organism",
     }
     from neuroprobe.output import write_csv
 
     (out / "battery.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     write_csv(table, out / "stimuli.csv", encoding="utf-8")
     return table
+
+
+def _pair_rows(rows: list[dict], pairs: tuple[int, int], seed: int) -> list[dict]:
+    """The pair stimuli of :func:`build_digits_battery` (images and texts taken from ``rows``, split by split)."""
+    rng = np.random.default_rng([seed, 1])
+    table = pd.DataFrame(rows)
+    forms = list(TEXT_WORDS)
+    out: list[dict] = []
+    for split in ("screening", "testing"):
+        templates = [t for i, t in enumerate(HELDOUT_TEMPLATES) if (i < 3) == (split == "screening")]
+        for digit, concept in enumerate(CONCEPTS):
+            mine = table[(table["split"] == split) & (table["concept"] == concept)]
+            pools = {"handwritten": mine[mine["form"] == "handwritten"],
+                     "written": mine[mine["form"].str.startswith("written-")]}
+            for (kind, pool), n in zip(pools.items(), pairs):
+                if kind == "written":  # the written forms in turn
+                    by_form = [g for _, g in pool.groupby("form", sort=True)]
+                    take = [by_form[k % len(by_form)].iloc[int(rng.integers(len(by_form[k % len(by_form)])))]
+                            for k in range(n)]
+                else:
+                    take = [pool.iloc[int(i)] for i in np.sort(rng.choice(len(pool), size=min(n, len(pool)), replace=False))]
+                for k, img in enumerate(take):
+                    form = forms[k % len(forms)]
+                    word = TEXT_WORDS[form][digit]
+                    template = templates[int(rng.integers(len(templates)))]
+                    out.append(dict(id=f"{concept}-pair-{kind}-{split[0]}{k:02d}", concept=concept, modality="pair",
+                                    form=f"pair-{kind}", split=split, text=template.format(word), image=img["image"],
+                                    cloze=template.format("{mask}"), target=word))
+    return out

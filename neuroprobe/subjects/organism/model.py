@@ -87,11 +87,14 @@ class ImageTower(nn.Module):
 
 
 class ByteEmbedding(nn.Module):
-    """Byte embedding plus learned position embedding: ``[B, T]`` ids -> ``[B, T, width]``."""
+    """Byte embedding plus learned position embedding: ``[B, T]`` ids -> ``[B, T, width]``.
 
-    def __init__(self, width: int, max_len: int) -> None:
+    ``vocab`` is 256 (the bytes) plus any special tokens a model adds after them.
+    """
+
+    def __init__(self, width: int, max_len: int, vocab: int = 256) -> None:
         super().__init__()
-        self.bytes = nn.Embedding(256, width)
+        self.bytes = nn.Embedding(vocab, width)
         self.positions = nn.Parameter(torch.zeros(max_len, width))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -114,11 +117,17 @@ class SelfAttention(nn.Module):
         b, t, w = x.shape
         h = self.n_heads
         q, k, v = self.qkv(x).view(b, t, 3, h, w // h).permute(2, 0, 3, 1, 4)  # each [B, H, T, D]
-        scores = q @ k.transpose(-1, -2) / math.sqrt(w // h)
-        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-        ctx = scores.softmax(-1) @ v  # [B, H, T, D]
-        ctx = self.heads(ctx.transpose(1, 2).reshape(b, t, w))
-        return self.out(ctx)
+        return self.out(self.heads(attend(q, k, v, mask)))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scaled dot-product attention of ``q [B, H, Tq, D]`` over ``k, v [B, H, Tk, D]``; ``mask [B, Tk]`` marks
+    real keys.  Returns the concatenated head outputs ``[B, Tq, H·D]``."""
+    b, h, t, d = q.shape
+    scores = q @ k.transpose(-1, -2) / math.sqrt(d)
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    ctx = scores.softmax(-1) @ v  # [B, H, Tq, D]
+    return ctx.transpose(1, 2).reshape(b, t, h * d)
 
 
 class Block(nn.Module):
@@ -199,6 +208,14 @@ class OrganismModel(nn.Module):
     def scale(self) -> torch.Tensor:
         """The learned inverse temperature (clamped to at most 100)."""
         return self.logit_scale.exp().clamp(max=100.0)
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit-norm embeddings of images shown alone ``[N, D]``."""
+        return self(images)[0]
+
+    def embed_texts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Unit-norm embeddings of texts shown alone ``[N, D]``."""
+        return self(None, ids, mask)[1]
 
 
 def build_model(cfg: OrganismConfig | None = None, seed: int = 0) -> OrganismModel:

@@ -44,8 +44,8 @@ import torch
 from neuroprobe.errors import MissingWeightsError, NeuroprobeError
 from neuroprobe.subjects.base import Batch, SitePattern, Subject
 from neuroprobe.subjects.organism import data as D
-from neuroprobe.subjects.organism.model import OrganismConfig, OrganismModel, build_model
-from neuroprobe.subjects.organism.train import CARD_FILE, WEIGHTS_DIR, WEIGHTS_FILE, load_weights, sha256_file
+from neuroprobe.subjects.organism.model import OrganismConfig, OrganismModel
+from neuroprobe.subjects.organism.train import WEIGHTS_DIR, load_weights, sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from neuroprobe.stimuli.battery import Battery
@@ -94,13 +94,17 @@ class OrganismSubject(Subject):
     split_by_modality = True
     default_readout = "zero_shot"
 
-    def __init__(self, model: OrganismModel, **kwargs: Any) -> None:
-        super().__init__("organism", model, **kwargs)
+    def __init__(self, model: OrganismModel, name: str = "organism", **kwargs: Any) -> None:
+        super().__init__(name, model, **kwargs)
         self.config: OrganismConfig = model.config
-        self.site_patterns = _site_patterns(self.config)
+        self.site_patterns = self.patterns()
         self.readouts = {"zero_shot": _zero_shot, "zero_shot_correct": _zero_shot_correct}
         self.tensor_readouts = {"zero_shot": _zero_shot_tensor}
         self._reference: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def patterns(self) -> dict[str, list[SitePattern]]:
+        """Montage -> site patterns of this model (data; see the module docstring for the streams)."""
+        return _site_patterns(self.config)
 
     # --------------------------------------------------------------- encoding
     def images(self, rows: pd.DataFrame, battery: "Battery") -> torch.Tensor:
@@ -275,23 +279,38 @@ def _zero_shot_tensor(subject: OrganismSubject, stimuli: pd.DataFrame, battery: 
 
 
 # ------------------------------------------------------------------- loading
-def _resolve_weights(weights: Path | None) -> Path:
+def _arch(spec: Any) -> str:
+    """The organism architecture a registry entry names (``extra["arch"]``; the organism's entry: ``dual``)."""
+    return str((getattr(spec, "extra", None) or {}).get("arch", "dual"))
+
+
+def _resolve_weights(weights: Path | None, arch: str = "dual") -> Path:
+    from neuroprobe.subjects.organism.train import get_arch
+
+    a = get_arch(arch)
     if weights is None:
-        path = WEIGHTS_DIR / WEIGHTS_FILE
+        path = WEIGHTS_DIR / a.weights_file
     else:
         weights = Path(weights)
-        path = weights / WEIGHTS_FILE if weights.is_dir() else weights
+        path = weights / a.weights_file if weights.is_dir() else weights
     if not path.is_file():
+        flag = "" if arch == "dual" else f" --arch {arch}"
         raise MissingWeightsError(
-            f"organism weights {path} are missing; retrain them with `neuroprobe train-organism --out DIR` "
+            f"{a.subject} weights {path} are missing; retrain them with `neuroprobe train-organism{flag} --out DIR` "
             f"and pass --weights DIR (or reinstall neuroprobe, which ships them)."
         )
     return path
 
 
-def model_card(weights: str | Path | None = None) -> dict[str, Any]:
-    """The model card (``card.json`` next to the weights): recipe, versions, held-out accuracies, hashes."""
-    path = _resolve_weights(Path(weights) if weights else None).parent / CARD_FILE
+def model_card(weights: str | Path | None = None, arch: str = "dual", *, spec: Any = None) -> dict[str, Any]:
+    """The model card (``card.json`` next to the weights; ``card-cross.json`` for ``cross``): recipe, versions,
+    held-out accuracies, hashes.  ``spec`` (a registry entry) names the arch instead of ``arch``."""
+    from neuroprobe.subjects.organism.train import get_arch
+
+    if spec is not None:
+        arch = _arch(spec)
+
+    path = _resolve_weights(Path(weights) if weights else None, arch).parent / get_arch(arch).card_file
     if not path.is_file():
         return {}
     return json.loads(path.read_text(encoding="utf-8"))
@@ -309,44 +328,53 @@ def load_organism_subject(
     trust_remote_code: bool = False,
     **options: Any,
 ) -> OrganismSubject:
-    """Registry loader for ``organism``.
+    """Registry loader for ``organism`` and ``organism-cross``.
 
     Parameters
     ----------
     spec
-        The registry entry (unused beyond bookkeeping).
+        The registry entry; ``spec.extra["arch"]`` names the architecture (``dual`` when absent,
+        ``cross`` for ``organism-cross``).
     init
         ``"pretrained"``: the committed weights (or ``weights``); ``"random"``: the
         same architecture freshly initialised with ``seed`` (the untrained twin).
     weights
-        A folder holding ``organism.safetensors`` (as written by ``neuroprobe
-        train-organism --out``) or the file itself.
+        A folder holding the weights file (as written by ``neuroprobe train-organism
+        --out``) or the file itself.
     device, dtype
         Where and in which precision the model runs.
     seed
         Initialisation seed for ``init="random"``.
     """
+    from neuroprobe.subjects.organism.train import get_arch
+
+    arch = _arch(spec)
+    a = get_arch(arch)
     options.pop("quiet", None)
     if options:
-        raise NeuroprobeError(f"subject 'organism' does not take the option(s) {', '.join(sorted(options))}.")
+        raise NeuroprobeError(f"subject {a.subject!r} does not take the option(s) {', '.join(sorted(options))}.")
     if init not in ("pretrained", "random"):
         raise NeuroprobeError(f"init must be 'pretrained' or 'random', not {init!r}.")
     if init == "pretrained":
-        path = _resolve_weights(Path(weights) if weights else None)
+        path = _resolve_weights(Path(weights) if weights else None, arch)
         model = load_weights(path)
         digest = sha256_file(path)
         checkpoint = f"{path.name} sha256:{digest[:16]}"
         revision = "repo" if weights is None else "local"
     else:
-        cfg = OrganismConfig()
+        cfg = a.config()
         try:  # the committed card says which architecture the trained organism has
-            cfg = OrganismConfig.from_dict(model_card(weights).get("config", {}))
+            cfg = a.config(model_card(weights, arch).get("config", {}))
         except MissingWeightsError:
             pass
-        model = build_model(cfg, seed)
-        checkpoint, revision = f"organism (random init, seed {seed})", ""
+        model = a.build(cfg, seed)
+        checkpoint, revision = f"{a.subject} (random init, seed {seed})", ""
     model = model.to(device=torch.device(device), dtype=dtype).eval()
-    subject = OrganismSubject(model, device=device, init=init, checkpoint=checkpoint, revision=revision, seed=seed)
+    if arch == "cross":
+        from neuroprobe.subjects.organism.cross_subject import CrossSubject as cls
+    else:
+        cls = OrganismSubject
+    subject = cls(model, name=a.subject, device=device, init=init, checkpoint=checkpoint, revision=revision, seed=seed)
     subject.spec = spec
     return subject
 
