@@ -152,6 +152,23 @@ class Batch:
 Readout = Callable[["Subject", pd.DataFrame, "Battery"], np.ndarray]
 
 
+def replica_safe(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a readout function as safe to score many lesions in one call (replicas).
+
+    A readout is replica-safe when, called with its stimuli tiled ``L`` times
+    (replica-major: rows ``l*B .. l*B+B-1`` are copy ``l``), every forward pass it
+    makes over stimulus rows holds the same number of rows of each copy, copy after
+    copy (one pass over all rows it was given, or over the rows a per-row predicate
+    selects), any state it does not compute from those rows comes from the intact
+    model (e.g. prompts or prototypes cached by ``prepare_readout``), and it returns
+    one score per row, in order.  Then ``L`` lesions, each editing its own copy's rows
+    (:func:`neuroprobe.lesions.staged.replica_edits`), are scored in one call
+    (:mod:`neuroprobe.lesions.replicas`).
+    """
+    fn.replica_safe = True  # type: ignore[attr-defined]
+    return fn
+
+
 def _compile_glob(glob: str) -> re.Pattern[str]:
     # '*' matches one dotted path segment (a layer number, a module name) and is captured
     parts = [re.escape(p) for p in glob.split("*")]

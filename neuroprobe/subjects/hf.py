@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 
 from neuroprobe.errors import MissingWeightsError, NeuroprobeError, is_refused_pickle, refused_pickle
-from neuroprobe.subjects.base import Batch, SitePattern as P, Subject, tokens_in_spans
+from neuroprobe.subjects.base import Batch, SitePattern as P, Subject, replica_safe, tokens_in_spans
 from neuroprobe.subjects.registry import SubjectSpec
 
 # --------------------------------------------------------------------------- data
@@ -812,6 +812,7 @@ def _prototype_tensor(subject: HFSubject, stimuli: pd.DataFrame, battery) -> tor
     return logp[torch.arange(len(idx)), idx]
 
 
+@replica_safe
 def _readout_prototype(subject: HFSubject, stimuli: pd.DataFrame, battery) -> np.ndarray:
     """log-softmax over concepts of cos(stimulus, concept prompt)/T at the stimulus's concept.
 
