@@ -206,9 +206,11 @@ def test_a_tiled_call_makes_the_tiled_passes(subjects, battery, name, readout):
     """Each pass of a call on stimuli tiled L times is the plain call's pass with its rows tiled, replica-major
     (the passes do not depend on how many stimuli there are: what a prefix cache replays call by call)."""
     subject = subjects[name]
+    assert replicas.is_replica_safe(subject, readout)
     rows = _rows(battery, name, readout)
     fn = subject.readouts[readout]
-    first = [chain[0] for chain in resolve_blocks(subject).values()]
+    first = [names[0] for _, names in block_lists(subject.model)]  # the first layer of every stack
+    assert len(first) == {"lxmert": 3, "visualbert": 1, "vilbert": 3}[name]
     L = 3
     with torch.inference_mode():
         plain = capture_calls(subject.model, first, lambda: fn(subject, rows, battery))
