@@ -54,6 +54,18 @@ Readouts of LXMERT and VisualBERT
     head's size: 3129 VQA, 1842 GQA, 9500 pre-training answers (``neuroprobe/data/lxmert``).
     A readout that does not apply to a stimulus gives NaN for it (``vqa`` and the
     contrast of ``matching`` for text stimuli without reference images).
+
+Batched lesions of LXMERT and VisualBERT
+    Every readout is :func:`~neuroprobe.subjects.base.replica_safe`: ``vqa`` and
+    ``masked_lm`` make one pass over the rows they score; ``matching`` makes one pass per
+    block of :data:`CONCEPTS_PER_PASS` concepts, each over every scored row's pairs in row
+    order (:func:`concept_pair_scores`), so the passes do not depend on how many rows there
+    are.  Regions are looked up once per image and call (:meth:`_RegionSubject.region_table`;
+    the detector's are also kept by :class:`RegionSource`), so rows tiled once per lesion do
+    not re-run it.  Block order (``block_order``, ``block_inputs``): LXMERT runs the chains
+    ``language`` (``encoder.layer.*``), ``vision`` (``encoder.r_layers.*``), then ``cross``
+    (``encoder.x_layers.*``), which reads both; VisualBERT one chain ``joint``
+    (``encoder.layer.*``).  Each block runs once per pass.
 """
 from __future__ import annotations
 

@@ -30,6 +30,15 @@ Readouts
     name for "what is this?" (``battery.json`` key ``vqa_question`` overrides), image and
     pair stimuli.  Needs the VQA answer list (``answers=`` a JSON list or text file).
 
+Lesions
+-------
+Both readouts are :func:`~neuroprobe.subjects.base.replica_safe` (``vqa``: one pass;
+``alignment``: one pass per block of concepts over every row's pairs, see
+:func:`~neuroprobe.subjects.vision_language.concept_pair_scores`).  The block order is one
+chain, ``encoder``: the text, image and co-attention layers in the order the forward pass runs
+them (:func:`vilbert_block_order`); the streams exchange state at every co-attention layer, so
+they are not independent chains.
+
 Regions
 -------
 Image regions come from the same :class:`~neuroprobe.subjects.vision_language.RegionSource`
