@@ -563,8 +563,9 @@ class LxmertSubject(_RegionSubject):
     blank_region = True
     #: blocks in forward order: the language layers, the region (relational) layers, then the
     #: cross-modality layers, which read the last output of both streams; each runs once per pass
-    block_order = {"language": ["encoder.layer.*"], "vision": ["encoder.r_layers.*"], "cross": ["encoder.x_layers.*"]}
-    block_inputs = {"cross": ("language", "vision")}
+    block_order = {  # type: ignore[assignment]  # data here, a property of HFSubject
+        "language": ["encoder.layer.*"], "vision": ["encoder.r_layers.*"], "cross": ["encoder.x_layers.*"]}
+    block_inputs: dict[str, tuple[str, ...]] = {"cross": ("language", "vision")}
 
     def setup(self, **options: Any) -> None:  # noqa: D102 - see _RegionSubject.setup
         super().setup(**options)
@@ -682,7 +683,7 @@ class VisualBertSubject(_RegionSubject):
     match_label = 0
     blank_region = False
     #: one stream over the text tokens and the regions: the BERT layers, once each per pass
-    block_order = {"joint": ["encoder.layer.*"]}
+    block_order = {"joint": ["encoder.layer.*"]}  # type: ignore[assignment]  # data here, a property of HFSubject
     block_inputs: dict[str, tuple[str, ...]] = {}
 
     def setup(self, **options: Any) -> None:  # noqa: D102 - see _RegionSubject.setup

@@ -85,7 +85,6 @@ RegionFn = Callable[[Any, str], tuple[Any, Any]]
 TOKENIZER_ID = "bert-base-uncased"
 
 
-
 def vilbert_block_order(config: ViLBERTConfig) -> dict[str, list[str]]:
     """The encoder's layers as one chain in the order a forward pass runs them (:meth:`ViLBERTConfig.run_order`).
 
