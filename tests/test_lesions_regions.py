@@ -128,9 +128,9 @@ def _rows(battery: Battery, subject: str, readout: str) -> pd.DataFrame:
     return t.reset_index(drop=True)
 
 
-def _units(subject, battery: Battery) -> dict[str, int]:
-    """Units of every site (read from one intact pass)."""
-    sites = subject.sites(SITES[subject.name])
+def _units(subject, battery: Battery, names: list[str] | None = None) -> dict[str, int]:
+    """Units of every site (default: :data:`SITES`), read from one intact pass."""
+    sites = subject.sites(names or SITES[subject.name])
     with torch.inference_mode(), Electrodes(subject.model, sites) as el:
         subject.forward(subject.encode(battery.table.iloc[[0, 3, 4]], battery))
     return {s.name: int(el.data[s.name].shape[-1]) for s in sites}
@@ -332,3 +332,107 @@ def test_detector_regions_tiled_once_per_image(folders, battery, tmp_path, monke
     assert sum(detected) == len(images)  # cached: single lesions do not detect again
     scale = np.nanmax(np.abs(single))
     assert np.nanmax(np.abs(batched - single)) <= TOL * scale
+
+
+# ------------------------------------------------------- the declared order, replayed
+
+
+def _tile_output(x, n: int):
+    if isinstance(x, torch.Tensor):
+        return x.repeat(n, *[1] * (x.dim() - 1))
+    if isinstance(x, tuple):
+        return tuple(_tile_output(v, n) for v in x)
+    return x
+
+
+def _replayed_scores(subject, battery: Battery, rows: pd.DataFrame, lesions, readout: str,
+                     block_inputs: dict[str, tuple[str, ...]]) -> np.ndarray:
+    """Replica scores with the prefix cache of the design (LESION23.md) written out on the declared data.
+
+    The intact call records every declared block's output per call; in the tiled call, the blocks
+    of a chain before its earliest lesioned block, and every block of a chain no lesion reaches
+    and which reads no lesioned chain (``block_inputs``, transitively), return their recorded
+    outputs tiled instead of computing.
+    """
+    from neuroprobe.lesions.staged import stage_of
+
+    blocks = resolve_blocks(subject)
+    fn = subject.readouts[readout]
+    recorded: dict[str, list] = {b: [] for names in blocks.values() for b in names}
+    handles = [subject.model.get_submodule(b).register_forward_hook(
+        lambda mod, args, out, _b=b: recorded[_b].append(out)) for b in recorded]
+    try:
+        with torch.inference_mode():
+            fn(subject, rows.reset_index(drop=True), battery)
+    finally:
+        for h in handles:
+            h.remove()
+    sites = {s.name: s for s in subject.sites("all")}
+    cut: dict[str, int | None] = {c: None for c in blocks}
+    for les in lesions:
+        for name in les:
+            chain, i = stage_of(blocks, sites[name])
+            cut[chain] = i if cut[chain] is None else min(cut[chain], i)
+    changed = True
+    while changed:  # a chain that reads a changed chain runs from its start
+        changed = False
+        for chain, deps in block_inputs.items():
+            if cut[chain] != 0 and any(cut[d] is not None for d in deps):
+                cut[chain], changed = 0, True
+    replay = [b for c, names in blocks.items() for b in (names if cut[c] is None else names[: cut[c]])]
+    modules = {b: subject.model.get_submodule(b) for b in replay}
+    for b, module in modules.items():
+        calls = iter(recorded[b])
+        module.forward = lambda *a, _calls=calls, **k: _tile_output(next(_calls), len(lesions))
+    try:
+        return replicas.replica_scores(subject, battery, rows, lesions, "zero", readout=readout)
+    finally:
+        for module in modules.values():
+            del module.forward
+
+
+#: lesion groups by where they start: (subject, readout, sites of the group, blocks the cache replays)
+REPLAY = [
+    ("lxmert", "matching", ["cross.1.lang_mlp", "cross.0.xattn#1"], 4),  # both streams whole, cross layer 0
+    ("lxmert", "masked_lm", ["cross.0.visn"], 4),  # (the last cross layer's region output reaches no readout)
+    ("lxmert", "matching", ["visn.1.mlp"], 3),  # language whole, vision layer 0; cross runs (it reads vision)
+    ("lxmert", "vqa", ["lang.1", "lang.1.attn"], 3),  # vision whole, language layer 0
+    ("visualbert", "matching", ["encoder.layer.1.mlp"], 1),
+    ("vilbert", "alignment", ["co.1.text_mlp", "image.1.attn"], 4),  # text 0, co 0, text 1, image 0
+    ("vilbert", "vqa", ["text.3.mlp"], 9),  # the last block: everything before it replays
+]
+
+
+@pytest.mark.parametrize("name,readout,group,n_replayed", REPLAY)
+def test_the_declared_blocks_replay_to_the_single_scores(subjects, battery, name, readout, group, n_replayed):
+    """What a prefix cache built on ``block_order``/``block_inputs`` computes equals single lesions: the declared
+    blocks run once per pass, their outputs depend on their inputs only, and the chains read what they declare."""
+    subject = subjects[name]
+    rows = _rows(battery, name, readout)
+    units = _units(subject, battery, group)
+    rng = np.random.default_rng(3)
+    lesions = [{}] + [{s: np.sort(rng.choice(units[s], units[s] // 2, replace=False))} for s in group]
+    lesions.append({s: np.arange(0, units[s], 3) for s in group})
+    single = _single(subject, battery, rows, lesions, "zero", readout=readout)
+    declared = getattr(subject, "block_inputs", {})
+    blocks = resolve_blocks(subject)
+    sites = {s.name: s for s in subject.sites("all")}
+    from neuroprobe.lesions.staged import stage_of
+
+    first = {}
+    for s in group:
+        chain, i = stage_of(blocks, sites[s])
+        first[chain] = min(first.get(chain, i), i)
+    reads = {c for c, deps in declared.items() if set(deps) & set(first)}
+    assert n_replayed == sum(len(names) if c not in first and c not in reads else first.get(c, 0)
+                             for c, names in blocks.items())
+    replayed = _replayed_scores(subject, battery, rows, lesions, readout, declared)
+    finite = np.isfinite(single)
+    scale = np.abs(single[finite]).max()
+    assert np.array_equal(np.isnan(replayed), np.isnan(single))
+    assert np.abs(replayed - single)[finite].max() <= TOL * scale
+    assert np.nanmax(np.abs(single[1:] - single[0])) > 1e-3 * scale
+    if declared:  # without block_inputs, the cross layers would replay intact outputs: wrong when a stream is lesioned
+        wrong = _replayed_scores(subject, battery, rows, lesions, readout, {})
+        lesioned_stream = set(first) - {"cross"}
+        assert (np.nanmax(np.abs(wrong - single)) > 1e-3 * scale) == bool(lesioned_stream)
