@@ -54,6 +54,18 @@ Readouts of LXMERT and VisualBERT
     head's size: 3129 VQA, 1842 GQA, 9500 pre-training answers (``neuroprobe/data/lxmert``).
     A readout that does not apply to a stimulus gives NaN for it (``vqa`` and the
     contrast of ``matching`` for text stimuli without reference images).
+
+Batched lesions of LXMERT and VisualBERT
+    Every readout is :func:`~neuroprobe.subjects.base.replica_safe`: ``vqa`` and
+    ``masked_lm`` make one pass over the rows they score; ``matching`` makes one pass per
+    block of :data:`CONCEPTS_PER_PASS` concepts, each over every scored row's pairs in row
+    order (:func:`concept_pair_scores`), so the passes do not depend on how many rows there
+    are.  Regions are looked up once per image and call (:meth:`_RegionSubject.region_table`;
+    the detector's are also kept by :class:`RegionSource`), so rows tiled once per lesion do
+    not re-run it.  Block order (``block_order``, ``block_inputs``): LXMERT runs the chains
+    ``language`` (``encoder.layer.*``), ``vision`` (``encoder.r_layers.*``), then ``cross``
+    (``encoder.x_layers.*``), which reads both; VisualBERT one chain ``joint``
+    (``encoder.layer.*``).  Each block runs once per pass.
 """
 from __future__ import annotations
 
@@ -61,7 +73,7 @@ import json
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -69,14 +81,15 @@ import torch
 
 from neuroprobe.errors import MissingWeightsError, NeuroprobeError
 from neuroprobe.stimuli.images import ClipPreprocess
-from neuroprobe.subjects.base import Batch, encode_dual_encoder
+from neuroprobe.subjects.base import Batch, encode_dual_encoder, replica_safe
 from neuroprobe.subjects.hf import HFSubject, masked_cloze, masked_target_logprob
 
 #: Question asked of image stimuli by the ``vqa`` readout (``battery.json`` key ``vqa_question`` overrides).
 DEFAULT_QUESTION = "What is in the picture?"
 
-#: Image–text pairs per forward pass in the ``matching`` readout.
-PAIRS_PER_PASS = 64
+#: Concepts per forward pass of the ``matching`` readout (pass ``j`` pairs every scored stimulus with
+#: concepts ``j*K .. j*K+K-1``; see :func:`concept_pair_scores`).
+CONCEPTS_PER_PASS = 4
 
 #: Answer vocabularies by head size (files under ``neuroprobe/data/lxmert``).
 ANSWER_FILES = {3129: "vqa/trainval_label2ans.json", 1842: "gqa/trainval_label2ans.json", 9500: "lxmert/all_ans.json"}
@@ -345,10 +358,27 @@ class _RegionSubject(HFSubject):
                 out.append(str(row["text"]))
         return out
 
-    def visual_inputs(self, images: Sequence[str | None], battery) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Padded regions of images (``None`` = a text-only stimulus): features, boxes, mask ``[B, R]``."""
-        paths = [p for p in images if p]
-        found = dict(zip(paths, self.regions(battery, paths))) if paths else {}
+    def region_table(self, images: Sequence[str | None], battery) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Regions (features, boxes) of each distinct image among ``images`` (``None`` entries are skipped).
+
+        Each image is looked up once, however often it occurs (stimuli tiled once per lesion
+        do not re-run the detector; :class:`RegionSource` also keeps detected regions).
+        """
+        unique = list(dict.fromkeys(p for p in images if p))
+        return dict(zip(unique, self.regions(battery, unique))) if unique else {}
+
+    def visual_inputs(
+        self,
+        images: Sequence[str | None],
+        battery,
+        found: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Padded regions of images (``None`` = a text-only stimulus): features, boxes, mask ``[B, R]``.
+
+        ``found``: regions already looked up (:meth:`region_table`); default: look them up.
+        """
+        if found is None:
+            found = self.region_table(images, battery)
         per: list[tuple[torch.Tensor, torch.Tensor]] = []
         D = self.feature_dim
         for p in images:
@@ -390,14 +420,22 @@ class _RegionSubject(HFSubject):
         inputs = self.model_inputs(texts, visual)
         return head(**{k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()})
 
-    def match_logodds(self, texts: Sequence[str], images: Sequence[str], battery) -> torch.Tensor:
-        """log-odds that each (text, image) pair matches, ``[N]``."""
-        out = []
-        for start in range(0, len(texts), PAIRS_PER_PASS):
-            t, im = list(texts[start : start + PAIRS_PER_PASS]), list(images[start : start + PAIRS_PER_PASS])
-            logits = self._match_logits(self.head_outputs(t, self.visual_inputs(im, battery))).float()
-            out.append(logits[:, self.match_label] - logits[:, 1 - self.match_label])
-        return torch.cat(out) if out else torch.zeros(0)
+    def match_logodds(
+        self,
+        texts: Sequence[str],
+        images: Sequence[str],
+        battery,
+        found: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
+        """log-odds that each (text, image) pair matches, ``[N]``, in one forward pass.
+
+        ``found``: regions already looked up (:meth:`region_table`).
+        """
+        if not len(texts):
+            return torch.zeros(0)
+        logits = self._match_logits(self.head_outputs(list(texts), self.visual_inputs(list(images), battery, found)))
+        logits = logits.float()
+        return logits[:, self.match_label] - logits[:, 1 - self.match_label]
 
     def _match_logits(self, outputs: Any) -> torch.Tensor:
         raise NotImplementedError
@@ -419,37 +457,77 @@ class _RegionSubject(HFSubject):
         return out
 
 
-def readout_matching(subject: _RegionSubject, stimuli: pd.DataFrame, battery) -> np.ndarray:
-    """log-softmax over concepts of the image–text match log-odds, at the stimulus's concept."""
-    concepts = battery.concept_names
-    prompts = [str(battery.concepts[c]["prompt"]) for c in concepts]
-    refs = subject.reference_images(battery)
-    texts: list[str] = []
-    images: list[str] = []
-    usable = []
-    for _, row in stimuli.iterrows():
-        if row["modality"] in ("image", "pair"):
-            texts += prompts
-            images += [str(row["image"])] * len(concepts)
-            usable.append(True)
-        elif len(refs) == len(concepts):
-            texts += [str(row["text"])] * len(concepts)
-            images += [refs[c] for c in concepts]
-            usable.append(True)
-        else:
-            usable.append(False)
-    out = np.full(len(stimuli), np.nan)
-    if not texts:
+def concept_pair_scores(
+    score: Callable[[list[int], list[int]], torch.Tensor],
+    n_rows: int,
+    n_concepts: int,
+    per_pass: int = CONCEPTS_PER_PASS,
+) -> torch.Tensor:
+    """Scores of every (row, concept) pair, ``[n_rows, n_concepts]``, in passes over concept blocks.
+
+    Pass ``j`` scores every row with concepts ``j*per_pass ..`` (row-major: a row's pairs
+    together, rows in order), so the passes do not depend on how many rows there are and a
+    pass over rows tiled once per lesion holds each copy's pairs, copy after copy
+    (:func:`~neuroprobe.subjects.base.replica_safe`).
+
+    Parameters
+    ----------
+    score
+        ``score(rows, concepts) -> [len(rows)]``: one forward pass over the pairs
+        ``(rows[k], concepts[k])``.
+    n_rows, n_concepts
+        How many rows and concepts.
+    per_pass
+        Concepts per pass.
+    """
+    out = torch.zeros(n_rows, n_concepts)
+    if not n_rows:
         return out
-    scores = subject.match_logodds(texts, images, battery).view(-1, len(concepts)).log_softmax(-1).cpu()
-    k = 0
-    for i, (ok, concept) in enumerate(zip(usable, stimuli["concept"])):
-        if ok:
-            out[i] = float(scores[k, concepts.index(concept)])
-            k += 1
+    for a in range(0, n_concepts, per_pass):
+        block = list(range(a, min(a + per_pass, n_concepts)))
+        rows = [i for i in range(n_rows) for _ in block]
+        concepts = block * n_rows
+        out[:, a : a + len(block)] = score(rows, concepts).float().cpu().view(n_rows, len(block))
     return out
 
 
+@replica_safe
+def readout_matching(subject: _RegionSubject, stimuli: pd.DataFrame, battery) -> np.ndarray:
+    """log-softmax over concepts of the image–text match log-odds, at the stimulus's concept.
+
+    Every scored stimulus is paired with every concept (image and pair stimuli: their image
+    with the concept's prompt; text stimuli: their text with the concept's reference image),
+    in passes over blocks of concepts (:func:`concept_pair_scores`); the regions of every image
+    are looked up once per call.
+    """
+    concepts = battery.concept_names
+    prompts = [str(battery.concepts[c]["prompt"]) for c in concepts]
+    refs = subject.reference_images(battery)
+    has_refs = len(refs) == len(concepts)
+    modality = stimuli["modality"].to_numpy()
+    seen = np.isin(modality, ("image", "pair"))
+    usable = np.flatnonzero(seen | (has_refs & (modality == "text")))
+    out = np.full(len(stimuli), np.nan)
+    if not len(usable):
+        return out
+    texts = stimuli["text"].astype(str).to_numpy()
+    images = stimuli["image"].astype(str).to_numpy() if "image" in stimuli else np.full(len(stimuli), "")
+    ref_images = [refs.get(c, "") for c in concepts]
+    found = subject.region_table([images[i] for i in usable if seen[i]] + (ref_images if has_refs else []), battery)
+
+    def score(rows: list[int], cs: list[int]) -> torch.Tensor:
+        rows = [int(usable[r]) for r in rows]
+        pair_texts = [prompts[c] if seen[i] else texts[i] for i, c in zip(rows, cs)]
+        pair_images = [images[i] if seen[i] else ref_images[c] for i, c in zip(rows, cs)]
+        return subject.match_logodds(pair_texts, pair_images, battery, found)
+
+    logp = concept_pair_scores(score, len(usable), len(concepts)).log_softmax(-1)
+    target = [concepts.index(c) for c in stimuli["concept"].iloc[usable]]
+    out[usable] = logp[torch.arange(len(usable)), torch.tensor(target)].double().numpy()
+    return out
+
+
+@replica_safe
 def readout_masked_lm(subject: _RegionSubject, stimuli: pd.DataFrame, battery) -> np.ndarray:
     """Sum of log p(cloze target tokens) with the stimulus's image as visual input."""
     tok = subject.tokenizer
@@ -483,6 +561,11 @@ class LxmertSubject(_RegionSubject):
 
     match_label = 1
     blank_region = True
+    #: blocks in forward order: the language layers, the region (relational) layers, then the
+    #: cross-modality layers, which read the last output of both streams; each runs once per pass
+    block_order = {  # type: ignore[assignment]  # data here, a property of HFSubject
+        "language": ["encoder.layer.*"], "vision": ["encoder.r_layers.*"], "cross": ["encoder.x_layers.*"]}
+    block_inputs: dict[str, tuple[str, ...]] = {"cross": ("language", "vision")}
 
     def setup(self, **options: Any) -> None:  # noqa: D102 - see _RegionSubject.setup
         super().setup(**options)
@@ -563,6 +646,7 @@ class LxmertSubject(_RegionSubject):
         return self._answers
 
 
+@replica_safe
 def readout_vqa(subject: LxmertSubject, stimuli: pd.DataFrame, battery) -> np.ndarray:
     """log p(concept's name) among the answers, for the pair's question or the battery's ``vqa_question``."""
     answers = subject.answers
@@ -598,6 +682,9 @@ class VisualBertSubject(_RegionSubject):
 
     match_label = 0
     blank_region = False
+    #: one stream over the text tokens and the regions: the BERT layers, once each per pass
+    block_order = {"joint": ["encoder.layer.*"]}  # type: ignore[assignment]  # data here, a property of HFSubject
+    block_inputs: dict[str, tuple[str, ...]] = {}
 
     def setup(self, **options: Any) -> None:  # noqa: D102 - see _RegionSubject.setup
         super().setup(**options)

@@ -30,6 +30,15 @@ Readouts
     name for "what is this?" (``battery.json`` key ``vqa_question`` overrides), image and
     pair stimuli.  Needs the VQA answer list (``answers=`` a JSON list or text file).
 
+Lesions
+-------
+Both readouts are :func:`~neuroprobe.subjects.base.replica_safe` (``vqa``: one pass;
+``alignment``: one pass per block of concepts over every row's pairs, see
+:func:`~neuroprobe.subjects.vision_language.concept_pair_scores`).  The block order is one
+chain, ``encoder``: the text, image and co-attention layers in the order the forward pass runs
+them (:func:`vilbert_block_order`); the streams exchange state at every co-attention layer, so
+they are not independent chains.
+
 Regions
 -------
 Image regions come from the same :class:`~neuroprobe.subjects.vision_language.RegionSource`
@@ -63,11 +72,11 @@ import pandas as pd
 import torch
 
 from neuroprobe.errors import MissingWeightsError, NeuroprobeError
-from neuroprobe.subjects.base import Batch, SitePattern as P, Subject, tokens_in_spans
+from neuroprobe.subjects.base import Batch, SitePattern as P, Subject, replica_safe, tokens_in_spans
 from neuroprobe.subjects.vilbert.config import CHECKPOINTS, TASK_IDS, ViLBERTConfig
 from neuroprobe.subjects.vilbert.load import load_vilbert, prepare_regions, resolve_weights
 from neuroprobe.subjects.vilbert.model import ViLBERTModel, ViLBERTOutput
-from neuroprobe.subjects.vision_language import RegionSource
+from neuroprobe.subjects.vision_language import RegionSource, concept_pair_scores
 
 #: A plain region function: fn(battery, image path relative to the battery) -> (features [R, D], boxes [R, 4])
 RegionFn = Callable[[Any, str], tuple[Any, Any]]
@@ -75,8 +84,17 @@ RegionFn = Callable[[Any, str], tuple[Any, Any]]
 #: Hugging Face id of the tokenizer ViLBERT was trained with.
 TOKENIZER_ID = "bert-base-uncased"
 
-#: Image-text pairs per forward pass in the alignment readout.
-PAIRS_PER_PASS = 64
+
+def vilbert_block_order(config: ViLBERTConfig) -> dict[str, list[str]]:
+    """The encoder's layers as one chain in the order a forward pass runs them (:meth:`ViLBERTConfig.run_order`).
+
+    The text and image streams exchange state at every co-attention layer (text layer
+    ``i`` after co-attention layer ``k`` reads its output, which read both streams), so
+    they are not separate chains: a lesion at any layer changes only the layers after it in
+    this order, and every layer runs once per forward pass.
+    """
+    names = {"text": "layer", "image": "v_layer", "co": "c_layer"}
+    return {"encoder": [f"bert.encoder.{names[stream]}.{i}" for stream, i in config.run_order()]}
 
 
 def vilbert_site_patterns(config: ViLBERTConfig) -> dict[str, list[P]]:
@@ -210,6 +228,8 @@ class ViLBERTSubject(Subject):
     """ViLBERT with text and image-region streams (see the module docstring)."""
 
     modalities = ("text", "image", "pair")
+    #: one chain (see :func:`vilbert_block_order`): no chain reads another
+    block_inputs: dict[str, tuple[str, ...]] = {}
 
     def __init__(
         self,
@@ -241,6 +261,7 @@ class ViLBERTSubject(Subject):
         # positions beyond the position table do not exist (tiny configs have few)
         self.max_length = min(max_length, self.config.max_position_embeddings)
         self.site_patterns = vilbert_site_patterns(self.config)
+        self.block_order = vilbert_block_order(self.config)
         self.readouts = {"alignment": readout_alignment}
         if self.config.task_heads:
             self.readouts["vqa"] = readout_vqa
@@ -354,17 +375,14 @@ class ViLBERTSubject(Subject):
 
     # ------------------------------------------------------------ readout helpers
     def match_scores(self, texts: list[str], images: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Image-text match score per pair (retrieval logit, or log p(match) for the pretrained model)."""
-        out = []
-        for start in range(0, len(texts), PAIRS_PER_PASS):
-            t, im = texts[start : start + PAIRS_PER_PASS], images[start : start + PAIRS_PER_PASS]
-            if self.config.task_heads:
-                res = self.forward(self.build_inputs(t, im, task="retrieval_coco"), heads=("retrieval",))
-                out.append(res.logits["retrieval"].float())
-            else:
-                res = self.forward(self.build_inputs(t, im), heads=("alignment",))
-                out.append(res.logits["alignment"].float().log_softmax(-1)[:, 0])
-        return torch.cat(out).cpu()
+        """Image-text match score per pair (retrieval logit, or log p(match) for the pretrained model), one pass."""
+        if not texts:
+            return torch.zeros(0)
+        if self.config.task_heads:
+            res = self.forward(self.build_inputs(texts, images, task="retrieval_coco"), heads=("retrieval",))
+            return res.logits["retrieval"].float().cpu()
+        res = self.forward(self.build_inputs(texts, images), heads=("alignment",))
+        return res.logits["alignment"].float().log_softmax(-1)[:, 0].cpu()
 
     def reference_image(self, battery: Any, concept: str) -> str:
         """The first image (image or pair stimulus) of ``concept`` in the battery."""
@@ -379,28 +397,34 @@ class ViLBERTSubject(Subject):
 
 
 # --------------------------------------------------------------------------- readouts
+@replica_safe
 def readout_alignment(subject: ViLBERTSubject, stimuli: pd.DataFrame, battery: Any) -> np.ndarray:
-    """Log-softmax over concepts of the image-text match score, at the stimulus's concept."""
+    """Log-softmax over concepts of the image-text match score, at the stimulus's concept.
+
+    Every stimulus is paired with every concept in passes over blocks of concepts
+    (:func:`~neuroprobe.subjects.vision_language.concept_pair_scores`); each image's regions
+    are looked up once per call.
+    """
     concepts = battery.concept_names
     prompts = [str(battery.concepts[c].get("prompt", c)) for c in concepts]
-    texts: list[str] = []
-    paths: list[str] = []
-    for _, row in stimuli.iterrows():
-        if row["modality"] == "text":
-            texts += [str(row["text"])] * len(concepts)
-            paths += [subject.reference_image(battery, c) for c in concepts]
-        else:
-            texts += prompts
-            paths += [str(row["image"])] * len(concepts)
-    unique = list(dict.fromkeys(paths))
+    is_text = (stimuli["modality"] == "text").to_numpy()
+    texts = stimuli["text"].astype(str).tolist()
+    paths = [None if t else str(p) for t, p in zip(is_text, stimuli["image"])]
+    refs = [subject.reference_image(battery, c) for c in concepts] if is_text.any() else []
+    unique = list(dict.fromkeys([p for p in paths if p is not None] + refs))
     found = dict(zip(unique, subject.regions_of(battery, unique)))
-    images = [found[p] for p in paths]
-    scores = subject.match_scores(texts, images).reshape(len(stimuli), len(concepts))
-    logp = scores.double().log_softmax(-1)
+
+    def score(rows: list[int], cs: list[int]) -> torch.Tensor:
+        pair_texts = [texts[i] if is_text[i] else prompts[c] for i, c in zip(rows, cs)]
+        pair_images = [found[refs[c]] if is_text[i] else found[paths[i]] for i, c in zip(rows, cs)]
+        return subject.match_scores(pair_texts, pair_images)
+
+    logp = concept_pair_scores(score, len(stimuli), len(concepts)).double().log_softmax(-1)
     idx = torch.tensor([concepts.index(c) for c in stimuli["concept"]])
     return logp[torch.arange(len(idx)), idx].numpy()
 
 
+@replica_safe
 def readout_vqa(subject: ViLBERTSubject, stimuli: pd.DataFrame, battery: Any) -> np.ndarray:
     """log p(best name of the concept) among the VQA answers, for "what is this?" about the stimulus's image."""
     if subject.answers is None:
