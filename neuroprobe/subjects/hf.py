@@ -877,7 +877,7 @@ def _seq2seq_tensor(subject: HFSubject, stimuli: pd.DataFrame, battery) -> torch
     for labels, offsets, (a, b) in zip(dec["input_ids"], dec["offset_mapping"], spans):
         hit = [j for j, (x, y) in enumerate(offsets) if x < b and y > a]
         pairs.append((hit, [labels[j] for j in hit]))
-    start = head.config.decoder_start_token_id
+    start = getattr(head.config, "decoder_start_token_id", None)
     pad = tok.pad_token_id
     start = pad if start is None else start
     keep = max((p[-1] + 1 for p, _ in pairs if p), default=1)
