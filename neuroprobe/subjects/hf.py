@@ -79,13 +79,17 @@ class Architecture:
     blocks: tuple[str, ...] | dict[str, tuple[str, ...]] = ()
     #: chain -> the chains whose outputs it reads (an encoder-decoder's decoder reads its encoder)
     block_inputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: the head model's module that maps the base model's last hidden state to token logits, position by
+    #: position ("" when the head does more, e.g. BART's logit bias): readouts apply it at the scored positions only
+    lm_head: str = ""
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "bert": Architecture("BertModel", "BertForMaskedLM", _BERT_LIKE, ("masked_lm", "prototype"), blocks=("encoder.layer.*",)),
+    "bert": Architecture("BertModel", "BertForMaskedLM", _BERT_LIKE, ("masked_lm", "prototype"), blocks=("encoder.layer.*",),
+                         lm_head="cls"),
     "minilm": Architecture("BertModel", "BertModel", _BERT_LIKE, ("prototype",), blocks=("encoder.layer.*",)),
     "roberta": Architecture("RobertaModel", "RobertaForMaskedLM", _BERT_LIKE, ("masked_lm", "prototype"),
-                            blocks=("encoder.layer.*",)),
+                            blocks=("encoder.layer.*",), lm_head="lm_head"),
     "xlnet": Architecture(
         "XLNetModel", "XLNetLMHeadModel",
         {
@@ -128,7 +132,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             "resid": [P("h.*", "output", "resid", name="h.{0}")],
             "attn": [P("h.*.attn.c_proj", "input", "attn", name="h.{0}.attn")],
         },
-        ("next_token",), kind="decoder", blocks=("h.*",),
+        ("next_token",), kind="decoder", blocks=("h.*",), lm_head="lm_head",
     ),
     "clip": Architecture(
         "CLIPModel", "CLIPModel",
@@ -759,19 +763,23 @@ def _slot_logprob(logits: torch.Tensor, tgt: torch.Tensor, valid: torch.Tensor) 
 
 
 def _masked_lm_tensor(subject: HFSubject, stimuli: pd.DataFrame, battery) -> torch.Tensor:
-    """The ``masked_lm`` readout as a differentiable tensor (one padded pass; log-softmax at the mask slots only)."""
+    """The ``masked_lm`` readout as a differentiable tensor: one padded pass, logits at the mask slots only."""
     head = subject.require_head()
     tok = subject.tokenizer
     texts, targets = masked_cloze(tok, stimuli)
     enc = tok(texts, padding=True, return_tensors="pt").to(subject.device)
-    logits = head(**enc).logits
     pairs = []
     for i, target in enumerate(targets):
         where = (enc["input_ids"][i] == tok.mask_token_id).nonzero().flatten().tolist()
         k = min(len(where), len(target))
         pairs.append((where[:k], target[:k]))
-    pos, tgt, valid = _slots(pairs, logits.device)
-    return _slot_logprob(logits[torch.arange(len(pairs), device=logits.device).unsqueeze(1), pos], tgt, valid)
+    pos, tgt, valid = _slots(pairs, subject.device)
+    rows = torch.arange(len(pairs), device=subject.device).unsqueeze(1)
+    if subject.arch.lm_head:  # the base model, then the LM head at the mask slots only
+        inputs = {k: v for k, v in enc.items() if k in _forward_args(subject.model)}
+        hidden = subject.model(**inputs).last_hidden_state
+        return _slot_logprob(head.get_submodule(subject.arch.lm_head)(hidden[rows, pos]), tgt, valid)
+    return _slot_logprob(head(**enc).logits[rows, pos], tgt, valid)
 
 
 @replica_safe
@@ -843,7 +851,7 @@ def _next_token_tensor(subject: HFSubject, stimuli: pd.DataFrame, battery) -> to
     # the logit at position j predicts token j + 1
     pos, tgt, valid = _slots([(list(range(len(p) - 1, len(p) + len(t) - 1)), t) for p, t in parts], dev)
     hidden = subject.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    return _slot_logprob(head.get_output_embeddings()(hidden[rows, pos]), tgt, valid)
+    return _slot_logprob(head.get_submodule(subject.arch.lm_head or "lm_head")(hidden[rows, pos]), tgt, valid)
 
 
 @replica_safe
