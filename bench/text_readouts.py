@@ -88,7 +88,7 @@ def main() -> None:
                 fn = subject.readouts[readout]
                 wo, co, so = best(lambda: old(subject, rows, battery), args.repeats)
                 wn, cn, sn = best(lambda: fn(subject, rows, battery), args.repeats)
-                lines.append(f"| {name} {size} ({subject.n_parameters / 1e6:.1f} M) | {readout} | {co:.3f} | {cn:.3f} | "
+                lines.append(f"| {name} {size} ({subject.n_parameters / 1e6:.3g} M) | {readout} | {co:.3f} | {cn:.3f} | "
                              f"**{co / cn:.1f}×** | {wo:.3f} | {wn:.3f} | {np.abs(so - sn).max():.1e} |")
                 print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
