@@ -52,12 +52,13 @@ def _small(arch: str, tiny: Path, out: Path) -> Path:
     return out
 
 
-def best(fn, repeats: int) -> tuple[float, float, np.ndarray]:
+def best(fn, subject, rows, battery, repeats: int) -> tuple[float, float, np.ndarray]:
+    """Best wall and CPU seconds of ``fn(subject, rows, battery)`` over ``repeats`` calls, and its scores."""
     runs = []
     for _ in range(repeats):
         w, c = time.perf_counter(), time.process_time()
         with torch.inference_mode():
-            out = fn()
+            out = fn(subject, rows, battery)
         runs.append((time.perf_counter() - w, time.process_time() - c, out))
     w = min(r[0] for r in runs)
     c = min(r[1] for r in runs)
@@ -86,8 +87,8 @@ def main() -> None:
             for size, folder in (("tiny", tiny), ("small", _small(arch, tiny, Path(scratch) / f"{arch}-small"))):
                 subject = npb.load_subject(name, weights=folder, device="cpu", heads=True, quiet=True)
                 fn = subject.readouts[readout]
-                wo, co, so = best(lambda: old(subject, rows, battery), args.repeats)
-                wn, cn, sn = best(lambda: fn(subject, rows, battery), args.repeats)
+                wo, co, so = best(old, subject, rows, battery, args.repeats)
+                wn, cn, sn = best(fn, subject, rows, battery, args.repeats)
                 lines.append(f"| {name} {size} ({subject.n_parameters / 1e6:.3g} M) | {readout} | {co:.3f} | {cn:.3f} | "
                              f"**{co / cn:.1f}×** | {wo:.3f} | {wn:.3f} | {np.abs(so - sn).max():.1e} |")
                 print(lines[-1], flush=True)
