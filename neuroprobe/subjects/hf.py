@@ -57,6 +57,11 @@ def _seq2seq(ffn: str, attn: str, enc: str = "encoder.layers", dec: str = "decod
     }
 
 
+#: encoder-decoder block chains (BART, BlenderBot): the decoder reads the encoder's output
+_SEQ2SEQ_BLOCKS = {"encoder": ("encoder.layers.*",), "decoder": ("decoder.layers.*",)}
+_DECODER_READS_ENCODER = {"decoder": ("encoder",)}
+
+
 @dataclass(frozen=True)
 class Architecture:
     """What neuroprobe knows about one transformers architecture (data, not code)."""
@@ -69,14 +74,22 @@ class Architecture:
     cloze: dict[str, str] = field(default_factory=dict)  # seq2seq: encoder/decoder templates
     subject_class: str = ""         # "module:Class" subclass of HFSubject for image-taking families
     float32_only: bool = False      # transformers' implementation fails in half precision
-    blocks: tuple[str, ...] = ()    # block order (globs, forward order) for batched, prefix-cached lesions
+    #: block order for batched, prefix-cached lesions: globs in forward order, one tuple per chain
+    #: (``{chain: globs}``); a bare tuple is the one chain ``"text"``; empty: lesions run one at a time
+    blocks: tuple[str, ...] | dict[str, tuple[str, ...]] = ()
+    #: chain -> the chains whose outputs it reads (an encoder-decoder's decoder reads its encoder)
+    block_inputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: the head model's module that maps the base model's last hidden state to token logits, position by
+    #: position ("" when the head does more, e.g. BART's logit bias): readouts apply it at the scored positions only
+    lm_head: str = ""
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "bert": Architecture("BertModel", "BertForMaskedLM", _BERT_LIKE, ("masked_lm", "prototype"), blocks=("encoder.layer.*",)),
+    "bert": Architecture("BertModel", "BertForMaskedLM", _BERT_LIKE, ("masked_lm", "prototype"), blocks=("encoder.layer.*",),
+                         lm_head="cls"),
     "minilm": Architecture("BertModel", "BertModel", _BERT_LIKE, ("prototype",), blocks=("encoder.layer.*",)),
     "roberta": Architecture("RobertaModel", "RobertaForMaskedLM", _BERT_LIKE, ("masked_lm", "prototype"),
-                            blocks=("encoder.layer.*",)),
+                            blocks=("encoder.layer.*",), lm_head="lm_head"),
     "xlnet": Architecture(
         "XLNetModel", "XLNetLMHeadModel",
         {
@@ -89,11 +102,14 @@ ARCHITECTURES: dict[str, Architecture] = {
                       P("layer.*", "output", "resid", "query", "TBU", index=1, name="layer.{0}.query")],
         },
         ("next_token",), kind="xlnet", float32_only=True,
+        blocks=("layer.*",),  # both streams (content h, query g) run through each layer together
     ),
     "bart": Architecture("BartModel", "BartForConditionalGeneration", _seq2seq("fc2", "out_proj"), ("seq2seq",),
-                         kind="seq2seq", cloze={"encoder": "{prefix}<mask>{suffix}", "decoder": "{prefix}{target}{suffix}"}),
+                         kind="seq2seq", cloze={"encoder": "{prefix}<mask>{suffix}", "decoder": "{prefix}{target}{suffix}"},
+                         blocks=_SEQ2SEQ_BLOCKS, block_inputs=_DECODER_READS_ENCODER),
     "blenderbot": Architecture("BlenderbotModel", "BlenderbotForConditionalGeneration", _seq2seq("fc2", "out_proj"),
-                               ("seq2seq",), kind="seq2seq", cloze={"encoder": "{prefix}", "decoder": "{target}{suffix}"}),
+                               ("seq2seq",), kind="seq2seq", cloze={"encoder": "{prefix}", "decoder": "{target}{suffix}"},
+                               blocks=_SEQ2SEQ_BLOCKS, block_inputs=_DECODER_READS_ENCODER),
     "t5": Architecture(
         "T5Model", "T5ForConditionalGeneration",
         {
@@ -107,6 +123,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         },
         ("seq2seq",), kind="seq2seq",
         cloze={"encoder": "{prefix}<extra_id_0>{suffix}", "decoder": "<extra_id_0> {target} <extra_id_1>"},
+        blocks={"encoder": ("encoder.block.*",), "decoder": ("decoder.block.*",)}, block_inputs=_DECODER_READS_ENCODER,
     ),
     "gpt2": Architecture(
         "GPT2Model", "GPT2LMHeadModel",
@@ -115,7 +132,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             "resid": [P("h.*", "output", "resid", name="h.{0}")],
             "attn": [P("h.*.attn.c_proj", "input", "attn", name="h.{0}.attn")],
         },
-        ("next_token",), kind="decoder",
+        ("next_token",), kind="decoder", blocks=("h.*",), lm_head="lm_head",
     ),
     "clip": Architecture(
         "CLIPModel", "CLIPModel",
@@ -565,7 +582,16 @@ class HFSubject(Subject):
     def block_order(self) -> dict[str, list[str]]:  # type: ignore[override]
         """Block order from :data:`ARCHITECTURES` (``{}``: lesions run one at a time)."""
         arch = getattr(self, "arch", None)
-        return {"text": list(arch.blocks)} if arch is not None and arch.blocks else {}
+        blocks = arch.blocks if arch is not None else ()
+        if isinstance(blocks, dict):
+            return {chain: list(globs) for chain, globs in blocks.items()}
+        return {"text": list(blocks)} if blocks else {}
+
+    @property
+    def block_inputs(self) -> dict[str, tuple[str, ...]]:
+        """Chain -> chains it reads, from :data:`ARCHITECTURES` (a seq2seq decoder reads the encoder)."""
+        arch = getattr(self, "arch", None)
+        return dict(arch.block_inputs) if arch is not None else {}
 
     def setup(self, **options: Any) -> None:
         """Finish loading (subclasses load processors, detectors...); options come from ``load_subject``."""
@@ -713,72 +739,168 @@ def masked_target_logprob_tensor(logp: torch.Tensor, input_ids: torch.Tensor, ma
     return torch.stack(out) if out else logp.new_zeros(0)
 
 
+def _pad(seqs: list[list[int]], value: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids ``[B, T]`` (``value`` after each row's end) and the mask of real positions."""
+    ids = torch.full((len(seqs), max((len(q) for q in seqs), default=0)), value, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, q in enumerate(seqs):
+        ids[i, : len(q)] = torch.tensor(q, dtype=torch.long)
+        mask[i, : len(q)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _slots(pairs: list[tuple[list[int], list[int]]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row ``(positions, target ids)`` as padded ``[B, K]`` positions, targets and the mask of real slots."""
+    pos, _ = _pad([p for p, _ in pairs], 0, device)
+    tgt, valid = _pad([t for _, t in pairs], 0, device)
+    return pos, tgt, valid.bool()
+
+
+def _slot_logprob(logits: torch.Tensor, tgt: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per row, the sum over its real slots of log p(target) (``logits [B, K, V]``, one slot per target)."""
+    lp = logits.float().log_softmax(-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+    return lp.masked_fill(~valid, 0.0).sum(-1)
+
+
 def _masked_lm_tensor(subject: HFSubject, stimuli: pd.DataFrame, battery) -> torch.Tensor:
-    """The ``masked_lm`` readout as a differentiable tensor."""
+    """The ``masked_lm`` readout as a differentiable tensor: one padded pass, logits at the mask slots only."""
     head = subject.require_head()
     tok = subject.tokenizer
     texts, targets = masked_cloze(tok, stimuli)
     enc = tok(texts, padding=True, return_tensors="pt").to(subject.device)
-    logits = head(**enc).logits.float().log_softmax(-1)
-    return masked_target_logprob_tensor(logits, enc["input_ids"], tok.mask_token_id, targets)
+    pairs = []
+    for i, target in enumerate(targets):
+        where = (enc["input_ids"][i] == tok.mask_token_id).nonzero().flatten().tolist()
+        k = min(len(where), len(target))
+        pairs.append((where[:k], target[:k]))
+    pos, tgt, valid = _slots(pairs, subject.device)
+    rows = torch.arange(len(pairs), device=subject.device).unsqueeze(1)
+    if subject.arch.lm_head:  # the base model, then the LM head at the mask slots only
+        inputs = {k: v for k, v in enc.items() if k in _forward_args(subject.model)}
+        hidden = subject.model(**inputs).last_hidden_state
+        return _slot_logprob(head.get_submodule(subject.arch.lm_head)(hidden[rows, pos]), tgt, valid)
+    return _slot_logprob(head(**enc).logits[rows, pos], tgt, valid)
 
 
+@replica_safe
 def _readout_masked_lm(subject: HFSubject, stimuli: pd.DataFrame, battery) -> np.ndarray:
     """Sum of log p(target tokens) with the target replaced by as many mask tokens."""
     return _masked_lm_tensor(subject, stimuli, battery).detach().cpu().numpy().astype(np.float64)
 
 
-def _readout_next_token(subject: HFSubject, stimuli: pd.DataFrame, battery) -> np.ndarray:
-    """Sum of log p(target tokens | prefix), teacher forced (GPT-2; XLNet via perm mask)."""
-    head = subject.require_head()
+def _next_token_parts(subject: HFSubject, stimuli: pd.DataFrame) -> list[tuple[list[int], list[int]]]:
+    """Per stimulus, the context ids (cloze prefix; GPT-2's BOS when it is empty) and the target's ids."""
     tok = subject.tokenizer
+    bos = getattr(tok, "bos_token_id", None)
     out = []
     for _, row in stimuli.iterrows():
         prefix, target, _ = _cloze_parts(row)
         p_ids = tok(prefix.rstrip(), add_special_tokens=False)["input_ids"]
         t_ids = tok(" " + target if prefix.endswith(" ") else target, add_special_tokens=False)["input_ids"]
-        if subject.arch.kind == "xlnet":
-            ids = torch.tensor([p_ids + t_ids], device=subject.device)
-            T, n = ids.shape[1], len(t_ids)
-            dtype = _model_dtype(head)
-            perm = torch.zeros(1, T, T, device=subject.device, dtype=dtype)
-            perm[:, :, T - n :] = 1.0  # nobody sees the targets
-            tm = torch.zeros(1, n, T, device=subject.device, dtype=dtype)
-            tm[0, torch.arange(n), torch.arange(T - n, T)] = 1.0
-            lp = head(input_ids=ids, perm_mask=perm, target_mapping=tm).logits.float().log_softmax(-1)
-            out.append(float(lp[0, torch.arange(n), torch.tensor(t_ids, device=lp.device)].sum()))
-        else:
-            bos = [tok.bos_token_id] if tok.bos_token_id is not None and not p_ids else []
-            ids = torch.tensor([bos + p_ids + t_ids], device=subject.device)
-            lp = head(input_ids=ids).logits.float().log_softmax(-1)
-            start = len(bos) + len(p_ids)
-            pos = torch.arange(start - 1, start - 1 + len(t_ids), device=lp.device)
-            out.append(float(lp[0, pos, torch.tensor(t_ids, device=lp.device)].sum()))
-    return np.array(out)
+        if subject.arch.kind != "xlnet" and not p_ids:
+            if bos is None:
+                raise NeuroprobeError(f"stimulus {row['id']!r} has an empty cloze prefix and {subject.name}'s tokenizer "
+                                      "has no BOS token; next_token needs words before the {mask}.")
+            p_ids = [bos]
+        out.append((p_ids, t_ids))
+    return out
 
 
-def _readout_seq2seq(subject: HFSubject, stimuli: pd.DataFrame, battery) -> np.ndarray:
-    """Teacher-forced log p of the target word's tokens in the decoder (BART, T5, BlenderBot)."""
+def _xlnet_next_token(head: torch.nn.Module, parts: list[tuple[list[int], list[int]]], pad: int,
+                      device: torch.device) -> torch.Tensor:
+    """XLNet's teacher-forced log p(targets | prefix) of ``parts`` in one right-padded pass."""
+    n = len(parts)
+    ids, mask = _pad([p + t for p, t in parts], pad, device)
+    T, K = ids.shape[1], max((len(t) for _, t in parts), default=0)
+    dtype = _model_dtype(head)
+    perm = torch.zeros(n, T, T, device=device, dtype=dtype)
+    tm = torch.zeros(n, K, T, device=device, dtype=dtype)
+    for i, (p, t) in enumerate(parts):
+        perm[i, :, len(p) : len(p) + len(t)] = 1.0  # nobody sees the targets
+        tm[i, torch.arange(len(t)), torch.arange(len(p), len(p) + len(t))] = 1.0
+    logits = head(input_ids=ids, attention_mask=mask, perm_mask=perm, target_mapping=tm, use_mems=False).logits
+    _, tgt, valid = _slots([(list(range(len(t))), t) for _, t in parts], device)
+    return _slot_logprob(logits, tgt, valid)
+
+
+def _next_token_tensor(subject: HFSubject, stimuli: pd.DataFrame, battery) -> torch.Tensor:
+    """The ``next_token`` readout as a differentiable tensor: one right-padded pass over all rows.
+
+    GPT-2: the base model's last hidden state at each target's preceding position, through
+    the LM head there only.  XLNet: a per-row permutation mask (nobody sees the targets) and
+    target mapping (one query slot per target token; empty slots of shorter rows are all-zero
+    and ignored); padding is masked out of every attention.  An XLNet row with an empty
+    prefix has nothing to attend to, and XLNet then averages over every position, padding
+    included: such rows run in passes of their own, one per length, unpadded.
+    """
+    head = subject.require_head()
+    dev = subject.device
+    parts = _next_token_parts(subject, stimuli)
+    pad = subject.tokenizer.pad_token_id or 0
+    if subject.arch.kind == "xlnet":
+        groups: dict[int, list[int]] = {}  # -1: rows with a prefix (padded together); n: empty prefix, n tokens
+        for i, (p, t) in enumerate(parts):
+            groups.setdefault(len(t) if not p else -1, []).append(i)
+        out = torch.zeros(len(parts), device=dev)
+        for _, idx in sorted(groups.items()):
+            out = out.index_put((torch.tensor(idx, device=dev),),
+                                _xlnet_next_token(head, [parts[i] for i in idx], pad, dev))
+        return out
+    ids, mask = _pad([p + t for p, t in parts], pad, dev)
+    rows = torch.arange(len(parts), device=dev).unsqueeze(1)
+    # the logit at position j predicts token j + 1
+    pos, tgt, valid = _slots([(list(range(len(p) - 1, len(p) + len(t) - 1)), t) for p, t in parts], dev)
+    hidden = subject.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    return _slot_logprob(head.get_submodule(subject.arch.lm_head or "lm_head")(hidden[rows, pos]), tgt, valid)
+
+
+@replica_safe
+def _readout_next_token(subject: HFSubject, stimuli: pd.DataFrame, battery) -> np.ndarray:
+    """Sum of log p(target tokens | prefix), teacher forced (GPT-2; XLNet via perm mask); one padded pass."""
+    return _next_token_tensor(subject, stimuli, battery).detach().cpu().numpy().astype(np.float64)
+
+
+def _seq2seq_tensor(subject: HFSubject, stimuli: pd.DataFrame, battery) -> torch.Tensor:
+    """The ``seq2seq`` readout as a differentiable tensor: one right-padded teacher-forced pass over all rows.
+
+    Encoder: the cloze template; decoder: ``<start>`` + the decoder template's tokens but the
+    last (the labels shifted right, as the heads do), cut after the last target token (the
+    decoder is causal).  Padding is masked in both.
+    """
     head = subject.require_head()
     tok = subject.tokenizer
     fmt = subject.arch.cloze
-    out = []
+    dev = subject.device
+    enc_texts, dec_texts, spans = [], [], []
     for _, row in stimuli.iterrows():
         prefix, target, suffix = _cloze_parts(row)
         parts = dict(prefix=prefix, target=target, suffix=suffix)
-        enc_text = fmt["encoder"].format(**parts)
-        dec_text = fmt["decoder"].format(**parts)
-        enc = tok(enc_text, return_tensors="pt").to(subject.device)
-        dec = tok(dec_text, return_tensors="pt", return_offsets_mapping=True)
-        offsets = dec.pop("offset_mapping")[0]
-        # the target's slot in the template (the prefix may name the concept too)
-        a = len(fmt["decoder"].split("{target}")[0].format(**parts))
-        b = a + len(target)
-        labels = dec["input_ids"].to(subject.device)
-        lp = head(**enc, labels=labels).logits.float().log_softmax(-1)[0]
-        hit = ((offsets[:, 0] < b) & (offsets[:, 1] > a)).nonzero().flatten().to(lp.device)
-        out.append(float(lp[hit, labels[0, hit]].sum()))
-    return np.array(out)
+        enc_texts.append(fmt["encoder"].format(**parts))
+        dec_texts.append(fmt["decoder"].format(**parts))
+        a = len(fmt["decoder"].split("{target}")[0].format(**parts))  # the target's slot (the prefix may name it too)
+        spans.append((a, a + len(target)))
+    enc = tok(enc_texts)["input_ids"] if enc_texts else []
+    dec = tok(dec_texts, return_offsets_mapping=True) if dec_texts else {"input_ids": [], "offset_mapping": []}
+    pairs = []
+    for labels, offsets, (a, b) in zip(dec["input_ids"], dec["offset_mapping"], spans):
+        hit = [j for j, (x, y) in enumerate(offsets) if x < b and y > a]
+        pairs.append((hit, [labels[j] for j in hit]))
+    start = getattr(head.config, "decoder_start_token_id", None)
+    pad = tok.pad_token_id
+    start = pad if start is None else start
+    keep = max((p[-1] + 1 for p, _ in pairs if p), default=1)
+    input_ids, attention_mask = _pad(enc, pad, dev)
+    dec_ids, dec_mask = _pad([([start] + labels[:-1])[:keep] for labels in dec["input_ids"]], pad, dev)
+    logits = head(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=dec_ids,
+                  decoder_attention_mask=dec_mask, use_cache=False).logits
+    pos, tgt, valid = _slots(pairs, dev)
+    return _slot_logprob(logits[torch.arange(len(pairs), device=dev).unsqueeze(1), pos], tgt, valid)
+
+
+@replica_safe
+def _readout_seq2seq(subject: HFSubject, stimuli: pd.DataFrame, battery) -> np.ndarray:
+    """Teacher-forced log p of the target word's tokens in the decoder (BART, T5, BlenderBot); one padded pass."""
+    return _seq2seq_tensor(subject, stimuli, battery).detach().cpu().numpy().astype(np.float64)
 
 
 def _embed(subject: HFSubject, texts: list[str]) -> torch.Tensor:
@@ -832,5 +954,7 @@ READOUTS: dict[str, Callable[..., np.ndarray]] = {
 #: the readouts of :data:`READOUTS` that also have a differentiable form (``Subject.readout_tensor``)
 TENSOR_READOUTS: dict[str, Callable[..., torch.Tensor]] = {
     "masked_lm": _masked_lm_tensor,
+    "next_token": _next_token_tensor,
+    "seq2seq": _seq2seq_tensor,
     "prototype": _prototype_tensor,
 }
