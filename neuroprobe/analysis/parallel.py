@@ -25,6 +25,7 @@ import contextlib
 import math
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -115,8 +116,14 @@ def cluster(jobs: int = 1, scheduler: str | None = None) -> Iterator[Any]:
     distributed = _distributed()
     import logging
 
-    with distributed.LocalCluster(n_workers=n_jobs(jobs), threads_per_worker=1, processes=True,
-                                  dashboard_address=None, silence_logs=logging.ERROR) as local, \
+    import dask
+
+    # fork on Linux: the workers start at once and never re-run the caller's script (a paper script without an
+    # ``if __name__ == "__main__"`` guard stays safe); they only open the recording by path and run numpy
+    method = "fork" if sys.platform.startswith("linux") else dask.config.get("distributed.worker.multiprocessing-method")
+    with dask.config.set({"distributed.worker.multiprocessing-method": method}), \
+            distributed.LocalCluster(n_workers=n_jobs(jobs), threads_per_worker=1, processes=True,
+                                     dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR) as local, \
             distributed.Client(local, set_as_default=False) as client:
         yield client
 
