@@ -175,6 +175,15 @@ def test_a_path_the_workers_cannot_see_is_named(recording, scheduler, tmp_path):
         with pytest.raises(NeuroprobeError, match="must be visible on every worker") as err:
             concept_cells(rec, client=scheduler, n_perm=0)
     assert str(copy) in str(err.value) and "\n" not in str(err.value)
+    # another file at the same path on the workers (here: replaced after this process opened it)
+    other = tmp_path / "other.h5"
+    shutil.copy(recording, copy)
+    with open_recording(copy) as rec:
+        with open(other, "wb") as fh:
+            fh.write(copy.read_bytes() + b"\0" * 4096)
+        os.replace(other, copy)
+        with pytest.raises(NeuroprobeError, match="must lead to the same file on every worker"):
+            concept_cells(rec, client=scheduler, n_perm=0)
 
 
 def test_unreachable_scheduler_and_mistakes_are_one_line(recording):

@@ -165,13 +165,17 @@ _OPEN: dict[tuple, Recording] = {}
 _NULLS: dict[tuple[int, int], PermutationNull] = {}
 
 
-def _recording(path: str) -> Recording:
-    """The recording at ``path``, opened once per worker process (again if the file changed)."""
+def _recording(path: str, size: int | None = None) -> Recording:
+    """The recording at ``path``, opened once per worker process (again if the file changed); ``size``: the
+    file's size where the driver reads it (a different file at the same path is refused)."""
     try:
         st = os.stat(path)
     except OSError:
         raise NeuroprobeError(f"the Dask worker on {socket.gethostname()} cannot read {path}: the recording's path "
                               f"must be visible on every worker (the same path, e.g. on a shared file system).") from None
+    if size is not None and st.st_size != size:
+        raise NeuroprobeError(f"the Dask worker on {socket.gethostname()} sees another file at {path} ({st.st_size:,} "
+                              f"bytes, not {size:,}): the recording's path must lead to the same file on every worker.")
     key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
     if key not in _OPEN:
         stale = [k for k in _OPEN if k[0] == path] + list(_OPEN)[:-1]  # a changed file, and all but the newest
@@ -182,17 +186,30 @@ def _recording(path: str) -> Recording:
     return _OPEN[key]
 
 
-def _valid_task(path: str, site: str, read_bytes: int) -> np.ndarray:
+def _one_thread():
+    """BLAS/OpenMP limited to one thread in a task (a worker forked from a process whose BLAS had started its
+    threads keeps them; the workers are single-threaded by design)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - scikit-learn brings it
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1)
+
+
+def _valid_task(path: str, size: int | None, site: str, read_bytes: int) -> np.ndarray:
     """The site's valid stimuli, as the one-process stream finds them."""
-    return UnitStream(_recording(path).responses(site), read_bytes=read_bytes).first_valid()
+    return UnitStream(_recording(path, size).responses(site), read_bytes=read_bytes).first_valid()
 
 
-def _piece_task(path: str, piece: "Piece", valid: np.ndarray, settings: Settings, labels: np.ndarray | None,
-                read_bytes: int, block_units: int | None) -> Part:
+def _piece_task(path: str, size: int | None, piece: "Piece", valid: np.ndarray, settings: Settings,
+                labels: np.ndarray | None, read_bytes: int, block_units: int | None) -> Part:
     """The statistics of one piece of a site."""
-    null = _NULLS.setdefault((settings.n_perm, settings.seed), PermutationNull(settings.n_perm, settings.seed))
-    return scan_units(_recording(path), piece.site, valid, piece.lo, piece.hi, settings, null=null, labels=labels,
-                      read_bytes=read_bytes, block_units=block_units)
+    key = (settings.n_perm, settings.seed)
+    if key not in _NULLS:
+        _NULLS[key] = PermutationNull(settings.n_perm, settings.seed)
+    with _one_thread():
+        return scan_units(_recording(path, size), piece.site, valid, piece.lo, piece.hi, settings, null=_NULLS[key],
+                          labels=labels, read_bytes=read_bytes, block_units=block_units)
 
 
 # ------------------------------------------------------------------ on the driver
@@ -258,6 +275,9 @@ def scan_on(client: Any, rec: Recording, names: Sequence[str], *, quiet: bool = 
                         family=family, margin=margin, **({} if budget is None else {"budget": budget}))
     read_bytes = int(read_bytes or DEFAULT_READ_BYTES)
     path = str(Path(rec.path).resolve())
+    # the open file's size, to catch another file at the same path on a worker (a live recording grows)
+    size = rec.file_size if rec.complete else None
+    labels = None if labels is None else np.asarray(labels)
     stimuli, concepts = rec.stimuli.reset_index(drop=True), scan_concepts(rec, labels)
     kinds = dict(zip(rec.sites["site"], rec.sites["kind"]))
     streams = {s: UnitStream(rec.responses(s), read_bytes=read_bytes, block_units=block_units) for s in names}
@@ -266,7 +286,7 @@ def scan_on(client: Any, rec: Recording, names: Sequence[str], *, quiet: bool = 
     bar = None
     try:
         # 1. each site's valid stimuli (they fix its design and its blocks), found by the workers
-        found = [client.submit(_valid_task, path, s, read_bytes, pure=False) for s in live]
+        found = [client.submit(_valid_task, path, size, s, read_bytes, pure=False) for s in live]
         futures += found
         valid: dict[str, np.ndarray] = {}
         for s, fut in zip(live, found):
@@ -283,7 +303,7 @@ def scan_on(client: Any, rec: Recording, names: Sequence[str], *, quiet: bool = 
                        plan(st.n_units, st.width(), st.block_units(int(valid[s].sum())), target)]
         labels_f = client.scatter(labels, broadcast=True) if labels is not None and pieces else labels
         valid_f = {s: client.scatter(v, broadcast=True) for s, v in valid.items()}
-        parts = [client.submit(_piece_task, path, p, valid_f[p.site], settings, labels_f, read_bytes, block_units,
+        parts = [client.submit(_piece_task, path, size, p, valid_f[p.site], settings, labels_f, read_bytes, block_units,
                                pure=False) for p in pieces]
         futures += parts
         index = {f.key: i for i, f in enumerate(parts)}

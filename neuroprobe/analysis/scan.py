@@ -13,11 +13,15 @@ applied afterwards by :func:`neuroprobe.analysis.criterion.concept_cells` on the
 ``[units, concepts]`` arrays kept here (memory: O(units x concepts), never
 O(units x stimuli)).
 
+The same pass can be cut into pieces computed elsewhere: :func:`scan_units` computes some
+consecutive blocks of a site (given the site's valid stimuli), and :class:`SiteScan` /
+:class:`Gathered` join pieces in order exactly as :func:`scan` joins its own blocks.
+
 Layers (each imports only the ones before it): the numeric kernels (``design``, ``stream``,
-``exact``, ``indices``, ``invariance``, ``thresholds``), this scan (one process), the pool
-(:mod:`neuroprobe.analysis.parallel`: sites in worker processes, and ``run_scan``, the one entry
-that picks one process or the pool), then the analyses (``criterion``, ``descriptive``,
-``controls``...).
+``exact``, ``indices``, ``invariance``, ``thresholds``), this scan (one process, no Dask), the
+cluster layer (:mod:`neuroprobe.analysis.parallel`: pieces of sites on Dask workers, and
+``run_scan``, the one entry that picks one process or Dask), then the analyses (``criterion``,
+``descriptive``, ``controls``...).
 """
 from __future__ import annotations
 
