@@ -30,7 +30,16 @@ side goes first; a process reports the CPU time of the call.  The tables of both
 equal (every column, exactly).  Medians over ``--rounds`` rounds give units per CPU-second and
 their ratio (``--write``: a section of bench/RESULTS.md).
 
+``--dask`` runs instead ``concept_cells`` side by side on one recording (10 sites x ``--units`` x 10,000
+stimuli by default: 100,000 units, 4 GB): ``jobs=1`` (one process, no Dask), a 2-worker ``LocalCluster``
+(``jobs=2``), and 2 single-threaded ``dask worker`` processes of a separately started ``dask scheduler``
+(``client=``), each in a fresh process (one BLAS thread), plus, with ``--compare REF``, ``jobs=1`` of the
+checkout ``REF`` (before the single-core speed-up).  It checks that every table is the same, exactly, and
+reports wall and CPU time (driver + workers + scheduler), units per CPU-second, and the peak RSS of every
+process (sampled every 20 ms with psutil).  The recording is deleted afterwards unless ``--keep``.
+
     python bench/cells.py --write            # 10 sites x 10k units x 10k stimuli (4 GB on disk)
+    nice python bench/cells.py --dask --compare bd2d012 --write   # 100k units x 10k stimuli: jobs 1 / Dask
     python bench/cells.py --units 500 --sites 2 --per-concept 40   # a quick smoke run
     nice python bench/cells.py --compare bd2d012 --sites 1 --units 2000 --organism /tmp/organism.h5 --write
 """
@@ -179,11 +188,18 @@ def main() -> None:
     ap.add_argument("--recording", type=Path, action="append", default=[],
                     help="with --compare: also this recording (repeatable)")
     ap.add_argument("--rounds", type=int, default=3, help="with --compare: rounds (one process per side each)")
+    ap.add_argument("--dask", action="store_true", help="jobs 1 / LocalCluster / dask scheduler, side by side")
     ap.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)  # RECORDING TABLE: one measured run
+    ap.add_argument("--child-mode", default="one", help=argparse.SUPPRESS)  # one | local | ADDRESS
+    ap.add_argument("--child-sites", type=int, default=0, help=argparse.SUPPRESS)  # the first N sites (0: all)
+    ap.add_argument("--ref-sites", type=int, default=0,
+                    help="with --dask --compare: the before/after pair on the first N sites only (0: all)")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     if args.child:
-        return child(Path(args.child[0]), Path(args.child[1]))
+        return child(Path(args.child[0]), Path(args.child[1]), args.child_mode, args.child_sites)
+    if args.dask:
+        return dask_sides(args)
     if args.compare:
         return compare(args)
 
@@ -268,18 +284,60 @@ def main() -> None:
         path.unlink()
 
 
-def child(recording: Path, table: Path) -> None:
-    """One measured ``concept_cells`` in this fresh process (``--child``): CPU seconds and the table."""
+def _usage() -> dict:
+    """This process's CPU seconds and peak RSS (run on a Dask worker by ``client.run``)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return dict(cpu=r.ru_utime + r.ru_stime, maxrss=r.ru_maxrss * 1024, pid=os.getpid(),
+                rss=psutil.Process().memory_info().rss)
+
+
+def child(recording: Path, table: Path, mode: str = "one", n_sites: int = 0) -> None:
+    """One measured ``concept_cells`` in this fresh process (``--child``): CPU seconds and the table.
+
+    ``mode``: ``one`` (this process), ``local`` (a 2-worker ``LocalCluster`` started here, not timed), or the
+    address of a running scheduler; then the CPU seconds of the workers during the call are added.
+    """
     import neuroprobe
 
-    t, c = time.perf_counter(), time.process_time()
-    cells = concept_cells(recording)
-    cpu, wall = time.process_time() - c, time.perf_counter() - t
+    workers_cpu, workers = 0.0, {}
+    rss0 = psutil.Process().memory_info().rss
+    sites = None
+    if n_sites:
+        from neuroprobe.recording.reader import open_recording
+
+        with open_recording(recording) as rec:
+            sites = rec.site_names[:n_sites]
+    if mode == "one":
+        t, c = time.perf_counter(), time.process_time()
+        cells = concept_cells(recording, sites=sites)
+        cpu, wall = time.process_time() - c, time.perf_counter() - t
+    else:
+        import contextlib
+
+        from neuroprobe.analysis.parallel import cluster
+
+        t0 = time.perf_counter()
+        with (cluster(2) if mode == "local" else cluster(scheduler=mode)) as client:
+            start = time.perf_counter() - t0
+            before = client.run(_usage)
+            t, c = time.perf_counter(), time.process_time()
+            cells = concept_cells(recording, client=client, sites=sites)
+            cpu, wall = time.process_time() - c, time.perf_counter() - t
+            after = client.run(_usage)
+            workers = {a: dict(cpu=after[a]["cpu"] - before[a]["cpu"], maxrss=after[a]["maxrss"], pid=after[a]["pid"],
+                               rss0=before[a]["rss"]) for a in after}
+            workers_cpu = sum(w["cpu"] for w in workers.values())
+            with contextlib.suppress(Exception):
+                client.run(lambda: __import__("gc").collect())
     frame = cells.copy()
     frame.attrs = {}
     frame.to_parquet(table, index=False)
     print(json.dumps(dict(cpu=cpu, wall=wall, units=len(cells), cells=int(cells["is_cell"].sum()),
-                          n_exact=int(cells.attrs.get("n_exact", 0)), package=neuroprobe.__file__)))
+                          n_exact=int(cells.attrs.get("n_exact", 0)), package=neuroprobe.__file__,
+                          workers=workers, workers_cpu=workers_cpu, driver_cpu=cpu,
+                          start=start if mode != "one" else 0.0, pid=os.getpid(), rss0=rss0)))
 
 
 def checkout(ref: str, tmp: Path) -> tuple[Path, str, bool]:
@@ -297,11 +355,20 @@ def checkout(ref: str, tmp: Path) -> tuple[Path, str, bool]:
     return root, rev, True
 
 
-def run_side(root: Path, recording: Path, table: Path) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(root), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
-               MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(recording), str(table)],
-                         env=env, capture_output=True, text=True)
+def side_env(root: Path) -> dict:
+    return dict(os.environ, PYTHONPATH=str(root), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
+                MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+
+
+def run_side(root: Path, recording: Path, table: Path, mode: str = "one", watch: "Watch | None" = None,
+             n_sites: int = 0) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(recording), str(table), "--child-mode", mode,
+           "--child-sites", str(n_sites)]
+    proc = subprocess.Popen(cmd, env=side_env(root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if watch is not None:
+        watch.add(proc.pid, "driver", children=True)
+    stdout, stderr = proc.communicate()
+    out = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if out.returncode:
         raise SystemExit(f"the run with {root} failed:\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -384,6 +451,246 @@ def compare(args: argparse.Namespace) -> None:
                    command="python bench/cells.py " + " ".join(sys.argv[1:]))
     if args.write:
         write_compare_results(summary)
+
+
+class Watch:
+    """Peak RSS of processes (and, for some, their descendants), sampled every 20 ms with psutil."""
+
+    def __init__(self) -> None:
+        self.roots: dict[int, tuple[str, bool]] = {}
+        self.peak: dict[int, int] = {}
+        self.role: dict[int, str] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def add(self, pid: int, role: str, children: bool = False) -> None:
+        with self._lock:
+            self.roots[pid] = (role, children)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                roots = dict(self.roots)
+            for pid, (role, children) in roots.items():
+                try:
+                    proc = psutil.Process(pid)
+                    procs = [(proc, role)] + ([(c, role + "/child") for c in proc.children(recursive=True)]
+                                              if children else [])
+                except psutil.Error:
+                    continue
+                for pr, r in procs:
+                    try:
+                        rss = pr.memory_info().rss
+                    except psutil.Error:
+                        continue
+                    self.peak[pr.pid] = max(self.peak.get(pr.pid, 0), rss)
+                    self.role.setdefault(pr.pid, r)
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_scheduler(root: Path, folder: Path, watch: Watch) -> tuple[str, list[subprocess.Popen]]:
+    """A ``dask scheduler`` and two ``dask worker --nthreads 1`` processes on this machine (this checkout's code)."""
+    from distributed import Client
+
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    dask = str(Path(sys.executable).with_name("dask"))
+    dask = dask if Path(dask).exists() else "dask"
+    env = side_env(root)
+    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                              env=env, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    watch.add(procs[0].pid, "scheduler")
+    for i in range(2):
+        procs.append(subprocess.Popen([dask, "worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard",
+                                       "--name", f"w{i}", "--local-directory", str(folder / f"w{i}")],
+                                      env=env, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        watch.add(procs[-1].pid, f"dask worker w{i}")
+    deadline = time.time() + 120
+    while True:
+        try:
+            with Client(address, timeout=5, set_as_default=False) as client:
+                client.wait_for_workers(2, timeout=max(1.0, deadline - time.time()))
+                return address, procs
+        except (OSError, TimeoutError):
+            if time.time() > deadline:
+                raise SystemExit("the dask scheduler and workers did not start")
+            time.sleep(0.5)
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    """End the processes this benchmark started (workers before their scheduler), by pid."""
+    for p in reversed(procs):
+        p.terminate()
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def dask_sides(args: argparse.Namespace) -> None:
+    """``--dask``: jobs 1, a 2-worker LocalCluster and a separately started scheduler, side by side."""
+    import shutil
+
+    here = Path(__file__).resolve().parents[1]
+    args.dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(args.dir).free
+    st = make_stimuli(args.concepts, args.per_concept, forms=FORMS)
+    n, total = len(st), args.sites * args.units
+    need = total * n * 4
+    if need * 1.2 > free:
+        raise SystemExit(f"{args.dir} has {free / 2**30:.1f} GiB free; the recording needs {need / 2**30:.1f} GiB: "
+                         f"use fewer --units")
+    names = [f"layer{s:02d}" for s in range(args.sites)]
+    path = args.dir / "dask.h5"
+    print(f"recording: {args.sites} sites x {args.units:,} units = {total:,} units, {n:,} stimuli "
+          f"({need / 2**30:.1f} GiB float32; {free / 2**30:.0f} GiB free in {args.dir})", flush=True)
+    t = time.perf_counter()
+    write_recording(path, st, {s: args.units for s in names}, rows=generator(st, args.sites, args.units, 0),
+                    batch_size=32)
+    write_s = time.perf_counter() - t
+    print(f"  written in {write_s:.0f} s ({path.stat().st_size / 2**30:.2f} GiB on disk)", flush=True)
+    head = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "-C", str(here), "status", "--porcelain", "neuroprobe"],
+                                capture_output=True, text=True).stdout.strip())
+    watch = Watch()
+    rows: list[dict] = []
+    loads = {}
+    procs: list[subprocess.Popen] = []
+    made_ref = None
+    tables = {}
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        tmp = Path(tmp)
+        try:
+            sides = [("jobs 1 (one process, no Dask)", here, "one", 0),
+                     ("2-worker LocalCluster (jobs 2)", here, "local", 0),
+                     ("2 workers of a separately started dask scheduler", here, "scheduler", 0)]
+            if args.compare:
+                ref_root, ref_rev, made = checkout(args.compare, tmp)
+                made_ref = ref_root if made else None
+                sub = args.ref_sites if 0 < args.ref_sites < args.sites else 0
+                part = f", first {sub} sites" if sub else ""
+                if sub:
+                    sides.append((f"jobs 1{part} (this code)", here, "one", sub))
+                sides.append((f"jobs 1{part} at main {ref_rev} (before the single-core speed-up)", ref_root, "one", sub))
+            for label, root, mode, n_sites in sides:
+                if mode == "scheduler":
+                    address, procs = start_scheduler(root, tmp, watch)
+                    sched = psutil.Process(procs[0].pid)
+                    sched_cpu0 = sum(sched.cpu_times()[:2])
+                    mode = address
+                loads[label] = os.getloadavg()
+                table = tmp / f"side{len(rows)}.parquet"
+                print(f"{label}: running (load {loads[label][0]:.2f})", flush=True)
+                res = run_side(root, path, table, mode=mode, watch=watch, n_sites=n_sites)
+                extra = 0.0
+                if mode not in ("one", "local"):
+                    extra = sum(sched.cpu_times()[:2]) - sched_cpu0
+                    stop(procs)
+                    procs = []
+                tables[label] = (table, n_sites)
+                drv = res["pid"]
+                worker_peaks, worker_rss0 = {}, []
+                for w in res["workers"].values():
+                    worker_peaks[w["pid"]] = max(watch.peak.get(w["pid"], 0), w["maxrss"])
+                    worker_rss0.append(w["rss0"])
+                cpu = res["driver_cpu"] + res["workers_cpu"] + extra
+                rows.append(dict(label=label, units=res["units"], cells=res["cells"], wall=res["wall"], cpu=cpu,
+                                 driver_cpu=res["driver_cpu"], workers_cpu=res["workers_cpu"], scheduler_cpu=extra,
+                                 ups=res["units"] / cpu, start=res["start"], driver_peak=watch.peak.get(drv, 0),
+                                 worker_peaks=sorted(worker_peaks.values()), driver_rss0=res["rss0"],
+                                 worker_rss0=sorted(worker_rss0),
+                                 worker_cpus=sorted(w["cpu"] for w in res["workers"].values()),
+                                 load=loads[label]))
+                print(f"{label}: {res['units']:,} units, wall {res['wall']:.1f} s, CPU {cpu:.1f} s "
+                      f"(driver {res['driver_cpu']:.1f}, workers {res['workers_cpu']:.1f}, scheduler {extra:.1f}) = "
+                      f"{res['units'] / cpu:,.0f} units/CPU-s; peak RSS driver {fmt_bytes(watch.peak.get(drv, 0))}, "
+                      f"workers {', '.join(fmt_bytes(v) for v in sorted(worker_peaks.values())) or '-'}", flush=True)
+            firsts: dict[int, pd.DataFrame] = {}
+            for label, (table, n_sites) in tables.items():  # each table against the first one over the same sites
+                frame = pd.read_parquet(table)
+                if n_sites not in firsts:
+                    firsts[n_sites] = frame
+                else:
+                    pd.testing.assert_frame_equal(frame, firsts[n_sites], check_exact=True)
+            if 0 in firsts and len(firsts) > 1:  # the subset's rows are those of the whole recording
+                sub = min(k for k in firsts if k)
+                whole = firsts[0][firsts[0]["site"].isin(names[:sub])].reset_index(drop=True)
+                same = [c for c in ("site", "unit", "concept", "z", "p", "p_asymptotic", "median") if c in whole]
+                pd.testing.assert_frame_equal(firsts[sub][same], whole[same], check_exact=True)
+            print("tables equal, every column exactly", flush=True)
+        finally:
+            watch.close()
+            stop(procs)
+            if made_ref is not None:
+                subprocess.run(["git", "worktree", "remove", "--force", str(made_ref)], capture_output=True,
+                               cwd=Path(__file__).resolve().parent)
+            if not args.keep:
+                path.unlink(missing_ok=True)
+    summary = dict(date=dt.date.today().isoformat(), machine=f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
+                   python=platform.python_version(), numpy=np.__version__, head=head + (" + uncommitted changes" if dirty
+                                                                                      else ""),
+                   sites=args.sites, units=args.units, total=total, n_stimuli=n, gib=need / 2**30, write_s=write_s,
+                   rows=rows, uptime=os.popen("uptime").read().strip(), nice=os.nice(0),
+                   command="python bench/cells.py " + " ".join(sys.argv[1:]))
+    if args.write:
+        write_dask_results(summary)
+
+
+def write_dask_results(s: dict) -> None:
+    out = Path(__file__).with_name("RESULTS.md")
+    text = out.read_text()
+    head = "## Concept cells on Dask (`bench/cells.py --dask`)"
+    lines = [f"| {r['label']} | {r['units']:,} | {r['cells']} | {r['wall']:.0f} s | {r['cpu']:.0f} s "
+             f"({r['driver_cpu']:.0f} + {r['workers_cpu']:.0f} + {r['scheduler_cpu']:.0f}) | **{r['ups']:,.0f}** | "
+             f"{fmt_bytes(r['driver_peak'])} ({fmt_bytes(r['driver_rss0'])}) | "
+             f"{', '.join(fmt_bytes(v) for v in r['worker_peaks']) or '-'}"
+             f"{' (' + ', '.join(fmt_bytes(v) for v in r['worker_rss0']) + ')' if r['worker_rss0'] else ''} | "
+             f"{r['load'][0]:.2f} |" for r in s["rows"]]
+    section = f"""{head}
+
+Run {s['date']} on {s['machine']}, niceness {s['nice']}; Python {s['python']}, numpy {s['numpy']}; code `{s['head']}`.
+Synthetic recording written with neuroprobe's writer: {s['sites']} sites x {s['units']:,} units = {s['total']:,} units x
+{s['n_stimuli']:,} stimuli, float32, {s['gib']:.1f} GiB (written in {s['write_s']:.0f} s, under /tmp, deleted after).
+`concept_cells(recording)` with its defaults (exact p-values, 1000 invariance permutations, 256 MiB read buffer),
+each side in a fresh process with one BLAS thread, one after the other in one run. CPU = driver + workers +
+scheduler during the call (cluster start-up not counted: the LocalCluster took {s['rows'][1]['start']:.1f} s to start).
+Peak RSS sampled every 20 ms with psutil (workers: also their `ru_maxrss`); in brackets, the RSS just before the
+call (imports, and for the forked LocalCluster workers the pages shared with their parent). Every table equal to the first
+one over the same sites (`jobs 1`), every column exactly (a subset's per-unit statistics before the FDR also equal
+those of the whole recording). Command: `{s['command']}`.
+
+| side | units | cells | wall | CPU (driver + workers + scheduler) | units / CPU-s | peak RSS driver | peak RSS per worker | load (1 min) at start |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
+{chr(10).join(lines)}
+
+`uptime` at the end: {s['uptime']}.
+
+"""
+    if head in text:
+        start = text.index(head)
+        nxt = text.find("\n## ", start + len(head))
+        text = text[:start] + section + (text[nxt + 1:] if nxt != -1 else "")
+    else:
+        first = text.find("\n## ")
+        text = text[: first + 1] + section + text[first + 1:] if first != -1 else text.rstrip() + "\n\n" + section
+    out.write_text(text)
+    print(f"wrote {out}")
 
 
 def write_compare_results(s: dict) -> None:

@@ -121,13 +121,15 @@ def register(app: typer.Typer) -> None:
         transform: str = typer.Option("shift", "--transform", help="Non-negative transform for SI/sparseness: shift or clip."),
         sites: Optional[str] = typer.Option(None, "--sites", help="Comma-separated sites (default: all)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the permutations."),
-        jobs: int = typer.Option(1, "--jobs", "-j", help="Scan sites in N processes (0: one per core); same table."),
+        jobs: int = typer.Option(1, "--jobs", "-j", help="Scan on a local Dask cluster of N worker processes (0: one per core; needs dask[distributed]); same table."),
+        scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Scan on the workers of this running Dask scheduler (tcp://HOST:PORT; the recording's path must be visible on every worker); same table."),
         allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Analyse an unfinished recording (the stimuli it covers)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:
         """Find concept cells in a recording; print cells per site and per concept beside the controls."""
         from neuroprobe.analysis.controls import label_shuffle_control, rotation_control, untrained_control
         from neuroprobe.analysis.criterion import concept_cells, save_cells
+        from neuroprobe.analysis.parallel import cluster
         from neuroprobe.errors import NeuroprobeError
         from neuroprobe.recording.reader import open_recording
 
@@ -142,17 +144,22 @@ def register(app: typer.Typer) -> None:
             raise NeuroprobeError(f"unknown control {sorted(unknown)[0]!r}: use rotation, shuffle, or none.")
         if not rotation:
             wanted.discard("rotation")
+        if scheduler and jobs != 1:
+            raise NeuroprobeError("--jobs sizes a local cluster; with --scheduler the scheduler's workers do the work "
+                                  "(leave --jobs out).")
         opts = dict(k=k, fdr=fdr, method=method, family=family, exact=exact, n_perm=n_perm, transform=transform,
-                    seed=seed, quiet=quiet, jobs=jobs, sites=[s.strip() for s in sites.split(",")] if sites else None)
+                    seed=seed, quiet=quiet, sites=[s.strip() for s in sites.split(",")] if sites else None)
         with open_recording(recording) as rec:
             _note(rec.require_complete(allow_incomplete))
             _require_finite(rec)
-            table = concept_cells(rec, **opts)
-            rot = rotation_control(rec, rotation_seed=rotation_seed, **opts) if "rotation" in wanted else None
-            shuf = None
-            if "shuffle" in wanted:
-                shuf = label_shuffle_control(rec, n_shuffles=shuffles, **{**opts, "n_perm": 0})
-            untrained = untrained_control(rec, control, **opts) if control is not None else None
+            with cluster(jobs, scheduler) as client:  # one cluster for the table and its controls
+                opts["client"] = client
+                table = concept_cells(rec, **opts)
+                rot = rotation_control(rec, rotation_seed=rotation_seed, **opts) if "rotation" in wanted else None
+                shuf = None
+                if "shuffle" in wanted:
+                    shuf = label_shuffle_control(rec, n_shuffles=shuffles, **{**opts, "n_perm": 0})
+                untrained = untrained_control(rec, control, **opts) if control is not None else None
         typer.echo(cells_report(table, rot, untrained, shuf), nl=False)
         if out is not None:
             from neuroprobe.output import staged_outputs

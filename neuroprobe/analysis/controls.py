@@ -216,6 +216,15 @@ def rotate_recording(
     return out
 
 
+def _scratch(name: str, rec: Recording | str | Path, criterion: dict[str, Any]) -> Path:
+    """A temporary folder for a control's recording: the system's, or, when a Dask ``client`` scans it,
+    beside the recording (whose folder the workers see)."""
+    near = None
+    if criterion.get("client") is not None:
+        near = (rec.path if isinstance(rec, Recording) else Path(rec)).resolve().parent
+    return Path(tempfile.mkdtemp(prefix=f"neuroprobe-{name}-", dir=near))
+
+
 def rotation_control(
     rec: Recording | str | Path,
     *,
@@ -250,7 +259,7 @@ def rotation_control(
     """
     tmp = None
     if out is None:
-        tmp = Path(tempfile.mkdtemp(prefix="neuroprobe-rotation-"))
+        tmp = _scratch("rotation", rec, criterion)
         out = tmp / "rotated.h5"
     try:
         path = rotate_recording(rec, out, seed=rotation_seed, sites=criterion.get("sites"), standardize=standardize,
@@ -309,7 +318,7 @@ def untrained_control(
                                   f"with --init random and pass that recording.") from None
         battery = Battery.load(str(a.get("battery")))
         if out is None:
-            tmp = Path(tempfile.mkdtemp(prefix="neuroprobe-untrained-"))
+            tmp = _scratch("untrained", rec, criterion)
             out = tmp / "untrained.h5"
         random_rec = record(subject, battery, out, montage=str(a.get("montage", "mlp")),
                             pooling=str(a.get("pooling", "mean")), quiet=True, overwrite=True)

@@ -52,7 +52,7 @@ units x concepts; testing: confirming a lone candidate — and names the stage t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import warnings
 
@@ -142,6 +142,7 @@ def concept_cells(
     read_bytes: int | None = None,
     block_units: int | None = None,
     jobs: int = 1,
+    client: Any = None,
 ) -> pd.DataFrame:
     """Find concept cells: one row per unit of every site, with every index and the verdict.
 
@@ -180,7 +181,11 @@ def concept_cells(
     read_bytes, block_units
         Memory knobs of the stream.
     jobs
-        Sites scanned in this many processes (0: one per core); same table as ``jobs=1``.
+        Scan on a local Dask cluster of this many single-threaded worker processes (0: one per
+        core; needs ``dask[distributed]``); 1: in this process, without Dask.  Same table.
+    client
+        A ``distributed.Client`` (or a Dask scheduler's address) to scan on instead of ``jobs``;
+        every worker must see the recording at the same path.  Same table.
 
     Returns
     -------
@@ -217,7 +222,7 @@ def concept_cells(
     recording = as_recording(rec)
     res = run_scan(recording, sites=sites, transform=transform, criterion=True, k=k, alpha=alpha, n_perm=n_perm,
                    seed=seed, labels=labels, quiet=quiet, read_bytes=read_bytes, block_units=block_units, exact=exact,
-                   fdr=fdr, family=family, jobs=jobs)
+                   fdr=fdr, family=family, jobs=jobs, client=client)
     df = apply_criterion(res, fdr=fdr, method=method, alpha=alpha, family=family)
     pairs = res.pairs
     p_scr = pairs.get("p_scr", np.zeros((0, 0)))

@@ -7,7 +7,7 @@ Both stream the recording through the scan (:func:`neuroprobe.analysis.parallel.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import pandas as pd
 
@@ -24,6 +24,7 @@ def unit_indices(
     read_bytes: int | None = None,
     block_units: int | None = None,
     jobs: int = 1,
+    client: Any = None,
 ) -> pd.DataFrame:
     """The standard indices of every unit of every site, streamed from the recording.
 
@@ -39,8 +40,9 @@ def unit_indices(
         No progress bar.
     read_bytes, block_units
         Memory knobs of the stream (see :mod:`neuroprobe.analysis.stream`).
-    jobs
-        Sites scanned in this many processes (0: one per core); same table as ``jobs=1``.
+    jobs, client
+        Scan on a local Dask cluster of ``jobs`` worker processes, or on ``client`` (see
+        :func:`~neuroprobe.analysis.criterion.concept_cells`); same table as ``jobs=1``.
 
     Returns
     -------
@@ -52,7 +54,7 @@ def unit_indices(
         measured on the other).
     """
     return run_scan(rec, sites=sites, transform=transform, criterion=False, quiet=quiet, read_bytes=read_bytes,
-                    block_units=block_units, jobs=jobs).table
+                    block_units=block_units, jobs=jobs, client=client).table
 
 
 def population_sparseness(

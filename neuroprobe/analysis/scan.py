@@ -13,11 +13,15 @@ applied afterwards by :func:`neuroprobe.analysis.criterion.concept_cells` on the
 ``[units, concepts]`` arrays kept here (memory: O(units x concepts), never
 O(units x stimuli)).
 
+The same pass can be cut into pieces computed elsewhere: :func:`scan_units` computes some
+consecutive blocks of a site (given the site's valid stimuli), and :class:`SiteScan` /
+:class:`Gathered` join pieces in order exactly as :func:`scan` joins its own blocks.
+
 Layers (each imports only the ones before it): the numeric kernels (``design``, ``stream``,
-``exact``, ``indices``, ``invariance``, ``thresholds``), this scan (one process), the pool
-(:mod:`neuroprobe.analysis.parallel`: sites in worker processes, and ``run_scan``, the one entry
-that picks one process or the pool), then the analyses (``criterion``, ``descriptive``,
-``controls``...).
+``exact``, ``indices``, ``invariance``, ``thresholds``), this scan (one process, no Dask), the
+cluster layer (:mod:`neuroprobe.analysis.parallel`: pieces of sites on Dask workers, and
+``run_scan``, the one entry that picks one process or Dask), then the analyses (``criterion``,
+``descriptive``, ``controls``...).
 """
 from __future__ import annotations
 
@@ -222,74 +226,206 @@ def scan(
         See :func:`neuroprobe.analysis.exact.exact_p`.
     """
     rec, names = checked_request(rec, sites, transform)
-    stimuli = rec.stimuli.reset_index(drop=True)
-    concepts = battery_concepts(stimuli) if labels is None else list(dict.fromkeys(map(str, labels)))
+    settings = Settings(transform=transform, criterion=criterion, k=k, n_perm=n_perm, seed=seed, exact=exact,
+                        fdr=fdr, family=family, margin=margin, budget=budget)
+    stimuli, concepts = rec.stimuli.reset_index(drop=True), scan_concepts(rec, labels)
     kinds = dict(zip(rec.sites["site"], rec.sites["kind"]))
     n_units_total = int(sum(int(rec.responses(s).shape[1]) for s in names))
     bar = tqdm(total=n_units_total, unit="unit", desc="cells" if criterion else "indices", disable=quiet,
                dynamic_ncols=True)
     null = PermutationNull(n_perm, seed)
-    tables, pops = [], []
-    pair_parts: dict[str, list[np.ndarray]] = {}
-    forms_all: list[str] = []
-    mods_all: list[str] = []
-    passes = 0
-    screening: dict[str, tuple[int, list[int]]] = {}
-    testing: dict[str, tuple[int, list[int]]] = {}
-    cutoffs: dict[str, float] = {}
+    gathered = Gathered(concepts)
     try:
         for site in names:
-            ds = rec.responses(site)
-            stream = UnitStream(ds, read_bytes=read_bytes or DEFAULT_READ_BYTES, block_units=block_units)
-            design: Design | None = None
-            cols: dict[str, list[np.ndarray]] = {}
-            s1 = s2 = None
-            n_live = 0
+            stream = UnitStream(rec.responses(site), read_bytes=read_bytes or DEFAULT_READ_BYTES,
+                                block_units=block_units)
+            acc: SiteScan | None = None
             for lo, hi, x in stream:
-                if design is None:
-                    design = Design.build(stimuli, stream.valid, concepts, labels)
-                    forms_all += [f for f in design.forms if f not in forms_all]
-                    mods_all += [m for m in design.modalities if m not in mods_all]
-                    s1 = np.zeros(x.shape[1])
-                    s2 = np.zeros(x.shape[1])
-                    cut = margin if margin is not None else exact_cutoff(fdr, tests_per_unit(design.screening), family)
-                blk = _block(x, design, transform=transform, criterion=criterion, k=k, null=null, exact=exact, fdr=fdr,
-                             margin=cut, budget=budget)
-                live = ~blk["dead"]
-                r = blk.pop("_r")
-                if not live.all():
-                    r = r[live]
-                s1 += r.sum(0)
-                s2 += np.square(r, out=r).sum(0)                # r is not used again: squared in place
-                n_live += int(live.sum())
-                blk["unit"] = np.arange(lo, hi)
-                for name, v in blk.items():
-                    cols.setdefault(name, []).append(v)
+                if acc is None:
+                    acc = SiteScan(site, kinds.get(site, ""), Design.build(stimuli, stream.valid, concepts, labels),
+                                   settings)
+                acc.add(block_part(x, lo, hi, acc.design, settings, null, acc.cut))
                 bar.update(hi - lo)
-            passes += stream.passes
-            if design is None:  # a site with no units
-                continue
-            screening[site] = (design.screening.n, [int(c) for c in design.screening.counts])
-            testing[site] = (design.testing.n, [int(c) for c in design.testing.counts])
-            if criterion and exact:
-                cutoffs[site] = float(cut)
-            arr = {name: np.concatenate(v) for name, v in cols.items()}
-            tables.append(_site_table(site, kinds.get(site, ""), design, arr, transform, criterion))
-            for name in ("p_scr", "effect_scr", "z_scr", "p_test", "effect_test", "z_test", "exact_scr", "over_scr",
-                         "exact_test", "over_test"):
-                if name in arr:
-                    pair_parts.setdefault(name, []).append(arr[name])
-            pop = design.stimuli[[c for c in ("index", "id", "concept", "form", "modality", "split") if c in design.stimuli]].copy()
-            pop.insert(0, "site", site)
-            pop["n_units"] = n_live
-            pop["population_sparseness"] = sparseness_from_sums(s1, s2, n_live) if n_live else np.nan
-            pops.append(pop)
+            gathered.passes += stream.passes
+            if acc is not None:  # a site with no units gives no rows
+                gathered.add(acc)
     finally:
         bar.close()
-    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-    population = pd.concat(pops, ignore_index=True) if pops else pd.DataFrame()
-    pairs = {name: np.concatenate(v) for name, v in pair_parts.items()}
-    return ScanResult(table, population, concepts, forms_all, mods_all, pairs, passes, screening, testing, cutoffs)
+    return gathered.result()
+
+
+def scan_concepts(rec: Recording, labels: np.ndarray | None = None) -> list[str]:
+    """The concepts of a scan: the battery's (first appearance), or those of ``labels``."""
+    return battery_concepts(rec.stimuli) if labels is None else list(dict.fromkeys(map(str, labels)))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The statistics' options of :func:`scan` (what every block of units is computed with)."""
+
+    transform: str = "shift"
+    criterion: bool = True
+    k: float = 5.0
+    n_perm: int = 1000
+    seed: int = 0
+    exact: bool = True
+    fdr: float = 0.05
+    family: str = "units"
+    margin: float | None = None
+    budget: float = EXACT_BUDGET
+
+    def cutoff(self, design: Design) -> float:
+        """The exact-p cut-off on a site's screening pairs (``margin``, or derived from the design)."""
+        if self.margin is not None:
+            return self.margin
+        return exact_cutoff(self.fdr, tests_per_unit(design.screening), self.family)
+
+
+@dataclass
+class Part:
+    """The statistics of consecutive blocks of one site's units (what a block, or a run of blocks, gives).
+
+    Attributes
+    ----------
+    cols
+        Per-unit arrays (``[units]`` or ``[units, concepts]``), the blocks concatenated in order.
+    sums
+        Per block, in order: the sum over the block's live units of the transformed responses, and of
+        their squares (``[n_valid]`` each; the site's population sparseness adds them in this order).
+    n_live
+        Live units.
+    """
+
+    cols: dict[str, np.ndarray]
+    sums: list[tuple[np.ndarray, np.ndarray]]
+    n_live: int
+
+    @classmethod
+    def join(cls, parts: Sequence["Part"]) -> "Part":
+        """Consecutive parts as one (arrays concatenated, sums kept per block)."""
+        names = list(parts[0].cols) if parts else []
+        return cls({n: np.concatenate([p.cols[n] for p in parts]) for n in names},
+                   [s for p in parts for s in p.sums], sum(p.n_live for p in parts))
+
+
+def block_part(x: np.ndarray, lo: int, hi: int, design: Design, settings: Settings, null: PermutationNull,
+               cut: float) -> Part:
+    """Every statistic of the block ``x`` (units ``lo:hi`` of a site, ``[units, valid stimuli]``)."""
+    s = settings
+    blk = _block(x, design, transform=s.transform, criterion=s.criterion, k=s.k, null=null, exact=s.exact, fdr=s.fdr,
+                 margin=cut, budget=s.budget)
+    live = ~blk["dead"]
+    r = blk.pop("_r")
+    if not live.all():
+        r = r[live]
+    total = r.sum(0)
+    squares = np.square(r, out=r).sum(0)                # r is not used again: squared in place
+    blk["unit"] = np.arange(lo, hi)
+    return Part(blk, [(total, squares)], int(live.sum()))
+
+
+def scan_units(rec: Recording, site: str, valid: np.ndarray, lo: int, hi: int, settings: Settings, *,
+               null: PermutationNull, labels: np.ndarray | None = None, read_bytes: int | None = None,
+               block_units: int | None = None) -> Part:
+    """The blocks of units ``lo:hi`` of ``site``, read with one read of at most ``read_bytes`` (the piece of
+    a scan that a worker does; ``lo`` must start one of the blocks :func:`scan` would make, and ``hi`` end one).
+
+    Parameters
+    ----------
+    rec
+        The recording.
+    site
+        The site.
+    valid
+        The site's valid stimuli (:meth:`~neuroprobe.analysis.stream.UnitStream.first_valid`).
+    lo, hi
+        The units.
+    settings, null, labels
+        As :func:`scan` has them.
+    read_bytes, block_units
+        The memory knobs (the same as the whole scan's, so that the blocks are the same).
+    """
+    stimuli = rec.stimuli.reset_index(drop=True)
+    design = Design.build(stimuli, valid, scan_concepts(rec, labels), labels)
+    cut = settings.cutoff(design)
+    stream = UnitStream(rec.responses(site), read_bytes=read_bytes or DEFAULT_READ_BYTES, block_units=block_units,
+                        valid=valid, start=lo, stop=hi)
+    return Part.join([block_part(x, a, b, design, settings, null, cut) for a, b, x in stream])
+
+
+class SiteScan:
+    """One site's blocks gathered in unit order: its rows of the table, pair arrays and population rows.
+
+    Parameters
+    ----------
+    site, kind
+        The site and its unit kind.
+    design
+        The site's design (from its valid stimuli).
+    settings
+        The statistics' options.
+    """
+
+    def __init__(self, site: str, kind: str, design: Design, settings: Settings) -> None:
+        self.site, self.kind, self.design, self.settings = site, kind, design, settings
+        self.cut = settings.cutoff(design)
+        self.cols: dict[str, list[np.ndarray]] = {}
+        self.s1 = np.zeros(design.all.n)
+        self.s2 = np.zeros(design.all.n)
+        self.n_live = 0
+
+    def add(self, part: Part) -> None:
+        """The next blocks of the site (in unit order)."""
+        for total, squares in part.sums:  # block by block, in order: the sums of one pass, bit for bit
+            self.s1 += total
+            self.s2 += squares
+        self.n_live += part.n_live
+        for name, v in part.cols.items():
+            self.cols.setdefault(name, []).append(v)
+
+
+class Gathered:
+    """The sites of a scan gathered in order into a :class:`ScanResult`."""
+
+    def __init__(self, concepts: list[str]) -> None:
+        self.concepts = concepts
+        self.tables: list[pd.DataFrame] = []
+        self.pops: list[pd.DataFrame] = []
+        self.pairs: dict[str, list[np.ndarray]] = {}
+        self.forms: list[str] = []
+        self.modalities: list[str] = []
+        self.passes = 0
+        self.screening: dict[str, tuple[int, list[int]]] = {}
+        self.testing: dict[str, tuple[int, list[int]]] = {}
+        self.cutoffs: dict[str, float] = {}
+
+    def add(self, acc: SiteScan) -> None:
+        """A site's gathered blocks (sites in scan order)."""
+        site, design, s = acc.site, acc.design, acc.settings
+        self.forms += [f for f in design.forms if f not in self.forms]
+        self.modalities += [m for m in design.modalities if m not in self.modalities]
+        self.screening[site] = (design.screening.n, [int(c) for c in design.screening.counts])
+        self.testing[site] = (design.testing.n, [int(c) for c in design.testing.counts])
+        if s.criterion and s.exact:
+            self.cutoffs[site] = float(acc.cut)
+        arr = {name: np.concatenate(v) for name, v in acc.cols.items()}
+        self.tables.append(_site_table(site, acc.kind, design, arr, s.transform, s.criterion))
+        for name in ("p_scr", "effect_scr", "z_scr", "p_test", "effect_test", "z_test", "exact_scr", "over_scr",
+                     "exact_test", "over_test"):
+            if name in arr:
+                self.pairs.setdefault(name, []).append(arr[name])
+        pop = design.stimuli[[c for c in ("index", "id", "concept", "form", "modality", "split") if c in design.stimuli]].copy()
+        pop.insert(0, "site", site)
+        pop["n_units"] = acc.n_live
+        pop["population_sparseness"] = sparseness_from_sums(acc.s1, acc.s2, acc.n_live) if acc.n_live else np.nan
+        self.pops.append(pop)
+
+    def result(self) -> ScanResult:
+        table = pd.concat(self.tables, ignore_index=True) if self.tables else pd.DataFrame()
+        population = pd.concat(self.pops, ignore_index=True) if self.pops else pd.DataFrame()
+        pairs = {name: np.concatenate(v) for name, v in self.pairs.items()}
+        return ScanResult(table, population, self.concepts, self.forms, self.modalities, pairs, self.passes,
+                          self.screening, self.testing, self.cutoffs)
 
 
 def tests_per_unit(sub: Subset) -> int:

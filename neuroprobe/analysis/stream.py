@@ -39,6 +39,10 @@ class UnitStream:
         Units per block handed to the statistics (default: from ``DEFAULT_BLOCK_BYTES``).
     valid
         Which stimuli to keep; default: rows that are not all-NaN in the first super-block.
+    start, stop
+        Only units ``start:stop`` (default: all).  Super-blocks then start at ``start``: a worker
+        reading one piece of a site gives that piece's blocks of the whole site's stream when
+        ``start`` is where one of them starts (and passes the whole site's ``valid``).
 
     Yields
     ------
@@ -48,9 +52,11 @@ class UnitStream:
     """
 
     def __init__(self, ds: h5py.Dataset, *, read_bytes: int = DEFAULT_READ_BYTES, block_units: int | None = None,
-                 valid: np.ndarray | None = None) -> None:
+                 valid: np.ndarray | None = None, start: int = 0, stop: int | None = None) -> None:
         self.ds = ds
         self.n_rows, self.n_units = int(ds.shape[0]), int(ds.shape[1])
+        self.start = int(start)
+        self.stop = self.n_units if stop is None else min(int(stop), self.n_units)
         self.read_bytes = int(read_bytes)
         self._block_units = block_units
         self.valid = None if valid is None else np.asarray(valid, dtype=bool)
@@ -62,6 +68,23 @@ class UnitStream:
             return max(1, int(self._block_units))
         return int(np.clip(DEFAULT_BLOCK_BYTES // (8 * max(1, n_valid)), 16, 4096))
 
+    def width(self) -> int:
+        """Units per super-block (one read of at most ``read_bytes``)."""
+        return self._width()
+
+    def first_valid(self) -> np.ndarray:
+        """The rows the whole site's stream keeps (not all-NaN in its first super-block), read a few
+        units at a time (at most ``DEFAULT_BLOCK_BYTES`` at once, stopping once every row has a value)."""
+        item = np.dtype(self.ds.dtype).itemsize
+        width = self._width()
+        step = int(max(1, min(width, DEFAULT_BLOCK_BYTES // (item * max(1, self.n_rows)))))
+        valid = np.zeros(self.n_rows, dtype=bool)
+        for a in range(0, width, step):
+            valid |= ~np.isnan(self.ds[:, a : min(a + step, width)]).all(axis=1)
+            if valid.all():
+                break
+        return valid
+
     def _width(self) -> int:
         item = np.dtype(self.ds.dtype).itemsize
         width = max(1, self.read_bytes // (item * max(1, self.n_rows)))
@@ -71,12 +94,12 @@ class UnitStream:
         return int(min(self.n_units, width))
 
     def __iter__(self) -> Iterator[tuple[int, int, np.ndarray]]:
-        if self.n_units == 0 or self.n_rows == 0:
+        if self.n_units == 0 or self.n_rows == 0 or self.start >= self.stop:
             return
-        width = self._width()
+        width = min(self._width(), self.stop - self.start)
         buf = np.empty((self.n_rows, width), dtype=self.ds.dtype)
-        for a in range(0, self.n_units, width):
-            b = min(a + width, self.n_units)
+        for a in range(self.start, self.stop, width):
+            b = min(a + width, self.stop)
             w = b - a
             view = buf[:, :w] if w == width else np.empty((self.n_rows, w), dtype=self.ds.dtype)
             self.ds.read_direct(view, source_sel=np.s_[:, a:b])

@@ -345,6 +345,11 @@ class Recording:
         return bool(self._f.attrs.get("complete", False))
 
     @property
+    def file_size(self) -> int:
+        """Bytes of the open file (of this file, even if its path now leads to another)."""
+        return _file_size(self._f, self.path)
+
+    @property
     def n_done(self) -> int:
         """Stimuli committed so far (equals ``len(stimuli)`` when complete)."""
         return int(self._f.attrs.get("n_done", 0))
