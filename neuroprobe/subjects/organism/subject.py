@@ -27,7 +27,10 @@ Readouts (one score per stimulus, higher = knows its concept better):
     the similarities to the class-mean embeddings of ten training handwritten
     images per digit (:func:`~neuroprobe.subjects.organism.data.reference_images`).
     Prompts and reference images run through the model in the same forward pass
-    as the stimuli, so a lesion acts on both sides of the comparison.
+    as the stimuli, so a lesion acts on both sides of the comparison.  Stimuli that
+    are copies of one block, one after another (a batch tiled once per lesion,
+    :func:`~neuroprobe.subjects.base.stimulus_copies`), get prompts and references
+    once per copy, in that copy's place in the pass: the readouts are replica-safe.
 ``zero_shot_correct``
     1.0 if that concept has the highest score, else 0.0 (accuracy).
 """
@@ -42,7 +45,7 @@ import pandas as pd
 import torch
 
 from neuroprobe.errors import MissingWeightsError, NeuroprobeError
-from neuroprobe.subjects.base import Batch, SitePattern, Subject
+from neuroprobe.subjects.base import Batch, SitePattern, Subject, replica_safe, stimulus_copies
 from neuroprobe.subjects.organism import data as D
 from neuroprobe.subjects.organism.model import OrganismConfig, OrganismModel
 from neuroprobe.subjects.organism.train import WEIGHTS_DIR, load_weights, sha256_file
@@ -89,6 +92,8 @@ class OrganismSubject(Subject):
     """The organism (:class:`~neuroprobe.subjects.organism.model.OrganismModel`) as a subject."""
 
     block_order = BLOCK_ORDER
+    #: the shared embedding reads both towers' projections
+    block_inputs: dict[str, tuple[str, ...]] = {"joint": ("image", "text")}
 
     modalities = ("text", "image")
     split_by_modality = True
@@ -182,8 +187,9 @@ class OrganismSubject(Subject):
                 out[k, lo : min(hi, width)] = True
         return out
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Unit-norm embeddings ``(images, texts)``; one call of the model runs both towers."""
+    def forward(self, batch: Batch, copies: int = 1) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Unit-norm embeddings ``(images, texts)``; one call of the model runs both towers (``copies``: as
+        :meth:`~neuroprobe.subjects.organism.model.OrganismModel.forward`)."""
         inp = batch.inputs
         dtype = next(self.model.parameters()).dtype
         images = inp.get("images")
@@ -192,6 +198,7 @@ class OrganismSubject(Subject):
             images.to(self.device, dtype) if images is not None else None,
             ids.to(self.device) if ids is not None else None,
             mask.to(self.device) if mask is not None else None,
+            copies=copies,
         )
 
     # ---------------------------------------------------------------- readouts
@@ -233,41 +240,55 @@ class OrganismSubject(Subject):
                     f"text-to-image retrieval needs digit concepts ({', '.join(D.CONCEPTS)}), but battery "
                     f"{battery.name!r} has {', '.join(missing[:3])}; use the digits battery."
                 )
+        copies = stimulus_copies(stimuli)
         batch = self.encode(stimuli, battery)
         n_img = int((modality == "image").sum())
         prompts = [str(battery.concepts[c].get("prompt") or D.PROMPT_TEMPLATE.format(c)) for c in concepts]
         ref_images, ref_labels = self.reference()
-        images = [batch.inputs["images"]] if n_img else []
         texts = stimuli.loc[modality == "text", "text"].astype(str).tolist()
-        if has_text:
-            images.append(ref_images)
-        all_texts = texts + (prompts if n_img else [])
+        ni, nt = n_img // copies, len(texts) // copies  # per copy of the stimuli
+        # every copy with its own prompts and references, copy after copy (one copy: the stimuli, then them)
+        images: list[torch.Tensor] = []
+        all_texts: list[str] = []
+        for c in range(copies):
+            if n_img:
+                images.append(batch.inputs["images"][c * ni : (c + 1) * ni])
+            if has_text:
+                images.append(ref_images)
+            all_texts += texts[c * nt : (c + 1) * nt] + (prompts if n_img else [])
         ids, mask = D.tokenize(all_texts, self.config.max_bytes) if all_texts else (None, None)
         img_in = torch.cat(images) if images else None
-        img, txt = self.forward(Batch(inputs={"images": img_in, "text_ids": ids, "text_mask": mask}))
+        img, txt = self.forward(Batch(inputs={"images": img_in, "text_ids": ids, "text_mask": mask}), copies=copies)
         scale = self.model.scale()
         emb = img if img is not None else txt
         logp = torch.zeros((len(stimuli), len(concepts)), dtype=torch.float32, device=emb.device)
-        if n_img:
-            p_emb = txt[len(texts):]
-            rows = torch.from_numpy(modality == "image").to(emb.device)
-            logp[rows] = (scale * img[:n_img] @ p_emb.T).log_softmax(-1).float()
-        if has_text:
-            ref = img[n_img:]
-            labels = ref_labels.to(ref.device)
-            digits = [D.CONCEPTS.index(c) for c in concepts]
-            protos = torch.nn.functional.normalize(torch.stack([ref[labels == d].mean(0) for d in digits]), dim=-1)
-            rows = torch.from_numpy(modality == "text").to(emb.device)
-            logp[rows] = (scale * txt[: len(texts)] @ protos.T).log_softmax(-1).float()
+        img_rows = torch.from_numpy(np.flatnonzero(modality == "image")).to(emb.device)
+        txt_rows = torch.from_numpy(np.flatnonzero(modality == "text")).to(emb.device)
+        per_img = ni + (len(ref_images) if has_text else 0)
+        per_txt = nt + (len(prompts) if n_img else 0)
+        digits = [D.CONCEPTS.index(c) for c in concepts] if has_text else []
+        labels = ref_labels.to(emb.device)
+        for c in range(copies):
+            i_c = img[c * per_img : (c + 1) * per_img] if img is not None else None
+            t_c = txt[c * per_txt : (c + 1) * per_txt] if txt is not None else None
+            if n_img:
+                p_emb = t_c[nt:]
+                logp[img_rows[c * ni : (c + 1) * ni]] = (scale * i_c[:ni] @ p_emb.T).log_softmax(-1).float()
+            if has_text:
+                ref = i_c[ni:]
+                protos = torch.nn.functional.normalize(torch.stack([ref[labels == d].mean(0) for d in digits]), dim=-1)
+                logp[txt_rows[c * nt : (c + 1) * nt]] = (scale * t_c[:nt] @ protos.T).log_softmax(-1).float()
         target = np.array([concepts.index(c) for c in stimuli["concept"]], dtype=np.int64)
         return logp, target
 
 
+@replica_safe
 def _zero_shot(subject: OrganismSubject, stimuli: pd.DataFrame, battery: "Battery") -> np.ndarray:
     logp, target = subject.concept_scores(stimuli, battery)
     return logp[np.arange(len(target)), target]
 
 
+@replica_safe
 def _zero_shot_correct(subject: OrganismSubject, stimuli: pd.DataFrame, battery: "Battery") -> np.ndarray:
     logp, target = subject.concept_scores(stimuli, battery)
     return (logp.argmax(1) == target).astype(np.float64)
