@@ -185,7 +185,7 @@ def stimulus_copies(stimuli: pd.DataFrame) -> int:
         return 1
     try:
         h = pd.util.hash_pandas_object(stimuli, index=False).to_numpy()
-    except TypeError:  # unhashable cells (lists): compare their text
+    except (TypeError, ValueError):  # unhashable cells (lists): compare their text
         h = pd.util.hash_pandas_object(stimuli.astype(str), index=False).to_numpy()
     for period in range(1, n // 2 + 1):
         if n % period == 0 and np.array_equal(h[period:], h[:-period]) and (
