@@ -24,7 +24,8 @@ import torch
 from neuroprobe import Battery, load_subject
 from neuroprobe.lesions import replicas
 from neuroprobe.lesions.staged import resolve_blocks, stage_of
-from neuroprobe.subjects.base import _compile_glob, stimulus_copies
+from neuroprobe.subjects.base import _compile_glob
+from neuroprobe.subjects.copies import shared_state, stimulus_copies
 from neuroprobe.subjects.widths import measured_units
 
 MODES = ("zero", "mean", "scale")
@@ -145,6 +146,10 @@ def test_stimulus_copies_counts_whole_repeats():
     # not whole copies: a repeat of the head only
     assert stimulus_copies(pd.concat([t, t.head(3)], ignore_index=True)) == 1
     assert stimulus_copies(t.iloc[[0, 1, 0, 2]]) == 1
+    # integrated gradients' steps are copies that share the readout's state
+    with shared_state():
+        assert stimulus_copies(replicas.tile(t, 4)) == 1
+    assert stimulus_copies(replicas.tile(t, 4)) == 4
 
 
 # ----------------------------------------------------------------------- CLIP ViT

@@ -169,32 +169,6 @@ def replica_safe(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def stimulus_copies(stimuli: pd.DataFrame) -> int:
-    """How many identical copies, one after another, ``stimuli`` consists of (1: none repeats).
-
-    A replica-safe readout whose per-call state runs through the model with the stimuli
-    (e.g. prompts encoded by the possibly lesioned text tower in the same pass) encodes
-    that state once per copy, copy after copy, so each replica of a tiled call
-    (:func:`replica_safe`) sees its own.  With ``L`` replicas of ``B`` rows this is a
-    multiple of ``L`` (the smallest whole period divides ``B``), so every replica's rows
-    still hold whole copies; on an untiled call it is 1 unless the rows themselves repeat,
-    which changes nothing but the batch size.
-    """
-    n = len(stimuli)
-    if n < 2:
-        return 1
-    try:
-        h = pd.util.hash_pandas_object(stimuli, index=False).to_numpy()
-    except (TypeError, ValueError):  # unhashable cells (lists): compare their text
-        h = pd.util.hash_pandas_object(stimuli.astype(str), index=False).to_numpy()
-    for period in range(1, n // 2 + 1):
-        if n % period == 0 and np.array_equal(h[period:], h[:-period]) and (
-            stimuli.iloc[period:].reset_index(drop=True).equals(stimuli.iloc[:-period].reset_index(drop=True))
-        ):
-            return n // period
-    return 1
-
-
 def _compile_glob(glob: str) -> re.Pattern[str]:
     # '*' matches one dotted path segment (a layer number, a module name) and is captured
     parts = [re.escape(p) for p in glob.split("*")]

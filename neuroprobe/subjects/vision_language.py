@@ -69,7 +69,8 @@ import torch
 
 from neuroprobe.errors import MissingWeightsError, NeuroprobeError
 from neuroprobe.stimuli.images import ClipPreprocess
-from neuroprobe.subjects.base import Batch, encode_dual_encoder, replica_safe, stimulus_copies
+from neuroprobe.subjects.base import Batch, encode_dual_encoder, replica_safe
+from neuroprobe.subjects.copies import stimulus_copies
 from neuroprobe.subjects.hf import HFSubject, masked_cloze, masked_target_logprob
 
 #: Question asked of image stimuli by the ``vqa`` readout (``battery.json`` key ``vqa_question`` overrides).
@@ -199,7 +200,7 @@ def readout_zero_shot(subject: CLIPSubject, stimuli: pd.DataFrame, battery) -> n
     One pass of the image tower over the image and pair rows, one of the text tower over the
     text rows.  Prompts come from :meth:`~CLIPSubject.prepare_readout` (the intact model) when
     it ran; otherwise the current model encodes them on each call, once per copy of the
-    stimuli (:func:`~neuroprobe.subjects.base.stimulus_copies`) in one pass, so each replica
+    stimuli (:func:`~neuroprobe.subjects.copies.stimulus_copies`) in one pass, so each replica
     of a tiled call compares its stimuli with prompts that went through its own lesion.
     """
     copies = stimulus_copies(stimuli)

@@ -36,7 +36,8 @@ import pandas as pd
 import torch
 
 from neuroprobe.errors import NeuroprobeError
-from neuroprobe.subjects.base import Batch, SitePattern, stimulus_copies
+from neuroprobe.subjects.base import Batch, SitePattern
+from neuroprobe.subjects.copies import stimulus_copies
 from neuroprobe.subjects.organism import data as D
 from neuroprobe.subjects.organism.cross import CLS, EMPTY, IMAGE_TOKEN_BASE, CrossConfig, CrossModel
 from neuroprobe.subjects.organism.subject import OrganismSubject

@@ -29,7 +29,7 @@ Readouts (one score per stimulus, higher = knows its concept better):
     Prompts and reference images run through the model in the same forward pass
     as the stimuli, so a lesion acts on both sides of the comparison.  Stimuli that
     are copies of one block, one after another (a batch tiled once per lesion,
-    :func:`~neuroprobe.subjects.base.stimulus_copies`), get prompts and references
+    :func:`~neuroprobe.subjects.copies.stimulus_copies`), get prompts and references
     once per copy, in that copy's place in the pass: the readouts are replica-safe.
 ``zero_shot_correct``
     1.0 if that concept has the highest score, else 0.0 (accuracy).
@@ -45,7 +45,8 @@ import pandas as pd
 import torch
 
 from neuroprobe.errors import MissingWeightsError, NeuroprobeError
-from neuroprobe.subjects.base import Batch, SitePattern, Subject, replica_safe, stimulus_copies
+from neuroprobe.subjects.base import Batch, SitePattern, Subject, replica_safe
+from neuroprobe.subjects.copies import stimulus_copies
 from neuroprobe.subjects.organism import data as D
 from neuroprobe.subjects.organism.model import OrganismConfig, OrganismModel
 from neuroprobe.subjects.organism.train import WEIGHTS_DIR, load_weights, sha256_file
