@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import types
 import warnings
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -94,6 +93,7 @@ def check_blocks(subject, run: Callable[[], Any], block_order=None, block_inputs
     and each chain a chain reads runs before it."""
     declared = block_order if block_order is not None else subject.block_order
     inputs = block_inputs if block_inputs is not None else getattr(subject, "block_inputs", {})
+    assert declared, "no block order declared"
     view = types.SimpleNamespace(model=subject.model, block_order=declared)
     blocks = resolve_blocks(view)
     assert set(blocks) == set(declared) and all(blocks.values())
