@@ -203,17 +203,14 @@ class CrossSubject(OrganismSubject):
         prompts = [str(battery.concepts[c].get("prompt") or D.PROMPT_TEMPLATE.format(c)) for c in concepts] if has_other else []
         ref_images, ref_labels = self.reference() if has_text else (torch.zeros(0, 1, 1, 1), torch.zeros(0))
         size = self.config.image_size
-        texts = [str(t) if m_ != "image" else None for t, m_ in zip(stimuli["text"], modality)]
-        stim_images = self._image_side(stimuli, battery)
-        refs = ref_images.reshape(-1, 1, size, size) if len(ref_images) else torch.zeros(0, 1, size, size)
-        # every copy of the stimuli with its own prompts and references, copy after copy
-        rows_texts: list[str | None] = []
-        rows_images: list[torch.Tensor] = []
-        for c in range(copies):
-            rows_texts += texts[c * m : (c + 1) * m] + prompts + [None] * len(ref_images)
-            rows_images += [stim_images[c * m : (c + 1) * m], torch.zeros(len(prompts), 1, size, size), refs]
-        ids, mask = self._text_side(rows_texts)
-        emb = self.forward(Batch(inputs={"images": torch.cat(rows_images), "text_ids": ids, "text_mask": mask}))
+        first = stimuli.iloc[:m]  # one copy is encoded; the pass holds every copy, each with its prompts and references
+        texts = [str(t) if k != "image" else None for t, k in zip(first["text"], modality[:m])]
+        ids, mask = self._text_side(texts + prompts + [None] * len(ref_images))
+        images = torch.cat([self._image_side(first, battery), torch.zeros(len(prompts), 1, size, size),
+                            ref_images.reshape(-1, 1, size, size) if len(ref_images) else torch.zeros(0, 1, size, size)])
+        if copies > 1:
+            ids, mask, images = ids.repeat(copies, 1), mask.repeat(copies, 1), images.repeat(copies, 1, 1, 1)
+        emb = self.forward(Batch(inputs={"images": images, "text_ids": ids, "text_mask": mask}))
         scale = self.model.scale()
         logp = np.zeros((n, len(concepts)))
         per = m + len(prompts) + len(ref_images)
@@ -231,5 +228,5 @@ class CrossSubject(OrganismSubject):
                 protos = torch.nn.functional.normalize(torch.stack([ref[labels == d].mean(0) for d in digits]), dim=-1)
                 logp[c * m + np.flatnonzero(text_c)] = (
                     scale * e_c[:m][torch.tensor(text_c)] @ protos.T).log_softmax(-1).float().cpu().numpy()
-        target = np.array([concepts.index(c) for c in stimuli["concept"]], dtype=np.int64)
+        target = np.tile(np.array([concepts.index(c) for c in first["concept"]], dtype=np.int64), copies)
         return logp, target

@@ -132,12 +132,17 @@ class OrganismSubject(Subject):
             out[k, 0] = cache[key]
         return torch.from_numpy(out)
 
-    def encode(self, stimuli: pd.DataFrame, battery: "Battery") -> Batch:
-        """Images for the image tower, UTF-8 bytes for the text tower (see the module docstring for streams)."""
+    def _modalities_of(self, stimuli: pd.DataFrame) -> np.ndarray:
+        """The stimuli's modalities (one clear error for one the towers do not take)."""
         modality = stimuli["modality"].to_numpy()
         bad = sorted(set(modality) - {"image", "text"})
         if bad:
             raise NeuroprobeError(f"the organism takes image and text stimuli, not {', '.join(bad)}; choose another battery.")
+        return modality
+
+    def encode(self, stimuli: pd.DataFrame, battery: "Battery") -> Batch:
+        """Images for the image tower, UTF-8 bytes for the text tower (see the module docstring for streams)."""
+        modality = self._modalities_of(stimuli)
         img_rows = stimuli[modality == "image"]
         txt_rows = stimuli[modality == "text"]
         inputs: dict[str, Any] = {"images": None, "text_ids": None, "text_mask": None}
@@ -232,7 +237,7 @@ class OrganismSubject(Subject):
         unknown = sorted(set(stimuli["concept"]) - set(concepts))
         if unknown:
             raise NeuroprobeError(f"stimuli name concepts {', '.join(unknown)} that battery {battery.name!r} does not declare.")
-        modality = stimuli["modality"].to_numpy()
+        modality = self._modalities_of(stimuli)
         has_text = bool((modality == "text").any())
         if has_text:
             missing = [c for c in concepts if c not in D.CONCEPTS]
@@ -242,23 +247,20 @@ class OrganismSubject(Subject):
                     f"{battery.name!r} has {', '.join(missing[:3])}; use the digits battery."
                 )
         copies = stimulus_copies(stimuli)
-        batch = self.encode(stimuli, battery)
+        m = len(stimuli) // copies  # stimuli per copy: one copy is encoded, the pass holds every copy
+        first = modality[:m]
         n_img = int((modality == "image").sum())
+        ni, nt = int((first == "image").sum()), int((first == "text").sum())
         prompts = [str(battery.concepts[c].get("prompt") or D.PROMPT_TEMPLATE.format(c)) for c in concepts]
         ref_images, ref_labels = self.reference()
-        texts = stimuli.loc[modality == "text", "text"].astype(str).tolist()
-        ni, nt = n_img // copies, len(texts) // copies  # per copy of the stimuli
-        # every copy with its own prompts and references, copy after copy (one copy: the stimuli, then them)
-        images: list[torch.Tensor] = []
-        all_texts: list[str] = []
-        for c in range(copies):
-            if n_img:
-                images.append(batch.inputs["images"][c * ni : (c + 1) * ni])
-            if has_text:
-                images.append(ref_images)
-            all_texts += texts[c * nt : (c + 1) * nt] + (prompts if n_img else [])
-        ids, mask = D.tokenize(all_texts, self.config.max_bytes) if all_texts else (None, None)
-        img_in = torch.cat(images) if images else None
+        # each copy with its own prompts and references, copy after copy (one copy: the stimuli, then them)
+        images = ([self.images(stimuli.iloc[:m][first == "image"], battery)] if ni else []) + (
+            [ref_images] if has_text else [])
+        texts = stimuli.iloc[:m].loc[first == "text", "text"].astype(str).tolist() + (prompts if n_img else [])
+        ids, mask = D.tokenize(texts, self.config.max_bytes) if texts else (None, None)
+        img_in = torch.cat(images * copies) if images else None
+        if ids is not None and copies > 1:
+            ids, mask = ids.repeat(copies, 1), mask.repeat(copies, 1)
         img, txt = self.forward(Batch(inputs={"images": img_in, "text_ids": ids, "text_mask": mask}), copies=copies)
         scale = self.model.scale()
         emb = img if img is not None else txt
@@ -279,7 +281,7 @@ class OrganismSubject(Subject):
                 ref = i_c[ni:]
                 protos = torch.nn.functional.normalize(torch.stack([ref[labels == d].mean(0) for d in digits]), dim=-1)
                 logp[txt_rows[c * nt : (c + 1) * nt]] = (scale * t_c[:nt] @ protos.T).log_softmax(-1).float()
-        target = np.array([concepts.index(c) for c in stimuli["concept"]], dtype=np.int64)
+        target = np.tile(np.array([concepts.index(c) for c in stimuli["concept"].iloc[:m]], dtype=np.int64), copies)
         return logp, target
 
 
