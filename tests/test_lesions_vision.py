@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from neuroprobe import Battery, load_subject
+from neuroprobe.errors import NeuroprobeError
 from neuroprobe.lesions import replicas
 from neuroprobe.lesions.staged import resolve_blocks, stage_of
 from neuroprobe.subjects.base import _compile_glob
@@ -340,6 +341,10 @@ def test_organism_replicas_equal_single(organism, readout):
     for modality in ("image", "text"):
         rows = battery.table[battery.table["modality"] == modality]
         check_replicas(organism, battery, rows, lesions, widths, readout=readout, modes=("zero",), effect=False)
+    # the towers take no pairs: one clear error, tiled or not
+    pairs = _digits("digits-cross")
+    with pytest.raises(NeuroprobeError, match="takes image and text stimuli, not pair"):
+        replicas.replica_scores(organism, pairs, pairs.table, lesions[:2], readout=readout)
 
 
 def test_organism_blocks(organism):
