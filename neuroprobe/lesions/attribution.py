@@ -45,6 +45,7 @@ from neuroprobe.electrodes import Electrodes
 from neuroprobe.errors import NeuroprobeError
 from neuroprobe.lesions.lesion import resolve_sites
 from neuroprobe.subjects.base import Site, Subject
+from neuroprobe.subjects.copies import shared_state
 
 if TYPE_CHECKING:  # pragma: no cover
     from neuroprobe.stimuli.battery import Battery
@@ -157,7 +158,8 @@ def _site_pass(subject: Subject, battery: "Battery", rows: pd.DataFrame, site: S
         return y
 
     with torch.inference_mode(False), torch.enable_grad(), Electrodes(subject.model, [site], read=False, edits={site.name: edit}):
-        value = score(subject, reps, battery)
+        with shared_state():  # the steps are not lesion replicas: prompts and references encoded once
+            value = score(subject, reps, battery)
         if "y" not in held:
             raise NeuroprobeError(f"site {site.name!r} never fired for these stimuli; choose a site the battery reaches.")
         value = value.float()

@@ -82,6 +82,7 @@ import torch
 from neuroprobe.errors import MissingWeightsError, NeuroprobeError
 from neuroprobe.stimuli.images import ClipPreprocess
 from neuroprobe.subjects.base import Batch, encode_dual_encoder, replica_safe
+from neuroprobe.subjects.copies import stimulus_copies
 from neuroprobe.subjects.hf import HFSubject, masked_cloze, masked_target_logprob
 
 #: Question asked of image stimuli by the ``vqa`` readout (``battery.json`` key ``vqa_question`` overrides).
@@ -108,6 +109,14 @@ class CLIPSubject(HFSubject):
     """CLIP's two towers as one subject (see the module docstring)."""
 
     split_by_modality = True
+    #: the two towers in forward order (embeddings, blocks, final norm, projection): independent chains
+    block_order = {
+        "text": ["text_model.embeddings", "text_model.encoder.layers.*", "text_model.final_layer_norm",
+                 "text_projection"],
+        "image": ["vision_model.embeddings", "vision_model.pre_layrnorm", "vision_model.encoder.layers.*",
+                  "vision_model.post_layernorm", "visual_projection"],
+    }
+    block_inputs: dict[str, tuple[str, ...]] = {}
 
     def setup(self, **options: Any) -> None:
         """Read the image preprocessing settings; CLIP takes no options."""
@@ -158,14 +167,14 @@ class CLIPSubject(HFSubject):
         return torch.nn.functional.normalize(out["image_embeds"].float(), dim=-1)
 
     # --------------------------------------------------------------- readout
-    def prompt_embeddings(self, battery) -> tuple[list[str], torch.Tensor]:
-        """The battery's concepts and their prompt embeddings (from :meth:`prepare_readout` if it ran)."""
-        concepts = battery.concept_names
-        prompts = tuple(str(battery.concepts[c]["prompt"]) for c in concepts)
-        if self._prompt_cache is not None and self._prompt_cache[0] == prompts:
-            return concepts, self._prompt_cache[1]
-        with torch.inference_mode():
-            return concepts, self.text_embeddings(prompts)
+    def prompt_embeddings(self, battery, copies: int = 1) -> tuple[list[str], torch.Tensor]:
+        """The battery's concepts and their prompt embeddings.
+
+        ``[C, E]`` from :meth:`prepare_readout` (the intact model) if it ran; otherwise encoded
+        by the model as it is now, ``copies`` times in one pass (``[copies, C, E]`` when
+        ``copies > 1``: one set per copy of tiled stimuli, see :func:`readout_zero_shot`).
+        """
+        return _prompt_embeddings(self, battery, copies)
 
     def prepare_readout(self, battery, name: str | None = None) -> None:
         """Embed the concept prompts with the intact model, so a lesion is scored against them."""
@@ -176,19 +185,55 @@ class CLIPSubject(HFSubject):
             self._prompt_cache = (prompts, self.text_embeddings(prompts))
 
 
+def _prompt_embeddings(subject: Any, battery, copies: int = 1) -> tuple[list[str], torch.Tensor]:
+    """:meth:`CLIPSubject.prompt_embeddings` (shared with the CLIP ResNets)."""
+    concepts = battery.concept_names
+    prompts = tuple(str(battery.concepts[c]["prompt"]) for c in concepts)
+    cache = subject._prompt_cache
+    if cache is not None and cache[0] == prompts:
+        return concepts, cache[1]
+    with torch.inference_mode():
+        protos = subject.text_embeddings(list(prompts) * copies)
+    return concepts, protos.view(copies, len(prompts), -1) if copies > 1 else protos
+
+
+def _image_pixels(subject: Any, stimuli: pd.DataFrame, rows: np.ndarray, battery) -> torch.Tensor:
+    """Preprocessed pixels of ``stimuli.iloc[rows]``, each distinct image read and preprocessed once."""
+    paths = stimuli["image"].iloc[rows].astype(str).tolist()
+    unique = list(dict.fromkeys(paths))
+    pixels = subject.preprocess([battery.load_image(p) for p in unique])
+    where = {p: i for i, p in enumerate(unique)}
+    return pixels[torch.tensor([where[p] for p in paths])]
+
+
+@replica_safe
 def readout_zero_shot(subject: CLIPSubject, stimuli: pd.DataFrame, battery) -> np.ndarray:
-    """log-softmax over concepts of ``logit_scale · cos(stimulus, prompt)`` at the stimulus's concept."""
-    concepts, protos = subject.prompt_embeddings(battery)
+    """log-softmax over concepts of ``logit_scale · cos(stimulus, prompt)`` at the stimulus's concept.
+
+    One pass of the image tower over the image and pair rows, one of the text tower over the
+    text rows.  Prompts come from :meth:`~CLIPSubject.prepare_readout` (the intact model) when
+    it ran; otherwise the current model encodes them on each call, once per copy of the
+    stimuli (:func:`~neuroprobe.subjects.copies.stimulus_copies`) in one pass, so each replica
+    of a tiled call compares its stimuli with prompts that went through its own lesion.
+    """
+    copies = stimulus_copies(stimuli)
+    concepts, protos = subject.prompt_embeddings(battery, copies)
     scale = subject.model.logit_scale.exp().float()
     out = np.full(len(stimuli), np.nan)
-    emb = torch.zeros(len(stimuli), protos.shape[1], device=protos.device)
+    emb = torch.zeros(len(stimuli), protos.shape[-1], device=protos.device)
     img = _rows_with(stimuli, "image", "pair")
     txt = _rows_with(stimuli, "text")
     if len(img):
-        emb[img] = subject.image_embeddings([battery.load_image(stimuli.iloc[i]) for i in img]).to(emb.device)
+        pixels = _image_pixels(subject, stimuli, img, battery)
+        image = subject.forward(Batch(inputs={"pixel_values": pixels}))["image_embeds"]
+        emb[img] = torch.nn.functional.normalize(image.float(), dim=-1).to(emb.device)
     if len(txt):
         emb[txt] = subject.text_embeddings(stimuli["text"].iloc[txt].tolist()).to(emb.device)
-    logp = (scale * emb @ protos.T).log_softmax(-1)
+    if protos.dim() == 2:
+        logits = scale * emb @ protos.T
+    else:  # one set of prompts per copy of the stimuli
+        logits = (scale * emb.view(copies, -1, emb.shape[-1]) @ protos.transpose(1, 2)).reshape(len(stimuli), -1)
+    logp = logits.log_softmax(-1)
     idx = torch.tensor([concepts.index(c) for c in stimuli["concept"]], device=logp.device)
     out[:] = logp[torch.arange(len(idx)), idx].cpu().numpy()
     return out

@@ -107,6 +107,14 @@ class CLIPResNetSubject(Subject):
     modalities = ("text", "image", "pair")
     split_by_modality = True
     default_readout = "zero_shot"
+    #: the two towers in forward order (the stem's convolutions and norms, the bottlenecks, the
+    #: attention pool; the token embedding, the text blocks, the final norm): independent chains
+    block_order = {
+        "image": ["visual.conv1", "visual.bn1", "visual.conv2", "visual.bn2", "visual.conv3", "visual.bn3",
+                  "visual.avgpool", "visual.layer*.*", "visual.attnpool"],
+        "text": ["token_embedding", "transformer.resblocks.*", "ln_final"],
+    }
+    block_inputs: dict[str, tuple[str, ...]] = {}
 
     def __init__(self, name: str, model: CLIPResNet, tokenizer: Any, **kwargs: Any) -> None:
         from neuroprobe.subjects.vision_language import readout_zero_shot
@@ -168,14 +176,12 @@ class CLIPResNetSubject(Subject):
         return torch.nn.functional.normalize(out["image_embeds"].float(), dim=-1)
 
     # --------------------------------------------------------------- readout
-    def prompt_embeddings(self, battery: Any) -> tuple[list[str], torch.Tensor]:
-        """The battery's concepts and their prompt embeddings (from :meth:`prepare_readout` if it ran)."""
-        concepts = battery.concept_names
-        prompts = tuple(str(battery.concepts[c]["prompt"]) for c in concepts)
-        if self._prompt_cache is not None and self._prompt_cache[0] == prompts:
-            return concepts, self._prompt_cache[1]
-        with torch.inference_mode():
-            return concepts, self.text_embeddings(prompts)
+    def prompt_embeddings(self, battery: Any, copies: int = 1) -> tuple[list[str], torch.Tensor]:
+        """The battery's concepts and their prompt embeddings: as the ``clip`` subject's
+        (:meth:`neuroprobe.subjects.vision_language.CLIPSubject.prompt_embeddings`)."""
+        from neuroprobe.subjects.vision_language import _prompt_embeddings
+
+        return _prompt_embeddings(self, battery, copies)
 
     def prepare_readout(self, battery: Any, name: str | None = None) -> None:
         """Embed the concept prompts with the intact model, so a lesion is scored against them."""

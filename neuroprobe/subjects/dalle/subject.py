@@ -51,7 +51,7 @@ import pandas as pd
 import torch
 
 from neuroprobe.errors import NeuroprobeError
-from neuroprobe.subjects.base import Batch, SitePattern as P, Subject
+from neuroprobe.subjects.base import Batch, SitePattern as P, Subject, replica_safe
 from neuroprobe.subjects.dalle.codes import ImageCodes
 from neuroprobe.subjects.dalle.load import DalleBundle, load_dalle
 from neuroprobe.subjects.dalle.score import decoder_inputs, score_image_tokens, unconditioned_text_tokens
@@ -104,13 +104,22 @@ def _loglik(subject: "DalleSubject", stimuli: pd.DataFrame, battery, pmi: bool =
     return score.float().cpu().numpy()
 
 
+@replica_safe
 def image_token_loglik(subject: "DalleSubject", stimuli: pd.DataFrame, battery) -> np.ndarray:
-    """Readout: mean teacher-forced log-probability of the stimulus's image codes given its text."""
+    """Readout: mean teacher-forced log-probability of the stimulus's image codes given its text.
+
+    One teacher-forced pass of the encoder and decoder over all the stimuli (replica-safe).
+    """
     return _loglik(subject, stimuli, battery)
 
 
+@replica_safe
 def image_token_pmi(subject: "DalleSubject", stimuli: pd.DataFrame, battery) -> np.ndarray:
-    """Readout: :func:`image_token_loglik` minus the same under the empty prompt."""
+    """Readout: :func:`image_token_loglik` minus the same under the empty prompt.
+
+    Two passes over all the stimuli, conditioned then unconditioned (replica-safe: each holds
+    every row of every copy, in order).
+    """
     return _loglik(subject, stimuli, battery, pmi=True)
 
 
@@ -120,6 +129,12 @@ class DalleSubject(Subject):
     modalities = ("text", "image", "pair")
     readouts = {"image_token_loglik": image_token_loglik, "image_token_pmi": image_token_pmi}
     default_readout = "image_token_loglik"
+    #: the BART halves in forward order; the decoder's cross-attention reads the encoder's output
+    block_order = {
+        "encoder": ["encoder.layernorm_embedding", "encoder.layers.*", "encoder.final_ln"],
+        "decoder": ["decoder.layernorm_embedding", "decoder.layers.*"],
+    }
+    block_inputs: dict[str, tuple[str, ...]] = {"decoder": ("encoder",)}
 
     def __init__(self, name: str, bundle: DalleBundle, *, codes: str | Path | None = None,
                  vqgan: torch.nn.Module | None = None, **kwargs: Any) -> None:

@@ -37,6 +37,7 @@ import torch
 
 from neuroprobe.errors import NeuroprobeError
 from neuroprobe.subjects.base import Batch, SitePattern
+from neuroprobe.subjects.copies import stimulus_copies
 from neuroprobe.subjects.organism import data as D
 from neuroprobe.subjects.organism.cross import CLS, EMPTY, IMAGE_TOKEN_BASE, CrossConfig, CrossModel
 from neuroprobe.subjects.organism.subject import OrganismSubject
@@ -72,10 +73,28 @@ def cross_site_patterns(cfg: CrossConfig) -> dict[str, list[SitePattern]]:
     }
 
 
+def cross_block_order(cfg: CrossConfig) -> dict[str, list[str]]:
+    """Chain -> module globs in forward order: the image tokens' stem, the text's byte embedding, and
+    the fused blocks through the heads to the joint embedding (which read both stems)."""
+    image = ["image.conv1", "image.pool1", "image.conv2", "image.pool2", "image.conv3", "image.pool3",
+             "image.patches", "image.norm"]
+    if cfg.fusion == "single":
+        fused = ["fusion.embed", "fusion.layers.*", "fusion.ln_final"]
+    else:
+        fused = ["layers.*", "text.ln_final", "image.ln_final"]
+    return {"image": image, "text": ["text.embed"], "fusion": fused + ["head.fc", "head.proj", "embed"]}
+
+
 class CrossSubject(OrganismSubject):
     """The cross-modal organism (:class:`~neuroprobe.subjects.organism.cross.CrossModel`) as a subject."""
 
-    block_order: dict[str, list[str]] = {}  # lesions run one at a time (no batched runner for the fused pass)
+    #: the blocks are declared by :func:`cross_block_order`; ``block_order`` stays empty while
+    #: ``lesions.staged.make_runner`` sends every OrganismSubject to the dual encoder's hand-written
+    #: runner (which cannot run the fused pass); the generic prefix cache sets it to
+    #: ``cross_block_order(self.config)``
+    block_order: dict[str, list[str]] = {}
+    #: the fused blocks read the image tokens' stem and the text's byte embedding
+    block_inputs: dict[str, tuple[str, ...]] = {"fusion": ("image", "text")}
     modalities = ("text", "image", "pair")
     split_by_modality = False
 
@@ -83,6 +102,7 @@ class CrossSubject(OrganismSubject):
 
     def patterns(self) -> dict[str, list[SitePattern]]:
         return cross_site_patterns(self.config)
+
 
     # --------------------------------------------------------------- encoding
     def _text_side(self, texts: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,25 +197,36 @@ class CrossSubject(OrganismSubject):
                 f"text-to-image retrieval needs digit concepts ({', '.join(D.CONCEPTS)}), but battery "
                 f"{battery.name!r} has others; use the digits or digits-cross battery."
             )
+        copies = stimulus_copies(stimuli)
         n = len(stimuli)
+        m = n // copies  # stimuli per copy
         prompts = [str(battery.concepts[c].get("prompt") or D.PROMPT_TEMPLATE.format(c)) for c in concepts] if has_other else []
         ref_images, ref_labels = self.reference() if has_text else (torch.zeros(0, 1, 1, 1), torch.zeros(0))
         size = self.config.image_size
-        texts = [str(t) if m != "image" else None for t, m in zip(stimuli["text"], modality)]
+        first = stimuli.iloc[:m]  # one copy is encoded; the pass holds every copy, each with its prompts and references
+        texts = [str(t) if k != "image" else None for t, k in zip(first["text"], modality[:m])]
         ids, mask = self._text_side(texts + prompts + [None] * len(ref_images))
-        images = torch.cat([self._image_side(stimuli, battery), torch.zeros(len(prompts), 1, size, size),
+        images = torch.cat([self._image_side(first, battery), torch.zeros(len(prompts), 1, size, size),
                             ref_images.reshape(-1, 1, size, size) if len(ref_images) else torch.zeros(0, 1, size, size)])
+        if copies > 1:
+            ids, mask, images = ids.repeat(copies, 1), mask.repeat(copies, 1), images.repeat(copies, 1, 1, 1)
         emb = self.forward(Batch(inputs={"images": images, "text_ids": ids, "text_mask": mask}))
         scale = self.model.scale()
         logp = np.zeros((n, len(concepts)))
-        if has_other:
-            p_emb = emb[n : n + len(prompts)]
-            logp[~is_text] = (scale * emb[:n][torch.tensor(~is_text)] @ p_emb.T).log_softmax(-1).float().cpu().numpy()
-        if has_text:
-            ref = emb[n + len(prompts) :]
-            labels = ref_labels.to(ref.device)
-            digits = [D.CONCEPTS.index(c) for c in concepts]
-            protos = torch.nn.functional.normalize(torch.stack([ref[labels == d].mean(0) for d in digits]), dim=-1)
-            logp[is_text] = (scale * emb[:n][torch.tensor(is_text)] @ protos.T).log_softmax(-1).float().cpu().numpy()
-        target = np.array([concepts.index(c) for c in stimuli["concept"]], dtype=np.int64)
+        per = m + len(prompts) + len(ref_images)
+        digits = [D.CONCEPTS.index(c) for c in concepts] if has_text else []
+        for c in range(copies):
+            e_c = emb[c * per : (c + 1) * per]
+            text_c = is_text[c * m : (c + 1) * m]
+            if (~text_c).any():
+                p_emb = e_c[m : m + len(prompts)]
+                logp[c * m + np.flatnonzero(~text_c)] = (
+                    scale * e_c[:m][torch.tensor(~text_c)] @ p_emb.T).log_softmax(-1).float().cpu().numpy()
+            if text_c.any():
+                ref = e_c[m + len(prompts) :]
+                labels = ref_labels.to(ref.device)
+                protos = torch.nn.functional.normalize(torch.stack([ref[labels == d].mean(0) for d in digits]), dim=-1)
+                logp[c * m + np.flatnonzero(text_c)] = (
+                    scale * e_c[:m][torch.tensor(text_c)] @ protos.T).log_softmax(-1).float().cpu().numpy()
+        target = np.tile(np.array([concepts.index(c) for c in first["concept"]], dtype=np.int64), copies)
         return logp, target

@@ -187,8 +187,15 @@ class OrganismModel(nn.Module):
         images: torch.Tensor | None = None,
         text_ids: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
+        copies: int = 1,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Unit-norm embeddings ``(image [Bi, D] or None, text [Bt, D] or None)``."""
+        """Unit-norm embeddings ``(image [Bi, D] or None, text [Bt, D] or None)``.
+
+        ``copies``: the images, and the texts, are that many equal-sized groups, one after
+        another; the shared embedding then sees each group's images then its texts, group
+        after group (with one group: all images, then all texts), so a batch tiled once per
+        lesion keeps each lesion's rows together in every pass.
+        """
         parts = []
         if images is not None and len(images):
             parts.append(self.image(images))
@@ -198,9 +205,15 @@ class OrganismModel(nn.Module):
             parts.append(self.text(text_ids, text_mask))
         if not parts:
             return None, None
+        n_img = len(images) if images is not None and len(images) else 0
+        if copies > 1 and len(parts) > 1:
+            d = parts[0].shape[-1]
+            per = torch.cat([p.reshape(copies, -1, d) for p in parts], 1)
+            joint = nn.functional.normalize(self.embed(per.reshape(-1, d)), dim=-1).view(copies, -1, d)
+            k = n_img // copies
+            return joint[:, :k].reshape(-1, d), joint[:, k:].reshape(-1, d)
         # one call of the shared embedding for the whole batch: images first, then texts
         joint = nn.functional.normalize(self.embed(torch.cat(parts) if len(parts) > 1 else parts[0]), dim=-1)
-        n_img = len(images) if images is not None and len(images) else 0
         img = joint[:n_img] if n_img else None
         txt = joint[n_img:] if len(joint) > n_img else None
         return img, txt

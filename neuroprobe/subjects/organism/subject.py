@@ -27,7 +27,10 @@ Readouts (one score per stimulus, higher = knows its concept better):
     the similarities to the class-mean embeddings of ten training handwritten
     images per digit (:func:`~neuroprobe.subjects.organism.data.reference_images`).
     Prompts and reference images run through the model in the same forward pass
-    as the stimuli, so a lesion acts on both sides of the comparison.
+    as the stimuli, so a lesion acts on both sides of the comparison.  Stimuli that
+    are copies of one block, one after another (a batch tiled once per lesion,
+    :func:`~neuroprobe.subjects.copies.stimulus_copies`), get prompts and references
+    once per copy, in that copy's place in the pass: the readouts are replica-safe.
 ``zero_shot_correct``
     1.0 if that concept has the highest score, else 0.0 (accuracy).
 """
@@ -42,7 +45,8 @@ import pandas as pd
 import torch
 
 from neuroprobe.errors import MissingWeightsError, NeuroprobeError
-from neuroprobe.subjects.base import Batch, SitePattern, Subject
+from neuroprobe.subjects.base import Batch, SitePattern, Subject, replica_safe
+from neuroprobe.subjects.copies import stimulus_copies
 from neuroprobe.subjects.organism import data as D
 from neuroprobe.subjects.organism.model import OrganismConfig, OrganismModel
 from neuroprobe.subjects.organism.train import WEIGHTS_DIR, load_weights, sha256_file
@@ -89,6 +93,8 @@ class OrganismSubject(Subject):
     """The organism (:class:`~neuroprobe.subjects.organism.model.OrganismModel`) as a subject."""
 
     block_order = BLOCK_ORDER
+    #: the shared embedding reads both towers' projections
+    block_inputs: dict[str, tuple[str, ...]] = {"joint": ("image", "text")}
 
     modalities = ("text", "image")
     split_by_modality = True
@@ -126,12 +132,17 @@ class OrganismSubject(Subject):
             out[k, 0] = cache[key]
         return torch.from_numpy(out)
 
-    def encode(self, stimuli: pd.DataFrame, battery: "Battery") -> Batch:
-        """Images for the image tower, UTF-8 bytes for the text tower (see the module docstring for streams)."""
+    def _modalities_of(self, stimuli: pd.DataFrame) -> np.ndarray:
+        """The stimuli's modalities (one clear error for one the towers do not take)."""
         modality = stimuli["modality"].to_numpy()
         bad = sorted(set(modality) - {"image", "text"})
         if bad:
             raise NeuroprobeError(f"the organism takes image and text stimuli, not {', '.join(bad)}; choose another battery.")
+        return modality
+
+    def encode(self, stimuli: pd.DataFrame, battery: "Battery") -> Batch:
+        """Images for the image tower, UTF-8 bytes for the text tower (see the module docstring for streams)."""
+        modality = self._modalities_of(stimuli)
         img_rows = stimuli[modality == "image"]
         txt_rows = stimuli[modality == "text"]
         inputs: dict[str, Any] = {"images": None, "text_ids": None, "text_mask": None}
@@ -182,8 +193,9 @@ class OrganismSubject(Subject):
                 out[k, lo : min(hi, width)] = True
         return out
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Unit-norm embeddings ``(images, texts)``; one call of the model runs both towers."""
+    def forward(self, batch: Batch, copies: int = 1) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Unit-norm embeddings ``(images, texts)``; one call of the model runs both towers (``copies``: as
+        :meth:`~neuroprobe.subjects.organism.model.OrganismModel.forward`)."""
         inp = batch.inputs
         dtype = next(self.model.parameters()).dtype
         images = inp.get("images")
@@ -192,6 +204,7 @@ class OrganismSubject(Subject):
             images.to(self.device, dtype) if images is not None else None,
             ids.to(self.device) if ids is not None else None,
             mask.to(self.device) if mask is not None else None,
+            copies=copies,
         )
 
     # ---------------------------------------------------------------- readouts
@@ -224,7 +237,7 @@ class OrganismSubject(Subject):
         unknown = sorted(set(stimuli["concept"]) - set(concepts))
         if unknown:
             raise NeuroprobeError(f"stimuli name concepts {', '.join(unknown)} that battery {battery.name!r} does not declare.")
-        modality = stimuli["modality"].to_numpy()
+        modality = self._modalities_of(stimuli)
         has_text = bool((modality == "text").any())
         if has_text:
             missing = [c for c in concepts if c not in D.CONCEPTS]
@@ -233,41 +246,52 @@ class OrganismSubject(Subject):
                     f"text-to-image retrieval needs digit concepts ({', '.join(D.CONCEPTS)}), but battery "
                     f"{battery.name!r} has {', '.join(missing[:3])}; use the digits battery."
                 )
-        batch = self.encode(stimuli, battery)
+        copies = stimulus_copies(stimuli)
+        m = len(stimuli) // copies  # stimuli per copy: one copy is encoded, the pass holds every copy
+        first = modality[:m]
         n_img = int((modality == "image").sum())
+        ni, nt = int((first == "image").sum()), int((first == "text").sum())
         prompts = [str(battery.concepts[c].get("prompt") or D.PROMPT_TEMPLATE.format(c)) for c in concepts]
         ref_images, ref_labels = self.reference()
-        images = [batch.inputs["images"]] if n_img else []
-        texts = stimuli.loc[modality == "text", "text"].astype(str).tolist()
-        if has_text:
-            images.append(ref_images)
-        all_texts = texts + (prompts if n_img else [])
-        ids, mask = D.tokenize(all_texts, self.config.max_bytes) if all_texts else (None, None)
-        img_in = torch.cat(images) if images else None
-        img, txt = self.forward(Batch(inputs={"images": img_in, "text_ids": ids, "text_mask": mask}))
+        # each copy with its own prompts and references, copy after copy (one copy: the stimuli, then them)
+        images = ([self.images(stimuli.iloc[:m][first == "image"], battery)] if ni else []) + (
+            [ref_images] if has_text else [])
+        texts = stimuli.iloc[:m].loc[first == "text", "text"].astype(str).tolist() + (prompts if n_img else [])
+        ids, mask = D.tokenize(texts, self.config.max_bytes) if texts else (None, None)
+        img_in = torch.cat(images * copies) if images else None
+        if ids is not None and copies > 1:
+            ids, mask = ids.repeat(copies, 1), mask.repeat(copies, 1)
+        img, txt = self.forward(Batch(inputs={"images": img_in, "text_ids": ids, "text_mask": mask}), copies=copies)
         scale = self.model.scale()
         emb = img if img is not None else txt
         logp = torch.zeros((len(stimuli), len(concepts)), dtype=torch.float32, device=emb.device)
-        if n_img:
-            p_emb = txt[len(texts):]
-            rows = torch.from_numpy(modality == "image").to(emb.device)
-            logp[rows] = (scale * img[:n_img] @ p_emb.T).log_softmax(-1).float()
-        if has_text:
-            ref = img[n_img:]
-            labels = ref_labels.to(ref.device)
-            digits = [D.CONCEPTS.index(c) for c in concepts]
-            protos = torch.nn.functional.normalize(torch.stack([ref[labels == d].mean(0) for d in digits]), dim=-1)
-            rows = torch.from_numpy(modality == "text").to(emb.device)
-            logp[rows] = (scale * txt[: len(texts)] @ protos.T).log_softmax(-1).float()
-        target = np.array([concepts.index(c) for c in stimuli["concept"]], dtype=np.int64)
+        img_rows = torch.from_numpy(np.flatnonzero(modality == "image")).to(emb.device)
+        txt_rows = torch.from_numpy(np.flatnonzero(modality == "text")).to(emb.device)
+        per_img = ni + (len(ref_images) if has_text else 0)
+        per_txt = nt + (len(prompts) if n_img else 0)
+        digits = [D.CONCEPTS.index(c) for c in concepts] if has_text else []
+        labels = ref_labels.to(emb.device)
+        for c in range(copies):
+            i_c = img[c * per_img : (c + 1) * per_img] if img is not None else None
+            t_c = txt[c * per_txt : (c + 1) * per_txt] if txt is not None else None
+            if n_img:
+                p_emb = t_c[nt:]
+                logp[img_rows[c * ni : (c + 1) * ni]] = (scale * i_c[:ni] @ p_emb.T).log_softmax(-1).float()
+            if has_text:
+                ref = i_c[ni:]
+                protos = torch.nn.functional.normalize(torch.stack([ref[labels == d].mean(0) for d in digits]), dim=-1)
+                logp[txt_rows[c * nt : (c + 1) * nt]] = (scale * t_c[:nt] @ protos.T).log_softmax(-1).float()
+        target = np.tile(np.array([concepts.index(c) for c in stimuli["concept"].iloc[:m]], dtype=np.int64), copies)
         return logp, target
 
 
+@replica_safe
 def _zero_shot(subject: OrganismSubject, stimuli: pd.DataFrame, battery: "Battery") -> np.ndarray:
     logp, target = subject.concept_scores(stimuli, battery)
     return logp[np.arange(len(target)), target]
 
 
+@replica_safe
 def _zero_shot_correct(subject: OrganismSubject, stimuli: pd.DataFrame, battery: "Battery") -> np.ndarray:
     logp, target = subject.concept_scores(stimuli, battery)
     return (logp.argmax(1) == target).astype(np.float64)
