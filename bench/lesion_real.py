@@ -113,7 +113,6 @@ def run_case(name: str, args, tmp: Path) -> dict:
                speedup=(c1 / n1) / (cb / n), rel_diff=diff, load_s=w_load,
                warning="; ".join(str(w.message) for w in caught if "one at a time" in str(w.message)))
     print(row, flush=True)
-    del subject, study
     return row
 
 
