@@ -1,6 +1,6 @@
 """A lesion sweep in one process against the same sweep under ``torchrun --nproc-per-node 2`` (gloo, CPU).
 
-    python bench/lesion_sweep.py [--concepts 5] [--draws 100] [--rounds 2] [--append bench/RESULTS.md]
+    python bench/lesion_sweep.py [--concepts 5] [--draws 100] [--rounds 2] [--without-two-threads] [--append bench/RESULTS.md]
 
 Each contender is the whole ``neuroprobe lesion`` command on the organism (committed weights, digits
 battery) run as a fresh process (group): start-up, model load, the study's intact passes and the
@@ -67,6 +67,8 @@ def main() -> None:
     ap.add_argument("--concepts", type=int, default=5, help="how many of the digits' concepts to lesion (1-10)")
     ap.add_argument("--draws", type=int, default=100, help="fixed random lesions per concept, k and mode")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (the table shows the best)")
+    ap.add_argument("--without-two-threads", action="store_true",
+                    help="skip one process at two threads (on a loaded machine its threads spin for minutes)")
     ap.add_argument("--append", type=Path, default=None)
     args = ap.parse_args()
 
@@ -86,6 +88,8 @@ def main() -> None:
             sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
             "--master-port", _port(), "-m", "neuroprobe"], {"OMP_NUM_THREADS": "1"}),
     ]
+    if args.without_two_threads:
+        contenders = [c for c in contenders if c[0] != "1 process, 2 threads"]
     load0 = os.getloadavg()
     started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     wall: dict[tuple[str, str], list[float]] = {}
@@ -122,7 +126,7 @@ def main() -> None:
         f"organism x digits, concepts {', '.join(concepts)}; modes zero, mean; k = 1, 4, 16; {args.draws} random "
         f"and 10 keep-random lesions per k; both forgetting matrices (k = 16): {n_lesions:,} lesions. Best of "
         f"{args.rounds} interleaved rounds. Command: `python bench/lesion_sweep.py --concepts {args.concepts} "
-        f"--draws {args.draws} --rounds {args.rounds}`.\n\n"
+        f"--draws {args.draws} --rounds {args.rounds}{' --without-two-threads' if args.without_two_threads else ''}`.\n\n"
         "| contender | wall s, sweep | wall s, fixed | wall s, sweep phase | CPU s, sweep | CPU s, fixed | "
         "CPU s, sweep phase | tables vs 1 process, 1 thread |\n"
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n" + "\n".join(rows) + "\n\n"
