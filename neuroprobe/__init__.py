@@ -22,7 +22,7 @@ from neuroprobe.errors import NeuroprobeError
 _EXPORTS = {
     "Electrodes": "neuroprobe.electrodes",
     "Recorder": "neuroprobe.recording.recorder",
-    "record": "neuroprobe.recording.recorder",
+    "record": "neuroprobe.recording.entry",
     "Recording": "neuroprobe.recording.reader",
     "open_recording": "neuroprobe.recording.reader",
     "Battery": "neuroprobe.stimuli.battery",

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from importgraph import find_cycle, package_imports
 
 DATA = Path(__file__).parent / "data"
 REFERENCE = DATA / "cells_reference"
@@ -157,7 +158,6 @@ def test_exact_program_equals_enumeration():
 
 
 # ---------------------------------------------------------------- the analysis import graph (issue 23, item 5)
-ANALYSIS = Path(__file__).resolve().parents[1] / "neuroprobe" / "analysis"
 #: The layers, lowest first: a module may import only from its own layer's predecessors and lower layers.
 LAYERS = [
     ("design", "stream", "exact"),
@@ -170,56 +170,8 @@ LAYERS = [
 
 
 def analysis_imports() -> dict[str, set[str]]:
-    """Module -> the ``neuroprobe.analysis`` modules it imports, anywhere in its body (also in functions
-    and under ``TYPE_CHECKING``), read with ``ast``; a name taken from the package resolves to the module
-    that exports it."""
-    import ast
-
-    from neuroprobe.analysis import _EXPORTS
-
-    modules = {p.stem for p in ANALYSIS.glob("*.py") if p.stem != "__init__"}
-    graph: dict[str, set[str]] = {}
-    for name in sorted(modules):
-        tree = ast.parse((ANALYSIS / f"{name}.py").read_text())
-        deps: set[str] = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                targets = [node.module]
-                if node.module == "neuroprobe.analysis":
-                    targets = [_EXPORTS.get(a.name, f"neuroprobe.analysis.{a.name}") for a in node.names]
-            else:
-                continue
-            for t in targets:
-                parts = t.split(".")
-                if parts[:2] == ["neuroprobe", "analysis"] and len(parts) > 2 and parts[2] in modules:
-                    deps.add(parts[2])
-        graph[name] = deps - {name}
-    return graph
-
-
-def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """A cycle of the graph (as a path that returns to its start), or None."""
-    state: dict[str, int] = {}
-    path: list[str] = []
-
-    def visit(u: str) -> list[str] | None:
-        state[u] = 1
-        path.append(u)
-        for v in sorted(graph.get(u, ())):
-            if state.get(v) == 1:
-                return path[path.index(v):] + [v]
-            if v not in state and (found := visit(v)):
-                return found
-        state[u] = 2
-        path.pop()
-        return None
-
-    for u in sorted(graph):
-        if u not in state and (found := visit(u)):
-            return found
-    return None
+    """Module -> the ``neuroprobe.analysis`` modules it imports (see ``tests/importgraph.py``)."""
+    return package_imports("neuroprobe.analysis")
 
 
 def test_analysis_import_graph_has_no_cycle():

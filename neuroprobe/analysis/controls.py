@@ -307,7 +307,7 @@ def untrained_control(
     a = rec.attrs
     tmp = None
     if random_rec is None:
-        from neuroprobe.recording.recorder import record
+        from neuroprobe.recording.entry import record
         from neuroprobe.stimuli.battery import Battery
         from neuroprobe.subjects.registry import load_subject
 

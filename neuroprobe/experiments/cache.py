@@ -61,8 +61,9 @@ def cached_recording(
     Recording
         Opened for reading; its file is ``<cache>/<subject>[-random]_<battery>_<key>.h5``.
     """
+    from neuroprobe.recording.entry import record
     from neuroprobe.recording.reader import open_recording
-    from neuroprobe.recording.recorder import Recorder, record
+    from neuroprobe.recording.recorder import Recorder
     from neuroprobe.stimuli.battery import Battery
 
     if not isinstance(battery, Battery):

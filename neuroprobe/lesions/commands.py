@@ -1,6 +1,8 @@
 """``neuroprobe lesion``: lesion a concept's units and print what the subject forgets."""
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -101,22 +103,31 @@ def register(app: typer.Typer) -> None:
         option: list[str] = typer.Option([], "--option", "-O", help="Subject-specific KEY=VALUE; repeatable."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     ) -> None:
-        """Lesion a concept's units; print the forgetting table; write CSVs and figures."""
+        """Lesion a concept's units; print the forgetting table; write CSVs and figures.
+
+        Under ``torchrun`` every rank runs the study and evaluates its share of each list of
+        lesions (:mod:`neuroprobe.lesions.sweep`); rank 0 prints and writes the results.
+        """
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         import pandas as pd
 
+        from neuroprobe.distributed import local_device, world
         from neuroprobe.errors import NeuroprobeError
         from neuroprobe.lesions.figures import plot_dose_response, plot_forgetting_matrix
         from neuroprobe.lesions.forgetting import LesionStudy, importance_summary, summarize
         from neuroprobe.lesions.lesion import MODES, scale_factor
-        from neuroprobe.output import make_folder, save_figure, write_csv
+        from neuroprobe.lesions.sweep import across_ranks
+        from neuroprobe.output import make_folder, save_figure, staged_outputs, write_csv
         from neuroprobe.recording.commands import parse_options
         from neuroprobe.stimuli.battery import Battery
         from neuroprobe.subjects.registry import load_subject
 
+        w = world()  # under torchrun: rank 0 prints and writes, the others only evaluate their shares
+        quiet = quiet or not w.primary
+        device = local_device(device, w)
         ks = _ints(k, "--k")
         modes = [m.strip() for m in mode.split(",") if m.strip()]
         bad = [m for m in modes if m not in MODES]
@@ -164,64 +175,83 @@ def register(app: typer.Typer) -> None:
             from neuroprobe.sae.sites import attach_recorded
 
             attach_recorded(subject, origin["recording"])
-        study = LesionStudy(subject, battery, cells, sites=sites, readout=readout, split=split,
-                            rank_split="screening" if split == "testing" else "testing", columns=columns, seed=seed,
-                            quiet=quiet, batch_size=batch_size, modality=modality)
-        for c in concepts:
-            study.check_concept(c)
-        out_dir = make_folder(out or default_out(subject.name, subject.init, battery.name))
+        out_dir = Path(out or default_out(subject.name, subject.init, battery.name))
+        if w.primary:
+            make_folder(out_dir)
 
-        orders = ["top", "bottom", "random", "keep_top"] + (["keep_random"] if keep_draws else [])
-        doses = []
-        for c in concepts:
-            dose = study.dose_response(c, ks, modes, random_draws=n_draws, keep_draws=keep_draws, orders=orders,
-                                       factor=factor, sequential=sequential, alpha=alpha)
-            doses.append(dose)
-            fig = plot_dose_response(dose)
-            save_figure(fig, out_dir / f"dose_response_{_slug(c)}.png", dpi=130)
-            plt.close(fig)
-        dose_all = pd.concat(doses, ignore_index=True)
-        table = summarize(dose_all)
-        write_csv(dose_all, out_dir / "dose_response.csv")
-        write_csv(table, out_dir / "forgetting.csv")
+        def csv(frame: pd.DataFrame, name: str, **kw: object) -> None:
+            if w.primary:
+                write_csv(frame, out_dir / name, **kw)
 
-        with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
-            typer.echo(f"{subject.name} ({subject.init}) x {battery.name}: readout {study.readout!r}, "
-                       f"units ranked on {study.rank_split!r}, evaluated on {study.split!r} "
-                       f"({len(study.test)} {'+'.join(study.modality) + ' ' if study.modality else ''}stimuli); "
-                       f"change = lesioned - intact, per concept")
-            typer.echo(f"lesions: {study.engine}; random draws: "
-                       + (f"sequential, at most {n_draws} per k and mode, stopped once p <= {alpha:g} was settled "
-                          f"(Besag-Clifford; n_random = draws used)" if sequential else f"exactly {n_draws} per k and mode"))
-            typer.echo(table[[c for c in TABLE_COLUMNS if c in table.columns]].to_string(index=False))
-
-        if matrix:
-            mk = matrix_k or max(ks)
-            mats = []
-            for m in modes:
-                mat = study.forgetting_matrix(None, mk, m, factor=factor)
-                write_csv(mat, out_dir / f"forgetting_matrix_{m}.csv", index=True)
-                mats.append((f"{m} ablation, top-{mk} units", mat))
-                diag = pd.Series({c: mat.loc[c, c] for c in mat.index})
-                off = mat.where(~pd.DataFrame(mat.index.to_numpy()[:, None] == mat.columns.to_numpy()[None, :],
-                                              index=mat.index, columns=mat.columns)).mean(axis=1)
-                if not quiet:
-                    typer.echo(f"forgetting matrix ({m}, k={mk}): mean diagonal {diag.mean():.4g}, "
-                               f"mean off-diagonal {off.mean():.4g}; "
-                               f"{int((diag < off).sum())}/{int(diag.notna().sum())} concepts lose most on themselves")
-            fig = plot_forgetting_matrix(mats)
-            save_figure(fig, out_dir / "forgetting_matrix.png", dpi=130)
+        def figure(fig: object, name: str) -> None:
+            save_figure(fig, out_dir / name, dpi=130)
             plt.close(fig)
 
-        if importance > 0:
-            parts = [study.selectivity_vs_importance(c, modes[0], n_top=importance, n_random=3 * importance, factor=factor)
-                     for c in concepts]
-            units = pd.concat(parts, ignore_index=True)
-            write_csv(units, out_dir / "importance.csv")
-            summary = importance_summary(units)
-            write_csv(summary, out_dir / "importance_summary.csv")
-            with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3g}".format):
-                typer.echo(summary.to_string(index=False))
+        def echo(text: str) -> None:
+            if w.primary:
+                typer.echo(text)
+
+        with contextlib.ExitStack() as stack:
+            if not w.primary:  # the same warnings as rank 0's, once is enough
+                stack.enter_context(warnings.catch_warnings())
+                warnings.simplefilter("ignore")
+            stack.enter_context(across_ranks(w))
+            stack.enter_context(staged_outputs())  # the tables and figures appear together at the end, or none do
+            study = LesionStudy(subject, battery, cells, sites=sites, readout=readout, split=split,
+                                rank_split="screening" if split == "testing" else "testing", columns=columns, seed=seed,
+                                quiet=quiet, batch_size=batch_size, modality=modality)
+            for c in concepts:
+                study.check_concept(c)
+
+            orders = ["top", "bottom", "random", "keep_top"] + (["keep_random"] if keep_draws else [])
+            doses = []
+            for c in concepts:
+                dose = study.dose_response(c, ks, modes, random_draws=n_draws, keep_draws=keep_draws, orders=orders,
+                                           factor=factor, sequential=sequential, alpha=alpha)
+                doses.append(dose)
+                if w.primary:
+                    figure(plot_dose_response(dose), f"dose_response_{_slug(c)}.png")
+            dose_all = pd.concat(doses, ignore_index=True)
+            table = summarize(dose_all)
+            csv(dose_all, "dose_response.csv")
+            csv(table, "forgetting.csv")
+
+            with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
+                echo(f"{subject.name} ({subject.init}) x {battery.name}: readout {study.readout!r}, "
+                     f"units ranked on {study.rank_split!r}, evaluated on {study.split!r} "
+                     f"({len(study.test)} {'+'.join(study.modality) + ' ' if study.modality else ''}stimuli); "
+                     f"change = lesioned - intact, per concept")
+                echo(f"lesions: {study.engine}; random draws: "
+                     + (f"sequential, at most {n_draws} per k and mode, stopped once p <= {alpha:g} was settled "
+                        f"(Besag-Clifford; n_random = draws used)" if sequential else f"exactly {n_draws} per k and mode"))
+                echo(table[[c for c in TABLE_COLUMNS if c in table.columns]].to_string(index=False))
+
+            if matrix:
+                mk = matrix_k or max(ks)
+                mats = []
+                for m in modes:
+                    mat = study.forgetting_matrix(None, mk, m, factor=factor)
+                    csv(mat, f"forgetting_matrix_{m}.csv", index=True)
+                    mats.append((f"{m} ablation, top-{mk} units", mat))
+                    diag = pd.Series({c: mat.loc[c, c] for c in mat.index})
+                    off = mat.where(~pd.DataFrame(mat.index.to_numpy()[:, None] == mat.columns.to_numpy()[None, :],
+                                                  index=mat.index, columns=mat.columns)).mean(axis=1)
+                    if not quiet:
+                        typer.echo(f"forgetting matrix ({m}, k={mk}): mean diagonal {diag.mean():.4g}, "
+                                   f"mean off-diagonal {off.mean():.4g}; "
+                                   f"{int((diag < off).sum())}/{int(diag.notna().sum())} concepts lose most on themselves")
+                if w.primary:
+                    figure(plot_forgetting_matrix(mats), "forgetting_matrix.png")
+
+            if importance > 0:
+                parts = [study.selectivity_vs_importance(c, modes[0], n_top=importance, n_random=3 * importance, factor=factor)
+                         for c in concepts]
+                units = pd.concat(parts, ignore_index=True)
+                csv(units, "importance.csv")
+                summary = importance_summary(units)
+                csv(summary, "importance_summary.csv")
+                with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3g}".format):
+                    echo(summary.to_string(index=False))
         if not quiet:
             typer.echo(f"wrote {out_dir}/ (forgetting.csv, dose_response.csv, figures)")
 

@@ -55,6 +55,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from neuroprobe.errors import NeuroprobeError
+from neuroprobe.lesions import sweep
 from neuroprobe.lesions.lesion import count_units, lesion, resolve_sites, site_responses
 from neuroprobe.lesions.ranking import active_mask, cells_ranking, dprime, rank_units
 from neuroprobe.lesions.staged import BATCHED_MODES, BatchedEvaluator, make_runner
@@ -363,10 +364,17 @@ class LesionStudy:
             else:
                 todo.append(i)
         if self._engine is None or mode not in BATCHED_MODES:
-            for i in todo:
-                out[i] = self.evaluate(lesions[i], mode, factor=factor)
-                if progress is not None:
-                    progress(1)
+
+            def one_by_one(part: Sequence[Mapping[str, np.ndarray]], done: Any) -> list[pd.Series]:
+                changes = []
+                for units in part:
+                    changes.append(self.evaluate(units, mode, factor=factor))
+                    if done is not None:
+                        done(1)
+                return changes
+
+            for i, change in zip(todo, sweep.evaluate(one_by_one, [lesions[i] for i in todo], progress)):
+                out[i] = change  # under torchrun, each rank evaluates its share (neuroprobe.lesions.sweep)
         elif todo:
             scores = self.scores_many([lesions[i] for i in todo], mode, factor=factor, progress=progress)
             for j, i in enumerate(todo):
@@ -381,8 +389,14 @@ class LesionStudy:
 
         Stimuli are the rows of :attr:`test` in order; :attr:`baseline` holds the intact
         scores they compare with (``lesioned - baseline`` is what :meth:`evaluate_many`
-        averages per concept).  Batched like :meth:`evaluate_many` when :attr:`engine` allows.
+        averages per concept).  Batched like :meth:`evaluate_many` when :attr:`engine` allows;
+        under ``torchrun`` each rank scores its share (:mod:`neuroprobe.lesions.sweep`).
         """
+        return sweep.evaluate(lambda part, done: self._scores_here(part, mode, factor, done), lesions, progress)
+
+    def _scores_here(self, lesions: Sequence[Mapping[str, np.ndarray]], mode: str, factor: float | None,
+                     progress: Any) -> np.ndarray:
+        """:meth:`scores_many` in this process."""
         if self._engine is None or mode not in BATCHED_MODES:
             ref = self.screen if mode in ("mean", "resample") else None
             out = np.full((len(lesions), len(self.test)), np.nan)

@@ -8,7 +8,7 @@ _EXPORTS = {
     "Recording": "neuroprobe.recording.reader",
     "open_recording": "neuroprobe.recording.reader",
     "Recorder": "neuroprobe.recording.recorder",
-    "record": "neuroprobe.recording.recorder",
+    "record": "neuroprobe.recording.entry",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 

@@ -111,9 +111,9 @@ def register(app: typer.Typer) -> None:
         for key, value in (("device_map", device_map), ("max_memory", max_memory), ("offload_folder", offload_folder)):
             if value is not None:
                 options[key] = value
-        from neuroprobe.recording import distributed
+        from neuroprobe.distributed import local_device, world
 
-        device = distributed.local_device(device, distributed.world())
+        device = local_device(device, world())
         subject = load_subject(model, init=init, weights=weights, device=device, seed=seed, dtype=model_dtype,
                                trust_remote_code=trust_remote_code, quiet=quiet,
                                modalities=tuple(battery.table["modality"].unique()), **options)
@@ -125,7 +125,9 @@ def register(app: typer.Typer) -> None:
         recorder = Recorder(subject, battery, montage=sites, pooling=pool, tokens=tokens, dtype=dtype,
                             batch_size=batch_size, compression=compression, quiet=quiet,
                             command=" ".join(["neuroprobe"] + sys.argv[1:]))
-        path = distributed.run(recorder, out, resume=resume, overwrite=overwrite)
+        from neuroprobe.recording.entry import run
+
+        path = run(recorder, out, resume=resume, overwrite=overwrite)
         if not quiet:
             typer.echo(f"wrote {path} ({len(battery)} stimuli, {len(recorder.sites)} sites)")
 

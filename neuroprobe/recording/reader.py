@@ -230,6 +230,52 @@ def check_storage(f: h5py.File, path: str | Path) -> None:
                                  f"byte {size:,}; it cannot be read (copy or record it again).")
 
 
+def raw_attr(f: h5py.File | h5py.Group, key: str, default: Any = None) -> Any:
+    """A root (or group) attribute as a plain Python value: text decoded, numpy scalars unwrapped, JSON left as text."""
+    v = f.attrs.get(key, default)
+    if isinstance(v, bytes):
+        v = v.decode()
+    if isinstance(v, np.generic):
+        v = v.item()
+    return v
+
+
+def is_virtual(f: h5py.File) -> bool:
+    """Whether an open recording is a virtual recording over shards (see :mod:`neuroprobe.recording.shards`).
+
+    Decided by the data, not only the ``virtual`` attribute, which a file derived from
+    a virtual recording (e.g. a rotated copy) may have inherited.
+    """
+    if not bool(raw_attr(f, "virtual", False)) or schema.SITES not in f:
+        return False
+    for g in f[schema.SITES].values():
+        return bool(schema.RESPONSES in g and g[schema.RESPONSES].is_virtual)
+    return False
+
+
+def listed_shards(f: h5py.File, path: Path) -> list[Path]:
+    """The shard files a virtual recording maps (resolved beside ``path``)."""
+    rows = json.loads(raw_attr(f, "shards", "[]"))
+    return [(Path(path).parent / r["file"]) for r in rows]
+
+
+def check_sources(f: h5py.File, path: Path) -> None:
+    """Refuse to read a virtual recording whose shard files are not where it says, or are truncated.
+
+    (HDF5 would silently read fill values instead.)
+    """
+    if not is_virtual(f):
+        return
+    for p in listed_shards(f, path):
+        if not p.exists():
+            raise RecordingError(
+                f"{path} is a virtual recording and its shard {p} is missing; keep its .shards folder beside it "
+                f"(or make one self-contained file with `neuroprobe merge`)."
+            )
+        with open_h5(p) as shard:  # a truncated shard would read as zeros through the virtual datasets
+            check_storage(shard, p)
+
+
 def _decode(v: Any) -> Any:
     if isinstance(v, bytes):
         v = v.decode()
@@ -330,8 +376,6 @@ class Recording:
         done = _decode(f.attrs.get("n_done", 0))
         if not isinstance(done, (int, np.integer)) or not 0 <= int(done) <= n:
             raise RecordingError(f"{p} has a malformed n_done {done!r} for {n} stimuli.")
-        from neuroprobe.recording.shards import check_sources
-
         check_sources(f, p)  # a virtual recording needs its shards (HDF5 alone would read fill values)
 
     # -------------------------------------------------------------- metadata

@@ -232,7 +232,8 @@ class Recorder:
 
         ``span`` (``[start, stop)``, batch-aligned) records only those stimuli into a file
         that still spans the battery, and ``attrs`` adds root attributes: together they
-        make a shard (see :mod:`neuroprobe.recording.distributed`).
+        make a shard (:mod:`neuroprobe.recording.distributed`; which to record is decided by
+        :func:`neuroprobe.recording.entry.run`).
 
         Raises
         ------
@@ -509,41 +510,3 @@ class Recorder:
             self._counts_cache = self._unit_counts()
         return self._counts_cache[site.name]
 
-
-def record(
-    subject: Subject,
-    battery: Battery | str,
-    out: str | Path | None = None,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    **options: Any,
-):
-    """Record ``subject``'s responses to ``battery`` and open the result.
-
-    Parameters
-    ----------
-    subject
-        A loaded subject.
-    battery
-        A :class:`Battery` or the name/folder of one.
-    out
-        Output path (default ``recordings/<subject>_<battery>_<montage>.h5``).
-    resume, overwrite
-        What to do when ``out`` exists.
-    **options
-        :class:`Recorder` options (montage, pooling, tokens, dtype, batch_size, ...).
-
-    Returns
-    -------
-    Recording
-        The finished recording, opened for reading.
-    """
-    from neuroprobe.recording.reader import open_recording
-
-    if not isinstance(battery, Battery):
-        battery = Battery.load(battery)
-    from neuroprobe.recording.distributed import run
-
-    path = run(Recorder(subject, battery, **options), out, resume=resume, overwrite=overwrite)
-    return open_recording(path)

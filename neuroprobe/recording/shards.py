@@ -45,6 +45,8 @@ from tqdm.auto import tqdm
 
 from neuroprobe.errors import RecordingError
 from neuroprobe.recording import schema
+from neuroprobe.recording.reader import is_virtual, listed_shards, open_h5
+from neuroprobe.recording.reader import raw_attr as _attr
 
 #: Root attributes a shard carries beyond the ordinary provenance.
 SHARD_KEYS = ("shard_rank", "shard_world_size", "shard_start", "shard_stop")
@@ -103,15 +105,6 @@ def world_sizes_in(folder: Path) -> set[int]:
 # ------------------------------------------------------------- shard facts
 
 
-def _attr(f: h5py.File, key: str, default: Any = None) -> Any:
-    v = f.attrs.get(key, default)
-    if isinstance(v, bytes):
-        v = v.decode()
-    if isinstance(v, np.generic):
-        v = v.item()
-    return v
-
-
 @dataclass
 class Shard:
     """What a shard file says about itself (read by :func:`read_shard`)."""
@@ -137,8 +130,6 @@ def read_shard(path: Path) -> Shard:
     """Read a shard's attributes (one clear error if it is not a shard)."""
     if not path.exists():
         raise RecordingError(f"shard {path.name} is missing from {path.parent}.")
-    from neuroprobe.recording.reader import open_h5
-
     with open_h5(path) as f:  # shards are written in SWMR mode: readable even while (or after) a rank dies
         if _attr(f, "format") != schema.FORMAT or any(k not in f.attrs for k in SHARD_KEYS):
             raise RecordingError(f"{path} is not a shard of a neuroprobe recording.")
@@ -315,44 +306,6 @@ def _virtual_rows(group: h5py.Group, name: str, ds0: h5py.Dataset, dpath: str, l
             src = h5py.VirtualSource(rel[s.rank], dpath, shape=(c,) + tail)
             lay[bases[s.rank] : bases[s.rank] + c] = src[0:c]
     group.create_virtual_dataset(name, lay, fillvalue=np.nan if ds0.dtype.kind == "f" else 0)
-
-
-def is_virtual(f: h5py.File) -> bool:
-    """Whether an open recording is a virtual recording over shards.
-
-    Decided by the data, not only the ``virtual`` attribute, which a file derived from
-    a virtual recording (e.g. a rotated copy) may have inherited.
-    """
-    if not bool(_attr(f, "virtual", False)) or schema.SITES not in f:
-        return False
-    for g in f[schema.SITES].values():
-        return bool(schema.RESPONSES in g and g[schema.RESPONSES].is_virtual)
-    return False
-
-
-def listed_shards(f: h5py.File, path: Path) -> list[Path]:
-    """The shard files a virtual recording maps (resolved beside ``path``)."""
-    rows = json.loads(_attr(f, "shards", "[]"))
-    return [(Path(path).parent / r["file"]) for r in rows]
-
-
-def check_sources(f: h5py.File, path: Path) -> None:
-    """Refuse to read a virtual recording whose shard files are not where it says, or are truncated.
-
-    (HDF5 would silently read fill values instead.)
-    """
-    if not is_virtual(f):
-        return
-    from neuroprobe.recording.reader import check_storage, open_h5
-
-    for p in listed_shards(f, path):
-        if not p.exists():
-            raise RecordingError(
-                f"{path} is a virtual recording and its shard {p} is missing; keep its .shards folder beside it "
-                f"(or make one self-contained file with `neuroprobe merge`)."
-            )
-        with open_h5(p) as shard:  # a truncated shard would read as zeros through the virtual datasets
-            check_storage(shard, p)
 
 
 # ----------------------------------------------------------------- merge
