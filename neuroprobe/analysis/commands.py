@@ -148,6 +148,10 @@ def register(app: typer.Typer) -> None:
             _note(rec.require_complete(allow_incomplete))
             _require_finite(rec)
             table = concept_cells(rec, **opts)
+            skipped = table.attrs.get("skipped_sites") or []
+            if skipped:
+                _note(f"warning: {len(skipped)} site(s) left out, none of their stimuli recorded yet: "
+                      f"{', '.join(skipped)}.")
             rot = rotation_control(rec, rotation_seed=rotation_seed, **opts) if "rotation" in wanted else None
             shuf = None
             if "shuffle" in wanted:

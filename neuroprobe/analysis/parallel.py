@@ -26,7 +26,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from neuroprobe.analysis.scan import ScanResult, checked_request, scan
-from neuroprobe.errors import NeuroprobeError
+from neuroprobe.errors import NeuroprobeError, RecordingError
 from neuroprobe.recording.reader import Recording
 
 
@@ -62,12 +62,25 @@ def run_scan(rec: Recording | str | Path, *, sites: Sequence[str] | None = None,
         No progress bar.
     transform, **options
         The other options of :func:`~neuroprobe.analysis.scan.scan`.
+
+    Sites none of whose stimuli an unfinished recording holds yet are left out and named in
+    ``ScanResult.skipped``.
+
+    Raises
+    ------
+    RecordingError
+        If every site asked for is left out that way (nothing to analyse).
     """
     rec, names = checked_request(rec, sites, transform)
     if n_jobs(jobs) > 1 and len(names) > 1:
-        return scan_sites(rec.path, names, n_jobs(jobs), quiet=quiet,
-                          unit_counts=[int(rec.responses(s).shape[1]) for s in names], transform=transform, **options)
-    return scan(rec, sites=names, quiet=quiet, transform=transform, **options)
+        res = scan_sites(rec.path, names, n_jobs(jobs), quiet=quiet,
+                         unit_counts=[int(rec.responses(s).shape[1]) for s in names], transform=transform, **options)
+    else:
+        res = scan(rec, sites=names, quiet=quiet, transform=transform, **options)
+    if res.skipped and res.table.empty:
+        raise RecordingError(f"{rec.path} holds no recorded stimulus for {', '.join(res.skipped)} (it covers "
+                             f"{rec.n_done} of {rec.n_stimuli} stimuli); nothing to analyse.")
+    return res
 
 
 def _scan_one(path: str, site: str, options: dict[str, Any]) -> ScanResult:
@@ -137,4 +150,5 @@ def scan_sites(path: str | Path, sites: Sequence[str], jobs: int, *, quiet: bool
         screening={site: v for r in parts for site, v in getattr(r, "screening", {}).items()},
         testing={site: v for r in parts for site, v in r.testing.items()},
         cutoffs={site: v for r in parts for site, v in r.cutoffs.items()},
+        skipped=[site for r in parts for site in r.skipped],
     )

@@ -56,6 +56,7 @@ class ScanResult:
     screening: dict[str, tuple[int, list[int]]] = field(default_factory=dict)  # site -> (n, per-concept counts)
     testing: dict[str, tuple[int, list[int]]] = field(default_factory=dict)    # site -> (n, per-concept counts)
     cutoffs: dict[str, float] = field(default_factory=dict)  # site -> exact-p cut-off used on screening pairs
+    skipped: list[str] = field(default_factory=list)  # sites with no recorded stimulus (an unfinished recording)
 
 
 def as_recording(rec: Recording | str | Path) -> Recording:
@@ -237,6 +238,7 @@ def scan(
     screening: dict[str, tuple[int, list[int]]] = {}
     testing: dict[str, tuple[int, list[int]]] = {}
     cutoffs: dict[str, float] = {}
+    skipped: list[str] = []
     try:
         for site in names:
             ds = rec.responses(site)
@@ -246,6 +248,10 @@ def scan(
             s1 = s2 = None
             n_live = 0
             for lo, hi, x in stream:
+                if design is None and not stream.valid.any():  # no stimulus of this site recorded yet
+                    skipped.append(site)
+                    bar.update(stream.n_units)
+                    break
                 if design is None:
                     design = Design.build(stimuli, stream.valid, concepts, labels)
                     forms_all += [f for f in design.forms if f not in forms_all]
@@ -267,7 +273,7 @@ def scan(
                     cols.setdefault(name, []).append(v)
                 bar.update(hi - lo)
             passes += stream.passes
-            if design is None:  # a site with no units
+            if design is None:  # a site with no units, or none of its stimuli recorded yet
                 continue
             screening[site] = (design.screening.n, [int(c) for c in design.screening.counts])
             testing[site] = (design.testing.n, [int(c) for c in design.testing.counts])
@@ -289,7 +295,8 @@ def scan(
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     population = pd.concat(pops, ignore_index=True) if pops else pd.DataFrame()
     pairs = {name: np.concatenate(v) for name, v in pair_parts.items()}
-    return ScanResult(table, population, concepts, forms_all, mods_all, pairs, passes, screening, testing, cutoffs)
+    return ScanResult(table, population, concepts, forms_all, mods_all, pairs, passes, screening, testing, cutoffs,
+                      skipped)
 
 
 def tests_per_unit(sub: Subset) -> int:
