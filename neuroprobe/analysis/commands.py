@@ -145,9 +145,10 @@ def register(app: typer.Typer) -> None:
         opts = dict(k=k, fdr=fdr, method=method, family=family, exact=exact, n_perm=n_perm, transform=transform,
                     seed=seed, quiet=quiet, jobs=jobs, sites=[s.strip() for s in sites.split(",")] if sites else None)
         with open_recording(recording) as rec:
-            _note(rec.require_complete(allow_incomplete))
+            incomplete = rec.require_complete(allow_incomplete)
             _require_finite(rec)
-            table = concept_cells(rec, **opts)
+            table = concept_cells(rec, **opts)  # an error here is the one line on stderr: the note would repeat it
+            _note(incomplete)
             skipped = table.attrs.get("skipped_sites") or []
             if skipped:
                 _note(f"warning: {len(skipped)} site(s) left out, none of their stimuli recorded yet: "
