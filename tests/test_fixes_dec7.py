@@ -10,6 +10,11 @@
    concept for the atlas's subject (``--experiments DIR``, default ``figures/analyses`` if present):
    results written by the real :class:`~neuroprobe.experiments.report.Report`, an organism recording,
    the real command; every link resolves to a file inside the atlas.
+3. The cross-modal organism: every number the README states about it (parameters, steps, CPU time,
+   held-out accuracies, cells, multimodal cells per digit and per site, controls, the ``digits``
+   battery beside the dual encoder, the lesion of six's multimodal cells, the co-attention design) is
+   the number of the card that ``neuroprobe subjects organism-cross`` prints, and the card's numbers
+   are what ``neuroprobe record`` + ``neuroprobe cells`` (+ ``neuroprobe lesion``) give now.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ import pandas as pd
 import pytest
 
 from test_faults import ROOT, one_sentence
+
+WEIGHTS = ROOT / "neuroprobe" / "subjects" / "organism" / "weights"
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT), MPLBACKEND="Agg")
 
@@ -211,3 +218,161 @@ def test_atlas_experiments_off_and_a_missing_folder(organism_rec, experiments, t
     res = atlas(organism_rec, tmp_path / "missing", "--experiments", str(tmp_path / "nowhere"), cwd=tmp_path)
     line = one_sentence(res.returncode, res.stderr)
     assert "--experiments" in line and "nowhere" in line, line
+
+
+# ------------------------------------------------------------------------ 3. organism-cross: README, card, outputs
+
+
+@pytest.fixture(scope="module")
+def card() -> dict:
+    """The card as ``neuroprobe subjects organism-cross`` prints it (it must be the committed card)."""
+    import json
+
+    res = cli("subjects", "organism-cross")
+    assert res.returncode == 0, res.stderr
+    printed = json.loads(res.stdout[res.stdout.index("{"):])
+    assert printed == json.loads((WEIGHTS / "card-cross.json").read_text(encoding="utf-8"))
+    return printed
+
+
+def readme() -> str:
+    return " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+
+
+def signed(x: float, digits: int = 3) -> str:
+    """A signed number as the README writes it (Unicode minus)."""
+    sign = "\u2212" if x < 0 else "+"
+    return f"{sign}{abs(x):.{digits}f}"
+
+
+def test_readme_states_the_numbers_of_the_printed_card(card):
+    text = readme()
+    want = card["phenomenon"]["digits-cross"]
+    assert card["threads"] == 1
+    assert (f"({round(card['parameters'] / 1000)}k parameters, {card['steps']} steps, "
+            f"{card['reproducibility']['train_cpu_seconds'] / 60:.1f} CPU-minutes on one thread") in text
+    h = card["heldout"]
+    assert (f"held out: handwriting {h['handwritten']['accuracy']:.3f}, drawn names {h['written']['accuracy']:.3f}, "
+            f"text retrieval {h['text']['accuracy']:.3f}, image\u2013text matching {h['matching']['accuracy']:.3f}") in text
+    none = [c for c, n in want["multimodal_per_concept"].items() if n == 0]
+    assert len(want["multimodal_per_concept"]) == 10 and 10 - len(none) == want["multimodal_concepts"]
+    assert (f"find {want['cells']} concept cells, {want['multimodal']} of them multimodal" in text
+            and f"for {want['multimodal_concepts']} of the 10 digits (all but {', '.join(none)})" in text)
+    sites = want["per_site"]
+    last_two = [f"fusion.layers.{card['config']['layers'] - i}.mlp.act" for i in (2, 1)]
+    assert sites["head.fc"]["multimodal"] + sum(sites.get(s, {}).get("multimodal", 0) for s in last_two) == want["multimodal"]
+    assert (f"in `head.fc` ({sites['head.fc']['multimodal']}) and the last two blocks' MLPs "
+            f"({sum(sites.get(s, {}).get('multimodal', 0) for s in last_two)})") in text
+    assert (f"{want['untrained_twin_cells']} in its untrained twin, {want['rotated_cells']} after the rotation, "
+            f"{want['label_shuffle_cells_in_10']} in 10 label shuffles") in text
+    rows = {(r["subject"], r["battery"], r["init"]): r for r in card["phenomenon"]["beside_the_dual_encoder"]["rows"]}
+    cross, dual = rows[("organism-cross", "digits", "pretrained")], rows[("organism", "digits", "pretrained")]
+    assert (f"it has {cross['multimodal']} multimodal cells where the dual encoder has {dual['multimodal']} "
+            f"(of its {dual['cells']})") in text
+    lesion = card["phenomenon"]["lesion"]
+    img, txt = ({r["readout"]: r for r in lesion["rows"]}[k] for k in ("image side", "text side"))
+    n = img["units"]
+    assert "'six'" in lesion["how"] and want["multimodal_per_concept"]["six"] == n == txt["units"]
+    assert (f"Zeroing the {n} multimodal cells of *six* lowers its zero-shot log-probability on images by "
+            f"{-img['target_change']:.3f} and on texts by {-txt['target_change']:.3f}, against "
+            f"{signed(img['random_target_mean'])} \u00b1 {img['random_target_sd']:.3f} and "
+            f"{signed(txt['random_target_mean'])} \u00b1 {txt['random_target_sd']:.3f} for {img['n_random']} random "
+            f"{n}-unit lesions at the same sites (p = {img['p_random']:.2f} on each side") in text
+    assert f"{txt['p_random']:.2f}" == f"{img['p_random']:.2f}" and txt["n_random"] == img["n_random"]
+    co = next(r for r in card["design"]["runs"] if r["design"].startswith("two streams") and "committed" in r["design"])
+    assert f"(ViLBERT, LXMERT: {co['multimodal']} multimodal cells for {co['multimodal_concepts']} digits" in text
+    assert (f"neuroprobe cells recordings/organism-cross_digits-cross_mlp.h5 # {want['cells']} cells, "
+            f"{want['multimodal']} multimodal, for {want['multimodal_concepts']} digits") in text
+
+
+@pytest.fixture(scope="module")
+def cross(tmp_path_factory) -> Path:
+    """The README's two commands (record with the defaults, then cells; here with the 10 label shuffles too)."""
+    cwd = tmp_path_factory.mktemp("cross")
+    res = subprocess.run([sys.executable, "-m", "neuroprobe", "record", "--model", "organism-cross", "--quiet"],
+                         capture_output=True, text=True, env=ENV, cwd=cwd, timeout=600)
+    assert res.returncode == 0, res.stderr
+    rec = cwd / "recordings" / "organism-cross_digits-cross_mlp.h5"
+    res = cli("cells", str(rec), "--controls", "rotation,shuffle", "--shuffles", "10", "--quiet",
+              "--out", str(cwd / "cells.csv"))
+    assert res.returncode == 0, res.stderr
+    return cwd
+
+
+def test_record_and_cells_give_the_cards_numbers(card, cross):
+    want = card["phenomenon"]["digits-cross"]
+    cells = pd.read_csv(cross / "cells.csv")
+    mm = cells[cells["multimodal"]]
+    assert (int(cells["is_cell"].sum()), int(cells["invariant"].sum()), len(mm)) == \
+        (want["cells"], want["invariant"], want["multimodal"])
+    assert mm.groupby("concept").size().reindex(list(want["multimodal_per_concept"]), fill_value=0).to_dict() == \
+        want["multimodal_per_concept"]
+    for site, n in want["per_site"].items():
+        g = cells[cells["site"] == site]
+        got = dict(candidates=int(g["is_candidate"].sum()), cells=int(g["is_cell"].sum()),
+                   invariant=int(g["invariant"].sum()), multimodal=int(g["multimodal"].sum()))
+        assert got == n, site
+    assert int(cells.loc[~cells["site"].isin(list(want["per_site"])), "is_cell"].sum()) == 0
+    rotated = pd.read_csv(cross / "cells.rotation.csv")
+    assert (int(rotated["is_cell"].sum()), int(rotated["multimodal"].sum())) == (want["rotated_cells"], 0)
+    shuffled = pd.read_csv(cross / "cells.shuffle.csv")
+    assert shuffled["shuffle"].nunique() == 10 and int(shuffled["cells"].sum()) == want["label_shuffle_cells_in_10"]
+    # six's multimodal cells are the lesioned ones of the card, and the README's atlas figure shows one of them
+    six = mm[mm["concept"] == "six"]
+    lesion = card["phenomenon"]["lesion"]
+    assert set(six["site"]) == set(lesion["rows"][0]["sites"].split(";"))
+    assert six.groupby("site").size().to_dict() == {"fusion.layers.3.mlp.act": 3, "head.fc": 1}
+    assert "fusion.layers.3.mlp.act x3, head.fc x1" in lesion["how"]
+    assert 86 in six.loc[six["site"] == "fusion.layers.3.mlp.act", "unit"].tolist()
+    assert "unit 86 of `fusion.layers.3.mlp.act`, a multimodal cell for *six*" in readme()
+
+
+@pytest.mark.parametrize("model, key", [("organism-cross", "organism-cross"), ("organism", "organism")])
+def test_the_digits_battery_gives_the_cards_row(card, tmp_path, model, key):
+    """On ``digits`` (default montage), the cross-modal organism's multimodal cells and the dual encoder's none."""
+    rows = {(r["subject"], r["battery"], r["init"]): r for r in card["phenomenon"]["beside_the_dual_encoder"]["rows"]}
+    want = rows[(key, "digits", "pretrained")]
+    rec = tmp_path / "r.h5"
+    res = cli("record", "--model", model, "--probe", "digits", "--quiet", "--out", str(rec))
+    assert res.returncode == 0, res.stderr
+    res = cli("cells", str(rec), "--no-rotation", "--quiet", "--out", str(tmp_path / "cells.csv"))
+    assert res.returncode == 0, res.stderr
+    cells = pd.read_csv(tmp_path / "cells.csv")
+    mm = cells[cells["multimodal"]]
+    assert (int(cells["is_cell"].sum()), int(cells["invariant"].sum()), len(mm), mm["concept"].nunique()) == \
+        (want["cells"], want["invariant"], want["multimodal"], want["multimodal_concepts"])
+
+
+def lesion_six(cross: Path, side: str, draws: int) -> pd.Series:
+    """``neuroprobe lesion`` of six's multimodal cells (zero), read on one modality of the testing split."""
+    cells = pd.read_csv(cross / "cells.csv")
+    table = cross / "six_multimodal.csv"
+    cells[cells["multimodal"] & (cells["concept"] == "six")].to_csv(table, index=False)
+    out = cross / f"lesion_{side}_{draws}"
+    res = cli("lesion", "--model", "organism-cross", "--probe", "digits-cross", "--cells", str(table), "--concept", "six",
+              "--k", "4", "--mode", "zero", "--random-draws", str(draws), "--keep-draws", "0", "--no-matrix",
+              "--modality", side, "--out", str(out), "--quiet")
+    assert res.returncode == 0, res.stderr
+    return pd.read_csv(out / "forgetting.csv").iloc[0]
+
+
+@pytest.mark.parametrize("side", ["image", "text"])
+def test_lesion_of_six_gives_the_cards_changes(card, cross, side):
+    """The lesion's own changes (no random draws needed: one draw keeps it short)."""
+    want = {r["readout"]: r for r in card["phenomenon"]["lesion"]["rows"]}[f"{side} side"]
+    got = lesion_six(cross, side, 1)
+    assert sorted(got["units"].split(";")) == sorted(["head.fc:112", "fusion.layers.3.mlp.act:49,86,104"])
+    for col in ("target_change", "other_change"):  # the card keeps 6 decimals; float32 forward passes
+        assert abs(got[col] - want[col]) < 2e-6, (col, got[col], want[col])
+    assert int(got["target_rank"]) == want["target_rank"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("side", ["image", "text"])
+def test_lesion_of_six_against_100_random_lesions_gives_the_cards_control(card, cross, side):
+    """The random control of the card and the README (about 4 CPU-minutes per side here)."""
+    want = {r["readout"]: r for r in card["phenomenon"]["lesion"]["rows"]}[f"{side} side"]
+    got = lesion_six(cross, side, want["n_random"])
+    for col, key in (("random_target_change", "random_target_mean"), ("random_target_sd", "random_target_sd"),
+                     ("p_random", "p_random"), ("p_random_specific", "p_random_specific")):
+        assert abs(got[col] - want[key]) < 2e-6, (col, got[col], want[key])
