@@ -24,7 +24,7 @@ import pandas as pd
 
 from neuroprobe.atlas import tables as T
 from neuroprobe.atlas.html import table
-from neuroprobe.errors import NeuroprobeError
+from neuroprobe.errors import NeuroprobeError, option
 from neuroprobe.output import read_csv, write_csv
 
 #: Where the experiment scripts write by default (``--out figures/analyses/<experiment>/``), from the working directory.
@@ -91,8 +91,8 @@ def load_experiments(folder: str | Path, subject: str) -> list[Experiment]:
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise NeuroprobeError(f"--experiments {folder} is not a folder (give where the analyses/ scripts wrote their "
-                              f"outputs, e.g. figures/analyses).")
+        raise NeuroprobeError(f"{folder} is not a folder ({option('experiments', str(folder))} takes where the analyses/ "
+                              f"scripts wrote their outputs, e.g. figures/analyses).")
     found = []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
         csv = sub / "results.csv"
