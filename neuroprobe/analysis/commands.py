@@ -150,11 +150,16 @@ def register(app: typer.Typer) -> None:
         opts = dict(k=k, fdr=fdr, method=method, family=family, exact=exact, n_perm=n_perm, transform=transform,
                     seed=seed, quiet=quiet, sites=[s.strip() for s in sites.split(",")] if sites else None)
         with open_recording(recording) as rec:
-            _note(rec.require_complete(allow_incomplete))
+            incomplete = rec.require_complete(allow_incomplete)
             _require_finite(rec)
             with cluster(jobs, scheduler) as client:  # one cluster for the table and its controls
                 opts["client"] = client
-                table = concept_cells(rec, **opts)
+                table = concept_cells(rec, **opts)  # an error here is the one line on stderr: the note would repeat it
+                _note(incomplete)
+                skipped = table.attrs.get("skipped_sites") or []
+                if skipped:
+                    _note(f"warning: {len(skipped)} site(s) left out, none of their stimuli recorded yet: "
+                          f"{', '.join(skipped)}.")
                 rot = rotation_control(rec, rotation_seed=rotation_seed, **opts) if "rotation" in wanted else None
                 shuf = None
                 if "shuffle" in wanted:

@@ -202,7 +202,8 @@ def concept_cells(
         p_form:<f>, n_forms, auc_form_min, p_form_max, invariant``; leave-one-form-out
         ``lofo_auc:<f>, lofo_p:<f>, lofo_auc_min, lofo_p_max, lofo_pass``; with two or more
         modalities ``auc_modality:<m>, p_modality:<m>, z_modality:<m>``; ``multimodal``.
-        Settings, the design check (:func:`design_check`), the counts of exact p-values and the
+        Settings, the sites left out because an unfinished recording holds none of their stimuli yet
+        (``skipped_sites``, only then), the design check (:func:`design_check`), the counts of exact p-values and the
         cut-off below which they were computed (``exact_cutoff``, the largest over sites, and
         ``exact_cutoff_min``; see :func:`exact_cutoff`) are in ``DataFrame.attrs``.
 
@@ -240,6 +241,8 @@ def concept_cells(
         design=design_check(res.screening, n_units, len(res.concepts), fdr=fdr, method=method,
                             testing=res.testing, exact=exact),
     )
+    if res.skipped:  # an unfinished recording: sites none of whose stimuli it holds yet
+        df.attrs["skipped_sites"] = list(res.skipped)
     if exact and res.cutoffs:
         df.attrs.update(exact_cutoff=max(res.cutoffs.values()), exact_cutoff_min=min(res.cutoffs.values()))
     return df

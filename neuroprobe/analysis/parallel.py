@@ -39,7 +39,7 @@ from neuroprobe.analysis.scan import (
     Gathered, Part, ScanResult, Settings, SiteScan, checked_request, scan, scan_concepts, scan_units,
 )
 from neuroprobe.analysis.stream import DEFAULT_READ_BYTES, UnitStream
-from neuroprobe.errors import NeuroprobeError
+from neuroprobe.errors import NeuroprobeError, RecordingError
 from neuroprobe.recording.reader import Recording, open_recording
 
 #: Pieces of work per worker, at least (smaller pieces balance the load; a piece never spans super-blocks).
@@ -147,17 +147,30 @@ def run_scan(rec: Recording | str | Path, *, sites: Sequence[str] | None = None,
         No progress bar.
     transform, **options
         The other options of :func:`~neuroprobe.analysis.scan.scan`.
+
+    Sites none of whose stimuli an unfinished recording holds yet are left out and named in
+    ``ScanResult.skipped``.
+
+    Raises
+    ------
+    RecordingError
+        If every site asked for is left out that way (nothing to analyse).
     """
     rec, names = checked_request(rec, sites, transform)
     if client is None and n_jobs(jobs) <= 1:
-        return scan(rec, sites=names, quiet=quiet, transform=transform, **options)
-    if isinstance(client, str):
+        res = scan(rec, sites=names, quiet=quiet, transform=transform, **options)
+    elif isinstance(client, str):
         with cluster(scheduler=client) as c:
-            return scan_on(c, rec, names, quiet=quiet, transform=transform, **options)
-    if client is not None:
-        return scan_on(client, rec, names, quiet=quiet, transform=transform, **options)
-    with cluster(jobs) as c:
-        return scan_on(c, rec, names, quiet=quiet, transform=transform, **options)
+            res = scan_on(c, rec, names, quiet=quiet, transform=transform, **options)
+    elif client is not None:
+        res = scan_on(client, rec, names, quiet=quiet, transform=transform, **options)
+    else:
+        with cluster(jobs) as c:
+            res = scan_on(c, rec, names, quiet=quiet, transform=transform, **options)
+    if res.skipped and res.table.empty:
+        raise RecordingError(f"{rec.path} holds no recorded stimulus for {', '.join(res.skipped)} (it covers "
+                             f"{rec.n_done} of {rec.n_stimuli} stimuli); nothing to analyse.")
+    return res
 
 
 # ------------------------------------------------------------------ on the workers
@@ -294,6 +307,8 @@ def scan_on(client: Any, rec: Recording, names: Sequence[str], *, quiet: bool = 
                 valid[s] = np.asarray(fut.result(), dtype=bool)
             except Exception as err:  # noqa: BLE001 - any worker failure ends in one sentence
                 raise _failure(err, f"site {s}") from None
+        skipped = [s for s in live if not valid[s].any()]  # none of its stimuli recorded yet
+        live = [s for s in live if s not in skipped]
         # 2. the pieces, about PIECES_PER_WORKER per worker, in site and unit order
         target = max(1, math.ceil(sum(streams[s].n_units for s in live) / (PIECES_PER_WORKER * _workers(client))))
         pieces: list[Piece] = []
@@ -312,6 +327,7 @@ def scan_on(client: Any, rec: Recording, names: Sequence[str], *, quiet: bool = 
                    + f" ({_workers(client)} workers)", disable=quiet, dynamic_ncols=True)
         done: dict[int, Part] = {}
         gathered = Gathered(concepts)
+        gathered.skipped += skipped
         acc: SiteScan | None = None
         nxt = 0
         for fut in distributed.as_completed(parts, loop=client.loop):

@@ -60,6 +60,7 @@ class ScanResult:
     screening: dict[str, tuple[int, list[int]]] = field(default_factory=dict)  # site -> (n, per-concept counts)
     testing: dict[str, tuple[int, list[int]]] = field(default_factory=dict)    # site -> (n, per-concept counts)
     cutoffs: dict[str, float] = field(default_factory=dict)  # site -> exact-p cut-off used on screening pairs
+    skipped: list[str] = field(default_factory=list)  # sites with no recorded stimulus (an unfinished recording)
 
 
 def as_recording(rec: Recording | str | Path) -> Recording:
@@ -241,6 +242,10 @@ def scan(
                                 block_units=block_units)
             acc: SiteScan | None = None
             for lo, hi, x in stream:
+                if acc is None and not stream.valid.any():  # none of this site's stimuli recorded yet
+                    gathered.skipped.append(site)
+                    bar.update(stream.n_units)
+                    break
                 if acc is None:
                     acc = SiteScan(site, kinds.get(site, ""), Design.build(stimuli, stream.valid, concepts, labels),
                                    settings)
@@ -398,6 +403,7 @@ class Gathered:
         self.screening: dict[str, tuple[int, list[int]]] = {}
         self.testing: dict[str, tuple[int, list[int]]] = {}
         self.cutoffs: dict[str, float] = {}
+        self.skipped: list[str] = []
 
     def add(self, acc: SiteScan) -> None:
         """A site's gathered blocks (sites in scan order)."""
@@ -425,7 +431,7 @@ class Gathered:
         population = pd.concat(self.pops, ignore_index=True) if self.pops else pd.DataFrame()
         pairs = {name: np.concatenate(v) for name, v in self.pairs.items()}
         return ScanResult(table, population, self.concepts, self.forms, self.modalities, pairs, self.passes,
-                          self.screening, self.testing, self.cutoffs)
+                          self.screening, self.testing, self.cutoffs, list(self.skipped))
 
 
 def tests_per_unit(sub: Subset) -> int:

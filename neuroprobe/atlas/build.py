@@ -18,6 +18,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from neuroprobe.analysis.scan import battery_concepts, site_order
+from neuroprobe.atlas import experiments as E
 from neuroprobe.atlas import svg
 from neuroprobe.atlas import tables as T
 from neuroprobe.atlas.html import js_data, kv, num, page, pill, stim_card, table, token_html
@@ -88,13 +89,17 @@ class Atlas:
         Top- and bottom-driving stimuli per unit page.
     memory_mb
         Budget for one block of responses (and per-token traces) read at a time.
+    experiments
+        Experiments of ``analyses/`` whose results name a concept (:func:`neuroprobe.atlas.experiments.load_experiments`):
+        the concept pages link them.
     """
 
     def __init__(self, rec: Recording, out: Path, *, cells: pd.DataFrame | None = None,
                  controls: dict[str, pd.DataFrame] | None = None, lesions: pd.DataFrame | None = None,
                  battery: str | Path | None = None, top: int = 3, per_site: int = 1, n_show: int = 8,
-                 memory_mb: int = 128, quiet: bool = True) -> None:
+                 memory_mb: int = 128, quiet: bool = True, experiments: list[E.Experiment] | None = None) -> None:
         self.rec, self.out, self.quiet = rec, Path(out), quiet
+        self.experiments = list(experiments or [])
         self.sites = site_order(rec)
         self.site_info = rec.sites.set_index("site")
         self.stim = rec.stimuli.reset_index(drop=True)
@@ -365,6 +370,7 @@ class Atlas:
                 readout = ", ".join(map(str, dict.fromkeys(les["readout"].dropna()))) if "readout" in les else None
                 body.append("<div class='card'>" + svg.forgetting_curve(curves, readout=readout or None) + "</div>")
                 body.append(self._lesion_table(les, depth=1))
+        body.append(E.section(self.experiments, c, self.out, depth=1))
         return page(f"concept {c}", "".join(body), 1, crumbs=[(f"concept {c}", T.concept_href(c))],
                     scripts=[T.LIVE_JS])
 
@@ -653,6 +659,7 @@ def build_atlas(
     per_site: int = 1,
     n_show: int = 8,
     memory_mb: int = 128,
+    experiments: str | Path | bool | None = None,
     overwrite: bool = True,
     quiet: bool = True,
 ) -> AtlasSummary:
@@ -683,6 +690,11 @@ def build_atlas(
         Top- and bottom-driving stimuli per unit page.
     memory_mb
         Budget for one block of responses read at a time.
+    experiments
+        Where the ``analyses/`` scripts wrote their outputs (``DIR/<experiment>/results.csv`` ...): each concept
+        page gets a section "Experiments" linking those whose results name the concept, for this subject
+        (:mod:`neuroprobe.atlas.experiments`).  ``None`` (default): ``figures/analyses`` if it exists (under the
+        working directory, else under the checkout); ``False``: none.
 
     Returns
     -------
@@ -700,6 +712,9 @@ def build_atlas(
         if isinstance(cells, (str, Path)):
             ctrl_paths["untrained"] = untrained if untrained is not None else T.control_sibling(Path(cells), "untrained")
             ctrl_paths["rotated"] = rotation if rotation is not None else T.control_sibling(Path(cells), "rotation")
+        if experiments is None:
+            experiments = E.default_folder() or False
+        found = E.load_experiments(experiments, str(rec.attrs.get("subject"))) if experiments is not False else []
         read = lambda v, what: v if isinstance(v, pd.DataFrame) or v is None else T.read_table(v, what)  # noqa: E731
         # written into a hidden staging folder inside ``out`` and moved into place when complete (index.html
         # last): a failure (a full disk) leaves the old atlas as it was and nothing half-written
@@ -707,7 +722,7 @@ def build_atlas(
             atlas = Atlas(rec, stage, cells=read(cells, "cells"), lesions=read(lesions, "lesion"),
                           controls={k: read(v, f"{k} control cells") for k, v in ctrl_paths.items() if v is not None},
                           battery=battery, top=top, per_site=per_site, n_show=n_show, memory_mb=memory_mb,
-                          quiet=quiet)
+                          quiet=quiet, experiments=found)
             atlas.write_static()
             chosen = atlas.page_units(units)
             n_units = atlas.write_units(chosen)

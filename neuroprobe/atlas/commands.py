@@ -24,6 +24,7 @@ def register(app: typer.Typer) -> None:
         per_site: int = typer.Option(1, "--per-site", help="And the best units of every concept at every site."),
         n_show: int = typer.Option(8, "--show", help="Top- and bottom-driving stimuli per unit page."),
         memory_mb: int = typer.Option(128, "--memory-mb", help="Responses read at a time (MB)."),
+        experiments: Optional[str] = typer.Option(None, "--experiments", metavar="DIR", help="Outputs of the analyses/ scripts: concept pages link the experiments whose results name them (default: figures/analyses if present; none: off)."),
         serve: bool = typer.Option(False, "--serve", help="Then serve it on 127.0.0.1 (other units' pages are written on demand)."),
         port: int = typer.Option(8000, "--port", help="Port for --serve (0: any free port)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -32,7 +33,8 @@ def register(app: typer.Typer) -> None:
         from neuroprobe.atlas.build import build_atlas
 
         summary = build_atlas(recording, out, cells=cells, lesions=lesions, untrained=untrained, rotation=rotation,
-                              battery=battery, units=units, top=top, per_site=per_site, n_show=n_show, memory_mb=memory_mb, quiet=quiet)
+                              battery=battery, units=units, top=top, per_site=per_site, n_show=n_show, memory_mb=memory_mb,
+                              experiments=False if experiments == "none" else experiments, quiet=quiet)
         typer.echo(f"wrote {summary.out}/ ({summary.n_unit_pages} unit pages, {summary.n_concept_pages} concept pages, "
                    f"{summary.bytes / 2**20:.1f} MB in {summary.files} files, {summary.seconds:.1f} s); "
                    f"open {summary.index.resolve().as_uri()}")
