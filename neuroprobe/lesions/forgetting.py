@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from neuroprobe.errors import NeuroprobeError
 from neuroprobe.lesions.lesion import count_units, lesion, resolve_sites, site_responses
 from neuroprobe.lesions.ranking import active_mask, cells_ranking, dprime, rank_units
-from neuroprobe.lesions.staged import BATCHED_MODES, BatchedEvaluator, make_runner
+from neuroprobe.lesions.staged import BatchedEvaluator, make_runner
 from neuroprobe.subjects.base import Subject
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -189,8 +189,9 @@ class LesionStudy:
             runner, why = make_runner(subject, battery, self.readout)
             if runner is not None:
                 self._engine = BatchedEvaluator(runner, self.test, batch_size=batch_size, memory_mb=memory_mb,
-                                                prefix_cache=prefix_cache)
-                self.engine = f"batched ({why}{', prefix-cached' if prefix_cache else ''})"
+                                                prefix_cache=prefix_cache, seed=self.seed)
+                cached = ", prefix-cached" if prefix_cache and runner.blocks else ""
+                self.engine = f"batched ({why}{cached}; {', '.join(runner.modes)} in replicas)"
             else:
                 self.engine = f"one lesion at a time ({why})"
                 warnings.warn(f"lesions are evaluated one at a time: {why}.", stacklevel=2)
@@ -362,7 +363,7 @@ class LesionStudy:
                 out[i] = pd.Series(0.0, index=self.concepts)
             else:
                 todo.append(i)
-        if self._engine is None or mode not in BATCHED_MODES:
+        if not self._batches(mode):
             for i in todo:
                 out[i] = self.evaluate(lesions[i], mode, factor=factor)
                 if progress is not None:
@@ -383,7 +384,7 @@ class LesionStudy:
         scores they compare with (``lesioned - baseline`` is what :meth:`evaluate_many`
         averages per concept).  Batched like :meth:`evaluate_many` when :attr:`engine` allows.
         """
-        if self._engine is None or mode not in BATCHED_MODES:
+        if not self._batches(mode):
             ref = self.screen if mode in ("mean", "resample") else None
             out = np.full((len(lesions), len(self.test)), np.nan)
             for i, units in enumerate(lesions):
@@ -398,8 +399,14 @@ class LesionStudy:
             return out
         names = list(dict.fromkeys(s for units in lesions for s in units))
         sites = {s.name: s for s in resolve_sites(self.subject, names)}
+        assert self._engine is not None
         return self._engine.scores(list(lesions), mode, factor=factor if mode == "scale" else None,
-                                   reference=self.screen if mode == "mean" else None, sites=sites, progress=progress)
+                                   reference=self.screen if mode in ("mean", "resample") else None, sites=sites,
+                                   progress=progress)
+
+    def _batches(self, mode: str) -> bool:
+        """Whether lesions of ``mode`` are evaluated in replicas (see :attr:`engine`)."""
+        return self._engine is not None and mode in self._engine.runner.modes
 
     def _row(self, concept: str, change: pd.Series, **extra: Any) -> dict[str, Any]:
         others = change.drop(concept)

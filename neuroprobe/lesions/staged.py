@@ -52,8 +52,11 @@ from neuroprobe.subjects.base import Site, Subject, _compile_glob
 if TYPE_CHECKING:  # pragma: no cover
     from neuroprobe.stimuli.battery import Battery
 
-#: replica modes (``resample`` draws depend on the batch, so it runs one lesion at a time)
+#: modes every runner evaluates in replicas
 BATCHED_MODES = ("zero", "mean", "scale")
+#: modes :func:`replica_edits` can edit (``resample`` needs a runner whose passes hold each copy's rows in
+#: the single run's order: the generic runner)
+REPLICA_MODES = BATCHED_MODES + ("resample",)
 
 
 # ------------------------------------------------------------------ edits
@@ -71,13 +74,47 @@ def lesion_values(units: Mapping[str, np.ndarray], reference: Mapping[str, np.nd
     return out
 
 
+class ReplicaEdits(dict):
+    """Site name -> edit of a stacked batch (a dict), plus each replica's ``resample`` generator."""
+
+    generators: list[torch.Generator | None]
+
+    def rng_states(self) -> list[torch.Tensor | None]:
+        """The generators' states (to replay a pass that must be run again)."""
+        return [g.get_state() if g is not None else None for g in self.generators]
+
+    def set_rng_states(self, states: Sequence[torch.Tensor | None]) -> None:
+        """Restore states from :meth:`rng_states`."""
+        for g, s in zip(self.generators, states):
+            if g is not None and s is not None:
+                g.set_state(s)
+
+
+def resample_pools(units: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``resample`` reference rows per site, ``[n_ref, n_lesioned]``, as :class:`~neuroprobe.lesions.lesion.Lesion` keeps them."""
+    out = {}
+    for site, idx in units.items():
+        r = np.asarray(reference[site], dtype=np.float64)
+        if r.ndim != 2:
+            raise NeuroprobeError("a resample lesion needs per-stimulus reference responses, not means.")
+        if int(idx.max()) >= r.shape[1]:
+            raise NeuroprobeError(f"unit {int(idx.max())} is out of range for site {site!r}, which has {r.shape[1]} units.")
+        sub = r[:, idx]
+        sub = sub[np.all(np.isfinite(sub), axis=1)]
+        if len(sub) == 0:
+            raise NeuroprobeError(f"the reference has no stimulus with finite responses at {site!r}.")
+        out[site] = sub
+    return out
+
+
 def replica_edits(
     lesions: Sequence[Mapping[str, np.ndarray]],
     mode: str,
     *,
     factor: float | None = None,
     reference: Mapping[str, np.ndarray] | None = None,
-) -> dict[str, Callable[[torch.Tensor, Site], torch.Tensor]]:
+    seed: int = 0,
+) -> ReplicaEdits:
     """Electrode edits that lesion replica ``l`` of a stacked batch with ``lesions[l]``.
 
     Parameters
@@ -85,18 +122,26 @@ def replica_edits(
     lesions
         One ``site -> unit indices`` mapping per replica.
     mode
-        ``zero``, ``mean`` (needs ``reference``) or ``scale`` (needs ``factor``).
+        ``zero``, ``mean`` (needs ``reference``), ``scale`` (needs ``factor``) or
+        ``resample`` (needs per-stimulus ``reference`` responses).
     factor, reference
         As for :func:`~neuroprobe.lesions.lesion.lesion`.
+    seed
+        ``resample``: every replica draws from its own generator seeded with ``seed``,
+        one draw per row of its copy at each edit of a site it lesions, in call order,
+        as :class:`~neuroprobe.lesions.lesion.Lesion` draws for that lesion alone: when
+        the passes hold the single run's rows for every copy (a replica-safe readout
+        on the same evaluation batches), each replica draws exactly its single run's
+        reference rows and the values it sets are the same.
 
     Returns
     -------
-    dict
+    ReplicaEdits
         Site name -> edit ``f(x, site)`` for every site any replica lesions.  ``x``
         must have ``L * B`` rows, replica-major.
     """
-    if mode not in BATCHED_MODES:
-        raise NeuroprobeError(f"mode {mode!r} cannot be evaluated in replicas; use one of {', '.join(BATCHED_MODES)}.")
+    if mode not in REPLICA_MODES:
+        raise NeuroprobeError(f"mode {mode!r} cannot be evaluated in replicas; use one of {', '.join(REPLICA_MODES)}.")
     if mode == "scale":
         from neuroprobe.lesions.lesion import scale_factor
 
@@ -104,12 +149,14 @@ def replica_edits(
     n_rep = len(lesions)
     sites = list(dict.fromkeys(s for les in lesions for s in les))
     values = [lesion_values(les, reference) for les in lesions] if mode == "mean" else None
-    edits = {}
+    pools = [resample_pools(les, reference) for les in lesions] if mode == "resample" else None
+    edits = ReplicaEdits()
+    edits.generators = [torch.Generator().manual_seed(int(seed)) if mode == "resample" else None for _ in lesions]
     for site in sites:
         per = [(les[site] if site in les and len(les[site]) else None) for les in lesions]
         vals = [v.get(site) for v in values] if values is not None else None
 
-        def edit(x: torch.Tensor, s: Site, _per=per, _vals=vals, _cache={}) -> torch.Tensor:
+        def edit(x: torch.Tensor, s: Site, _per=per, _vals=vals, _site=site, _cache={}) -> torch.Tensor:
             n, u = x.shape[0], x.shape[-1]
             if n % n_rep:
                 raise RuntimeError(f"site {s.name}: {n} rows are not {n_rep} replicas")
@@ -134,8 +181,19 @@ def replica_edits(
                 y = x4.masked_fill(m, 0.0)
             elif mode == "mean":
                 y = torch.where(m, fill.view(shape), x4)
-            else:
+            elif mode == "scale":
                 y = torch.where(m, x4 * factor, x4)
+            else:  # resample: replica r draws its copy's rows from its own generator, as its single run does
+                b = n // n_rep
+                drawn = torch.zeros((n_rep, b, u), dtype=x.dtype)
+                for r, idx in enumerate(_per):
+                    if idx is None:
+                        continue
+                    pool = pools[r][_site]
+                    draw = torch.randint(pool.shape[0], (b,), generator=edits.generators[r])
+                    drawn[r][:, torch.as_tensor(idx)] = torch.as_tensor(pool, dtype=x.dtype)[draw]
+                drawn = drawn.to(x.device).view((n_rep, b) + (1,) * (x4.dim() - 3) + (u,))
+                y = torch.where(m, drawn, x4)
             return y.reshape(x.shape)
 
         edits[site] = edit
@@ -190,9 +248,12 @@ class Prepared:
     states: dict[str, list[Any]] = field(default_factory=dict)  # chain -> intact input of each block
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)  # chain -> intact output of the chain
     extra: dict[str, Any] = field(default_factory=dict)
+    per_replica: int = 0  # bytes of the largest activation of one replica (0: the largest block input)
 
     def nbytes(self) -> int:
         """Largest block input of one replica (bytes)."""
+        if self.per_replica:
+            return self.per_replica
         best = 0
         for states in self.states.values():
             for s in states:
@@ -209,12 +270,20 @@ class Runner:
 
     name = ""
     readouts: tuple[str, ...] = ()
+    #: lesion modes this runner evaluates in replicas (others run one lesion at a time)
+    modes: tuple[str, ...] = BATCHED_MODES
+    #: where a group starts when nothing upstream may be reused
+    start: Any = 0
 
     def __init__(self, subject: Subject, battery: "Battery", readout: str) -> None:
         self.subject = subject
         self.battery = battery
         self.readout = readout
         self.blocks = resolve_blocks(subject)
+
+    def intact(self, prep: Prepared) -> np.ndarray:
+        """The unlesioned readout of one prepared batch."""
+        return self.run(prep, {c: None for c in self.blocks}, 1)[0]
 
     def cut_of(self, site: Site) -> tuple[str, int] | None:
         """Where replicas lesioning ``site`` must start: ``(chain, position)`` (default: its block's index)."""
@@ -430,25 +499,369 @@ class HFEncoderRunner(Runner):
         return scores
 
 
-RUNNERS: dict[str, type[Runner]] = {"organism": OrganismRunner, "hf-encoder": HFEncoderRunner}
+# ------------------------------------------------------------------ the generic runner
+
+
+class CacheMiss(Exception):
+    """The tiled pass did not call a cached block as the intact pass did; the group runs without the cache."""
+
+
+#: why a recorded call cannot stand in for a block (its output has no batch axis to tile): the block runs
+_UNTILEABLE = "untileable"
+_PRIMITIVES = (type(None), bool, int, float, str)
+
+
+def _tensors(args: tuple, kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
+    """The tensors among a call's arguments (and one level into tuples and lists), in order."""
+    out: list[torch.Tensor] = []
+    for v in list(args) + list(kwargs.values()):
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, (tuple, list)):
+            out.extend(t for t in v if isinstance(t, torch.Tensor))
+    return out
+
+
+def _first_tensor(x: Any) -> torch.Tensor | None:
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (tuple, list)):
+        for v in x:
+            t = _first_tensor(v)
+            if t is not None:
+                return t
+    if isinstance(x, dict):
+        for v in x.values():
+            t = _first_tensor(v)
+            if t is not None:
+                return t
+    return None
+
+
+class _Untileable(Exception):
+    pass
+
+
+def _map(x: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``fn`` applied to every tensor of a block's output (tuples, lists, dicts); other objects stop it."""
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    if isinstance(x, _PRIMITIVES):
+        return x
+    if isinstance(x, tuple):
+        return type(x)(*(_map(v, fn) for v in x)) if hasattr(x, "_fields") else tuple(_map(v, fn) for v in x)
+    if isinstance(x, list):
+        return [_map(v, fn) for v in x]
+    if isinstance(x, dict):
+        return type(x)(**{k: _map(v, fn) for k, v in x.items()}) if type(x) is not dict else {k: _map(v, fn) for k, v in x.items()}
+    raise _Untileable(type(x).__name__)  # e.g. a key/value cache object: the block runs
+
+
+def _tiled_axis(actual: torch.Size, recorded: torch.Size, n_rep: int) -> int | None:
+    """The axis along which ``actual`` is ``recorded`` stacked ``n_rep`` times (``None``: same shape; -1: neither)."""
+    if actual == recorded:
+        return None
+    if len(actual) != len(recorded):
+        return -1
+    diff = [d for d in range(len(actual)) if actual[d] != recorded[d]]
+    return diff[0] if len(diff) == 1 and actual[diff[0]] == n_rep * recorded[diff[0]] else -1
+
+
+def _same(actual: torch.Tensor, recorded: torch.Tensor, axis: int | None, n_rep: int, tol: float) -> bool:
+    """Whether every copy of ``actual`` equals ``recorded`` (floats to ``tol`` of its largest magnitude)."""
+    if actual.dtype != recorded.dtype:
+        return False
+    x, r = actual, recorded
+    if axis is not None:
+        x = actual.reshape(actual.shape[:axis] + (n_rep, recorded.shape[axis]) + actual.shape[axis + 1 :])
+        r = recorded.unsqueeze(axis)
+    if torch.equal(x, r.expand_as(x)):
+        return True
+    if not r.is_floating_point():
+        return False
+    finite = r[torch.isfinite(r)]
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    return bool(torch.isclose(x, r, rtol=0.0, atol=tol * scale, equal_nan=True).all())
+
+
+@dataclass
+class _Call:
+    """One call of a block in the intact pass: its tensor arguments and its output (copies)."""
+
+    inputs: list[torch.Tensor]
+    output: Any
+    tileable: bool = True
+
+
+def _replay(call: _Call, args: tuple, kwargs: Mapping[str, Any], n_rep: int, tol: float) -> Any:
+    """The recorded output tiled ``n_rep`` times when this call's arguments are the recorded ones tiled;
+    else a string saying why not (:data:`_UNTILEABLE`: the block must run; anything else: the cache is wrong)."""
+    actual = _tensors(args, kwargs)
+    if len(actual) != len(call.inputs):
+        return f"called with {len(actual)} tensors, not {len(call.inputs)}"
+    axis: int | None = None
+    for k, (a, r) in enumerate(zip(actual, call.inputs)):
+        ax = _tiled_axis(a.shape, r.shape, n_rep)
+        if ax == -1:
+            return f"argument {k} has shape {tuple(a.shape)}, not {n_rep} x {tuple(r.shape)}"
+        if not _same(a, r, ax, n_rep, tol):
+            return f"argument {k} differs from the intact pass (a lesioned chain it reads is not declared in block_inputs?)"
+        if k == 0:
+            axis = ax
+    if not call.tileable:
+        return _UNTILEABLE
+    if n_rep == 1:
+        return _map(call.output, torch.clone)
+    if axis is None:  # the first argument carries no batch axis: where the batch is in the output is unknown
+        return _UNTILEABLE
+    rows = call.inputs[0].shape[axis]
+
+    def tile(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() > axis and t.shape[axis] == rows:
+            return t.repeat(*[n_rep if d == axis else 1 for d in range(t.dim())])
+        if t.dim() <= axis or t.shape[axis] == 1:  # no batch axis (shared across rows, e.g. a position bias)
+            return t.clone()
+        raise _Untileable(f"shape {tuple(t.shape)}")
+
+    try:
+        return _map(call.output, tile)
+    except _Untileable:
+        return _UNTILEABLE
+
+
+def _recorder(store: dict[str, list[_Call]], seen: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> Callable[..., Any]:
+    """A forward hook ``(name, module, args, kwargs, output)`` keeping copies of each call's tensors in ``store``."""
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        got = seen.get(id(t))
+        if got is None or got[0] is not t:
+            got = seen[id(t)] = (t, t.detach().clone())
+        return got[1]
+
+    def hook(name: str, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        inputs = [keep(t) for t in _tensors(args, kwargs)]
+        try:
+            out, ok = _map(output, keep), True
+        except _Untileable:
+            out, ok = None, False
+        store.setdefault(name, []).append(_Call(inputs, out, ok))
+
+    return hook
+
+
+class GenericRunner(Runner):
+    """Any subject whose readout is :func:`~neuroprobe.subjects.base.replica_safe`: the readout itself, called once
+    on the stimuli tiled per lesion, with the blocks upstream of the first lesioned one answered from the intact pass.
+
+    The intact pass of each evaluation batch (the readout on its rows) records every declared block's
+    tensor arguments and output per call, in call order, and the same for the direct children of each
+    block (the sub-blocks it calls, e.g. a layer's attention and MLP).  A group of lesions whose earliest
+    lesioned block in chain ``c`` is ``i`` (its lesioned site inside child ``j`` of that block) then runs
+    the readout once on ``L`` copies of the rows with ``forward`` of blocks ``0 .. i-1`` of ``c``, of the
+    children block ``i`` calls before ``j``, and of every block of a chain no lesion reaches (unless it
+    reads, through :attr:`~neuroprobe.subjects.base.Subject.block_inputs`, a chain one reaches) swapped for
+    a function that returns the recorded output tiled ``L`` times along the batch axis of its first
+    argument (replica-major; ``[T, B, D]`` time-major blocks included).  Before answering, the function
+    checks the call's tensor arguments are the recorded ones tiled (to ``1e-5`` of their magnitude): a
+    chain read without being declared, a block called in another order, or more or fewer times than in
+    the intact pass, raise :class:`CacheMiss` after the pass and the group is run again without the cache
+    (correct, slower).  A call whose output has no batch axis to tile (a cache object) runs the block.
+    Embeddings, masks and the readout's own scoring run on the tiled rows as the readout makes them.
+
+    With ``prefix_cache=False`` (subjects with no declared block order, such as ``hf:`` models of a
+    structure neuroprobe does not know) every block runs on the tiled rows: batched, not cached.
+    """
+
+    name = "generic"
+    modes = REPLICA_MODES
+    start = (0, 0)
+    #: the tolerance of the argument check, relative to the recorded argument's largest magnitude
+    tolerance = 1e-5
+
+    def __init__(self, subject: Subject, battery: "Battery", readout: str, *, prefix_cache: bool = True) -> None:
+        from neuroprobe.lesions.replicas import readout_function
+
+        super().__init__(subject, battery, readout)
+        self.fn = readout_function(subject, readout)
+        if not prefix_cache:
+            self.blocks = {}
+        self.depends = _reads(getattr(subject, "block_inputs", None) or {}, list(self.blocks))
+        self.child_order: dict[str, list[str] | None] = {}
+        self.misses: list[str] = []
+
+    def cut_of(self, site: Site) -> tuple[str, tuple[int, int]] | None:
+        """``(chain, (block index, position of the site's sub-block in the block's calls))``."""
+        where = stage_of(self.blocks, site)
+        if where is None:
+            return None
+        chain, i = where
+        block = self.blocks[chain][i]
+        pos = 0
+        if site.module != block:
+            child = site.module[len(block) + 1 :].split(".")[0]
+            order = self.child_order.get(block)
+            if order and child in order:
+                pos = order.index(child)
+        return chain, (i, pos)
+
+    def prepare(self, rows: pd.DataFrame) -> Prepared:
+        model = self.subject.model
+        blocks: dict[str, list[_Call]] = {}
+        children: dict[str, list[_Call]] = {}
+        seqs: dict[str, list[list[str]]] = {}
+        seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        record_block, record_child = _recorder(blocks, seen), _recorder(children, seen)
+        biggest = [0]
+
+        def measure(mod: torch.nn.Module, args: tuple, output: Any) -> None:
+            t = _first_tensor(output)
+            if t is not None:
+                biggest[0] = max(biggest[0], t.numel() * t.element_size())
+
+        handles = []
+        try:
+            for name in (n for names in self.blocks.values() for n in names):
+                module = model.get_submodule(name)
+                handles.append(module.register_forward_pre_hook(lambda m, a, _n=name: seqs.setdefault(_n, []).append([])))
+                handles.append(module.register_forward_hook(
+                    lambda m, a, k, o, _n=name: record_block(_n, m, a, k, o), with_kwargs=True))
+                for child, sub in module.named_children():
+                    def on_child(m, a, k, o, _n=name, _c=child):
+                        if seqs.get(_n):
+                            seqs[_n][-1].append(_c)
+                        record_child(f"{_n}.{_c}", m, a, k, o)
+
+                    handles.append(sub.register_forward_hook(on_child, with_kwargs=True))
+            for _, module in model.named_modules():
+                handles.append(module.register_forward_hook(measure))
+            with torch.inference_mode():
+                scores = np.asarray(self.fn(self.subject, rows, self.battery), dtype=np.float64)
+        finally:
+            for h in handles:
+                h.remove()
+        seen.clear()
+        for name, calls in seqs.items():  # a block's sub-blocks in call order, if every call of it agrees
+            order = calls[0] if calls and all(c == calls[0] for c in calls) else None
+            if name in self.child_order and self.child_order[name] != order:
+                order = None
+            self.child_order[name] = order
+        return Prepared(rows=len(rows), per_replica=biggest[0],
+                        extra=dict(rows=rows, scores=scores.reshape(len(rows)), blocks=blocks, children=children))
+
+    def intact(self, prep: Prepared) -> np.ndarray:
+        return prep.extra["scores"]
+
+    def plan(self, prep: Prepared, cuts: Mapping[str, Any]) -> dict[str, list[_Call]]:
+        """Module name -> the recorded calls that stand in for it when a group starts at ``cuts``."""
+        reached = {c for c, v in cuts.items() if v is not None and c in self.blocks}
+        plan: dict[str, list[_Call]] = {}
+        for chain, names in self.blocks.items():
+            if self.depends.get(chain, set()) & reached:  # it reads a lesioned chain: every block runs
+                continue
+            cut = cuts.get(chain)
+            i, pos = (len(names), 0) if cut is None else cut
+            for name in names[:i]:
+                plan[name] = prep.extra["blocks"].get(name, [])
+            order = self.child_order.get(names[i]) if i < len(names) and pos else None
+            if order:
+                last = {c: k for k, c in enumerate(order)}
+                for child, k in last.items():
+                    if k < pos:
+                        plan[f"{names[i]}.{child}"] = prep.extra["children"].get(f"{names[i]}.{child}", [])
+        # a module inside another one that is answered from the record is never called
+        return {n: c for n, c in plan.items() if not any(n.startswith(m + ".") for m in plan)}
+
+    def run(self, prep: Prepared, cuts: Mapping[str, Any], n_rep: int) -> np.ndarray:
+        from neuroprobe.lesions.replicas import tile
+
+        rows = prep.extra["rows"]
+        tiled = tile(rows, n_rep)
+        plan = {} if cuts.get("_nocache") or not self.blocks else self.plan(prep, cuts)
+        model = self.subject.model
+        counts = {name: 0 for name in plan}
+        miss: list[str] = []
+        swapped = []
+
+        def stand_in(name: str, original: Callable[..., Any], recorded: list[_Call]) -> Callable[..., Any]:
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                k = counts[name]
+                counts[name] = k + 1
+                if not miss:
+                    if k >= len(recorded):
+                        miss.append(f"{name} ran more often than in the intact pass")
+                    else:
+                        out = _replay(recorded[k], args, kwargs, n_rep, self.tolerance)
+                        if not isinstance(out, str):
+                            return out
+                        if out != _UNTILEABLE:
+                            miss.append(f"{name}, call {k}: {out}")
+                return original(*args, **kwargs)
+
+            return forward
+
+        try:
+            for name, recorded in plan.items():
+                module = model.get_submodule(name)
+                swapped.append((module, module.__dict__.get("forward")))
+                module.forward = stand_in(name, module.forward, recorded)
+            scores = np.asarray(self.fn(self.subject, tiled, self.battery), dtype=np.float64)
+        finally:
+            for module, old in swapped:
+                if old is None:
+                    del module.forward
+                else:
+                    module.forward = old
+        if not miss:
+            miss += [f"{n} ran {counts[n]} times, not {len(plan[n])}" for n in plan if counts[n] != len(plan[n])]
+        if miss:
+            self.misses.append(miss[0])
+            raise CacheMiss(miss[0])
+        return scores.reshape(n_rep, len(rows))
+
+
+def _reads(block_inputs: Mapping[str, Sequence[str]], chains: Sequence[str]) -> dict[str, set[str]]:
+    """Chain -> every chain it reads, directly or through others (from ``Subject.block_inputs``)."""
+    out: dict[str, set[str]] = {}
+    for chain in chains:
+        todo, got = list(block_inputs.get(chain, ())), set()
+        while todo:
+            c = todo.pop()
+            if c not in got and c != chain:
+                got.add(c)
+                todo += list(block_inputs.get(c, ()))
+        out[chain] = got
+    return out
+
+
+RUNNERS: dict[str, type[Runner]] = {"generic": GenericRunner, "organism": OrganismRunner, "hf-encoder": HFEncoderRunner}
 
 
 def make_runner(subject: Subject, battery: "Battery", readout: str) -> tuple[Runner | None, str]:
-    """The runner for ``subject`` and ``readout``, or ``None`` and the reason lesions run one at a time."""
-    from neuroprobe.subjects.hf import HFSubject
+    """The runner for ``subject`` and ``readout``, or ``None`` and the reason lesions run one at a time.
+
+    A readout marked :func:`~neuroprobe.subjects.base.replica_safe` gets the :class:`GenericRunner`,
+    prefix-cached when the subject declares a block order (without one, e.g. an ``hf:`` model of a
+    structure neuroprobe does not know, it is batched but every block runs); the organism's zero-shot
+    readouts keep their hand-written runner until they are replica-safe; any other readout runs one
+    lesion at a time.
+    """
+    from neuroprobe.lesions.replicas import is_replica_safe
     from neuroprobe.subjects.organism.subject import OrganismSubject
 
-    if not subject.block_order:
-        return None, f"subject {subject.name!r} declares no block order"
-    if isinstance(subject, OrganismSubject):
-        cls: type[Runner] = OrganismRunner
-    elif isinstance(subject, HFSubject) and subject.arch.kind == "encoder" and not getattr(subject, "split_by_modality", False):
-        cls = HFEncoderRunner
-    else:
-        return None, f"no batched runner knows how to resume subject {subject.name!r}"
-    if readout not in cls.readouts:
-        return None, f"the {cls.name} runner scores {', '.join(cls.readouts)}, not readout {readout!r}"
-    return cls(subject, battery, readout), f"{cls.name} runner"
+    if is_replica_safe(subject, readout):
+        if subject.block_order:
+            return GenericRunner(subject, battery, readout), "generic runner"
+        why = (f"generic runner without prefix cache: subject {subject.name!r} declares no block order, so "
+               f"nothing upstream of a lesion is known to be unchanged and every block runs")
+        return GenericRunner(subject, battery, readout, prefix_cache=False), why
+    if isinstance(subject, OrganismSubject) and subject.block_order and readout in OrganismRunner.readouts:
+        return OrganismRunner(subject, battery, readout), "organism runner"
+    if not subject.block_order and subject.name.startswith("hf:"):
+        return None, (f"readout {readout!r} of {subject.name!r} is not marked replica-safe and the model's structure is "
+                      f"unknown to neuroprobe (no block order), so its lesions cannot share a forward pass")
+    return None, (f"readout {readout!r} of subject {subject.name!r} is not marked replica-safe (its forward passes "
+                  f"are not known to hold every lesion's copy of the stimuli alike), so its lesions cannot share a "
+                  f"forward pass")
 
 
 class BatchedEvaluator:
@@ -464,20 +877,23 @@ class BatchedEvaluator:
         Evaluation stimuli per pass (each pass holds ``batch_size`` × replicas rows).
     memory_mb
         Budget for one pass's activations: replicas per pass are
-        ``memory_mb / (4 × largest block input of one replica)`` (at least 1).
+        ``memory_mb / (4 × largest activation of one replica)`` (at least 1).
     prefix_cache
         Resume each lesion at its first lesioned block and reuse the towers it does
         not reach (``False``: replicate the raw inputs and run every block; for
         benchmarks).
+    seed
+        Seed of ``resample`` draws (each lesion's, as :func:`~neuroprobe.lesions.lesion.lesion` seeds it).
     """
 
     def __init__(self, runner: Runner, stimuli: pd.DataFrame, *, batch_size: int = 32, memory_mb: float = 512,
-                 prefix_cache: bool = True) -> None:
+                 prefix_cache: bool = True, seed: int = 0) -> None:
         self.runner = runner
         self.stimuli = stimuli
         self.batch_size = int(batch_size)
         self.memory = float(memory_mb) * 2**20
         self.prefix_cache = prefix_cache
+        self.seed = int(seed)
         self._prepared: list[Prepared] | None = None
 
     def prepared(self) -> list[Prepared]:
@@ -489,22 +905,22 @@ class BatchedEvaluator:
 
     def intact(self) -> np.ndarray:
         """Readout scores of the unlesioned subject through the same runner (the baseline of :meth:`scores`)."""
-        cuts = {c: None for c in self.runner.blocks}
         with torch.inference_mode():
-            return np.concatenate([self.runner.run(p, cuts, 1)[0] for p in self.prepared()])
+            return np.concatenate([self.runner.intact(p) for p in self.prepared()])
 
-    def cuts(self, units: Mapping[str, np.ndarray], sites: Mapping[str, Site]) -> tuple[tuple[str, int | None], ...]:
-        """Where a lesion's replicas start in each chain."""
+    def cuts(self, units: Mapping[str, np.ndarray], sites: Mapping[str, Site]) -> tuple[tuple[str, Any], ...]:
+        """Where a lesion's replicas start in each chain (the key that groups lesions)."""
         blocks = self.runner.blocks
-        cut: dict[str, int | None] = {c: None for c in blocks}
+        start = self.runner.start
+        cut: dict[str, Any] = {c: None for c in blocks}
         for name in units:
             where = self.runner.cut_of(sites[name])
             if where is None:  # a site outside every declared block: run everything
-                return tuple((c, 0) for c in blocks)
+                return tuple((c, start) for c in blocks) + (("_nocache", True),)
             chain, i = where
             cut[chain] = i if cut[chain] is None else min(cut[chain], i)
         if not self.prefix_cache:
-            return tuple((c, 0) for c in blocks) + (("_resume", False),)
+            return tuple((c, start) for c in blocks) + (("_nocache", True), ("_resume", False))
         return tuple(cut.items())
 
     def scores(self, lesions: Sequence[Mapping[str, np.ndarray]], mode: str, *, factor: float | None = None,
@@ -525,12 +941,18 @@ class BatchedEvaluator:
             for a in range(0, len(members), chunk):
                 idx = members[a : a + chunk]
                 chosen = [lesions[i] for i in idx]
-                edits = replica_edits(chosen, mode, factor=factor, reference=reference)
+                edits = replica_edits(chosen, mode, factor=factor, reference=reference, seed=self.seed)
                 site_objs = [sites[s] for s in edits]
                 offset = 0
                 with torch.inference_mode(), Electrodes(model, site_objs, read=False, edits=edits):
                     for prep in preps:
-                        out[idx, offset : offset + prep.rows] = self.runner.run(prep, cuts, len(idx))
+                        states = edits.rng_states()
+                        try:
+                            part = self.runner.run(prep, cuts, len(idx))
+                        except CacheMiss:  # the cache does not fit this pass: the same replicas without it
+                            edits.set_rng_states(states)
+                            part = self.runner.run(prep, dict(cuts, _nocache=True), len(idx))
+                        out[idx, offset : offset + prep.rows] = part
                         offset += prep.rows
                 if progress is not None:
                     progress(len(idx))
