@@ -174,11 +174,15 @@ def replica_edits(
                         fill[r, torch.as_tensor(idx)] = torch.as_tensor(_vals[r], dtype=x.dtype)
                 _cache[key] = (mask.to(x.device), fill.to(x.device))
             mask, fill = _cache[key]
-            x4 = x.reshape(n_rep, n // n_rep, *x.shape[1:])
+            parts = getattr(x, "_parts", None)  # a recorded output not copied yet: edit its copies in one pass
+            if isinstance(x, _Tiled) and parts[1] == 0 and parts[2] == n_rep:
+                x4 = parts[0].unsqueeze(0).expand(n_rep, *parts[0].shape)
+            else:
+                x4 = x.reshape(n_rep, n // n_rep, *x.shape[1:])
             shape = (n_rep,) + (1,) * (x4.dim() - 2) + (u,)
             m = mask.view(shape)
             if mode == "zero":
-                y = x4.masked_fill(m, 0.0)
+                y = torch.where(m, torch.zeros((), dtype=x4.dtype, device=x4.device), x4)
             elif mode == "mean":
                 y = torch.where(m, fill.view(shape), x4)
             elif mode == "scale":
@@ -584,6 +588,36 @@ def _same(actual: torch.Tensor, recorded: torch.Tensor, axis: int | None, n_rep:
     return bool(torch.isclose(x, r, rtol=0.0, atol=tol * scale, equal_nan=True).all())
 
 
+class _Tiled(torch.Tensor):
+    """A recorded output stacked ``n`` times along ``axis``, made only when an operation reads it.
+
+    A stand-in's output usually goes straight into the next stand-in, which only looks at its
+    shape; the copy is made the first time anything else (the first block that runs) uses it.
+    """
+
+    @staticmethod
+    def __new__(cls, recorded: torch.Tensor, axis: int, n: int) -> "_Tiled":
+        shape = list(recorded.shape)
+        shape[axis] *= n
+        t = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=recorded.dtype, device=recorded.device)
+        t._parts = (recorded, axis, n)
+        t._made = None
+        return t
+
+    def made(self) -> torch.Tensor:
+        if self._made is None:
+            recorded, axis, n = self._parts
+            self._made = recorded.repeat(*[n if d == axis else 1 for d in range(recorded.dim())])
+        return self._made
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        from torch.utils._pytree import tree_map
+
+        made = lambda x: x.made() if isinstance(x, _Tiled) else x  # noqa: E731
+        return func(*tree_map(made, args), **tree_map(made, kwargs or {}))
+
+
 @dataclass
 class _Call:
     """One call of a block in the intact pass: its tensor arguments and its output (copies)."""
@@ -593,9 +627,13 @@ class _Call:
     tileable: bool = True
 
 
-def _replay(call: _Call, args: tuple, kwargs: Mapping[str, Any], n_rep: int, tol: float) -> Any:
+def _replay(call: _Call, args: tuple, kwargs: Mapping[str, Any], n_rep: int, tol: float,
+            given: Mapping[int, torch.Tensor]) -> Any:
     """The recorded output tiled ``n_rep`` times when this call's arguments are the recorded ones tiled;
-    else a string saying why not (:data:`_UNTILEABLE`: the block must run; anything else: the cache is wrong)."""
+    else a string saying why not (:data:`_UNTILEABLE`: the block must run; anything else: the cache is wrong).
+
+    ``given``: tensors earlier stand-ins returned (by ``id``); an argument that is one of them is only
+    checked for its shape (its values are a recorded output, compared when it was recorded)."""
     actual = _tensors(args, kwargs)
     if len(actual) != len(call.inputs):
         return f"called with {len(actual)} tensors, not {len(call.inputs)}"
@@ -604,7 +642,7 @@ def _replay(call: _Call, args: tuple, kwargs: Mapping[str, Any], n_rep: int, tol
         ax = _tiled_axis(a.shape, r.shape, n_rep)
         if ax == -1:
             return f"argument {k} has shape {tuple(a.shape)}, not {n_rep} x {tuple(r.shape)}"
-        if not _same(a, r, ax, n_rep, tol):
+        if given.get(id(a)) is not a and not _same(a, r, ax, n_rep, tol):
             return f"argument {k} differs from the intact pass (a lesioned chain it reads is not declared in block_inputs?)"
         if k == 0:
             axis = ax
@@ -618,7 +656,7 @@ def _replay(call: _Call, args: tuple, kwargs: Mapping[str, Any], n_rep: int, tol
 
     def tile(t: torch.Tensor) -> torch.Tensor:
         if t.dim() > axis and t.shape[axis] == rows:
-            return t.repeat(*[n_rep if d == axis else 1 for d in range(t.dim())])
+            return _Tiled(t, axis, n_rep)
         if t.dim() <= axis or t.shape[axis] == 1:  # no batch axis (shared across rows, e.g. a position bias)
             return t.clone()
         raise _Untileable(f"shape {tuple(t.shape)}")
@@ -779,6 +817,7 @@ class GenericRunner(Runner):
         plan = {} if cuts.get("_nocache") or not self.blocks else self.plan(prep, cuts)
         model = self.subject.model
         counts = {name: 0 for name in plan}
+        given: dict[int, torch.Tensor] = {}  # what stand-ins returned (kept alive so ids stay theirs)
         miss: list[str] = []
         swapped = []
 
@@ -790,8 +829,9 @@ class GenericRunner(Runner):
                     if k >= len(recorded):
                         miss.append(f"{name} ran more often than in the intact pass")
                     else:
-                        out = _replay(recorded[k], args, kwargs, n_rep, self.tolerance)
+                        out = _replay(recorded[k], args, kwargs, n_rep, self.tolerance, given)
                         if not isinstance(out, str):
+                            _map(out, lambda t: given.setdefault(id(t), t))
                             return out
                         if out != _UNTILEABLE:
                             miss.append(f"{name}, call {k}: {out}")
