@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from neuroprobe.electrodes import Electrodes, capture_calls
+from neuroprobe.electrodes import Electrodes, capture_calls, stand_ins
 from neuroprobe.errors import NeuroprobeError
 from neuroprobe.subjects.base import Site, Subject, _compile_glob
 
@@ -428,81 +428,6 @@ class OrganismRunner(Runner):
         return scores
 
 
-class HFEncoderRunner(Runner):
-    """BERT-family encoders layer by layer (arguments captured from the intact pass); the ``prototype`` readout."""
-
-    name = "hf-encoder"
-    readouts = ("prototype",)
-    #: a layer's last sub-block, ``f(mlp hidden, attention output) -> layer output``: a site inside it
-    #: resumes there (positions: ``2 i`` = layer ``i``, ``2 i + 1`` = its output sub-block)
-    tail = "output"
-
-    def cut_of(self, site: Site) -> tuple[str, int] | None:
-        where = stage_of(self.blocks, site)
-        if where is None:
-            return None
-        chain, i = where
-        tail = f"{self.blocks[chain][i]}.{self.tail}"
-        inside = site.module == tail or site.module.startswith(tail + ".")
-        return chain, 2 * i + int(inside)
-
-    def prepare(self, rows: pd.DataFrame) -> Prepared:
-        from neuroprobe.subjects.hf import _forward_args, _prototypes
-
-        subj = self.subject
-        concepts, protos = getattr(subj, "_prototypes", None) or _prototypes(subj, self.battery)
-        enc = subj.tokenizer(rows["text"].tolist(), padding=True, truncation=True, return_tensors="pt").to(subj.device)
-        inputs = {k: v for k, v in enc.items() if k in _forward_args(subj.model)}
-        layers = self.blocks["text"]
-        tails = [f"{name}.{self.tail}" for name in layers]
-        prep = Prepared(rows=len(rows))
-        with torch.inference_mode():
-            calls = capture_calls(subj.model, layers + tails, lambda: prep.outputs.__setitem__(
-                "text", subj.model(**inputs).last_hidden_state))
-        for name in layers + tails:
-            if len(calls[name]) != 1:
-                raise NeuroprobeError(f"block {name} ran {len(calls[name])} times in one pass; it cannot be resumed.")
-        prep.states["text"] = [calls[name][0] for pair in zip(layers, tails) for name in pair]
-        prep.extra = dict(inputs=inputs, mask=enc["attention_mask"], protos=protos,
-                          target=torch.tensor([concepts.index(c) for c in rows["concept"]], device=protos.device))
-        return prep
-
-    def run(self, prep: Prepared, cuts: Mapping[str, int | None], n_rep: int) -> np.ndarray:
-        from neuroprobe.subjects.hf import PROTOTYPE_TEMPERATURE
-
-        model = self.subject.model
-        rows = prep.rows
-        cut = cuts.get("text")
-        if cut is None:
-            hidden = prep.outputs["text"]
-        elif cut == 0 and not cuts.get("_resume", True):
-            hidden = model(**_rep(prep.extra["inputs"], n_rep, rows)).last_hidden_state
-        else:
-            layers = self.blocks["text"]
-            start = cut // 2
-            if cut % 2:  # resume at the layer's output sub-block with its captured (MLP hidden, attention output)
-                args, kwargs = prep.states["text"][cut]
-                out = model.get_submodule(f"{layers[start]}.{self.tail}")(*_rep(args, n_rep, rows), **_rep(kwargs, n_rep, rows))
-                hidden = out[0] if isinstance(out, (tuple, list)) else out
-                start += 1
-            else:
-                hidden = _rep(prep.states["text"][cut][0][0], n_rep, rows)
-            for j in range(start, len(layers)):
-                args, kwargs = prep.states["text"][2 * j]
-                out = model.get_submodule(layers[j])(hidden, *_rep(args[1:], n_rep, rows), **_rep(kwargs, n_rep, rows))
-                hidden = out[0] if isinstance(out, (tuple, list)) else out
-        hidden = hidden.float()
-        m = _rep(prep.extra["mask"], hidden.shape[0] // rows, rows).unsqueeze(-1).float()
-        emb = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1).clamp_min(1.0), dim=-1)
-        emb = emb.view(-1, rows, emb.shape[-1])
-        protos, target = prep.extra["protos"], prep.extra["target"]
-        scores = np.zeros((n_rep, rows))
-        for r in range(n_rep):
-            logp = (emb[min(r, emb.shape[0] - 1)] @ protos.T / PROTOTYPE_TEMPERATURE).log_softmax(-1)
-            scores[r] = logp[torch.arange(rows), target].cpu().numpy()
-        return scores
-
-
 # ------------------------------------------------------------------ the generic runner
 
 
@@ -668,7 +593,7 @@ def _replay(call: _Call, args: tuple, kwargs: Mapping[str, Any], n_rep: int, tol
 
 
 def _recorder(store: dict[str, list[_Call]], seen: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> Callable[..., Any]:
-    """A forward hook ``(name, module, args, kwargs, output)`` keeping copies of each call's tensors in ``store``."""
+    """A hook ``(name, args, kwargs, output)`` keeping copies of each call's tensors in ``store``."""
 
     def keep(t: torch.Tensor) -> torch.Tensor:
         got = seen.get(id(t))
@@ -676,7 +601,7 @@ def _recorder(store: dict[str, list[_Call]], seen: dict[int, tuple[torch.Tensor,
             got = seen[id(t)] = (t, t.detach().clone())
         return got[1]
 
-    def hook(name: str, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def hook(name: str, args: tuple, kwargs: dict, output: Any) -> None:
         inputs = [keep(t) for t in _tensors(args, kwargs)]
         try:
             out, ok = _map(output, keep), True
@@ -751,32 +676,30 @@ class GenericRunner(Runner):
         record_block, record_child = _recorder(blocks, seen), _recorder(children, seen)
         biggest = [0]
 
-        def measure(mod: torch.nn.Module, args: tuple, output: Any) -> None:
+        def measure(output: Any) -> None:
             t = _first_tensor(output)
             if t is not None:
                 biggest[0] = max(biggest[0], t.numel() * t.element_size())
 
-        handles = []
-        try:
-            for name in (n for names in self.blocks.values() for n in names):
-                module = model.get_submodule(name)
-                handles.append(module.register_forward_pre_hook(lambda m, a, _n=name: seqs.setdefault(_n, []).append([])))
-                handles.append(module.register_forward_hook(
-                    lambda m, a, k, o, _n=name: record_block(_n, m, a, k, o), with_kwargs=True))
-                for child, sub in module.named_children():
-                    def on_child(m, a, k, o, _n=name, _c=child):
-                        if seqs.get(_n):
-                            seqs[_n][-1].append(_c)
-                        record_child(f"{_n}.{_c}", m, a, k, o)
+        names = [n for chain in self.blocks.values() for n in chain]
+        parent = {f"{n}.{c}": (n, c) for n in names for c, _ in model.get_submodule(n).named_children()}
 
-                    handles.append(sub.register_forward_hook(on_child, with_kwargs=True))
-            for _, module in model.named_modules():
-                handles.append(module.register_forward_hook(measure))
+        def on_call(name: str, args: tuple, kwargs: dict, output: Any) -> None:
+            if name in parent:  # a block's sub-block
+                block, child = parent[name]
+                if seqs.get(block):
+                    seqs[block][-1].append(child)
+                record_child(name, args, kwargs, output)
+            else:
+                record_block(name, args, kwargs, output)
+
+        def readout() -> np.ndarray:
             with torch.inference_mode():
-                scores = np.asarray(self.fn(self.subject, rows, self.battery), dtype=np.float64)
-        finally:
-            for h in handles:
-                h.remove()
+                return capture_calls(model, [n for n, _ in model.named_modules()], lambda: np.asarray(
+                    self.fn(self.subject, rows, self.battery), dtype=np.float64), lambda n, a, k, o: measure(o))
+
+        scores = capture_calls(model, names + list(parent), readout, on_call,
+                               on_start=lambda n: None if n in parent else seqs.setdefault(n, []).append([]))
         seen.clear()
         for name, calls in seqs.items():  # a block's sub-blocks in call order, if every call of it agrees
             order = calls[0] if calls and all(c == calls[0] for c in calls) else None
@@ -815,42 +738,33 @@ class GenericRunner(Runner):
         rows = prep.extra["rows"]
         tiled = tile(rows, n_rep)
         plan = {} if cuts.get("_nocache") or not self.blocks else self.plan(prep, cuts)
-        model = self.subject.model
         counts = {name: 0 for name in plan}
         given: dict[int, torch.Tensor] = {}  # what stand-ins returned (kept alive so ids stay theirs)
         miss: list[str] = []
-        swapped = []
 
-        def stand_in(name: str, original: Callable[..., Any], recorded: list[_Call]) -> Callable[..., Any]:
-            def forward(*args: Any, **kwargs: Any) -> Any:
-                k = counts[name]
-                counts[name] = k + 1
-                if not miss:
-                    if k >= len(recorded):
-                        miss.append(f"{name} ran more often than in the intact pass")
-                    else:
-                        out = _replay(recorded[k], args, kwargs, n_rep, self.tolerance, given)
-                        if not isinstance(out, str):
-                            _map(out, lambda t: given.setdefault(id(t), t))
-                            return out
-                        if out != _UNTILEABLE:
-                            miss.append(f"{name}, call {k}: {out}")
-                return original(*args, **kwargs)
+        def stand_in(name: str, recorded: list[_Call]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+            def make(original: Callable[..., Any]) -> Callable[..., Any]:
+                def forward(*args: Any, **kwargs: Any) -> Any:
+                    k = counts[name]
+                    counts[name] = k + 1
+                    if not miss:
+                        if k >= len(recorded):
+                            miss.append(f"{name} ran more often than in the intact pass")
+                        else:
+                            out = _replay(recorded[k], args, kwargs, n_rep, self.tolerance, given)
+                            if not isinstance(out, str):
+                                _map(out, lambda t: given.setdefault(id(t), t))
+                                return out
+                            if out != _UNTILEABLE:
+                                miss.append(f"{name}, call {k}: {out}")
+                    return original(*args, **kwargs)
 
-            return forward
+                return forward
 
-        try:
-            for name, recorded in plan.items():
-                module = model.get_submodule(name)
-                swapped.append((module, module.__dict__.get("forward")))
-                module.forward = stand_in(name, module.forward, recorded)
+            return make
+
+        with stand_ins(self.subject.model, {name: stand_in(name, recorded) for name, recorded in plan.items()}):
             scores = np.asarray(self.fn(self.subject, tiled, self.battery), dtype=np.float64)
-        finally:
-            for module, old in swapped:
-                if old is None:
-                    del module.forward
-                else:
-                    module.forward = old
         if not miss:
             miss += [f"{n} ran {counts[n]} times, not {len(plan[n])}" for n in plan if counts[n] != len(plan[n])]
         if miss:
@@ -873,35 +787,39 @@ def _reads(block_inputs: Mapping[str, Sequence[str]], chains: Sequence[str]) -> 
     return out
 
 
-RUNNERS: dict[str, type[Runner]] = {"generic": GenericRunner, "organism": OrganismRunner, "hf-encoder": HFEncoderRunner}
+RUNNERS: dict[str, type[Runner]] = {"generic": GenericRunner, "organism": OrganismRunner}
 
 
 def make_runner(subject: Subject, battery: "Battery", readout: str) -> tuple[Runner | None, str]:
     """The runner for ``subject`` and ``readout``, or ``None`` and the reason lesions run one at a time.
 
-    A readout marked :func:`~neuroprobe.subjects.base.replica_safe` gets the :class:`GenericRunner`,
-    prefix-cached when the subject declares a block order (without one, e.g. an ``hf:`` model of a
-    structure neuroprobe does not know, it is batched but every block runs); the organism's zero-shot
-    readouts keep their hand-written runner until they are replica-safe; any other readout runs one
-    lesion at a time.
+    The organism's zero-shot readouts keep their hand-written :class:`OrganismRunner` (the generic
+    runner equals it but re-encodes every tiled stimulus row by row: 17 times its cost for 100
+    last-layer lesions, ``bench/lesion.py``); any other readout marked
+    :func:`~neuroprobe.subjects.base.replica_safe` gets the :class:`GenericRunner`, prefix-cached
+    when the subject declares a block order (without one, e.g. an ``hf:`` model of a structure
+    neuroprobe does not know, it is batched but every block runs); other readouts run one lesion at
+    a time.
     """
     from neuroprobe.lesions.replicas import is_replica_safe
     from neuroprobe.subjects.organism.subject import OrganismSubject
 
+    if readout not in subject.readouts:
+        return None, f"subject {subject.name!r} has no readout {readout!r}"
+    if type(subject) is OrganismSubject and subject.block_order and readout in OrganismRunner.readouts:
+        return OrganismRunner(subject, battery, readout), "organism runner"
     if is_replica_safe(subject, readout):
         if subject.block_order:
             return GenericRunner(subject, battery, readout), "generic runner"
         why = (f"generic runner without prefix cache: subject {subject.name!r} declares no block order, so "
                f"nothing upstream of a lesion is known to be unchanged and every block runs")
         return GenericRunner(subject, battery, readout, prefix_cache=False), why
-    if isinstance(subject, OrganismSubject) and subject.block_order and readout in OrganismRunner.readouts:
-        return OrganismRunner(subject, battery, readout), "organism runner"
     if not subject.block_order and subject.name.startswith("hf:"):
-        return None, (f"readout {readout!r} of {subject.name!r} is not marked replica-safe and the model's structure is "
-                      f"unknown to neuroprobe (no block order), so its lesions cannot share a forward pass")
+        return None, (f"readout {readout!r} of {subject.name!r} is not marked replica-safe and neuroprobe does not "
+                      f"know the model's structure (no block order), so its lesions cannot share a forward pass")
     return None, (f"readout {readout!r} of subject {subject.name!r} is not marked replica-safe (its forward passes "
-                  f"are not known to hold every lesion's copy of the stimuli alike), so its lesions cannot share a "
-                  f"forward pass")
+                  f"are not known to hold every lesion's copy of the stimuli alike), so its lesions cannot share "
+                  f"a forward pass")
 
 
 class BatchedEvaluator:
@@ -960,7 +878,7 @@ class BatchedEvaluator:
             chain, i = where
             cut[chain] = i if cut[chain] is None else min(cut[chain], i)
         if not self.prefix_cache:
-            return tuple((c, start) for c in blocks) + (("_nocache", True), ("_resume", False))
+            return tuple((c, start) for c in blocks) + (("_nocache", True),)
         return tuple(cut.items())
 
     def scores(self, lesions: Sequence[Mapping[str, np.ndarray]], mode: str, *, factor: float | None = None,
