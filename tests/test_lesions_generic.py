@@ -101,6 +101,21 @@ def test_minilm_batched_cached_equals_one_at_a_time_in_every_mode(minilm_study):
     assert study._engine.runner.misses == []  # every group used the cache
 
 
+def test_replica_scores_resample_draws_each_lesions_own_single_run(minilm_study):
+    from neuroprobe.lesions import replicas
+
+    study = minilm_study
+    rows = study.test.head(5)
+    ref = {s: r.astype(np.float64) for s, r in study.screen.items()}
+    lesions = [{"encoder.layer.0.mlp": np.array([1, 5, 9])}, {"encoder.layer.5.mlp": np.array([3])},
+               {"encoder.layer.0.mlp": np.array([7]), "encoder.layer.5.mlp": np.array([3, 8])}]
+    many = replicas.replica_scores(study.subject, study.battery, rows, lesions, "resample", reference=ref, seed=3)
+    single = replicas.single_scores(study.subject, study.battery, rows, lesions, "resample", reference=ref, seed=3)
+    np.testing.assert_allclose(many, single, rtol=0, atol=1e-5)
+    other = replicas.single_scores(study.subject, study.battery, rows, lesions, "resample", reference=ref, seed=4)
+    assert np.abs(single - other).max() > 1e-6  # the draws matter: another seed gives other numbers
+
+
 def test_prefix_cache_skips_the_blocks_before_the_cut(minilm_study):
     study = minilm_study
     model = study.subject.model

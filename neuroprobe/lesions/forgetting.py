@@ -117,9 +117,11 @@ class LesionStudy:
         Stimuli per forward pass.
     batched
         Evaluate many lesions per pass (replicas along the batch, resumed at the
-        first lesioned block; see :mod:`neuroprobe.lesions.staged`) when the subject
-        and readout have a runner; otherwise, and for ``resample`` lesions, one at a
-        time.  :attr:`engine` says which.
+        first lesioned block; see :mod:`neuroprobe.lesions.staged`) when the readout
+        is replica-safe (or the organism's); otherwise, and for modes the runner does
+        not take in replicas, one at a time.  :attr:`engine` says which: the runner,
+        whether it is prefix-cached (not for a subject without a block order, such
+        as an ``hf:`` model of unknown structure) and the modes it batches.
     prefix_cache
         With ``batched``: reuse the intact pass upstream of the first lesioned block
         (``False`` replicates the raw inputs; for benchmarks).

@@ -9,32 +9,41 @@ on the same evaluation stimuli.  Two facts make that cheap:
   through the one electrode edit (:func:`replica_edits`, an ordinary edit
   function given to :class:`~neuroprobe.electrodes.Electrodes`).
 * **Prefix caching.**  Nothing upstream of the earliest lesioned block changes, so
-  the intact pass is run once per evaluation batch, the input of every block is
-  kept, and each group of lesions resumes at its first lesioned block.  A tower
-  that no lesion of the group reaches is not rerun at all: its intact output (for
-  example the organism's text prompts when only image units are lesioned) is
-  reused for every replica.
+  the intact pass is run once per evaluation batch and recorded, and each group of
+  lesions resumes at its first lesioned block.  A tower that no lesion of the group
+  reaches (and that reads no tower one reaches) is not rerun at all: its intact
+  output is reused for every replica.
 
-Subjects declare their blocks as data (:attr:`Subject.block_order`); a runner
-here knows how to call one family's blocks and score its readout from the last
-block's output:
+Subjects declare their blocks as data (:attr:`Subject.block_order`, and the chains
+a chain reads, :attr:`Subject.block_inputs`); a runner turns them into scores:
 
-=================  ==============================  =============================
-runner             subjects                        readouts
-=================  ==============================  =============================
-``organism``       ``organism``                    ``zero_shot``, ``zero_shot_correct``
-``hf-encoder``     ``minilm``, ``bert``, ``roberta``  ``prototype``
-=================  ==============================  =============================
+==============  ==============================================  ===============================
+runner          subjects                                        readouts
+==============  ==============================================  ===============================
+``generic``     every subject                                   any marked
+                                                                :func:`~neuroprobe.subjects.base.replica_safe`
+``organism``    ``organism``                                    ``zero_shot``, ``zero_shot_correct``
+==============  ==============================================  ===============================
 
-Every other subject or readout, and the ``resample`` mode (whose draws depend on
-the batch composition), is evaluated one lesion at a time through
+:class:`GenericRunner` calls the subject's own readout once on the stimuli tiled
+per lesion (:mod:`~neuroprobe.lesions.replicas`) and stands in for the blocks
+upstream of the cut with their recorded intact outputs; it needs nothing per family
+and evaluates every mode, ``resample`` included (each replica draws from its own
+generator exactly what its single run draws).  Without a declared block order (an
+``hf:`` model of a structure neuroprobe does not know) it is batched but not cached.
+:class:`OrganismRunner` is the organism's hand-written runner, kept because it is
+17 times cheaper than the generic runner on the organism (whose readout encodes
+every tiled row again; measured in ``bench/lesion.py``); it evaluates ``zero``,
+``mean`` and ``scale`` in replicas and ``resample`` one lesion at a time.  Any
+other readout is evaluated one lesion at a time through
 :func:`~neuroprobe.lesions.lesion.lesion`; :func:`make_runner` says why.
 
 Equality: replica edits set exactly the values the single-lesion edit sets, and
-scoring runs per replica with the single path's shapes, so results equal
-one-at-a-time evaluation up to the backend's rounding of matrix products whose
-batch size differs (measured in ``bench/lesion.py``; tested to a relative
-tolerance of 1e-5 of the readout's scale).
+the readout scores each copy with the single path's shapes (a replica-safe readout
+pads a tiled batch as it pads the batch), so results equal one-at-a-time
+evaluation up to the backend's rounding of matrix products whose batch size
+differs (bitwise in ``bench/lesion.py``; tested to 1e-5 of the readout's scale in
+``tests/test_lesions_generic.py``).
 """
 from __future__ import annotations
 
