@@ -165,6 +165,14 @@ def test_memory_budget_chunks_the_replicas_with_the_same_numbers(minilm_study):
     finally:
         study._engine.memory = budget
     close(whole, chunked)
+    # a budget the recorded intact pass does not fit: it is not kept, each batch's is recorded again when needed
+    from neuroprobe.lesions.staged import BatchedEvaluator
+
+    tight = BatchedEvaluator(study._engine.runner, study.test, batch_size=5, memory_mb=1e-3)
+    np.testing.assert_array_equal(tight.intact(), study.baseline)
+    assert tight._prepared is None
+    scores = tight.scores(lesions, "mean", reference=study.screen, sites={s.name: s for s in study.subject.sites("all")})
+    np.testing.assert_allclose(scores, study.scores_many(lesions, "mean"), rtol=0, atol=1e-5)
 
 
 # ------------------------------------------------------------------ the organism: two chains

@@ -48,7 +48,7 @@ differs (bitwise in ``bench/lesion.py``; tested to 1e-5 of the readout's scale i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -262,6 +262,7 @@ class Prepared:
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)  # chain -> intact output of the chain
     extra: dict[str, Any] = field(default_factory=dict)
     per_replica: int = 0  # bytes of the largest activation of one replica (0: the largest block input)
+    held: int = 0  # bytes of the recorded intact pass it holds
 
     def nbytes(self) -> int:
         """Largest block input of one replica (bytes)."""
@@ -709,13 +710,14 @@ class GenericRunner(Runner):
 
         scores = capture_calls(model, names + list(parent), readout, on_call,
                                on_start=lambda n: None if n in parent else seqs.setdefault(n, []).append([]))
+        held = sum(t.numel() * t.element_size() for _, t in seen.values())
         seen.clear()
         for name, calls in seqs.items():  # a block's sub-blocks in call order, if every call of it agrees
             order = calls[0] if calls and all(c == calls[0] for c in calls) else None
             if name in self.child_order and self.child_order[name] != order:
                 order = None
             self.child_order[name] = order
-        return Prepared(rows=len(rows), per_replica=biggest[0],
+        return Prepared(rows=len(rows), per_replica=biggest[0], held=held,
                         extra=dict(rows=rows, scores=scores.reshape(len(rows)), blocks=blocks, children=children))
 
     def intact(self, prep: Prepared) -> np.ndarray:
@@ -844,7 +846,10 @@ class BatchedEvaluator:
         Evaluation stimuli per pass (each pass holds ``batch_size`` × replicas rows).
     memory_mb
         Budget for one pass's activations: replicas per pass are
-        ``memory_mb / (4 × largest activation of one replica)`` (at least 1).
+        ``memory_mb / (4 × largest activation of one replica)`` (at least 1).  The
+        recorded intact pass is kept between calls when it fits this budget too;
+        otherwise each batch's is recorded again when it is needed (one intact
+        evaluation more per :meth:`scores`).
     prefix_cache
         Resume each lesion at its first lesioned block and reuse the towers it does
         not reach (``False``: replicate the raw inputs and run every block; for
@@ -862,18 +867,39 @@ class BatchedEvaluator:
         self.prefix_cache = prefix_cache
         self.seed = int(seed)
         self._prepared: list[Prepared] | None = None
+        self._intact: np.ndarray | None = None
+        self._per_rep = 1
+
+    def batches(self) -> list[pd.DataFrame]:
+        """The evaluation batches (rows of :attr:`stimuli`)."""
+        return [self.stimuli.iloc[a : a + self.batch_size] for a in range(0, len(self.stimuli), self.batch_size)]
 
     def prepared(self) -> list[Prepared]:
-        """The intact pass of every evaluation batch (computed once)."""
-        if self._prepared is None:
-            self._prepared = [self.runner.prepare(self.stimuli.iloc[a : a + self.batch_size])
-                              for a in range(0, len(self.stimuli), self.batch_size)]
-        return self._prepared
+        """The intact pass of every evaluation batch, computed once and kept when it fits the memory budget."""
+        if self._prepared is not None:
+            return self._prepared
+        preps = [self.runner.prepare(rows) for rows in self.batches()]
+        self._intact = np.concatenate([self.runner.intact(p) for p in preps]) if preps else np.zeros(0)
+        self._per_rep = max((p.nbytes() for p in preps), default=1)
+        if sum(p.held for p in preps) <= self.memory:
+            self._prepared = preps
+        return preps
+
+    def _each_prepared(self) -> Iterator[Prepared]:
+        """The prepared batches one by one: the kept ones, or each recomputed when they do not fit the budget."""
+        if self._prepared is not None:
+            yield from self._prepared
+        else:
+            for rows in self.batches():
+                yield self.runner.prepare(rows)
 
     def intact(self) -> np.ndarray:
         """Readout scores of the unlesioned subject through the same runner (the baseline of :meth:`scores`)."""
         with torch.inference_mode():
-            return np.concatenate([self.runner.intact(p) for p in self.prepared()])
+            if self._intact is None:
+                self.prepared()
+            assert self._intact is not None
+            return self._intact
 
     def cuts(self, units: Mapping[str, np.ndarray], sites: Mapping[str, Site]) -> tuple[tuple[str, Any], ...]:
         """Where a lesion's replicas start in each chain (the key that groups lesions)."""
@@ -894,33 +920,34 @@ class BatchedEvaluator:
                reference: Mapping[str, np.ndarray] | None = None, sites: Mapping[str, Site],
                progress: Callable[[int], None] | None = None) -> np.ndarray:
         """Readout scores ``[len(lesions), n_stimuli]`` under each lesion."""
-        preps = self.prepared()
         n = len(self.stimuli)
         out = np.full((len(lesions), n), np.nan)
         groups: dict[tuple, list[int]] = {}
+        self.intact()  # the intact pass, run (and kept, if it fits) once
+        per_rep = max(self._per_rep, 1) * 4
         for i, les in enumerate(lesions):
             groups.setdefault(self.cuts(les, sites), []).append(i)
-        per_rep = max(max(p.nbytes() for p in preps), 1) * 4
         chunk = max(1, int(self.memory // per_rep))
         model = self.runner.subject.model
+        # every chunk of replicas keeps its edits (and resample generators) across the evaluation batches
+        plans = []
         for cut, members in groups.items():
-            cuts = dict(cut)
             for a in range(0, len(members), chunk):
                 idx = members[a : a + chunk]
-                chosen = [lesions[i] for i in idx]
-                edits = replica_edits(chosen, mode, factor=factor, reference=reference, seed=self.seed)
-                site_objs = [sites[s] for s in edits]
-                offset = 0
-                with torch.inference_mode(), Electrodes(model, site_objs, read=False, edits=edits):
-                    for prep in preps:
-                        states = edits.rng_states()
-                        try:
-                            part = self.runner.run(prep, cuts, len(idx))
-                        except CacheMiss:  # the cache does not fit this pass: the same replicas without it
-                            edits.set_rng_states(states)
-                            part = self.runner.run(prep, dict(cuts, _nocache=True), len(idx))
-                        out[idx, offset : offset + prep.rows] = part
-                        offset += prep.rows
-                if progress is not None:
+                plans.append((dict(cut), idx, replica_edits([lesions[i] for i in idx], mode, factor=factor,
+                                                            reference=reference, seed=self.seed)))
+        offset, last = 0, len(self.batches()) - 1
+        for b, prep in enumerate(self._each_prepared()):
+            for cuts, idx, edits in plans:
+                with torch.inference_mode(), Electrodes(model, [sites[s] for s in edits], read=False, edits=edits):
+                    states = edits.rng_states()
+                    try:
+                        part = self.runner.run(prep, cuts, len(idx))
+                    except CacheMiss:  # the cache does not fit this pass: the same replicas without it
+                        edits.set_rng_states(states)
+                        part = self.runner.run(prep, dict(cuts, _nocache=True), len(idx))
+                    out[idx, offset : offset + prep.rows] = part
+                if progress is not None and b == last:
                     progress(len(idx))
+            offset += prep.rows
         return out
