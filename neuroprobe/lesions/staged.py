@@ -32,8 +32,8 @@ and evaluates every mode, ``resample`` included (each replica draws from its own
 generator exactly what its single run draws).  Without a declared block order (an
 ``hf:`` model of a structure neuroprobe does not know) it is batched but not cached.
 :class:`OrganismRunner` is the organism's hand-written runner, kept because it is
-17 times cheaper than the generic runner on the organism (whose readout encodes
-every tiled row again; measured in ``bench/lesion.py``); it evaluates ``zero``,
+14 times cheaper than the generic runner on the organism (whose readout encodes
+every tiled row again; ``bench/RESULTS.md``); it evaluates ``zero``,
 ``mean`` and ``scale`` in replicas and ``resample`` one lesion at a time.  Any
 other readout is evaluated one lesion at a time through
 :func:`~neuroprobe.lesions.lesion.lesion`; :func:`make_runner` says why.
@@ -42,7 +42,7 @@ Equality: replica edits set exactly the values the single-lesion edit sets, and
 the readout scores each copy with the single path's shapes (a replica-safe readout
 pads a tiled batch as it pads the batch), so results equal one-at-a-time
 evaluation up to the backend's rounding of matrix products whose batch size
-differs (bitwise in ``bench/lesion.py``; tested to 1e-5 of the readout's scale in
+differs (bitwise in ``bench/RESULTS.md``; tested to 1e-5 of the readout's scale in
 ``tests/test_lesions_generic.py``).
 """
 from __future__ import annotations
@@ -805,8 +805,8 @@ def make_runner(subject: Subject, battery: "Battery", readout: str) -> tuple[Run
     """The runner for ``subject`` and ``readout``, or ``None`` and the reason lesions run one at a time.
 
     The organism's zero-shot readouts keep their hand-written :class:`OrganismRunner` (the generic
-    runner equals it but re-encodes every tiled stimulus row by row: 17 times its cost for 100
-    last-layer lesions, ``bench/lesion.py``); any other readout marked
+    runner equals it but re-encodes every tiled stimulus row by row: 14 times its cost for 100
+    last-layer lesions, ``bench/RESULTS.md``); any other readout marked
     :func:`~neuroprobe.subjects.base.replica_safe` gets the :class:`GenericRunner`, prefix-cached
     when the subject declares a block order (without one, e.g. an ``hf:`` model of a structure
     neuroprobe does not know, it is batched but every block runs); other readouts run one lesion at
