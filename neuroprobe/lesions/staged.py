@@ -492,7 +492,13 @@ def _map(x: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(x, list):
         return [_map(v, fn) for v in x]
     if isinstance(x, dict):
-        return type(x)(**{k: _map(v, fn) for k, v in x.items()}) if type(x) is not dict else {k: _map(v, fn) for k, v in x.items()}
+        items = {k: _map(v, fn) for k, v in x.items()}
+        if type(x) is dict:
+            return items
+        try:
+            return type(x)(**items)  # e.g. a transformers ModelOutput
+        except Exception:  # noqa: BLE001 - a mapping type that cannot be rebuilt so: the block runs
+            raise _Untileable(type(x).__name__) from None
     raise _Untileable(type(x).__name__)  # e.g. a key/value cache object: the block runs
 
 
@@ -544,6 +550,28 @@ class _Tiled(torch.Tensor):
             recorded, axis, n = self._parts
             self._made = recorded.repeat(*[n if d == axis else 1 for d in range(recorded.dim())])
         return self._made
+
+    # what reads memory directly instead of through an operation gets the copy
+    def numpy(self, *args: Any, **kwargs: Any) -> np.ndarray:  # type: ignore[override]
+        return self.made().numpy(*args, **kwargs)
+
+    def __array__(self, *args: Any, **kwargs: Any) -> np.ndarray:  # type: ignore[override]
+        return self.made().__array__(*args, **kwargs)
+
+    def tolist(self) -> Any:  # type: ignore[override]
+        return self.made().tolist()
+
+    def contiguous(self, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+        return self.made().contiguous(*args, **kwargs)
+
+    def data_ptr(self) -> int:  # type: ignore[override]
+        return self.made().data_ptr()
+
+    def untyped_storage(self) -> Any:  # type: ignore[override]
+        return self.made().untyped_storage()
+
+    def __repr__(self, *args: Any, **kwargs: Any) -> str:  # type: ignore[override]
+        return repr(self.made())
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
