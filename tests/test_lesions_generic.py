@@ -118,6 +118,7 @@ def test_replica_scores_resample_draws_each_lesions_own_single_run(minilm_study)
 
 def test_prefix_cache_skips_the_blocks_before_the_cut(minilm_study):
     study = minilm_study
+    assert isinstance(study._engine.runner, GenericRunner)  # the generic runner's stand-ins, not a hand-written resume
     model = study.subject.model
     blocks = resolve_blocks(study.subject)["text"]
     rng = np.random.default_rng(2)
