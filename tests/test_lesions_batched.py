@@ -155,7 +155,7 @@ def test_memory_budget_chunks_and_resample_falls_back(org_study):
         close(whole, study.evaluate_many(lesions, "zero"), 1.0)
     finally:
         study._engine.memory = budget
-    # resample draws depend on the batch: evaluated one at a time, equal to evaluate()
+    # resample: each replica draws what its single run draws, so the batched numbers equal evaluate()
     res = study.evaluate_many(lesions[:2], "resample")
     close([study.evaluate(u, "resample") for u in lesions[:2]], res, 1.0)
 

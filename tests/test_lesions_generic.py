@@ -233,6 +233,17 @@ def test_organism_two_chains_batched_cached_equals_one_at_a_time(organism_study)
     assert embed  # the joint embedding ran on the lesioned texts
 
 
+def test_organism_runner_takes_resample_in_replicas_too(organism_study):
+    subject, battery = organism_study.subject, organism_study.battery
+    study = LesionStudy(subject, battery, None, sites="image.fc,text.layers.0.mlp.act,joint.embed", quiet=True,
+                        batch_size=8)
+    assert study.engine.startswith("batched (organism runner") and "resample" in study.engine
+    lesions = lesions_at(study, np.random.default_rng(8))
+    single = [study.evaluate(u, "resample") for u in lesions]
+    close(single, study.evaluate_many(lesions, "resample"))
+    assert moved(single) > 1e-3
+
+
 def test_undeclared_chain_input_is_caught_and_the_group_runs_without_cache(organism_study):
     study = organism_study
     runner = study._engine.runner

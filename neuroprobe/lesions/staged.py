@@ -33,9 +33,9 @@ generator exactly what its single run draws).  Without a declared block order (a
 ``hf:`` model of a structure neuroprobe does not know) it is batched but not cached.
 :class:`OrganismRunner` is the organism's hand-written runner, kept because it is
 14 times cheaper than the generic runner on the organism (whose readout encodes
-every tiled row again; ``bench/RESULTS.md``); it evaluates ``zero``,
-``mean`` and ``scale`` in replicas and ``resample`` one lesion at a time.  Any
-other readout is evaluated one lesion at a time through
+every tiled row again; ``bench/RESULTS.md``); it runs the passes of the
+organism's readout in the same order on the same rows, so it evaluates every mode
+too.  Any other readout is evaluated one lesion at a time through
 :func:`~neuroprobe.lesions.lesion.lesion`; :func:`make_runner` says why.
 
 Equality: replica edits set exactly the values the single-lesion edit sets, and
@@ -61,11 +61,11 @@ from neuroprobe.subjects.base import Site, Subject, _compile_glob
 if TYPE_CHECKING:  # pragma: no cover
     from neuroprobe.stimuli.battery import Battery
 
-#: modes every runner evaluates in replicas
-BATCHED_MODES = ("zero", "mean", "scale")
-#: modes :func:`replica_edits` can edit (``resample`` needs a runner whose passes hold each copy's rows in
-#: the single run's order: the generic runner)
-REPLICA_MODES = BATCHED_MODES + ("resample",)
+#: modes :func:`replica_edits` edits (``resample``: each replica draws, from its own generator, what its
+#: single run draws, when the passes hold each copy's rows in the single run's order, as both runners' do)
+REPLICA_MODES = ("zero", "mean", "scale", "resample")
+#: the same (the name before ``resample`` was batched)
+BATCHED_MODES = REPLICA_MODES
 
 
 # ------------------------------------------------------------------ edits
@@ -285,7 +285,7 @@ class Runner:
     name = ""
     readouts: tuple[str, ...] = ()
     #: lesion modes this runner evaluates in replicas (others run one lesion at a time)
-    modes: tuple[str, ...] = BATCHED_MODES
+    modes: tuple[str, ...] = REPLICA_MODES
     #: where a group starts when nothing upstream may be reused
     start: Any = 0
 
@@ -674,7 +674,6 @@ class GenericRunner(Runner):
     """
 
     name = "generic"
-    modes = REPLICA_MODES
     start = (0, 0)
     #: the tolerance of the argument check, relative to the recorded argument's largest magnitude
     tolerance = 1e-5
