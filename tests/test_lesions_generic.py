@@ -296,6 +296,8 @@ def hf_dirs(tmp_path_factory) -> dict[str, str]:
     gpt.pad_token = gpt.eos_token
     out["gpt2"] = _save(root / "gpt2", T.GPT2Model(T.GPT2Config(vocab_size=len(gpt), n_embd=32, n_layer=3, n_head=2,
                                                                n_positions=64)), gpt)
+    out["xlnet"] = _save(root / "xlnet", T.XLNetModel(T.XLNetConfig(vocab_size=len(gpt), d_model=32, n_layer=3, n_head=2,
+                                                                     d_inner=64)), gpt)
     out["llama"] = _save(root / "llama", T.LlamaModel(T.LlamaConfig(
         vocab_size=len(gpt), hidden_size=16, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, max_position_embeddings=64)), gpt)
@@ -311,20 +313,26 @@ def test_hf_dir_bert_prototype_batched_cached_equals_one_at_a_time(hf_dirs):
     assert study._engine.runner.misses == []
 
 
-def test_hf_dir_gpt2_blocks_batched_cached_equals_one_at_a_time(hf_dirs):
-    subject = load_subject(hf_dirs["gpt2"], device="cpu", quiet=True)
-    subject.arch = dataclasses.replace(subject.arch, blocks=("h.*",))  # the block order as data
+@pytest.mark.parametrize("family, blocks, sites, inner", [
+    ("gpt2", "h.*", ("h.0.mlp", "h.2.mlp"), ("attn", "mlp")),
+    # XLNet's blocks are time-major ([T, B, D]): stand-ins tile along the batch axis their first argument has
+    ("xlnet", "layer.*", ("layer.0.mlp#0", "layer.2.mlp#0"), ("rel_attn", "ff")),
+])
+def test_hf_dir_decoder_blocks_batched_cached_equals_one_at_a_time(hf_dirs, family, blocks, sites, inner):
+    subject = load_subject(hf_dirs[family], device="cpu", quiet=True)
+    subject.arch = dataclasses.replace(subject.arch, blocks=(blocks,))  # the block order as data
     subject.readouts = dict(subject.readouts, embedding=_mean_hidden_score)
-    study = LesionStudy(subject, kinship(2), None, sites="h.0.mlp,h.2.mlp", readout="embedding", quiet=True,
-                        batch_size=4)
+    study = LesionStudy(subject, kinship(2), None, sites=",".join(sites), readout="embedding", quiet=True, batch_size=4)
     assert study.engine.startswith("batched (generic runner, prefix-cached")
     scale = float(np.abs(study.baseline).max())
     check_modes(study, lesions_at(study, np.random.default_rng(6), n=8), scale)
     assert study._engine.runner.misses == []
-    with sub_block_calls(subject.model, ["h.0", "h.1", "h.2"]) as calls:
-        study.evaluate_many([{"h.2.mlp": np.array([1, 5])}])
-    assert all(calls[f"h.{i}.{c}"] == 0 for i in (0, 1) for c in ("attn", "mlp"))
-    assert calls["h.2.attn"] == 0 and calls["h.2.mlp"] > 0
+    prefix = blocks[:-1]
+    with sub_block_calls(subject.model, [f"{prefix}{i}" for i in range(3)]) as calls:
+        study.evaluate_many([{sites[1]: np.array([1, 5])}])
+    attn, mlp = inner
+    assert all(calls[f"{prefix}{i}.{c}"] == 0 for i in (0, 1) for c in inner), calls
+    assert calls[f"{prefix}2.{attn}"] == 0 and calls[f"{prefix}2.{mlp}"] > 0
 
 
 def test_hf_model_of_unknown_structure_is_batched_without_prefix_cache(hf_dirs):
