@@ -286,7 +286,7 @@ class Electrodes:
         self.remove()
 
 
-def capture_calls(
+def watch_calls(
     model: torch.nn.Module,
     modules: Sequence[str],
     run: Callable[[], Any],
@@ -310,6 +310,30 @@ def capture_calls(
     finally:
         for h in handles:
             h.remove()
+
+
+def capture_calls(model: torch.nn.Module, modules: Sequence[str], run: Callable[[], Any]) -> dict[str, list[tuple[tuple, dict]]]:
+    """Run ``run()`` and return the arguments each of ``modules`` was called with.
+
+    The block's positional and keyword arguments (hidden state, attention masks in
+    whatever form the library builds them) are kept, in call order, as each call
+    starts.  The hooks exist only while ``run()`` runs.
+    """
+    got: dict[str, list[tuple[tuple, dict]]] = {m: [] for m in modules}
+    handles = []
+    try:
+        for name in modules:
+            module = model.get_submodule(name)
+
+            def pre(mod, args, kwargs, _name=name):
+                got[_name].append((tuple(args), dict(kwargs)))
+
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return got
 
 
 @contextlib.contextmanager

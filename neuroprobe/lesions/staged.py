@@ -54,7 +54,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from neuroprobe.electrodes import Electrodes, capture_calls, stand_ins
+from neuroprobe.electrodes import Electrodes, stand_ins, watch_calls
 from neuroprobe.errors import NeuroprobeError
 from neuroprobe.subjects.base import Site, Subject, _compile_glob
 
@@ -732,10 +732,10 @@ class GenericRunner(Runner):
 
         def readout() -> np.ndarray:
             with torch.inference_mode():
-                return capture_calls(model, [n for n, _ in model.named_modules()], lambda: np.asarray(
+                return watch_calls(model, [n for n, _ in model.named_modules()], lambda: np.asarray(
                     self.fn(self.subject, rows, self.battery), dtype=np.float64), lambda n, a, k, o: measure(o))
 
-        scores = capture_calls(model, names + list(parent), readout, on_call,
+        scores = watch_calls(model, names + list(parent), readout, on_call,
                                on_start=lambda n: None if n in parent else seqs.setdefault(n, []).append([]))
         held = sum(t.numel() * t.element_size() for _, t in seen.values())
         seen.clear()
