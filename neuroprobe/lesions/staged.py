@@ -32,8 +32,8 @@ and evaluates every mode, ``resample`` included (each replica draws from its own
 generator exactly what its single run draws).  Without a declared block order (an
 ``hf:`` model of a structure neuroprobe does not know) it is batched but not cached.
 :class:`OrganismRunner` is the organism's hand-written runner, kept because it is
-14 times cheaper than the generic runner on the organism (whose readout encodes
-every tiled row again; ``bench/RESULTS.md``); it runs the passes of the
+about 4 times cheaper than the generic runner on the organism (whose readout
+encodes every tiled row again; ``bench/RESULTS.md``); it runs the passes of the
 organism's readout in the same order on the same rows, so it evaluates every mode
 too.  Any other readout is evaluated one lesion at a time through
 :func:`~neuroprobe.lesions.lesion.lesion`; :func:`make_runner` says why.
@@ -832,7 +832,7 @@ def make_runner(subject: Subject, battery: "Battery", readout: str) -> tuple[Run
     """The runner for ``subject`` and ``readout``, or ``None`` and the reason lesions run one at a time.
 
     The organism's zero-shot readouts keep their hand-written :class:`OrganismRunner` (the generic
-    runner equals it but re-encodes every tiled stimulus row by row: 14 times its cost for 100
+    runner equals it but encodes every tiled stimulus again: about 4 times its cost for 100
     last-layer lesions, ``bench/RESULTS.md``); any other readout marked
     :func:`~neuroprobe.subjects.base.replica_safe` gets the :class:`GenericRunner`, prefix-cached
     when the subject declares a block order (without one, e.g. an ``hf:`` model of a structure
