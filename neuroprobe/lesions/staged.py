@@ -577,7 +577,9 @@ class _Tiled(torch.Tensor):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
         from torch.utils._pytree import tree_map
 
-        made = lambda x: x.made() if isinstance(x, _Tiled) else x  # noqa: E731
+        def made(x: Any) -> Any:
+            return x.made() if isinstance(x, _Tiled) else x
+
         return func(*tree_map(made, args), **tree_map(made, kwargs or {}))
 
 
