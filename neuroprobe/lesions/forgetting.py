@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from neuroprobe.errors import NeuroprobeError
 from neuroprobe.lesions.lesion import count_units, lesion, resolve_sites, site_responses
 from neuroprobe.lesions.ranking import active_mask, cells_ranking, dprime, rank_units
-from neuroprobe.lesions.staged import BatchedEvaluator, make_runner
+from neuroprobe.lesions.staged import BATCHED_MODES, BatchedEvaluator, make_runner
 from neuroprobe.subjects.base import Subject
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -118,10 +118,10 @@ class LesionStudy:
     batched
         Evaluate many lesions per pass (replicas along the batch, resumed at the
         first lesioned block; see :mod:`neuroprobe.lesions.staged`) when the readout
-        is replica-safe (or the organism's); otherwise, and for modes the runner does
-        not take in replicas, one at a time.  :attr:`engine` says which: the runner,
-        whether it is prefix-cached (not for a subject without a block order, such
-        as an ``hf:`` model of unknown structure) and the modes it batches.
+        is replica-safe (or the organism's), in every mode; otherwise one at a time.
+        :attr:`engine` says which: the runner, and whether it is prefix-cached (not
+        for a subject without a block order, such as an ``hf:`` model of unknown
+        structure).
     prefix_cache
         With ``batched``: reuse the intact pass upstream of the first lesioned block
         (``False`` replicates the raw inputs; for benchmarks).
@@ -193,7 +193,7 @@ class LesionStudy:
                 self._engine = BatchedEvaluator(runner, self.test, batch_size=batch_size, memory_mb=memory_mb,
                                                 prefix_cache=prefix_cache, seed=self.seed)
                 cached = ", prefix-cached" if prefix_cache and runner.blocks else ""
-                self.engine = f"batched ({why}{cached}; {', '.join(runner.modes)} in replicas)"
+                self.engine = f"batched ({why}{cached}; {', '.join(BATCHED_MODES)} in replicas)"
             else:
                 self.engine = f"one lesion at a time ({why})"
                 warnings.warn(f"lesions are evaluated one at a time: {why}.", stacklevel=2)
@@ -365,7 +365,7 @@ class LesionStudy:
                 out[i] = pd.Series(0.0, index=self.concepts)
             else:
                 todo.append(i)
-        if not self._batches(mode):
+        if self._engine is None or mode not in BATCHED_MODES:
             for i in todo:
                 out[i] = self.evaluate(lesions[i], mode, factor=factor)
                 if progress is not None:
@@ -386,7 +386,7 @@ class LesionStudy:
         scores they compare with (``lesioned - baseline`` is what :meth:`evaluate_many`
         averages per concept).  Batched like :meth:`evaluate_many` when :attr:`engine` allows.
         """
-        if not self._batches(mode):
+        if self._engine is None or mode not in BATCHED_MODES:
             ref = self.screen if mode in ("mean", "resample") else None
             out = np.full((len(lesions), len(self.test)), np.nan)
             for i, units in enumerate(lesions):
@@ -401,14 +401,9 @@ class LesionStudy:
             return out
         names = list(dict.fromkeys(s for units in lesions for s in units))
         sites = {s.name: s for s in resolve_sites(self.subject, names)}
-        assert self._engine is not None
         return self._engine.scores(list(lesions), mode, factor=factor if mode == "scale" else None,
                                    reference=self.screen if mode in ("mean", "resample") else None, sites=sites,
                                    progress=progress)
-
-    def _batches(self, mode: str) -> bool:
-        """Whether lesions of ``mode`` are evaluated in replicas (see :attr:`engine`)."""
-        return self._engine is not None and mode in self._engine.runner.modes
 
     def _row(self, concept: str, change: pd.Series, **extra: Any) -> dict[str, Any]:
         others = change.drop(concept)

@@ -64,7 +64,7 @@ if TYPE_CHECKING:  # pragma: no cover
 #: modes :func:`replica_edits` edits (``resample``: each replica draws, from its own generator, what its
 #: single run draws, when the passes hold each copy's rows in the single run's order, as both runners' do)
 REPLICA_MODES = ("zero", "mean", "scale", "resample")
-#: the same (the name before ``resample`` was batched)
+#: the modes a :class:`BatchedEvaluator` evaluates in replicas (every runner takes all of them)
 BATCHED_MODES = REPLICA_MODES
 
 
@@ -284,8 +284,6 @@ class Runner:
 
     name = ""
     readouts: tuple[str, ...] = ()
-    #: lesion modes this runner evaluates in replicas (others run one lesion at a time)
-    modes: tuple[str, ...] = REPLICA_MODES
     #: where a group starts when nothing upstream may be reused
     start: Any = 0
 
