@@ -30,8 +30,9 @@ forward pass stops at the next module on the way to a site.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -285,14 +286,38 @@ class Electrodes:
         self.remove()
 
 
+def watch_calls(
+    model: torch.nn.Module,
+    modules: Sequence[str],
+    run: Callable[[], Any],
+    on_call: Callable[[str, tuple, dict, Any], None],
+    on_start: Callable[[str], None] | None = None,
+) -> Any:
+    """Run ``run()`` calling ``on_call(name, args, kwargs, output)`` after every call of each of ``modules``.
+
+    ``on_start(name)`` is called when each starts.  Used by batched lesions
+    (:mod:`neuroprobe.lesions.staged`) to record the intact pass of every block; the
+    hooks exist only while ``run()`` runs.  Returns what ``run()`` returns.
+    """
+    handles = []
+    try:
+        for name in modules:
+            module = model.get_submodule(name) if name else model
+            if on_start is not None:
+                handles.append(module.register_forward_pre_hook(lambda m, a, _n=name: on_start(_n)))
+            handles.append(module.register_forward_hook(lambda m, a, k, o, _n=name: on_call(_n, a, k, o), with_kwargs=True))
+        return run()
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def capture_calls(model: torch.nn.Module, modules: Sequence[str], run: Callable[[], Any]) -> dict[str, list[tuple[tuple, dict]]]:
     """Run ``run()`` and return the arguments each of ``modules`` was called with.
 
-    Used by batched lesions (:mod:`neuroprobe.lesions.staged`) to resume a forward
-    pass at a block: the block's positional and keyword arguments (hidden state,
-    attention masks in whatever form the library builds them) are kept, in call
-    order, so the block can be called again on cached inputs.  The hooks exist only
-    while ``run()`` runs.
+    The block's positional and keyword arguments (hidden state, attention masks in
+    whatever form the library builds them) are kept, in call order, as each call
+    starts.  The hooks exist only while ``run()`` runs.
     """
     got: dict[str, list[tuple[tuple, dict]]] = {m: [] for m in modules}
     handles = []
@@ -309,6 +334,28 @@ def capture_calls(model: torch.nn.Module, modules: Sequence[str], run: Callable[
         for h in handles:
             h.remove()
     return got
+
+
+@contextlib.contextmanager
+def stand_ins(model: torch.nn.Module, forwards: Mapping[str, Callable[[Callable[..., Any]], Callable[..., Any]]]) -> Iterator[None]:
+    """Inside the block, module ``name`` computes ``forwards[name](original_forward)(*args, **kwargs)``.
+
+    Its hooks still run around the call.  Used by batched lesions to answer blocks upstream
+    of a lesion from a recorded intact pass; the original ``forward`` is back on leaving (also on error).
+    """
+    swapped = []
+    try:
+        for name, make in forwards.items():
+            module = model.get_submodule(name)
+            swapped.append((module, module.__dict__.get("forward")))
+            module.forward = make(module.forward)
+        yield
+    finally:
+        for module, old in swapped:
+            if old is None:
+                del module.forward
+            else:
+                module.forward = old
 
 
 def record_once(model: torch.nn.Module, sites: Sequence[Site], run: Callable[[], Any]) -> dict[str, torch.Tensor]:

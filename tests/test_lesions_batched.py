@@ -126,13 +126,14 @@ def test_organism_batched_equals_one_at_a_time(org_study):
 
 def test_minilm_batched_equals_one_at_a_time(minilm_study):
     study = minilm_study
-    assert study.engine.startswith("batched (hf-encoder runner")
-    # an MLP site resumes at its layer's output sub-block (position 2i+1); an attention site at the layer (2i)
+    assert study.engine.startswith("batched (generic runner, prefix-cached")
+    # an MLP site resumes at its layer's output sub-block (the third the layer calls); an attention site at the layer
     runner = study._engine.runner
     sites = {s.name: s for s in study.subject.sites("all")}
-    assert runner.cut_of(sites["encoder.layer.5.mlp"]) == ("text", 11)
-    assert runner.cut_of(sites["encoder.layer.5.attn"]) == ("text", 10)
-    assert runner.cut_of(sites["encoder.layer.0"]) == ("text", 0)
+    assert runner.child_order["encoder.layer.5"] == ["attention", "intermediate", "output"]
+    assert runner.cut_of(sites["encoder.layer.5.mlp"]) == ("text", (5, 2))
+    assert runner.cut_of(sites["encoder.layer.5.attn"]) == ("text", (5, 0))
+    assert runner.cut_of(sites["encoder.layer.0"]) == ("text", (0, 0))
     rng = np.random.default_rng(2)
     lesions = _lesions(study, "mother", rng)
     for mode in ("zero", "mean"):
@@ -154,7 +155,7 @@ def test_memory_budget_chunks_and_resample_falls_back(org_study):
         close(whole, study.evaluate_many(lesions, "zero"), 1.0)
     finally:
         study._engine.memory = budget
-    # resample draws depend on the batch: evaluated one at a time, equal to evaluate()
+    # resample: each replica draws what its single run draws, so the batched numbers equal evaluate()
     res = study.evaluate_many(lesions[:2], "resample")
     close([study.evaluate(u, "resample") for u in lesions[:2]], res, 1.0)
 
@@ -163,9 +164,9 @@ def test_subject_without_blocks_says_so_and_falls_back(minilm_study, tmp_path):
     from neuroprobe.planted import make_planted
 
     runner, why = make_runner(minilm_study.subject, minilm_study.battery, "masked_lm")
-    assert runner is None and "not readout 'masked_lm'" in why
+    assert runner is None and "no readout 'masked_lm'" in why
     planted = make_planted(tmp_path, seed=0)
-    with pytest.warns(UserWarning, match="one at a time: subject 'planted' declares no block order"):
+    with pytest.warns(UserWarning, match="one at a time: readout 'classify' of subject 'planted' is not marked replica-safe"):
         study = LesionStudy(planted.subject, planted.battery, None, sites="all", quiet=True)
     assert study.engine.startswith("one lesion at a time")
     units = [{study.site_names[0]: np.array([1, 2])}, {study.site_names[0]: np.array([3])}]

@@ -118,9 +118,11 @@ class LesionStudy:
         Stimuli per forward pass.
     batched
         Evaluate many lesions per pass (replicas along the batch, resumed at the
-        first lesioned block; see :mod:`neuroprobe.lesions.staged`) when the subject
-        and readout have a runner; otherwise, and for ``resample`` lesions, one at a
-        time.  :attr:`engine` says which.
+        first lesioned block; see :mod:`neuroprobe.lesions.staged`) when the readout
+        is replica-safe (or the organism's), in every mode; otherwise one at a time.
+        :attr:`engine` says which: the runner, and whether it is prefix-cached (not
+        for a subject without a block order, such as an ``hf:`` model of unknown
+        structure).
     prefix_cache
         With ``batched``: reuse the intact pass upstream of the first lesioned block
         (``False`` replicates the raw inputs; for benchmarks).
@@ -190,8 +192,9 @@ class LesionStudy:
             runner, why = make_runner(subject, battery, self.readout)
             if runner is not None:
                 self._engine = BatchedEvaluator(runner, self.test, batch_size=batch_size, memory_mb=memory_mb,
-                                                prefix_cache=prefix_cache)
-                self.engine = f"batched ({why}{', prefix-cached' if prefix_cache else ''})"
+                                                prefix_cache=prefix_cache, seed=self.seed)
+                cached = ", prefix-cached" if prefix_cache and runner.blocks else ""
+                self.engine = f"batched ({why}{cached}; {', '.join(BATCHED_MODES)} in replicas)"
             else:
                 self.engine = f"one lesion at a time ({why})"
                 warnings.warn(f"lesions are evaluated one at a time: {why}.", stacklevel=2)
@@ -413,7 +416,8 @@ class LesionStudy:
         names = list(dict.fromkeys(s for units in lesions for s in units))
         sites = {s.name: s for s in resolve_sites(self.subject, names)}
         return self._engine.scores(list(lesions), mode, factor=factor if mode == "scale" else None,
-                                   reference=self.screen if mode == "mean" else None, sites=sites, progress=progress)
+                                   reference=self.screen if mode in ("mean", "resample") else None, sites=sites,
+                                   progress=progress)
 
     def _row(self, concept: str, change: pd.Series, **extra: Any) -> dict[str, Any]:
         others = change.drop(concept)

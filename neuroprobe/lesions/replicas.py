@@ -55,6 +55,7 @@ def replica_scores(
     readout: str | None = None,
     factor: float | None = None,
     reference: Mapping[str, np.ndarray] | None = None,
+    seed: int = 0,
 ) -> np.ndarray:
     """Readout scores ``[len(lesions), len(rows)]``, every lesion in one call of the readout.
 
@@ -66,8 +67,12 @@ def replica_scores(
         Evaluation stimuli (one forward pass of ``len(lesions) * len(rows)`` rows).
     lesions
         ``site -> unit indices`` per lesion.
-    mode, factor, reference
-        As for :func:`~neuroprobe.lesions.staged.replica_edits`.
+    mode, factor, reference, seed
+        As for :func:`~neuroprobe.lesions.staged.replica_edits`: ``zero``, ``mean``,
+        ``scale`` or ``resample`` (``reference``: site -> ``[n_ref, n_units]``
+        responses; each replica draws from its own generator seeded with ``seed``,
+        one draw per row of its copy at each edit, so it draws what :func:`single_scores`
+        draws for that lesion with the same ``seed``: the same numbers).
     readout
         Readout name (default: the subject's default); it must be replica-safe.
     """
@@ -81,7 +86,7 @@ def replica_scores(
     n_rep = len(lesions)
     if n_rep == 0:
         return np.zeros((0, len(rows)))
-    edits = replica_edits(lesions, mode, factor=factor, reference=reference)
+    edits = replica_edits(lesions, mode, factor=factor, reference=reference, seed=seed)
     sites = resolve_sites(subject, list(edits))
     with torch.inference_mode(), Electrodes(subject.model, sites, read=False, edits=edits):
         scores = np.asarray(fn(subject, tile(rows, n_rep), battery), dtype=np.float64)

@@ -202,6 +202,14 @@ class Subject:
         Batched lesions resume a pass at the first lesioned block and reuse what
         runs before it (:mod:`neuroprobe.lesions.staged`); empty means the subject
         cannot be split this way and lesions are evaluated one at a time.
+    block_inputs
+        Chain -> the chains its blocks read besides their own (e.g.
+        ``{"decoder": ("encoder",)}``: every decoder block reads the encoder's output;
+        LXMERT's cross layers read both streams).  A lesion in a chain changes every
+        chain that reads it, directly or through others, so the batched prefix cache
+        (:class:`~neuroprobe.lesions.staged.GenericRunner`) reuses a chain's intact
+        blocks only when no lesion reaches a chain it reads.  Default: none (chains
+        are independent towers).
     readouts
         Readout name -> ``fn(subject, stimuli, battery) -> scores`` (one float per
         stimulus; higher means the subject knows the stimulus's concept better).
@@ -209,6 +217,7 @@ class Subject:
 
     site_patterns: dict[str, list[SitePattern]] = {}
     block_order: dict[str, list[str]] = {}
+    block_inputs: dict[str, tuple[str, ...]] = {}
     readouts: dict[str, Readout] = {}
     #: readout name -> ``fn(subject, stimuli, battery) -> torch.Tensor``: the same score as
     #: :attr:`readouts` but as a tensor that keeps its graph (attribution needs its gradient)
