@@ -88,11 +88,11 @@ def cross_block_order(cfg: CrossConfig) -> dict[str, list[str]]:
 class CrossSubject(OrganismSubject):
     """The cross-modal organism (:class:`~neuroprobe.subjects.organism.cross.CrossModel`) as a subject."""
 
-    #: the blocks are declared by :func:`cross_block_order`; ``block_order`` stays empty while
-    #: ``lesions.staged.make_runner`` sends every OrganismSubject to the dual encoder's hand-written
-    #: runner (which cannot run the fused pass); the generic prefix cache sets it to
-    #: ``cross_block_order(self.config)``
-    block_order: dict[str, list[str]] = {}
+    @property
+    def block_order(self) -> dict[str, list[str]]:  # type: ignore[override]
+        """The blocks of :func:`cross_block_order` for this model's fusion design (the generic lesion runner)."""
+        return cross_block_order(self.config)
+
     #: the fused blocks read the image tokens' stem and the text's byte embedding
     block_inputs: dict[str, tuple[str, ...]] = {"fusion": ("image", "text")}
     modalities = ("text", "image", "pair")
