@@ -1,0 +1,54 @@
+"""Every registered subject batches and prefix-caches the lesions of every readout (issue 23, item 1).
+
+Each registry entry is built as ``neuroprobe sites`` builds it (untrained, on the meta device
+when its loader can: shapes only) and asked, for each of its readouts, which lesion engine
+:class:`~neuroprobe.lesions.forgetting.LesionStudy` would use.  None may fall back to one lesion
+at a time, and every declared chain must name modules that exist in the model.  That each engine
+gives the one-at-a-time numbers is tested per family on tiny models (``test_lesions_text.py``,
+``test_lesions_vision.py``, ``test_lesions_regions.py``, ``test_lesions_generic.py``).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neuroprobe import Battery, load_subject
+from neuroprobe.lesions.replicas import is_replica_safe
+from neuroprobe.lesions.staged import make_runner, resolve_blocks
+from neuroprobe.subjects.registry import REGISTRY
+
+
+@pytest.fixture(scope="module")
+def built():
+    torch.set_num_threads(1)
+    return {}
+
+
+def _subject(name: str, cache: dict):
+    if name not in cache:
+        spec = REGISTRY[name]
+        if spec.builds_on_meta:
+            cache[name] = load_subject(name, init="random", device="meta", quiet=True, heads=True)
+        else:
+            init = "pretrained" if name in ("organism", "organism-cross", "minilm") else "random"
+            cache[name] = load_subject(name, init=init, device="cpu", quiet=True, heads=True)
+    return cache[name]
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_readout_of_every_registered_subject_is_batched_and_prefix_cached(name, built):
+    spec = REGISTRY[name]
+    subject = _subject(name, built)
+    battery = Battery.load(spec.default_battery)
+    assert subject.readouts, f"{name} has no readout"
+    blocks = resolve_blocks(subject)
+    assert blocks, f"{name} declares no block order"
+    for chain, modules in blocks.items():
+        assert modules, f"{name}: chain {chain!r} matches no module"
+    for chain, inputs in (subject.block_inputs or {}).items():
+        assert chain in blocks and set(inputs) <= set(blocks), f"{name}: block_inputs name unknown chains"
+    for readout in subject.readouts:
+        assert is_replica_safe(subject, readout), f"{name}: readout {readout} is not replica-safe"
+        runner, why = make_runner(subject, battery, readout)
+        assert runner is not None, f"{name}/{readout}: {why}"
+        assert "without prefix cache" not in why, f"{name}/{readout}: {why}"
