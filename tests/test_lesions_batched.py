@@ -131,9 +131,11 @@ def test_minilm_batched_equals_one_at_a_time(minilm_study):
     runner = study._engine.runner
     sites = {s.name: s for s in study.subject.sites("all")}
     assert runner.child_order["encoder.layer.5"] == ["attention", "intermediate", "output"]
-    assert runner.cut_of(sites["encoder.layer.5.mlp"]) == ("text", (5, 2))
-    assert runner.cut_of(sites["encoder.layer.5.attn"]) == ("text", (5, 0))
-    assert runner.cut_of(sites["encoder.layer.0"]) == ("text", (0, 0))
+    # block 0 of the chain is the embeddings (they run on every replica's copy otherwise), layer i is block i + 1
+    assert runner.blocks["text"][0] == "embeddings"
+    assert runner.cut_of(sites["encoder.layer.5.mlp"]) == ("text", (6, 2))
+    assert runner.cut_of(sites["encoder.layer.5.attn"]) == ("text", (6, 0))
+    assert runner.cut_of(sites["encoder.layer.0"]) == ("text", (1, 0))
     rng = np.random.default_rng(2)
     lesions = _lesions(study, "mother", rng)
     for mode in ("zero", "mean"):

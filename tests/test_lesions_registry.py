@@ -52,3 +52,16 @@ def test_every_readout_of_every_registered_subject_is_batched_and_prefix_cached(
         runner, why = make_runner(subject, battery, readout)
         assert runner is not None, f"{name}/{readout}: {why}"
         assert "without prefix cache" not in why, f"{name}/{readout}: {why}"
+
+
+def test_tokenizing_one_copy_of_tiled_texts_equals_tokenizing_all():
+    from neuroprobe.subjects.copies import text_copies, tokenize_copies
+
+    tok = load_subject("minilm", device="cpu", quiet=True).tokenizer
+    texts = ["my mother baked bread", "a red door", "the dog"]
+    assert text_copies(texts * 4) == 4 and text_copies(texts) == 1 and text_copies(texts + texts[:1]) == 1
+    want = tok(texts * 4, padding=True, return_tensors="pt")
+    got = tokenize_copies(tok, texts * 4, padding=True, return_tensors="pt")
+    assert set(got.keys()) == set(want.keys())
+    for key in want:
+        assert torch.equal(got[key], want[key]), key

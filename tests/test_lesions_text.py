@@ -60,8 +60,8 @@ BLOCKS = {
            "decoder": [f"decoder.block.{i}" for i in range(LAYERS)]},
     "t5-gated": {"encoder": [f"encoder.block.{i}" for i in range(LAYERS)],
                  "decoder": [f"decoder.block.{i}" for i in range(LAYERS)]},
-    "bert": {"text": [f"encoder.layer.{i}" for i in range(LAYERS)]},
-    "roberta": {"text": [f"encoder.layer.{i}" for i in range(LAYERS)]},
+    "bert": {"text": ["embeddings"] + [f"encoder.layer.{i}" for i in range(LAYERS)]},
+    "roberta": {"text": ["embeddings"] + [f"encoder.layer.{i}" for i in range(LAYERS)]},
 }
 
 

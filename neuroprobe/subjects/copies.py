@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -45,6 +45,32 @@ def stimulus_copies(stimuli: pd.DataFrame) -> int:
         ):
             return n // period
     return 1
+
+
+def text_copies(texts: Sequence[str]) -> int:
+    """How many identical copies, one after another, the list ``texts`` consists of (1: none repeats).
+
+    Tokenizing is pure, so a readout may tokenize one copy and repeat its tensors: the same
+    ids, masks and padding as tokenizing every copy (stimuli tiled once per lesion replica).
+    """
+    n = len(texts)
+    for period in range(1, n // 2 + 1):
+        if n % period == 0 and texts[period:] == texts[:-period]:
+            return n // period
+    return 1
+
+
+def tokenize_copies(tokenizer: Any, texts: Sequence[str], **kwargs: Any) -> Any:
+    """``tokenizer(texts, **kwargs)`` (tensors), tokenizing one copy when ``texts`` repeats (:func:`text_copies`)."""
+    texts = list(texts)
+    k = text_copies(texts)
+    enc = tokenizer(texts[: len(texts) // k], **kwargs)
+    if k > 1:
+        for key in list(enc.keys()):
+            v = enc[key]
+            if hasattr(v, "repeat") and getattr(v, "dim", lambda: 0)() >= 1:
+                enc[key] = v.repeat(k, *([1] * (v.dim() - 1)))
+    return enc
 
 
 @contextmanager

@@ -85,11 +85,11 @@ class Architecture:
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "bert": Architecture("BertModel", "BertForMaskedLM", _BERT_LIKE, ("masked_lm", "prototype"), blocks=("encoder.layer.*",),
+    "bert": Architecture("BertModel", "BertForMaskedLM", _BERT_LIKE, ("masked_lm", "prototype"), blocks=("embeddings", "encoder.layer.*"),
                          lm_head="cls"),
-    "minilm": Architecture("BertModel", "BertModel", _BERT_LIKE, ("prototype",), blocks=("encoder.layer.*",)),
+    "minilm": Architecture("BertModel", "BertModel", _BERT_LIKE, ("prototype",), blocks=("embeddings", "encoder.layer.*")),
     "roberta": Architecture("RobertaModel", "RobertaForMaskedLM", _BERT_LIKE, ("masked_lm", "prototype"),
-                            blocks=("encoder.layer.*",), lm_head="lm_head"),
+                            blocks=("embeddings", "encoder.layer.*"), lm_head="lm_head"),
     "xlnet": Architecture(
         "XLNetModel", "XLNetLMHeadModel",
         {
@@ -904,7 +904,9 @@ def _readout_seq2seq(subject: HFSubject, stimuli: pd.DataFrame, battery) -> np.n
 
 
 def _embed(subject: HFSubject, texts: list[str]) -> torch.Tensor:
-    enc = subject.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(subject.device)
+    from neuroprobe.subjects.copies import tokenize_copies
+
+    enc = tokenize_copies(subject.tokenizer, texts, padding=True, truncation=True, return_tensors="pt").to(subject.device)
     inputs = {k: v for k, v in enc.items() if k in _forward_args(subject.model)}
     hidden = subject.model(**inputs).last_hidden_state.float()
     m = enc["attention_mask"].unsqueeze(-1).float()
