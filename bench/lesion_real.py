@@ -36,15 +36,16 @@ import torch
 import neuroprobe as npb
 from neuroprobe.lesions import LesionStudy
 
-#: subject, readout, battery, modality of the evaluation stimuli, last-layer site, label
+#: case -> (subject, readout, battery, modality of the evaluation stimuli, last-layer site, label)
 CASES = {
-    "organism": ("zero_shot", "digits", "image", "image.fc", "organism (committed)"),
-    "minilm": ("prototype", "kinship", "text", "encoder.layer.5.mlp", "MiniLM (pretrained)"),
-    "pplm": ("next_token", "kinship", "text", "h.23.mlp", "GPT-2 medium (pplm)"),
-    "t5": ("seq2seq", "kinship", "text", "decoder.11.mlp", "T5-base"),
-    "clip": ("zero_shot", "pictures", "image", "vision.11.mlp", "CLIP ViT-B/32"),
-    "clip-rn50": ("zero_shot", "pictures", "image", "image.layer4.2", "CLIP RN50"),
-    "lxmert": ("vqa", "pictures", "image", "cross.4.lang_mlp", "LXMERT"),
+    "organism": ("organism", "zero_shot", "digits", "image", "image.fc", "organism (committed)"),
+    "minilm": ("minilm", "prototype", "kinship", "text", "encoder.layer.5.mlp", "MiniLM (pretrained)"),
+    "pplm": ("pplm", "next_token", "kinship", "text", "h.23.mlp", "GPT-2 medium (pplm)"),
+    "t5": ("t5", "seq2seq", "kinship", "text", "decoder.11.mlp", "T5-base"),
+    "clip": ("clip", "zero_shot", "pictures", "image", "vision.11.mlp", "CLIP ViT-B/32"),
+    "clip-rn50": ("clip-rn50", "zero_shot", "pictures", "image", "image.layer4.2", "CLIP RN50 (last conv block)"),
+    "clip-rn50-pool": ("clip-rn50", "zero_shot", "pictures", "image", "image.attnpool.heads", "CLIP RN50 (attention pool)"),
+    "lxmert": ("lxmert", "vqa", "pictures", "image", "cross.4.lang_mlp", "LXMERT"),
 }
 
 
@@ -80,8 +81,8 @@ def region_features(battery: npb.Battery, folder: Path) -> Path:
     return path
 
 
-def run_case(name: str, args, tmp: Path) -> dict:
-    readout, battery_name, modality, site, label = CASES[name]
+def run_case(case: str, args, tmp: Path) -> dict:
+    name, readout, battery_name, modality, site, label = CASES[case]
     battery = small_battery(battery_name, modality, args.stimuli)
     options = {}
     if name == "lxmert":
@@ -117,8 +118,8 @@ def run_case(name: str, args, tmp: Path) -> dict:
 
 
 def table(rows: list[dict], draws: int) -> list[str]:
-    lines = [f"| subject | params | readout | last-layer site | stimuli | engine | intact CPU s | one at a time, per lesion × intact | "
-             f"lesions | evaluate_many CPU s | **× one intact** | speed-up per lesion | max diff / readout scale |",
+    lines = ["| subject | params | readout | last-layer site | stimuli | engine | intact CPU s | one at a time, per lesion × intact | "
+             "lesions | evaluate_many CPU s | **× one intact** | speed-up per lesion | max diff / readout scale |",
              "| --- | ---: | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['subject']} | {r['parameters']} | {r['readout']} | {r['site']} | {r['stimuli']} | {r['engine']} | "

@@ -55,11 +55,14 @@ def registry_text(width: int | None = None) -> str:
              f"{s.checkpoint} @ {s.revision}; {s.licence}; {s.description}") for s in REGISTRY.values()]
     head = ("subject", "params", "runnable", "modalities")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
-    lines = [" ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip()]
-    lines.append(textwrap.fill("checkpoint @ revision; licence; description", width, initial_indent="    ",
-                               subsequent_indent="    "))
+    columns = 4 if sum(widths) + 3 <= width else 3  # too narrow: the modalities move to the indented line
+    if columns == 3:
+        rows = [(*r[:3], r[3], f"{r[3]}; {r[4]}") for r in rows]
+    lines = [" ".join(h.ljust(w) for h, w in zip(head[:columns], widths)).rstrip()]
+    lines.append(textwrap.fill(("modalities; " if columns == 3 else "") + "checkpoint @ revision; licence; description",
+                               width, initial_indent="    ", subsequent_indent="    "))
     for row in rows:
-        lines.append(" ".join(c.ljust(w) for c, w in zip(row[:4], widths)).rstrip())
+        lines.append(" ".join(c.ljust(w) for c, w in zip(row[:columns], widths)).rstrip())
         lines.append(textwrap.fill(row[4], width, initial_indent="    ", subsequent_indent="    ",
                                    break_on_hyphens=False))
     notes = ("runnable: yes = everything is here (pretrained and --init random); random only = the untrained control "
