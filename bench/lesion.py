@@ -31,15 +31,14 @@ Sections
 2. The organism quick start's lesion stage (``analyses/quickstart.py`` step 3: study,
    top/bottom/50 random lesions for k = 2, 8, 16, zero and mean ablation) with
    ``batched=False`` (the path before batching) and ``batched=True``.
-3. ``--real-size``: random-init BERT-base, GPT-2 medium, CLIP ViT-B/32 and LXMERT built
-   here from their published configurations (no download), a few stimuli each:
-   the cost of a lesioned forward pass against the intact one, and for BERT-base (which
-   has a batched runner) 100 last-layer lesions batched+cached.
+3. ``--real-size``: ``bench/lesion_real.py`` — GPT-2 medium, T5-base, CLIP ViT-B/32 and
+   RN50, LXMERT (random init from their published configurations, no download), the
+   organism and MiniLM, loaded through ``load_subject``: ``--draws`` last-layer lesions
+   through ``LesionStudy.evaluate_many`` against one at a time and one intact evaluation.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import platform
 import time
@@ -51,7 +50,7 @@ import pandas as pd
 import torch
 
 import neuroprobe as npb
-from neuroprobe.lesions import LesionStudy, lesion
+from neuroprobe.lesions import LesionStudy
 from neuroprobe.lesions.staged import BatchedEvaluator
 
 
@@ -148,90 +147,14 @@ def section_quickstart(args) -> list[str]:
     ]
 
 
-def _hf_subject(name, model, arch_key, tokenizer=None):
-    from neuroprobe.subjects.hf import ARCHITECTURES, READOUTS, HFSubject
-
-    s = HFSubject(name, model, device="cpu", init="random", checkpoint=f"{name} (random init, bench)")
-    s.arch = ARCHITECTURES[arch_key]
-    s.tokenizer, s.head_model = tokenizer, None
-    s.site_patterns = {m: [dataclasses.replace(p, n_heads=p.n_heads) for p in ps] for m, ps in s.arch.sites.items()}
-    s.readouts = {k: READOUTS[k] for k in s.arch.readouts if k in READOUTS}
-    s.default_readout = next(iter(s.readouts), None)
-    return s
-
-
 def section_real_size(args) -> list[str]:
-    import transformers as T
+    """Section 3: ``bench/lesion_real.py`` (every subject through ``load_subject``, 100 last-layer lesions)."""
+    import sys
 
-    torch.manual_seed(0)
-    minilm = npb.load_subject("minilm", device="cpu", quiet=True)
-    tok = minilm.tokenizer  # the BERT uncased vocabulary (30522 tokens), as bert-base-uncased uses
-    texts = ["my mother baked bread on sunday morning", "the dog chased a red ball", "grandfather told a long story",
-             "she painted the door bright red"] * 2
-    enc = tok(texts, padding=True, return_tensors="pt")
-    lines = ["| architecture (random init, published config) | parameters | input | lesioned site | intact forward s (CPU) | "
-             "lesioned / intact |", "| --- | ---: | --- | --- | ---: | ---: |"]
-    cases = []
-    bert = T.BertModel(T.BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                    intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2)).eval()
-    cases.append(("BERT-base", _hf_subject("bert-base", bert, "minilm", tok), dict(enc), "encoder.layer.11.mlp",
-                  lambda s, inp: s.model(**inp)))
-    gpt = T.GPT2Model(T.GPT2Config(n_embd=1024, n_layer=24, n_head=16, n_positions=1024, vocab_size=50257)).eval()
-    cases.append(("GPT-2 medium", _hf_subject("gpt2-medium", gpt, "gpt2"), {"input_ids": enc["input_ids"] % 50257},
-                  "h.23.mlp", lambda s, inp: s.model(**inp)))
-    clip = T.CLIPModel(T.CLIPConfig(
-        text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
-                         max_position_embeddings=77, vocab_size=49408),
-        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                           image_size=224, patch_size=32), projection_dim=512)).eval()
-    cases.append(("CLIP ViT-B/32 (image tower)", _hf_subject("clip-b32", clip, "clip"),
-                  {"pixel_values": torch.randn(4, 3, 224, 224)}, "vision.11.mlp",
-                  lambda s, inp: s.model.get_image_features(**inp)))
-    lx = T.LxmertModel(T.LxmertConfig(vocab_size=30522, hidden_size=768, num_attention_heads=12, intermediate_size=3072,
-                                      l_layers=9, x_layers=5, r_layers=5, visual_feat_dim=2048, visual_pos_dim=4)).eval()
-    cases.append(("LXMERT", _hf_subject("lxmert", lx, "lxmert"),
-                  {"input_ids": enc["input_ids"][:4], "attention_mask": enc["attention_mask"][:4],
-                   "visual_feats": torch.randn(4, 36, 2048), "visual_pos": torch.rand(4, 36, 4)},
-                  "cross.4.lang_mlp", lambda s, inp: s.model(**inp)))
-    for name, subj, inp, site, fwd in cases:
-        units = {site: np.arange(0, 64, 4)}
-        def intact():
-            with torch.inference_mode():
-                fwd(subj, inp)
-        def lesioned():
-            with torch.inference_mode(), lesion(subj, units, "zero"):
-                fwd(subj, inp)
-        intact()
-        ti, tl = [], []
-        for _ in range(args.repeats):
-            ti.append(clock(intact)[1])
-            tl.append(clock(lesioned)[1])
-        rows = next(iter(v.shape[0] for v in inp.values()))
-        lines.append(f"| {name} | {subj.n_parameters / 1e6:.0f} M | {rows} stimuli | {site} (16 units) | {np.median(ti):.2f} | "
-                     f"{np.median(tl) / np.median(ti):.2f} |")
-        print(lines[-1], flush=True)
-    # BERT-base: 100 last-layer lesions, batched + prefix-cached, against one intact evaluation of the prototype readout
-    subj = cases[0][1]
-    kin = npb.load_battery("kinship")
-    test = kin.split("testing").groupby("concept").head(1).head(16)
-    small = npb.Battery.from_table(pd.concat([test, kin.split("screening").groupby("concept").head(1).head(16)]),
-                                   concepts=kin.concepts, name="kinship-small", root=kin.root)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        study = LesionStudy(subj, small, None, sites="encoder.layer.11.mlp", quiet=True, batch_size=16)
-    ic = min(clock(lambda: subj.readout(study.test, small, "prototype", batch_size=16))[1] for _ in range(2))
-    rng = np.random.default_rng(0)
-    lesions = [{"encoder.layer.11.mlp": np.sort(rng.choice(3072, 16, replace=False))} for _ in range(args.draws)]
-    c1 = clock(lambda: [study.evaluate(u) for u in lesions[:5]])[1] / 5
-    def run():
-        study._engine = BatchedEvaluator(study._engine.runner, study.test, batch_size=16)
-        study.baseline = study._engine.intact()
-        return study.evaluate_many(lesions)
-    cb = clock(run)[1]
-    lines += ["", f"BERT-base (random init), `prototype` readout over {len(study.test)} kinship stimuli: one intact evaluation "
-              f"{ic:.2f} CPU s; one lesion at a time {c1 / ic:.2f}× intact each; **{args.draws} last-layer lesions batched + "
-              f"prefix-cached: {cb / ic:.1f}× one intact evaluation** ({c1 * args.draws / cb:.0f}× faster than one at a time)."]
-    return lines
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import lesion_real
+
+    return lesion_real.main(["--draws", str(args.draws), "--k", str(args.k), "--threads", str(args.threads)])[2:]
 
 
 def main() -> None:
