@@ -99,6 +99,9 @@ class ModifiedResNet(nn.Module):
         self.conv3 = nn.Conv2d(w // 2, w, 3, padding=1, bias=False)
         self.bn3 = nn.BatchNorm2d(w)
         self.avgpool = nn.AvgPool2d(2)
+        # parameter-free modules, so each stem step is a block of its own (lesion replicas answer them from the
+        # record instead of re-running a functional ReLU on every replica's copy)
+        self.relu1, self.relu2, self.relu3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
         inplanes = w
         for k, blocks in enumerate(config.vision_layers):
             planes = w * 2**k
@@ -112,9 +115,9 @@ class ModifiedResNet(nn.Module):
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         """The three stem convolutions and the 2×2 average pool."""
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        x = F.relu(self.bn3(self.conv3(x)))
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        x = self.relu3(self.bn3(self.conv3(x)))
         return self.avgpool(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

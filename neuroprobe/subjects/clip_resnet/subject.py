@@ -110,8 +110,8 @@ class CLIPResNetSubject(Subject):
     #: the two towers in forward order (the stem's convolutions and norms, the bottlenecks, the
     #: attention pool; the token embedding, the text blocks, the final norm): independent chains
     block_order = {
-        "image": ["visual.conv1", "visual.bn1", "visual.conv2", "visual.bn2", "visual.conv3", "visual.bn3",
-                  "visual.avgpool", "visual.layer*.*", "visual.attnpool"],
+        "image": ["visual.conv1", "visual.bn1", "visual.relu1", "visual.conv2", "visual.bn2", "visual.relu2",
+                  "visual.conv3", "visual.bn3", "visual.relu3", "visual.avgpool", "visual.layer*.*", "visual.attnpool"],
         "text": ["token_embedding", "transformer.resblocks.*", "ln_final"],
     }
     block_inputs: dict[str, tuple[str, ...]] = {}
