@@ -29,7 +29,7 @@ import torch
 
 from neuroprobe.output import write_csv
 from neuroprobe.stimuli.battery import Battery
-from neuroprobe.subjects.base import Batch, SitePattern, Subject
+from neuroprobe.subjects.base import Batch, SitePattern, Subject, replica_safe
 
 FORMS = (("photo", "image"), ("drawing", "image"), ("written-name", "image"), ("text-name", "text"), ("text-definition", "text"))
 
@@ -68,6 +68,8 @@ class PlantedSubject(Subject):
         "resid": [SitePattern("out", "output", "resid", "x", "BU", name="logits")],
     }
     modalities = ("text", "image")
+    #: one chain of blocks (batched, prefix-cached lesions answer the layers before a lesion from the record)
+    block_order = {"x": ["layer1", "act", "out"]}
 
     def __init__(self, model: PlantedNet, concepts: list[str], concept_vecs: np.ndarray, form_vecs: dict[str, np.ndarray],
                  noise: float, seed: int) -> None:
@@ -97,6 +99,7 @@ class PlantedSubject(Subject):
         return self.model(batch.inputs["x"].to(self.device))
 
     @staticmethod
+    @replica_safe
     def _classify(subject: "PlantedSubject", stimuli: pd.DataFrame, battery: Battery) -> np.ndarray:
         logits = subject.forward(subject.encode(stimuli, battery)).float().log_softmax(-1)
         idx = torch.tensor([subject.concepts.index(c) for c in stimuli["concept"]])
