@@ -352,16 +352,3 @@ def test_hf_model_of_unknown_structure_is_batched_without_prefix_cache(hf_dirs):
                                          "neuroprobe does not know the model's structure"):
         LesionStudy(subject, kinship(2), None, sites="mlp", readout="plain", quiet=True, batch_size=4)
 
-
-def test_replica_memory_counts_only_the_modules_a_group_runs(minilm_study):
-    """Chunks of replicas are sized by what a group computes: stand-ins (and containers of nothing but
-    stand-ins) are answered from the record and hold no replica activations of their own."""
-    ev = minilm_study._engine
-    ev.intact()
-    sites = {s.name: s for s in minilm_study.subject.sites("all")}
-    top = dict(ev.cuts({"encoder.layer.5.mlp": np.arange(2)}, sites))
-    bottom = dict(ev.cuts({"encoder.layer.0.mlp": np.arange(2)}, sites))
-    # the top group runs layer 5's output sub-block only ([B, T, 384]); the bottom one every later layer's
-    # intermediate activation too ([B, T, 1536]): four times the bytes
-    assert ev._replica_bytes(bottom) == 4 * ev._replica_bytes(top)
-    assert ev._replica_bytes(bottom) <= ev._per_rep

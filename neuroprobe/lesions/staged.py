@@ -712,14 +712,11 @@ class GenericRunner(Runner):
         seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         record_block, record_child = _recorder(blocks, seen), _recorder(children, seen)
         biggest = [0]
-        sizes: dict[str, int] = {}  # module -> bytes of its largest output of one replica
 
-        def measure(name: str, output: Any) -> None:
+        def measure(output: Any) -> None:
             t = _first_tensor(output)
             if t is not None:
-                size = t.numel() * t.element_size()
-                biggest[0] = max(biggest[0], size)
-                sizes[name] = max(sizes.get(name, 0), size)
+                biggest[0] = max(biggest[0], t.numel() * t.element_size())
 
         names = [n for chain in self.blocks.values() for n in chain]
         parent = {f"{n}.{c}": (n, c) for n in names for c, _ in model.get_submodule(n).named_children()}
@@ -736,7 +733,7 @@ class GenericRunner(Runner):
         def readout() -> np.ndarray:
             with torch.inference_mode():
                 return watch_calls(model, [n for n, _ in model.named_modules()], lambda: np.asarray(
-                    self.fn(self.subject, rows, self.battery), dtype=np.float64), lambda n, a, k, o: measure(n, o))
+                    self.fn(self.subject, rows, self.battery), dtype=np.float64), lambda n, a, k, o: measure(o))
 
         scores = watch_calls(model, names + list(parent), readout, on_call,
                                on_start=lambda n: None if n in parent else seqs.setdefault(n, []).append([]))
@@ -748,29 +745,10 @@ class GenericRunner(Runner):
                 order = None
             self.child_order[name] = order
         return Prepared(rows=len(rows), per_replica=biggest[0], held=held,
-                        extra=dict(rows=rows, scores=scores.reshape(len(rows)), blocks=blocks, children=children,
-                                   sizes=sizes))
+                        extra=dict(rows=rows, scores=scores.reshape(len(rows)), blocks=blocks, children=children))
 
     def intact(self, prep: Prepared) -> np.ndarray:
         return prep.extra["scores"]
-
-    def replica_bytes(self, sizes: Mapping[str, int], cuts: Mapping[str, Any]) -> int:
-        """Largest output of one replica among the modules a group starting at ``cuts`` runs (stand-ins and
-        what they contain never run); ``sizes`` as :meth:`prepare` measures them (module -> bytes)."""
-        if cuts.get("_nocache") or not self.blocks:
-            return max(sizes.values(), default=0)
-        skip = list(self.plan(Prepared(rows=0, extra=dict(blocks={}, children={})), cuts))
-        covered: dict[str, bool] = {}
-
-        def is_covered(name: str, module: torch.nn.Module) -> bool:  # answered from the record, or all of it is
-            if name not in covered:
-                kids = [(f"{name}.{c}" if name else c, m) for c, m in module.named_children()]
-                covered[name] = any(name == m or name.startswith(m + ".") for m in skip) or (
-                    bool(kids) and all(is_covered(k, m) for k, m in kids))
-            return covered[name]
-
-        model = self.subject.model
-        return max((v for n, v in sizes.items() if not is_covered(n, model.get_submodule(n) if n else model)), default=0)
 
     def plan(self, prep: Prepared, cuts: Mapping[str, Any]) -> dict[str, list[_Call]]:
         """Module name -> the recorded calls that stand in for it when a group starts at ``cuts``."""
@@ -895,8 +873,7 @@ class BatchedEvaluator:
         Evaluation stimuli per pass (each pass holds ``batch_size`` × replicas rows).
     memory_mb
         Budget for one pass's activations: replicas per pass are
-        ``memory_mb / (4 × largest activation of one replica among the modules the group runs)`` (at least 1;
-        blocks answered from the recorded intact pass do not count).  The
+        ``memory_mb / (4 × largest activation of one replica)`` (at least 1).  The
         recorded intact pass is kept between calls when it fits this budget too;
         otherwise each batch's is recorded again when it is needed (one intact
         evaluation more per :meth:`scores`).
@@ -919,7 +896,6 @@ class BatchedEvaluator:
         self._prepared: list[Prepared] | None = None
         self._intact: np.ndarray | None = None
         self._per_rep = 1
-        self._sizes: dict[str, int] = {}
 
     def batches(self) -> list[pd.DataFrame]:
         """The evaluation batches (rows of :attr:`stimuli`)."""
@@ -932,21 +908,9 @@ class BatchedEvaluator:
         preps = [self.runner.prepare(rows) for rows in self.batches()]
         self._intact = np.concatenate([self.runner.intact(p) for p in preps]) if preps else np.zeros(0)
         self._per_rep = max((p.nbytes() for p in preps), default=1)
-        self._sizes = {}
-        for p in preps:
-            for name, size in (p.extra.get("sizes") or {}).items():
-                self._sizes[name] = max(self._sizes.get(name, 0), size)
         if sum(p.held for p in preps) <= self.memory:
             self._prepared = preps
         return preps
-
-    def _replica_bytes(self, cuts: Mapping[str, Any]) -> int:
-        """Bytes of one replica's largest activation in a group starting at ``cuts``: only the modules it runs
-        count (the stem of an image tower answered from the record does not size the chunks)."""
-        measure = getattr(self.runner, "replica_bytes", None)
-        if measure is not None and self._sizes:
-            return int(measure(self._sizes, cuts)) or self._per_rep
-        return self._per_rep
 
     def _each_prepared(self) -> Iterator[Prepared]:
         """The prepared batches one by one: the kept ones, or each recomputed when they do not fit the budget."""
@@ -987,13 +951,14 @@ class BatchedEvaluator:
         out = np.full((len(lesions), n), np.nan)
         groups: dict[tuple, list[int]] = {}
         self.intact()  # the intact pass, run (and kept, if it fits) once
+        per_rep = max(self._per_rep, 1) * 4
         for i, les in enumerate(lesions):
             groups.setdefault(self.cuts(les, sites), []).append(i)
+        chunk = max(1, int(self.memory // per_rep))
         model = self.runner.subject.model
         # every chunk of replicas keeps its edits (and resample generators) across the evaluation batches
         plans = []
         for cut, members in groups.items():
-            chunk = max(1, int(self.memory // (4 * max(self._replica_bytes(dict(cut)), 1))))
             for a in range(0, len(members), chunk):
                 idx = members[a : a + chunk]
                 plans.append((dict(cut), idx, replica_edits([lesions[i] for i in idx], mode, factor=factor,
