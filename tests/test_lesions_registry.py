@@ -65,3 +65,24 @@ def test_tokenizing_one_copy_of_tiled_texts_equals_tokenizing_all():
     assert set(got.keys()) == set(want.keys())
     for key in want:
         assert torch.equal(got[key], want[key]), key
+
+
+def test_readme_lesion_speeds_are_the_benchmarks_numbers():
+    """The README's multiples of one intact evaluation are those of the last `bench/lesion_real.py` table."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    results = (root / "bench" / "RESULTS.md").read_text(encoding="utf-8")
+    table = results[results.rindex("## Last-layer lesions on real-size subjects (bench/lesion_real.py)"):]
+    table = table[: table.find("\n## ", 10) if "\n## " in table[10:] else len(table)]
+    para = readme[readme.index("**Many lesions, one forward pass.**"):readme.index("**Many processes, one lesion study.**")]
+    para = " ".join(para.split())
+    claims = {"GPT-2 medium (pplm)": "GPT-2 medium", "T5-base": "T5-base", "CLIP ViT-B/32": "CLIP ViT-B/32",
+              "LXMERT": "LXMERT", "MiniLM (pretrained)": "MiniLM", "organism (committed)": "the organism",
+              "CLIP RN50 (attention pool)": "attention pool", "CLIP RN50 (last conv block)": "block costs"}
+    for row_label, words in claims.items():
+        row = next(line for line in table.splitlines() if line.startswith(f"| {row_label} |"))
+        value = re.search(r"\*\*([0-9.]+)\*\*", row).group(1)
+        assert re.search(re.escape(words) + r"\s+" + re.escape(value) + "×", para), (row_label, value)
