@@ -168,6 +168,9 @@ def test_subject_without_blocks_says_so_and_falls_back(minilm_study, tmp_path):
     runner, why = make_runner(minilm_study.subject, minilm_study.battery, "masked_lm")
     assert runner is None and "no readout 'masked_lm'" in why
     planted = make_planted(tmp_path, seed=0)
+    classify = planted.subject.readouts["classify"]
+    # the same readout, not marked replica-safe (a user's own readout before it declares itself so)
+    planted.subject.readouts = {"classify": lambda subject, stimuli, battery: classify(subject, stimuli, battery)}
     with pytest.warns(UserWarning, match="one at a time: readout 'classify' of subject 'planted' is not marked replica-safe"):
         study = LesionStudy(planted.subject, planted.battery, None, sites="all", quiet=True)
     assert study.engine.startswith("one lesion at a time")

@@ -175,7 +175,14 @@ def test_vqgan_takes_the_pixels_dalle_mini_encoded_with(tmp_path):
 
 _RSS_REPORT = (
     "import atexit, resource, sys\n"
-    "atexit.register(lambda: sys.stderr.write(f'maxrss_kb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\\n'))\n"
+    # VmHWM: the peak RSS of this program's own memory (ru_maxrss keeps the parent's peak across fork and exec,
+    # so under a pytest process that has grown past 2 GB it would report the parent)
+    "def _hwm():\n"
+    "    for line in open('/proc/self/status'):\n"
+    "        if line.startswith('VmHWM:'):\n"
+    "            return int(line.split()[1])\n"
+    "    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+    "atexit.register(lambda: sys.stderr.write(f'maxrss_kb={_hwm()}\\n'))\n"
     "resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))  # Mega in float32 needs 10.4 GB\n"
     "sys.argv = ['neuroprobe'] + sys.argv[1:]\n"
     "from neuroprobe.cli import main\n"
