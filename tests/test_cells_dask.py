@@ -72,7 +72,8 @@ def scheduler(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dask-cluster")
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
-    dask = shutil.which("dask") or "dask"
+    sibling = Path(sys.executable).with_name("dask")  # this interpreter's own dask (a venv that is not activated)
+    dask = str(sibling) if sibling.is_file() else (shutil.which("dask") or "dask")
     procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
                               env=env(), cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
