@@ -9,6 +9,7 @@ shards recorded from a tiny BERT.  The scheduler and its two workers are real ``
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -66,10 +67,10 @@ def recording(tmp_path_factory) -> Path:
     return write_recording(path, st, {"a": a, "images": b, "c": c}, batch_size=16)
 
 
-@pytest.fixture(scope="module")
-def scheduler(tmp_path_factory):
-    """The address of a ``dask scheduler`` with two single-threaded ``dask worker`` processes (this machine)."""
-    folder = tmp_path_factory.mktemp("dask-cluster")
+@contextlib.contextmanager
+def dask_cluster(folder: Path, workers: int = 2):
+    """A ``dask scheduler`` and ``workers`` single-threaded ``dask worker`` processes on this machine:
+    ``(address, worker processes)``; all stopped after."""
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     sibling = Path(sys.executable).with_name("dask")  # this interpreter's own dask (a venv that is not activated)
@@ -77,7 +78,7 @@ def scheduler(tmp_path_factory):
     procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
                               env=env(), cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
-        for i in range(2):
+        for i in range(workers):
             procs.append(subprocess.Popen([dask, "worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard",
                                            "--name", f"w{i}", "--local-directory", str(folder / f"w{i}")],
                                           env=env(), cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
@@ -85,22 +86,30 @@ def scheduler(tmp_path_factory):
         while True:
             try:
                 with distributed.Client(address, timeout=5, set_as_default=False) as client:
-                    client.wait_for_workers(2, timeout=max(1, deadline - time.time()))
+                    client.wait_for_workers(workers, timeout=max(1, deadline - time.time()))
                     break
             except (OSError, TimeoutError):
                 if time.time() > deadline or any(p.poll() is not None for p in procs):
                     raise RuntimeError("the Dask scheduler and workers did not start") from None
                 time.sleep(0.5)
-        yield address
+        yield address, procs[1:]
     finally:
         for p in reversed(procs):
-            p.terminate()
+            if p.poll() is None:
+                p.terminate()
         for p in procs:
             try:
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+@pytest.fixture(scope="module")
+def scheduler(tmp_path_factory):
+    """The address of a ``dask scheduler`` with two single-threaded ``dask worker`` processes (this machine)."""
+    with dask_cluster(tmp_path_factory.mktemp("dask-cluster")) as (address, _):
+        yield address
 
 
 def assert_same(a: pd.DataFrame, b: pd.DataFrame) -> None:
@@ -210,3 +219,43 @@ def test_without_dask_more_jobs_say_how_to_install_it(recording):
     res = subprocess.run([sys.executable, "-c", code, "cells", str(recording), "-q", "--n-perm", "0",
                           "--controls", "none"], capture_output=True, text=True, env=env(), timeout=300)
     assert res.returncode == 0, res.stderr
+
+
+def test_a_worker_killed_mid_scan_loses_nothing(tmp_path):
+    """SIGKILL one of two workers while the scan runs: Dask gives its pieces to the other, and the table is
+    still the one-process table, exactly."""
+    import threading
+
+    from neuroprobe.analysis import concept_cells
+    from neuroprobe.analysis.synthetic import make_stimuli, write_recording
+
+    st = make_stimuli(8, 24, forms=(("photo", "image"), ("drawing", "image"), ("text-name", "text")))
+    rng = np.random.default_rng(1)
+    on = st["concept"].str[1:].astype(int).to_numpy()[:, None] == np.arange(8)[None, :]
+    sites = {}
+    for k in range(4):
+        x = rng.standard_normal((len(st), 3000)).astype(np.float32)
+        x[:, :40] += 6.0 * on[:, np.arange(40) % 8]
+        sites[f"s{k}"] = x
+    path = write_recording(tmp_path / "big.h5", st, sites, batch_size=32)
+    opts = dict(n_perm=1000, read_bytes=len(st) * 4 * 64, block_units=16)
+    one = concept_cells(path, **opts)
+    (tmp_path / "cluster").mkdir()
+    with dask_cluster(tmp_path / "cluster") as (address, workers):
+        out: dict = {}
+        run = threading.Thread(target=lambda: out.setdefault("table", concept_cells(path, client=address, **opts)))
+        with distributed.Client(address, timeout=10, set_as_default=False) as watch:
+            w0 = next(a for a, w in watch.scheduler_info()["workers"].items() if w.get("name") == "w0")
+            run.start()
+            busy: list = []
+            deadline = time.time() + 120
+            while run.is_alive() and time.time() < deadline:  # kill w0 while it holds pieces of the scan
+                busy = [k for k in watch.processing().get(w0, ()) if "piece" in str(k)]
+                if busy:
+                    workers[0].kill()
+                    break
+                time.sleep(0.02)
+            assert busy, "w0 never held a piece of the scan while it ran: make the recording larger"
+            run.join(timeout=240)
+        assert not run.is_alive() and workers[0].poll() is not None
+    assert_same(out["table"], one)
