@@ -323,10 +323,7 @@ def main() -> None:
     control = (f"Untrained twin: {int(cells['untrained']['is_cell'].sum())} concept cells; eta\u00b2 of the concept: "
                f"{eta_text('untrained')}.")
     summary = e.reset_index()
-    rep.write(finding=finding, control=control, published=PUBLISHED, summary=summary)
-    print(rep.out / "results.md")
-    print(finding)
-    print(control)
+    rep.conclude(finding=finding, control=control, published=PUBLISHED, summary=summary)
 
 
 if __name__ == "__main__":

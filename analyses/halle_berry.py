@@ -265,10 +265,7 @@ def main() -> None:
     if args.quick:
         control += "  (--quick: the rank-sum test's normal approximation, 200 permutations.)"
     summary = t.reset_index().rename(columns={"category": "count of"})
-    rep.write(finding=finding, control=control, published=PUBLISHED, summary=summary)
-    print(rep.out / "results.md")
-    print(finding)
-    print(control)
+    rep.conclude(finding=finding, control=control, published=PUBLISHED, summary=summary)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ Definitions (all from ``neuroprobe.concept_cells`` and its controls):
 """
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
@@ -241,10 +240,7 @@ def main() -> None:
         "cells are at most its cells.  Sparseness does not depend on labels, so the shuffle has none.")
     if args.quick:
         control += "  (--quick: the rank-sum test's normal approximation, 200 permutations, 2 shuffles.)"
-    rep.write(finding=finding, control=control, published=PUBLISHED, summary=summary)
-    print(rep.out / "results.md")
-    print(finding)
-    print(control, file=sys.stdout)
+    rep.conclude(finding=finding, control=control, published=PUBLISHED, summary=summary)
 
 
 if __name__ == "__main__":

@@ -187,10 +187,7 @@ def main() -> None:
     if args.quick:
         control += "  (--quick: the rank-sum test's normal approximation, one rotation per fraction.)"
     summary = g.reset_index()
-    rep.write(finding=finding, control=control, published=PUBLISHED, summary=summary)
-    print(rep.out / "results.md")
-    print(finding)
-    print(control)
+    rep.conclude(finding=finding, control=control, published=PUBLISHED, summary=summary)
 
 
 if __name__ == "__main__":

@@ -316,23 +316,11 @@ def capture_calls(model: torch.nn.Module, modules: Sequence[str], run: Callable[
     """Run ``run()`` and return the arguments each of ``modules`` was called with.
 
     The block's positional and keyword arguments (hidden state, attention masks in
-    whatever form the library builds them) are kept, in call order, as each call
-    starts.  The hooks exist only while ``run()`` runs.
+    whatever form the library builds them) are kept, in call order (:func:`watch_calls`).
+    The hooks exist only while ``run()`` runs.
     """
     got: dict[str, list[tuple[tuple, dict]]] = {m: [] for m in modules}
-    handles = []
-    try:
-        for name in modules:
-            module = model.get_submodule(name)
-
-            def pre(mod, args, kwargs, _name=name):
-                got[_name].append((tuple(args), dict(kwargs)))
-
-            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-        run()
-    finally:
-        for h in handles:
-            h.remove()
+    watch_calls(model, modules, run, lambda name, args, kwargs, output: got[name].append((tuple(args), dict(kwargs))))
     return got
 
 

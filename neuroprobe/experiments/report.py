@@ -195,6 +195,15 @@ class Report:
         self._thumbnail()
         return write_text(self.out / "results.md", "\n".join(lines))
 
+    def conclude(self, *, finding: str, control: str, published: str | None = None,
+                 summary: pd.DataFrame | None = None) -> Path:
+        """:meth:`write`, then print where ``results.md`` is, the finding and the control (a script's last step)."""
+        path = self.write(finding=finding, control=control, published=published, summary=summary)
+        print(self.out / "results.md")
+        print(finding)
+        print(control)
+        return path
+
 
 def _markdown(frame: pd.DataFrame) -> str:
     """A small DataFrame as a GitHub markdown table (no extra dependency)."""

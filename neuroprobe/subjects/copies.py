@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -39,10 +39,15 @@ def stimulus_copies(stimuli: pd.DataFrame) -> int:
         h = pd.util.hash_pandas_object(stimuli, index=False).to_numpy()
     except (TypeError, ValueError):  # unhashable cells (lists): compare their text
         h = pd.util.hash_pandas_object(stimuli.astype(str), index=False).to_numpy()
+    return _copies(n, lambda p: np.array_equal(h[p:], h[:-p]) and stimuli.iloc[p:].reset_index(drop=True).equals(
+        stimuli.iloc[:-p].reset_index(drop=True)))
+
+
+def _copies(n: int, shifted_equal: Callable[[int], bool]) -> int:
+    """``n // p`` for the smallest period ``p`` dividing ``n`` for which the sequence equals itself shifted by
+    ``p`` (``shifted_equal(p)``), or 1."""
     for period in range(1, n // 2 + 1):
-        if n % period == 0 and np.array_equal(h[period:], h[:-period]) and (
-            stimuli.iloc[period:].reset_index(drop=True).equals(stimuli.iloc[:-period].reset_index(drop=True))
-        ):
+        if n % period == 0 and shifted_equal(period):
             return n // period
     return 1
 
@@ -53,11 +58,8 @@ def text_copies(texts: Sequence[str]) -> int:
     Tokenizing is pure, so a readout may tokenize one copy and repeat its tensors: the same
     ids, masks and padding as tokenizing every copy (stimuli tiled once per lesion replica).
     """
-    n = len(texts)
-    for period in range(1, n // 2 + 1):
-        if n % period == 0 and texts[period:] == texts[:-period]:
-            return n // period
-    return 1
+    texts = list(texts)
+    return _copies(len(texts), lambda p: texts[p:] == texts[:-p])
 
 
 def tokenize_copies(tokenizer: Any, texts: Sequence[str], **kwargs: Any) -> Any:
