@@ -86,3 +86,20 @@ def test_readme_lesion_speeds_are_the_benchmarks_numbers():
         row = next(line for line in table.splitlines() if line.startswith(f"| {row_label} |"))
         value = re.search(r"\*\*([0-9.]+)\*\*", row).group(1)
         assert re.search(re.escape(words) + r"\s+" + re.escape(value) + "×", para), (row_label, value)
+
+
+def test_lesion_without_probe_takes_the_subjects_default_battery_as_record_does(tmp_path):
+    """`neuroprobe lesion --model organism-cross` evaluates on digits-cross (its registry default), not kinship."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MPLBACKEND="Agg",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    res = subprocess.run([sys.executable, "-m", "neuroprobe", "lesion", "--model", "organism-cross", "--concept", "sixx"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert res.returncode == 2
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("neuroprobe: error:") and "battery 'digits-cross' (the default for organism-cross)" in last
+    assert REGISTRY["organism-cross"].default_battery == "digits-cross"

@@ -79,7 +79,7 @@ def register(app: typer.Typer) -> None:
         alpha: float = typer.Option(0.05, "--alpha", help="Level whose decision ends sequential random draws."),
         keep_draws: int = typer.Option(10, "--keep-draws", help="Random keep-only-k complements per k (0 to skip)."),
         probe: Optional[str] = typer.Option(None, "--probe", "-p", help="Battery name under probes/ or a battery folder "
-                                            "(default: the battery of the recording the cells came from, else kinship)."),
+                                            "(default: the battery of the recording the cells came from, else the subject's default battery, as for `record`)."),
         readout: Optional[str] = typer.Option(None, "--readout", help="Readout name (default: the subject's default)."),
         sites: Optional[str] = typer.Option(None, "--sites", help="Montage or site globs to lesion (default: the cells' sites, or mlp)."),
         matrix: bool = typer.Option(True, "--matrix/--no-matrix", help="Also the lesioned x tested concept forgetting matrix."),
@@ -123,7 +123,7 @@ def register(app: typer.Typer) -> None:
         from neuroprobe.output import make_folder, save_figure, staged_outputs, write_csv
         from neuroprobe.recording.commands import parse_options
         from neuroprobe.stimuli.battery import Battery
-        from neuroprobe.subjects.registry import load_subject
+        from neuroprobe.subjects.registry import get_spec, load_subject
 
         w = world()  # under torchrun: rank 0 prints and writes, the others only evaluate their shares
         quiet = quiet or not w.primary
@@ -146,9 +146,9 @@ def register(app: typer.Typer) -> None:
             raise NeuroprobeError(f"cells table {cells} does not exist; write one with `neuroprobe cells REC.h5 --out FILE`.")
         origin = cells_provenance(cells)
         if probe is None:
-            probe = origin.get("battery") or "kinship"
+            probe = origin.get("battery") or get_spec(model).default_battery  # as `record` picks it
             where = (f"the battery of {origin.get('recording') or cells}, which the cells came from" if origin.get("battery")
-                     else "the default")
+                     else f"the default for {model}")
         else:
             where = "--probe"
         if init is None:
@@ -161,7 +161,7 @@ def register(app: typer.Typer) -> None:
             raise NeuroprobeError(
                 f"concept {', '.join(map(repr, unknown)) or '(none)'} is not in battery {battery.name!r} ({where}); "
                 f"it has {', '.join(battery.concept_names)}"
-                + ("; name the cells' battery with --probe." if where == "the default" else ".")
+                + ("; name the cells' battery with --probe." if where.startswith("the default") else ".")
             )
         columns = {"site": site_col, "unit": unit_col}
         if concept_col:
